@@ -1,0 +1,200 @@
+"""Model configuration: one config space for the whole B'MOJO family (DESIGN.md section 3).
+
+A layer pattern string picks the mixer of each layer (repeated to `n_layers`):
+
+    A  full causal attention            (the paper's "Mistral" baseline)
+    W  sliding-window attention         (finite eidetic span)
+    M  selective SSM                    (fading memory only)
+    F  B'MOJO-F: window + fading tokens, one softmax
+    B  B'MOJO:   window + fading tokens + innovation-selected eidetic tokens
+
+`ModelConfig.preset(name, **overrides)` builds the six presets of DESIGN.md section 3. Every value is
+validated on construction; a bad value raises `ValueError` naming the field, the value and what is
+allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+MIXER_LETTERS = "AWMFB"
+SSM_KINDS = ("mamba2", "mamba1")
+IMPLEMENTATIONS = (None, "reference", "xla", "pallas")
+SCAN_IMPLEMENTATIONS = IMPLEMENTATIONS + ("associative",)
+EVICTIONS = ("fifo", "score")
+PREDICTORS = ("identity", "linear")
+DTYPES = ("float32", "bfloat16")
+
+PRESET_PATTERNS = {
+    "transformer": "A",
+    "swa": "W",
+    "mamba": "M",
+    "hybrid": "MMMA",
+    "bmojo_f": "F",
+    "bmojo": "B",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Hyper-parameters of a `LanguageModel`.
+
+    Sizes are in elements, lengths in tokens. Defaults are small (a CPU-friendly research size).
+
+    Attributes:
+      vocab_size: number of token ids; inputs must lie in [0, vocab_size).
+      d_model: residual stream width.
+      n_layers: number of decoder blocks.
+      pattern: mixer letters (see module docstring), repeated cyclically to `n_layers`.
+      n_heads: attention heads; head_dim = d_model // n_heads.
+      window: sliding-window length W of `W`, `F`, `B` mixers (tokens). Also B'MOJO's chunk size
+        (DESIGN.md section 2: our choice to tie them).
+      d_ff: hidden width of the SwiGLU MLP (None: 8/3 d_model rounded up to a multiple of 8).
+      ssm_kind: "mamba2" (scalar decay per head, SSD chunked form) or "mamba1" (decay per channel and
+        state).
+      d_state: SSM state size per channel (n).
+      ssm_expand: inner width of the `M` mixer = ssm_expand * d_model.
+      fading_expand: inner width of the fading SSM inside `F`/`B` mixers (our choice: 1, so that the
+        B'MOJO presets stay close in parameter count to the others).
+      ssm_head_dim: Mamba-2 head dimension p (inner width must be divisible by it).
+      d_conv: kernel size of the SSM's short causal depthwise convolution.
+      chunk_size: chunk length of the chunked SSM scans (tokens).
+      tie_fading_kv: fading keys/values use the same K/V projections as the in-context tokens.
+      eidetic_per_chunk: k_e, tokens selected per chunk by the innovation test (`B` only; 0 = B'MOJO-F).
+      eidetic_slots: M_max, eidetic memory slots; a multiple of eidetic_per_chunk.
+      eidetic_lag: chunks between selection and visibility (>= 1; 2 keeps eidetic tokens out of the
+        window, DESIGN.md section 2).
+      eidetic_eviction: "fifo" (keep the newest) or "score" (running top-M by innovation score).
+      innovation_predictor: "identity" or "linear" predictor P of X_t from F_{t-1}.
+      innovation_loss_weight: weight of the auxiliary predictor loss ||sg(X_t) - P(F_{t-1})||^2.
+      tie_embeddings: the LM head reuses the token embedding matrix.
+      rope_base: RoPE base frequency.
+      implementation: op implementation for every op (None = best for the backend).
+      scan_implementation: override for the SSM scans only (adds "associative"); None = implementation.
+      dtype: compute dtype of activations ("float32" or "bfloat16"); parameters stay float32.
+    """
+
+    vocab_size: int = 8192
+    d_model: int = 128
+    n_layers: int = 2
+    pattern: str = "B"
+    n_heads: int = 4
+    window: int = 64
+    d_ff: Optional[int] = None
+    ssm_kind: str = "mamba2"
+    d_state: int = 16
+    ssm_expand: int = 2
+    fading_expand: int = 1
+    ssm_head_dim: int = 32
+    d_conv: int = 4
+    chunk_size: int = 64
+    tie_fading_kv: bool = True
+    eidetic_per_chunk: int = 4
+    eidetic_slots: int = 16
+    eidetic_lag: int = 2
+    eidetic_eviction: str = "fifo"
+    innovation_predictor: str = "linear"
+    innovation_loss_weight: float = 0.01
+    tie_embeddings: bool = True
+    rope_base: float = 10000.0
+    implementation: Optional[str] = None
+    scan_implementation: Optional[str] = None
+    dtype: str = "float32"
+
+    def __post_init__(self):
+        positive = ("vocab_size", "d_model", "n_layers", "n_heads", "window", "d_state", "ssm_expand",
+                    "fading_expand", "ssm_head_dim", "d_conv", "chunk_size", "eidetic_lag")
+        for name in positive:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"ModelConfig.{name}={value!r}: must be an integer >= 1.")
+        for name in ("eidetic_per_chunk", "eidetic_slots"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 0:
+                raise ValueError(f"ModelConfig.{name}={value!r}: must be an integer >= 0.")
+        if self.d_ff is not None and self.d_ff < 1:
+            raise ValueError(f"ModelConfig.d_ff={self.d_ff!r}: must be >= 1 or None.")
+        if not self.pattern or any(c not in MIXER_LETTERS for c in self.pattern):
+            raise ValueError(f"ModelConfig.pattern={self.pattern!r}: every letter must be one of "
+                             f"{' '.join(MIXER_LETTERS)} (A attention, W sliding window, M SSM, "
+                             f"F B'MOJO-F, B B'MOJO).")
+        if self.d_model % self.n_heads:
+            raise ValueError(f"ModelConfig.d_model={self.d_model} is not divisible by "
+                             f"n_heads={self.n_heads}.")
+        if (self.d_model // self.n_heads) % 2:
+            raise ValueError(f"head_dim = d_model // n_heads = {self.d_model // self.n_heads} must be "
+                             f"even (RoPE rotates pairs of channels).")
+        for expand_name in ("ssm_expand", "fading_expand"):
+            inner = getattr(self, expand_name) * self.d_model
+            if self.ssm_kind == "mamba2" and inner % self.ssm_head_dim:
+                raise ValueError(f"ModelConfig.{expand_name} * d_model = {inner} is not divisible by "
+                                 f"ssm_head_dim={self.ssm_head_dim}.")
+        _check_choice("ssm_kind", self.ssm_kind, SSM_KINDS)
+        _check_choice("implementation", self.implementation, IMPLEMENTATIONS)
+        _check_choice("scan_implementation", self.scan_implementation, SCAN_IMPLEMENTATIONS)
+        _check_choice("eidetic_eviction", self.eidetic_eviction, EVICTIONS)
+        _check_choice("innovation_predictor", self.innovation_predictor, PREDICTORS)
+        _check_choice("dtype", self.dtype, DTYPES)
+        if self.eidetic_per_chunk > self.window:
+            raise ValueError(f"ModelConfig.eidetic_per_chunk={self.eidetic_per_chunk} exceeds the "
+                             f"chunk (window={self.window}) it selects from.")
+        if self.eidetic_per_chunk == 0 and self.eidetic_slots:
+            raise ValueError(f"ModelConfig.eidetic_slots={self.eidetic_slots} needs "
+                             f"eidetic_per_chunk >= 1 (or set eidetic_slots=0).")
+        if self.eidetic_per_chunk and self.eidetic_slots % self.eidetic_per_chunk:
+            raise ValueError(f"ModelConfig.eidetic_slots={self.eidetic_slots} must be a multiple of "
+                             f"eidetic_per_chunk={self.eidetic_per_chunk}.")
+        if self.innovation_loss_weight < 0:
+            raise ValueError(f"ModelConfig.innovation_loss_weight={self.innovation_loss_weight}: "
+                             f"must be >= 0.")
+
+    @classmethod
+    def preset(cls, name: str, **overrides) -> "ModelConfig":
+        """Returns the named preset (DESIGN.md section 3) with `overrides` applied.
+
+        Args:
+          name: one of transformer, swa, mamba, hybrid, bmojo_f, bmojo.
+          **overrides: any `ModelConfig` field.
+
+        Raises:
+          ValueError: unknown preset name, unknown field, or an invalid value.
+        """
+        if name not in PRESET_PATTERNS:
+            raise ValueError(f"Unknown preset {name!r}; choose one of {', '.join(PRESET_PATTERNS)}.")
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(overrides) - fields)
+        if unknown:
+            raise ValueError(f"Unknown ModelConfig field(s) {unknown}; valid fields: {sorted(fields)}.")
+        values = {"pattern": PRESET_PATTERNS[name]}
+        if name == "bmojo_f":
+            values.update(eidetic_per_chunk=0, eidetic_slots=0)
+        values.update(overrides)
+        return cls(**values)
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    @property
+    def hidden_dim(self) -> int:
+        """SwiGLU hidden width: d_ff, or 8/3 d_model rounded up to a multiple of 8 (our choice)."""
+        return self.d_ff or -(-8 * self.d_model // 3 // 8) * 8
+
+    @property
+    def layer_mixers(self) -> str:
+        """The mixer letter of each layer: `pattern` repeated to n_layers. A `hybrid` (MMMA) model
+        always keeps at least one attention layer: with fewer layers than the pattern, the last layer
+        is the pattern's last letter (2 layers -> "MA")."""
+        mixers = (self.pattern * self.n_layers)[: self.n_layers]
+        if self.n_layers < len(self.pattern) and self.pattern[-1] not in mixers:
+            mixers = mixers[:-1] + self.pattern[-1]
+        return mixers
+
+    def replace(self, **changes) -> "ModelConfig":
+        return dataclasses.replace(self, **changes)
+
+
+def _check_choice(name, value, allowed):
+    if value not in allowed:
+        raise ValueError(f"ModelConfig.{name}={value!r}: allowed values are {list(allowed)}.")

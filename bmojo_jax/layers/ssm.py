@@ -1,0 +1,79 @@
+"""The selective-SSM mixer (`M`), also the fading path inside B'MOJO's `F` and `B` mixers.
+
+    x [b, t, d_model] -> in_proj -> (z, xBC, dt) -> causal depthwise conv + SiLU on xBC
+      -> scan(x, dt, A, B, C) + D x -> * SiLU(z) -> out_proj -> [b, t, d_model]
+
+Both kinds share this Mamba-2 layout (our choice, so that the kinds differ only in the decay):
+    mamba2  one scalar decay per head, heads of `ssm_head_dim` channels, the SSD scan (`ops.ssd`);
+    mamba1  a decay per channel and state, dt from a rank-ceil(d_model/16) projection
+            (`ops.selective_scan`).
+Initialisation follows the Mamba papers: A = -[1..16] (mamba2: uniform per head; mamba1: 1..n per
+state), dt in [1e-3, 1e-1] log-uniform via the bias of a softplus, D = 1. The dynamics parameters are
+named `A_log`, `dt_bias`, `D` so that the optimizer can exclude them from weight decay.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from bmojo_jax import ops
+
+
+def _dt_bias(key, shape, dt_min=1e-3, dt_max=1e-1):
+    dt = jnp.exp(jax.random.uniform(key, shape) * (math.log(dt_max) - math.log(dt_min))
+                 + math.log(dt_min))
+    return dt + jnp.log(-jnp.expm1(-dt))  # inverse softplus
+
+
+class SSM(nnx.Module):
+    """Selective state-space mixer. Input and output [batch, time, d_model]."""
+
+    def __init__(self, d_model: int, *, expand: int, d_state: int, kind: str, head_dim: int,
+                 d_conv: int, chunk_size: int, implementation, dtype, rngs: nnx.Rngs):
+        inner = expand * d_model
+        self.kind, self.inner, self.d_state = kind, inner, d_state
+        self.chunk_size, self.implementation = chunk_size, implementation
+        if kind == "mamba2":
+            self.n_heads = inner // head_dim
+            dt_in, decay_shape = self.n_heads, (self.n_heads,)
+            a_init = jnp.log(jax.random.uniform(rngs.params(), decay_shape, minval=1.0, maxval=16.0))
+            self.dt_proj = None
+        else:
+            dt_in, decay_shape = math.ceil(d_model / 16), (inner,)
+            a_init = jnp.log(jnp.broadcast_to(jnp.arange(1, d_state + 1, dtype=jnp.float32),
+                                              (inner, d_state)))
+            self.dt_proj = nnx.Linear(dt_in, inner, use_bias=False, dtype=dtype, rngs=rngs)
+        self.splits = (inner, 2 * inner + 2 * d_state)  # z | x B C | dt
+        self.in_proj = nnx.Linear(d_model, self.splits[1] + dt_in, use_bias=False, dtype=dtype,
+                                  rngs=rngs)
+        conv_dim = inner + 2 * d_state
+        self.conv = nnx.Conv(conv_dim, conv_dim, kernel_size=(d_conv,), padding="CAUSAL",
+                             feature_group_count=conv_dim, dtype=dtype, rngs=rngs)
+        self.A_log = nnx.Param(a_init)
+        self.dt_bias = nnx.Param(_dt_bias(rngs.params(), decay_shape))
+        self.D = nnx.Param(jnp.ones((inner,), jnp.float32))
+        self.out_proj = nnx.Linear(inner, d_model, use_bias=False, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x):
+        """x: [b, t, d_model] -> [b, t, d_model] (dtype of x)."""
+        b, t, _ = x.shape
+        z, xbc, dt = jnp.split(self.in_proj(x), self.splits, axis=-1)
+        xbc = jax.nn.silu(self.conv(xbc))
+        xs, B, C = jnp.split(xbc, (self.inner, self.inner + self.d_state), axis=-1)
+        if self.dt_proj is not None:
+            dt = self.dt_proj(dt)
+        dt = jax.nn.softplus(dt.astype(jnp.float32) + self.dt_bias[...])
+        a = -jnp.exp(self.A_log[...])
+        if self.kind == "mamba2":
+            y, _ = ops.ssd(xs.reshape(b, t, self.n_heads, -1), dt, a, B, C,
+                           chunk_size=self.chunk_size, implementation=self.implementation)
+            y = y.reshape(b, t, self.inner)
+        else:
+            y, _ = ops.selective_scan(xs, dt, a, B, C, chunk_size=self.chunk_size,
+                                      implementation=self.implementation)
+        y = (y + xs * self.D[...]) * jax.nn.silu(z)
+        return self.out_proj(y.astype(x.dtype))

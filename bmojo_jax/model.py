@@ -1,0 +1,96 @@
+"""The language model: embeddings, pre-norm decoder blocks, final norm, LM head (DESIGN.md section 3).
+
+    block(x) = x + mixer(RMSNorm(x));  x + SwiGLU(RMSNorm(x))
+
+The mixer of each layer is picked by `ModelConfig.layer_mixers`: `M` is the selective SSM, the
+letters A W F B are the attention mixer with growing memory (see `layers.attention`).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from bmojo_jax.config import ModelConfig
+from bmojo_jax.layers import SSM, MemoryAttention, SwiGLU
+
+
+class Block(nnx.Module):
+    """Pre-norm decoder block. [b, t, d_model] -> [b, t, d_model]."""
+
+    def __init__(self, config: ModelConfig, letter: str, *, rngs: nnx.Rngs):
+        d, dtype = config.d_model, jnp.dtype(config.dtype)
+        self.mixer_norm = nnx.RMSNorm(d, dtype=dtype, rngs=rngs)
+        if letter == "M":
+            self.mixer = SSM(d, expand=config.ssm_expand, d_state=config.d_state,
+                             kind=config.ssm_kind, head_dim=config.ssm_head_dim,
+                             d_conv=config.d_conv, chunk_size=config.chunk_size,
+                             implementation=config.scan_implementation or config.implementation,
+                             dtype=dtype, rngs=rngs)
+        else:
+            self.mixer = MemoryAttention(config, letter, rngs=rngs)
+        self.mlp_norm = nnx.RMSNorm(d, dtype=dtype, rngs=rngs)
+        self.mlp = SwiGLU(d, config.hidden_dim, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x):
+        x = x + self.mixer(self.mixer_norm(x))
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class LanguageModel(nnx.Module):
+    """Decoder-only LM of the B'MOJO family.
+
+    `model(tokens)` maps int32 tokens [batch, time] (any time >= 1) to float32 logits
+    [batch, time, vocab_size]. B'MOJO layers sow their auxiliary `innovation_loss` as
+    `nnx.Intermediate` (see `losses.lm_loss`).
+    """
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        self.config = config
+        dtype = jnp.dtype(config.dtype)
+        self.embed = nnx.Embed(config.vocab_size, config.d_model, dtype=dtype, rngs=rngs)
+        self.blocks = nnx.List([Block(config, letter, rngs=rngs)
+                                for letter in config.layer_mixers])
+        self.norm = nnx.RMSNorm(config.d_model, dtype=dtype, rngs=rngs)
+        self.head = None if config.tie_embeddings else nnx.Linear(
+            config.d_model, config.vocab_size, use_bias=False, dtype=dtype, rngs=rngs)
+
+    def __call__(self, tokens):
+        """tokens: int [batch, time] in [0, vocab_size) -> float32 logits [batch, time, vocab_size].
+
+        Raises:
+          ValueError: tokens not 2-D integers, or (when concrete) ids out of range.
+        """
+        check_tokens(tokens, self.config.vocab_size)
+        x = self.embed(tokens)
+        for block in self.blocks:
+            x = block(x)
+        x = self.norm(x)
+        logits = self.embed.attend(x) if self.head is None else self.head(x)
+        return logits.astype(jnp.float32)
+
+
+def check_tokens(tokens, vocab_size: int):
+    """Validates token ids: 2-D integer [batch, time], time >= 1, ids in [0, vocab_size).
+
+    The value check runs only on concrete arrays (not under jit, where the data pipeline checks).
+    Raises ValueError naming the bad value, its position and the allowed range.
+    """
+    if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer) or tokens.shape[1] < 1:
+        raise ValueError(f"tokens must be integer [batch, time] with time >= 1; got dtype "
+                         f"{tokens.dtype} and shape {tokens.shape}.")
+    if isinstance(tokens, jax.core.Tracer):
+        return
+    values = np.asarray(tokens)
+    bad = np.argwhere((values < 0) | (values >= vocab_size))
+    if bad.size:
+        where = tuple(int(i) for i in bad[0])
+        raise ValueError(f"token id {int(values[where])} at position {where} is out of range; "
+                         f"allowed ids are 0..{vocab_size - 1} (vocab_size={vocab_size}).")
+
+
+def count_params(model: nnx.Module) -> int:
+    """Number of parameters (elements of all `nnx.Param`s)."""
+    return sum(int(np.prod(p.shape)) for p in jax.tree.leaves(nnx.state(model, nnx.Param)))
