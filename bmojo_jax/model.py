@@ -43,8 +43,8 @@ class LanguageModel(nnx.Module):
     """Decoder-only LM of the B'MOJO family.
 
     `model(tokens)` maps int32 tokens [batch, time] (any time >= 1) to float32 logits
-    [batch, time, vocab_size]. B'MOJO layers sow their auxiliary `innovation_loss` as
-    `nnx.Intermediate` (see `losses.lm_loss`).
+    [batch, time, vocab_size]; `model.forward(tokens)` also returns the auxiliary loss that
+    training adds (B'MOJO's innovation-predictor loss, sown by its layers).
     """
 
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
@@ -63,6 +63,15 @@ class LanguageModel(nnx.Module):
         Raises:
           ValueError: tokens not 2-D integers, or (when concrete) ids out of range.
         """
+        return self.forward(tokens)[0]
+
+    def forward(self, tokens):
+        """Logits [batch, time, vocab_size] float32 and the auxiliary loss (float32 scalar: the sum
+        of the already-weighted `innovation_loss`es sown by B'MOJO layers; 0 without them)."""
+        logits, sown = nnx.capture(self._logits, nnx.Intermediate)(tokens)
+        return logits, sum(jax.tree.leaves(sown), jnp.zeros((), jnp.float32))
+
+    def _logits(self, tokens):
         check_tokens(tokens, self.config.vocab_size)
         x = self.embed(tokens)
         for block in self.blocks:

@@ -14,7 +14,7 @@ Eidetic memory (`B`; our choices, config knobs in brackets). The innovation of t
     s_t = || X_t - P(F_{t-1}) ||^2,     F_{-1} = 0,
 with P [innovation_predictor: identity | linear] trained by the auxiliary loss
 mean_t ||sg(X_t) - P(F_{t-1})||^2 [innovation_loss_weight], sown as the `nnx.Intermediate`
-`innovation_loss` (the training loss adds it). Selection is discrete: top [eidetic_per_chunk] per
+`innovation_loss` (`LanguageModel.forward` collects it for the training loss). Selection is discrete: top [eidetic_per_chunk] per
 chunk, visible [eidetic_lag] chunks later, [eidetic_slots] slots, [eidetic_eviction] fifo | score;
 see `ops.eidetic` for tie-breaking and padding. Padding (t not a multiple of w) is never selected and
 never seen by a real query. The "fading state plus a read of the eidetic memory" predictor variant of

@@ -1,0 +1,139 @@
+"""The model family: shapes, causality, special cases, implementations agree, parameter counts."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import bmojo_jax as bj
+
+T, WINDOW, VOCAB = 29, 4, 50  # T spans 8 chunks (the last partial), so eidetic slots get used
+SMALL = dict(vocab_size=VOCAB, d_model=16, n_heads=2, window=WINDOW, d_state=4, ssm_head_dim=8,
+             chunk_size=8, eidetic_per_chunk=1, eidetic_slots=3)
+
+
+def config(preset, **overrides):
+    values = dict(SMALL)
+    if preset == "bmojo_f":
+        values.update(eidetic_per_chunk=0, eidetic_slots=0)
+    values.update(overrides)
+    return bj.ModelConfig.preset(preset, **values)
+
+
+def tokens(seed=0, t=T):
+    return jax.random.randint(jax.random.PRNGKey(seed), (2, t), 0, VOCAB)
+
+
+@pytest.fixture(scope="module")
+def models():
+    return {name: bj.LanguageModel(config(name), rngs=nnx.Rngs(0)) for name in bj.PRESETS}
+
+
+@pytest.mark.parametrize("preset", bj.PRESETS)
+def test_shapes_and_causality(models, preset):
+    model = models[preset]
+    x = tokens()
+    logits = model(x)
+    assert logits.shape == (2, T, VOCAB) and logits.dtype == jnp.float32
+    assert np.all(np.isfinite(logits))
+    for p in (5, 17, T - 1):
+        changed = model(x.at[:, p].set((x[:, p] + 1) % VOCAB))
+        np.testing.assert_allclose(changed[:, :p], logits[:, :p], rtol=0, atol=1e-6)
+        assert not np.allclose(changed[:, p], logits[:, p])
+
+
+def test_eidetic_memory_changes_the_output(models):
+    """The `B` model reads its eidetic slots: clearing the slots changes late logits only."""
+    model = models["bmojo"]
+    x = tokens()
+    with_memory = model(x)
+    for block in model.blocks:
+        block.mixer.eidetic = False
+    try:
+        without = model(x)
+    finally:
+        for block in model.blocks:
+            block.mixer.eidetic = True
+    first_visible = 2 * WINDOW  # selections of chunk 0 are visible from chunk 2 on
+    np.testing.assert_allclose(without[:, :first_visible], with_memory[:, :first_visible],
+                               atol=1e-6)
+    assert not np.allclose(without[:, first_visible:], with_memory[:, first_visible:])
+
+
+def test_bmojo_without_eidetic_slots_is_bmojo_f():
+    x = tokens(1)
+    bmojo = bj.LanguageModel(config("bmojo", eidetic_per_chunk=0, eidetic_slots=0),
+                             rngs=nnx.Rngs(3))
+    bmojo_f = bj.LanguageModel(config("bmojo_f"), rngs=nnx.Rngs(3))
+    np.testing.assert_array_equal(bmojo(x), bmojo_f(x))
+
+
+def test_bmojo_f_without_fading_path_is_swa():
+    x = tokens(2)
+    bmojo_f = bj.LanguageModel(config("bmojo_f"), rngs=nnx.Rngs(4))
+    swa = bj.LanguageModel(config("swa"), rngs=nnx.Rngs(5))
+    with_fading = bmojo_f(x)
+    for block in bmojo_f.blocks:
+        block.mixer.fading = nnx.data(None)  # remove the fading path
+    nnx.update(swa, nnx.state(bmojo_f))  # every remaining parameter is shared
+    np.testing.assert_allclose(bmojo_f(x), swa(x), rtol=1e-6, atol=1e-6)
+    assert not np.allclose(with_fading, swa(x))
+
+
+def test_window_longer_than_sequence_is_full_attention():
+    x = tokens(3)
+    swa = bj.LanguageModel(config("swa", window=T), rngs=nnx.Rngs(6))
+    transformer = bj.LanguageModel(config("transformer"), rngs=nnx.Rngs(6))
+    np.testing.assert_allclose(swa(x), transformer(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("overrides", [
+    dict(),
+    dict(ssm_kind="mamba1", eidetic_eviction="score", innovation_predictor="identity",
+         tie_fading_kv=False, tie_embeddings=False),
+], ids=["default", "variants"])
+def test_xla_matches_reference_logits_and_gradients(overrides):
+    x, y = tokens(4), tokens(5)
+
+    def loss_and_grads(implementation):
+        model = bj.LanguageModel(config("bmojo", implementation=implementation, **overrides),
+                                 rngs=nnx.Rngs(7))
+
+        def loss(model):
+            logits, aux = model.forward(x)
+            ce = -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), y[..., None], -1))
+            return ce + aux
+
+        value, grads = nnx.value_and_grad(loss)(model)
+        return value, nnx.state(grads, nnx.Param)
+
+    value, grads = loss_and_grads("xla")
+    ref_value, ref_grads = loss_and_grads("reference")
+    np.testing.assert_allclose(value, ref_value, rtol=1e-5)
+    for g, r in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
+        np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-5)
+
+
+def test_bfloat16_runs():
+    model = bj.LanguageModel(config("bmojo", dtype="bfloat16"), rngs=nnx.Rngs(0))
+    logits = model(tokens())
+    assert logits.dtype == jnp.float32 and np.all(np.isfinite(logits))
+
+
+def test_bad_tokens(models):
+    model = models["transformer"]
+    with pytest.raises(ValueError, match=r"token id 50 at position \(0, 3\).*0\.\.49"):
+        model(tokens().at[0, 3].set(VOCAB))
+    with pytest.raises(ValueError, match="token id -1"):
+        model(tokens().at[1, 0].set(-1))
+    with pytest.raises(ValueError, match="integer \\[batch, time\\]"):
+        model(jnp.zeros((T,), jnp.int32))
+
+
+def test_preset_parameter_counts_are_close():
+    """At the size of `experiments/param_counts.py`, counts stay within 25% of each other."""
+    from experiments.param_counts import parameter_counts
+    counts = parameter_counts()
+    assert set(counts) == set(bj.PRESETS)
+    assert max(counts.values()) <= 1.25 * min(counts.values()), counts
