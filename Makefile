@@ -25,7 +25,10 @@ $(DATA): $(STAMP) scripts/fetch_austen.sh
 
 data: $(DATA)
 
-test: $(DATA)
+# The real-text tests skip (saying which command installs the data) when the corpora are missing,
+# so a failed download degrades to skips instead of failing the suite.
+test: $(STAMP)
+	$(MAKE) data || echo "WARNING: 'make data' failed; the real-text tests will be skipped."
 	$(PY) -m pytest -n 2 tests
 
 run: $(DATA)
