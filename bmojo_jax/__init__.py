@@ -1,8 +1,9 @@
 """bmojo_jax: B'MOJO hybrid state-space realizations (eidetic + fading memory) in JAX."""
 
 from bmojo_jax.config import PRESET_PATTERNS, ModelConfig
+from bmojo_jax.generation import generate
 from bmojo_jax.model import LanguageModel, count_params
 
 PRESETS = tuple(PRESET_PATTERNS)
 
-__all__ = ["ModelConfig", "LanguageModel", "count_params", "PRESETS"]
+__all__ = ["ModelConfig", "LanguageModel", "count_params", "generate", "PRESETS"]

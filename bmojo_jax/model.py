@@ -35,8 +35,19 @@ class Block(nnx.Module):
         self.mlp = SwiGLU(d, config.hidden_dim, dtype=dtype, rngs=rngs)
 
     def __call__(self, x):
-        x = x + self.mixer(self.mixer_norm(x))
-        return x + self.mlp(self.mlp_norm(x))
+        return self.prefill(x)[0]
+
+    def prefill(self, x, max_length=None):
+        """x [b, t, d_model] -> (output [b, t, d_model], the mixer's streaming state)."""
+        y, state = self.mixer.prefill(self.mixer_norm(x), max_length)
+        x = x + y
+        return x + self.mlp(self.mlp_norm(x)), state
+
+    def step(self, x, state, position):
+        """One token x [b, d_model] at `position` -> (output [b, d_model], next mixer state)."""
+        y, state = self.mixer.step(self.mixer_norm(x), state, position)
+        x = x + y
+        return x + self.mlp(self.mlp_norm(x)), state
 
 
 class LanguageModel(nnx.Module):
@@ -68,17 +79,74 @@ class LanguageModel(nnx.Module):
     def forward(self, tokens):
         """Logits [batch, time, vocab_size] float32 and the auxiliary loss (float32 scalar: the sum
         of the already-weighted `innovation_loss`es sown by B'MOJO layers; 0 without them)."""
-        logits, sown = nnx.capture(self._logits, nnx.Intermediate)(tokens)
+        (logits, _), sown = nnx.capture(self._prefill, nnx.Intermediate)(tokens, None)
         return logits, sum(jax.tree.leaves(sown), jnp.zeros((), jnp.float32))
 
-    def _logits(self, tokens):
+    def _prefill(self, tokens, max_length):
         check_tokens(tokens, self.config.vocab_size)
         x = self.embed(tokens)
+        states = []
         for block in self.blocks:
-            x = block(x)
+            x, state = block.prefill(x, max_length)
+            states.append(state)
+        return self._head(x), states
+
+    def _head(self, x):
         x = self.norm(x)
         logits = self.embed.attend(x) if self.head is None else self.head(x)
         return logits.astype(jnp.float32)
+
+    # ------------------------------------------------------------------ streaming (DESIGN.md 5)
+
+    def init_cache(self, batch_size: int, max_length=None):
+        """An empty decoding cache: {"position": int32 scalar (tokens consumed), "layers": one
+        fixed-size state per layer (see the mixers' `init_state`)}.
+
+        Args:
+          batch_size: sequences decoded together.
+          max_length: tokens a full-attention (`A`) layer can hold; required when the model has
+            one, unused otherwise (the other mixers' state does not grow with the context).
+
+        Raises:
+          ValueError: an `A` layer and no max_length.
+        """
+        return {"position": jnp.zeros((), jnp.int32),
+                "layers": [block.mixer.init_state(batch_size, max_length) for block in self.blocks]}
+
+    def prefill(self, tokens, cache):
+        """Consumes a prompt in parallel: tokens int [batch, time] and an empty cache (from
+        `init_cache`) -> (logits [batch, time, vocab_size] float32, the cache after the prompt).
+
+        Raises:
+          ValueError: bad tokens; a cache that is not empty (when its position is concrete); a
+            prompt longer than a full-attention cache.
+        """
+        position = cache["position"]
+        if not isinstance(position, jax.core.Tracer) and int(position) != 0:
+            raise ValueError(f"prefill needs an empty cache (position 0), got position "
+                             f"{int(position)}; continue with decode_step.")
+        size = max((s["k"].shape[1] for s, b in zip(cache["layers"], self.blocks)
+                    if isinstance(b.mixer, MemoryAttention) and b.mixer.window is None),
+                   default=None)
+        if size is not None and tokens.shape[1] > size:
+            raise ValueError(f"prompt of {tokens.shape[1]} tokens exceeds the full-attention cache "
+                             f"(max_length={size}).")
+        (logits, states), _ = nnx.capture(self._prefill, nnx.Intermediate)(tokens, size)
+        return logits, {"position": jnp.asarray(tokens.shape[1], jnp.int32), "layers": states}
+
+    def decode_step(self, tokens, cache):
+        """One token per sequence: tokens int32 [batch] -> (logits [batch, vocab_size] float32,
+        the updated cache). Reproduces the parallel forward's logits at that position."""
+        if tokens.ndim != 1:
+            raise ValueError(f"decode_step takes tokens [batch]; got shape {tokens.shape}.")
+        check_tokens(tokens[:, None], self.config.vocab_size)
+        position = cache["position"]
+        x = self.embed(tokens)
+        states = []
+        for block, state in zip(self.blocks, cache["layers"]):
+            x, state = block.step(x, state, position)
+            states.append(state)
+        return self._head(x), {"position": position + 1, "layers": states}
 
 
 def check_tokens(tokens, vocab_size: int):

@@ -10,6 +10,10 @@ Both kinds share this Mamba-2 layout (our choice, so that the kinds differ only 
 Initialisation follows the Mamba papers: A = -[1..16] (mamba2: uniform per head; mamba1: 1..n per
 state), dt in [1e-3, 1e-1] log-uniform via the bias of a softplus, D = 1. The dynamics parameters are
 named `A_log`, `dt_bias`, `D` so that the optimizer can exclude them from weight decay.
+
+Streaming (DESIGN.md section 5): the recurrent state is {"conv": the last d_conv - 1 conv inputs
+[b, d_conv - 1, inner + 2 n], "ssm": the scan state h}, a fixed size whatever the context.
+`prefill(x)` runs the parallel scan and returns that state; `step(x, state)` consumes one token.
 """
 
 from __future__ import annotations
@@ -58,22 +62,50 @@ class SSM(nnx.Module):
         self.D = nnx.Param(jnp.ones((inner,), jnp.float32))
         self.out_proj = nnx.Linear(inner, d_model, use_bias=False, dtype=dtype, rngs=rngs)
 
+    def init_state(self, batch_size: int, max_length=None):
+        """Zero recurrent state for `batch_size` sequences (float32). `max_length` is unused (a
+        fixed-size state), accepted for the mixers' common interface."""
+        h = ((batch_size, self.n_heads, self.inner // self.n_heads, self.d_state)
+             if self.kind == "mamba2" else (batch_size, self.inner, self.d_state))
+        conv = self.conv.kernel.shape
+        return {"conv": jnp.zeros((batch_size, conv[0] - 1, conv[2]), jnp.float32),
+                "ssm": jnp.zeros(h, jnp.float32)}
+
     def __call__(self, x):
         """x: [b, t, d_model] -> [b, t, d_model] (dtype of x)."""
-        b, t, _ = x.shape
+        return self.prefill(x)[0]
+
+    def prefill(self, x, max_length=None):
+        """x: [b, t, d_model] -> (y [b, t, d_model], the recurrent state after the last token)."""
         z, xbc, dt = jnp.split(self.in_proj(x), self.splits, axis=-1)
-        xbc = jax.nn.silu(self.conv(xbc))
+        width = self.conv.kernel.shape[0] - 1
+        conv_state = jnp.pad(xbc, [(0, 0), (width, 0), (0, 0)])[:, xbc.shape[1]:]
+        y, h_last = self._mix(z, jax.nn.silu(self.conv(xbc)), dt, None, self.implementation)
+        return y.astype(x.dtype), {"conv": conv_state.astype(jnp.float32), "ssm": h_last}
+
+    def step(self, x, state, position=None):
+        """One token: x [b, d_model], state -> (y [b, d_model], next state). `position` is unused
+        (the SSM is position-free), accepted for the mixers' common interface."""
+        z, xbc, dt = jnp.split(self.in_proj(x)[:, None], self.splits, axis=-1)
+        window = jnp.concatenate([state["conv"], xbc.astype(jnp.float32)], axis=1)
+        conv = jnp.einsum("bkc,kc->bc", window, self.conv.kernel[:, 0, :]) + self.conv.bias[...]
+        y, h = self._mix(z, jax.nn.silu(conv)[:, None], dt, state["ssm"], "reference")
+        return y[:, 0].astype(x.dtype), {"conv": window[:, 1:], "ssm": h}
+
+    def _mix(self, z, xbc, dt, h0, implementation):
+        """Scan and gate: z, xbc, dt as split from in_proj ([b, t, ...]) -> (y [b, t, d_model], h)."""
+        b, t, _ = xbc.shape
         xs, B, C = jnp.split(xbc, (self.inner, self.inner + self.d_state), axis=-1)
         if self.dt_proj is not None:
             dt = self.dt_proj(dt)
         dt = jax.nn.softplus(dt.astype(jnp.float32) + self.dt_bias[...])
         a = -jnp.exp(self.A_log[...])
         if self.kind == "mamba2":
-            y, _ = ops.ssd(xs.reshape(b, t, self.n_heads, -1), dt, a, B, C,
-                           chunk_size=self.chunk_size, implementation=self.implementation)
+            y, h = ops.ssd(xs.reshape(b, t, self.n_heads, -1), dt, a, B, C, h0,
+                           chunk_size=self.chunk_size, implementation=implementation)
             y = y.reshape(b, t, self.inner)
         else:
-            y, _ = ops.selective_scan(xs, dt, a, B, C, chunk_size=self.chunk_size,
-                                      implementation=self.implementation)
+            y, h = ops.selective_scan(xs, dt, a, B, C, h0, chunk_size=self.chunk_size,
+                                      implementation=implementation)
         y = (y + xs * self.D[...]) * jax.nn.silu(z)
-        return self.out_proj(y.astype(x.dtype))
+        return self.out_proj(y.astype(z.dtype)), h

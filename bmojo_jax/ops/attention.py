@@ -16,6 +16,7 @@ Implementations:
     reference  dense [t, t] masks, float32 softmax: the oracle.
     xla        block-sparse: queries of chunk c read key chunks c-1, c (window), fading chunks
                c-2, c-1 and m slots; O(t (4w + m) e) work and memory, never a [t, t] mask.
+    pallas     `pallas_kernels.memory_attention`: fused online-softmax kernels, fwd and bwd.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from bmojo_jax.ops import registry
+from pallas_kernels import memory_attention as pallas_attention
 
 _MASKED = -1e30  # finite, so that a row with nothing visible can never produce NaN
 
@@ -130,7 +132,26 @@ def _block_sparse(q, k, v, kf, vf, memory_positions, window):
     return out.reshape(b, c * window, h, e)[:, :t]
 
 
-_IMPLEMENTATIONS = {"reference": _reference, "xla": _block_sparse}
+def attend_one(q, keys, values, mask):
+    """Decode-time attention of one query per sequence over a set of cached keys.
+
+    Args:
+      q: [b, h, e] query (RoPE applied).
+      keys, values: [b, k, h, e] cached keys (RoPE applied) and values.
+      mask: [b, k] or [k] bool, True where the key is visible.
+
+    Returns:
+      [b, h, e] float32.
+    """
+    e = q.shape[-1]
+    logits = jnp.einsum("bhe,bkhe->bhk", q.astype(jnp.float32) * e ** -0.5,
+                        keys.astype(jnp.float32))
+    mask = jnp.broadcast_to(mask, (q.shape[0], keys.shape[1]))[:, None, :]
+    return jnp.einsum("bhk,bkhe->bhe", _masked_softmax(logits, mask), values.astype(jnp.float32))
+
+
+_IMPLEMENTATIONS = {"reference": _reference, "xla": _block_sparse,
+                    "pallas": pallas_attention.memory_attention}
 
 
 def memory_attention(q, k, v, *, window: Optional[int] = None, k_fading=None, v_fading=None,
@@ -143,7 +164,7 @@ def memory_attention(q, k, v, *, window: Optional[int] = None, k_fading=None, v_
       k_fading, v_fading: [b, t, h, e] keys/values made from the fading (SSM) tokens, or None.
       memory_positions: [b, c, m] int32 eidetic slot positions per query chunk (-1 = empty), or None.
         Keys/values of the slots are gathered from k and v at those positions.
-      implementation: None, "reference" or "xla" (or "pallas" once registered).
+      implementation: None, "reference", "xla" or "pallas".
 
     Returns:
       [b, t, h, e] float32.
