@@ -93,8 +93,6 @@ def test_scan_errors():
         ops.ssd(x, dt, a, Bm, C, implementation="nope")
     with pytest.raises(ValueError, match="h0 has shape"):
         ops.ssd(x, dt, a, Bm, C, jnp.zeros((1, 1)))
-    with pytest.raises(ValueError, match="pallas"):
-        ops.ssd(x, dt, a, Bm, C, implementation="pallas")
 
 
 # ----------------------------------------------------------------------------- attention

@@ -97,7 +97,8 @@ def _sliding(positions, values, slots, lag, eviction):
     return jnp.swapaxes(rows, 0, 1)
 
 
-_IMPLEMENTATIONS = {"reference": _reference, "xla": _sliding}
+# Selection is cheap integer bookkeeping with no kernel: the `pallas` model path uses the xla one.
+_IMPLEMENTATIONS = {"reference": _reference, "xla": _sliding, "pallas": _sliding}
 
 
 def select_eidetic(scores, *, window: int, per_chunk: int, slots: int, lag: int = 2,

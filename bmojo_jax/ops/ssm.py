@@ -18,6 +18,7 @@ Implementations (DESIGN.md section 4, measured on a 2-core CPU):
                  selective_scan: a chunked scan, sequential inside `jax.checkpoint`-ed chunks
                  (lax.scan speed, ~9x less memory).
     associative  `lax.associative_scan` over affine maps (work for depth; may win on GPU/TPU).
+    pallas       `pallas_kernels.ssd`, `.selective_scan`: state on chip, in-kernel chunk loop.
 The ssd reference and associative paths reuse the Mamba-1 ones on the broadcast decay, since a
 per-head decay is a per-(channel, state) decay with repeated entries.
 """
@@ -30,6 +31,8 @@ import jax
 import jax.numpy as jnp
 
 from bmojo_jax.ops import registry
+from pallas_kernels import selective_scan as pallas_scan
+from pallas_kernels import ssd as pallas_ssd
 
 DEFAULT_CHUNK = 64
 
@@ -99,10 +102,16 @@ def _scan_associative(x, dt, a, B, C, h0, chunk_size):
     return jnp.einsum("btdn,btn->btd", h, C), h[:, -1]
 
 
+def _scan_pallas(x, dt, a, B, C, h0, chunk_size):
+    del chunk_size  # the kernel's tiles are pallas_kernels.ScanBlocks (per backend)
+    return pallas_scan.selective_scan(x, dt, a, B, C, h0)
+
+
 _SELECTIVE_SCAN = {
     "reference": _scan_reference,
     "xla": _scan_chunked,
     "associative": _scan_associative,
+    "pallas": _scan_pallas,
 }
 
 
@@ -117,7 +126,7 @@ def selective_scan(x, dt, a, B, C, h0=None, *, chunk_size: int = DEFAULT_CHUNK,
       B: [b, t, n] input matrices; C: [b, t, n] output matrices.
       h0: [b, d, n] float32 initial state, or None for zeros.
       chunk_size: chunk length (tokens) of the `xla` chunked scan.
-      implementation: None, "reference", "xla", "associative" (or "pallas" once registered).
+      implementation: None, "reference", "xla", "associative" or "pallas".
 
     Returns:
       y [b, t, d] (dtype of x) and h_last [b, d, n] float32.
@@ -191,10 +200,16 @@ def _ssd_chunked(x, dt, a, B, C, h0, chunk_size):
     return y.reshape(b, c * q, h, p)[:, :t], h_last
 
 
+def _ssd_pallas(x, dt, a, B, C, h0, chunk_size):
+    del chunk_size  # the kernel's chunk is pallas_kernels.ScanBlocks.chunk (per backend)
+    return pallas_ssd.ssd(x, dt, a, B, C, h0)
+
+
 _SSD = {
     "reference": _ssd_via_mamba1(_scan_reference),
     "xla": _ssd_chunked,
     "associative": _ssd_via_mamba1(_scan_associative),
+    "pallas": _ssd_pallas,
 }
 
 
@@ -209,7 +224,7 @@ def ssd(x, dt, a, B, C, h0=None, *, chunk_size: int = DEFAULT_CHUNK,
       B: [b, t, n] input matrices; C: [b, t, n] output matrices (one group, shared by heads).
       h0: [b, h, p, n] float32 initial state, or None for zeros.
       chunk_size: chunk length (tokens) of the `xla` SSD form.
-      implementation: None, "reference", "xla", "associative" (or "pallas" once registered).
+      implementation: None, "reference", "xla", "associative" or "pallas".
 
     Returns:
       y [b, t, h, p] (dtype of x) and h_last [b, h, p, n] float32.

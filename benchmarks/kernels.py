@@ -1,0 +1,229 @@
+"""Pallas kernels vs the `xla` path: forward and forward+backward time over a registry of shapes.
+
+    python -m benchmarks.kernels [--shapes=NAME,...] [--rounds=7] [--out=results/kernels_cpu.json]
+
+Each (shape, implementation, pass) is compiled once (`jit(...).lower().compile()`, recording
+`compiled.memory_analysis()`), warmed up, then all variants are interleaved in rounds; we report the
+median and the spread (min, max) over rounds. "fwd" times the op; "fwd+bwd" the gradient of
+<random cotangent, outputs> with respect to every float input.
+
+On GPU/TPU the kernels run compiled, and the JSON gives the model FLOPs (useful work: visible keys
+only; backward counted as 2.5x the forward, as for FlashAttention-2) and bytes (inputs and outputs
+read or written once), achieved FLOP/s and bandwidth, and their fraction of the chip's peak (dense
+bf16 FLOP/s and HBM bandwidth from the vendor's data sheet, where the device kind is known).
+On CPU only interpret mode runs: the timings measure the Pallas interpreter on tiny shapes, not a
+kernel, and are labelled so; compare implementations only within one run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+
+from bmojo_jax import ops
+from pallas_kernels import config as cfg
+
+# name: (op, sizes). Attention: b, t, h, e, window (None = full), fading, slots (m, 0 = none).
+# Scans: ssd b, t, h, p, n; selective_scan b, t, d, n.
+SHAPES = {
+    "cpu": {
+        "attention_full": ("attention", dict(b=1, t=64, h=2, e=16, window=None, fading=False,
+                                             slots=0)),
+        "attention_swa": ("attention", dict(b=1, t=64, h=2, e=16, window=16, fading=False,
+                                            slots=0)),
+        "attention_bmojo": ("attention", dict(b=1, t=64, h=2, e=16, window=16, fading=True,
+                                              slots=4)),
+        "ssd": ("ssd", dict(b=1, t=64, h=2, p=16, n=8)),
+        "selective_scan": ("selective_scan", dict(b=1, t=64, d=32, n=8)),
+    },
+    "accelerator": {
+        "attention_full_2k": ("attention", dict(b=4, t=2048, h=8, e=128, window=None,
+                                                fading=False, slots=0)),
+        "attention_swa_8k": ("attention", dict(b=2, t=8192, h=8, e=128, window=512,
+                                               fading=False, slots=0)),
+        "attention_bmojo_8k": ("attention", dict(b=2, t=8192, h=8, e=128, window=512,
+                                                 fading=True, slots=128)),
+        "ssd_8k": ("ssd", dict(b=2, t=8192, h=16, p=64, n=64)),
+        "selective_scan_4k": ("selective_scan", dict(b=2, t=4096, d=1024, n=16)),
+    },
+}
+# Dense bf16 FLOP/s and HBM bytes/s by `device_kind` substring (vendor data sheets).
+PEAKS = {
+    "H200": (989e12, 4.8e12), "H100": (989e12, 3.35e12), "A100": (312e12, 2.0e12),
+    "TPU v4": (275e12, 1.2e12), "TPU v5 lite": (197e12, 0.82e12), "TPU v5e": (197e12, 0.82e12),
+    "TPU v5p": (459e12, 2.76e12), "TPU v6": (918e12, 1.64e12),
+}
+
+flags.DEFINE_list("shapes", None, "Shape names to run (default: all for the backend).")
+flags.DEFINE_list("implementations", ["pallas", "xla"], "Implementations to compare.")
+flags.DEFINE_integer("rounds", 7, "Interleaved timing rounds.")
+flags.DEFINE_string("dtype", "bfloat16", "Input dtype on accelerators (CPU: float32).")
+flags.DEFINE_string("out", None, "Output JSON path (default results/kernels_<backend>.json).")
+FLAGS = flags.FLAGS
+
+
+def make_inputs(op: str, s: dict, dtype):
+    """Random inputs and the op's call for one shape: (args tuple, fn(*args) -> outputs)."""
+    keys = jax.random.split(jax.random.PRNGKey(0), 6)
+    normal = lambda k, shape: jax.random.normal(k, shape).astype(dtype)  # noqa: E731
+    if op == "attention":
+        shape = (s["b"], s["t"], s["h"], s["e"])
+        args = [normal(k, shape) for k in keys[:5]]
+        if not s["fading"]:
+            args[3:] = [None, None]
+        memory = None
+        if s["slots"]:
+            scores = jax.random.normal(keys[5], (s["b"], s["t"]))
+            memory = ops.select_eidetic(scores, window=s["window"], per_chunk=s["slots"] // 4,
+                                        slots=s["slots"])
+
+        def call(q, k, v, kf, vf, implementation):
+            return ops.memory_attention(q, k, v, window=s["window"], k_fading=kf, v_fading=vf,
+                                        memory_positions=memory, implementation=implementation)
+        return tuple(args), call
+    b, t, n = s["b"], s["t"], s["n"]
+    if op == "ssd":
+        fn, channels = ops.ssd, (s["h"], s["p"])
+        a = -jnp.exp(jax.random.normal(keys[2], (s["h"],)))
+    else:
+        fn, channels = ops.selective_scan, (s["d"],)
+        a = -jnp.exp(jax.random.normal(keys[2], (s["d"], n)))
+    x = normal(keys[0], (b, t) + channels)
+    dt = jax.nn.softplus(jax.random.normal(keys[1], (b, t, channels[0])) - 2.0)
+    args = (x, dt, a, normal(keys[3], (b, t, n)), normal(keys[4], (b, t, n)))
+
+    def call(x, dt, a, B, C, implementation):
+        return fn(x, dt, a, B, C, implementation=implementation)
+    return args, call
+
+
+def work(op: str, s: dict, itemsize: int):
+    """(forward FLOPs, forward bytes) of useful work for one shape (see module docstring)."""
+    if op == "attention":
+        t, w = s["t"], s["window"]
+        keys = (t + 1) / 2 if w is None else (min(w, t) + (w if s["fading"] else 0) + s["slots"])
+        tokens = s["b"] * s["h"] * t
+        groups = 5 if s["fading"] else 3  # q, k, v (+ kf, vf) read
+        return 4.0 * tokens * keys * s["e"], (groups * itemsize + 4) * tokens * s["e"]
+    b, t, n = s["b"], s["t"], s["n"]
+    if op == "ssd":
+        h, p = s["h"], s["p"]
+        q = cfg.ScanBlocks.default().chunk
+        flops = 2.0 * b * h * t * (q * (n + p) + 3 * p * n)  # C B^T, (.) x, state in/out
+        return flops, (2 * b * t * h * p + 2 * b * t * n) * itemsize + 4 * b * t * h
+    d = s["d"]
+    return 6.0 * b * t * d * n, (2 * b * t * d + 2 * b * t * n) * itemsize + 4 * b * t * d
+
+
+def compile_variant(call, args, implementation, backward):
+    """A compiled zero-argument runner and its memory analysis."""
+    live = [i for i, a in enumerate(args) if a is not None and jnp.issubdtype(a.dtype,
+                                                                              jnp.floating)]
+
+    def forward(*values):
+        full = list(args)
+        for i, value in zip(live, values):
+            full[i] = value
+        return call(*full, implementation=implementation)
+
+    values = [args[i] for i in live]
+    if backward:
+        cotangents = jax.tree.map(lambda o: jnp.ones_like(o) / o.size,
+                                  jax.eval_shape(forward, *values))
+
+        def fn(*values):
+            outputs, vjp = jax.vjp(forward, *values)
+            return outputs, vjp(cotangents)
+    else:
+        fn = forward
+    compiled = jax.jit(fn).lower(*values).compile()
+    jax.block_until_ready(compiled(*values))  # warm-up
+    analysis = compiled.memory_analysis()
+    memory = None if analysis is None else {
+        key: int(getattr(analysis, key)) for key in
+        ("argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes")
+        if hasattr(analysis, key)}
+    return (lambda: jax.block_until_ready(compiled(*values))), memory
+
+
+def main(argv):
+    del argv
+    backend = cfg.backend()
+    interpret = cfg.interpret(backend)
+    table = SHAPES["cpu" if interpret else "accelerator"]
+    names = FLAGS.shapes or list(table)
+    dtype = jnp.float32 if interpret else jnp.dtype(FLAGS.dtype)
+    device_kind = jax.devices()[0].device_kind
+    peak = next((v for k, v in PEAKS.items() if k.lower() in device_kind.lower()), None)
+
+    runners, rows = {}, []
+    for name in names:
+        op, sizes = table[name]
+        args, call = make_inputs(op, sizes, dtype)
+        flops, nbytes = work(op, sizes, jnp.dtype(dtype).itemsize)
+        for implementation in FLAGS.implementations:
+            for backward in (False, True):
+                run, memory = compile_variant(call, args, implementation, backward)
+                runners[len(rows)] = run
+                rows.append(dict(shape=name, op=op, sizes=sizes, implementation=implementation,
+                                 passes="fwd+bwd" if backward else "fwd",
+                                 model_flops=flops * (3.5 if backward else 1.0),
+                                 model_bytes=nbytes * (3 if backward else 1),
+                                 memory_analysis=memory, times_s=[]))
+    for _ in range(FLAGS.rounds):
+        for index, run in runners.items():
+            start = time.perf_counter()
+            run()
+            rows[index]["times_s"].append(time.perf_counter() - start)
+
+    for row in rows:
+        times = np.asarray(row["times_s"])
+        median = float(np.median(times))
+        row.update(median_ms=1e3 * median, spread_ms=[1e3 * float(times.min()),
+                                                      1e3 * float(times.max())])
+        if not interpret:
+            row.update(achieved_flops_per_s=row["model_flops"] / median,
+                       achieved_bytes_per_s=row["model_bytes"] / median)
+            if peak:
+                row.update(fraction_of_peak_flops=row["achieved_flops_per_s"] / peak[0],
+                           fraction_of_peak_bandwidth=row["achieved_bytes_per_s"] / peak[1])
+        reference = next(r for r in rows if r["shape"] == row["shape"]
+                         and r["passes"] == row["passes"]
+                         and r["implementation"] == FLAGS.implementations[-1])
+        row["time_vs_" + FLAGS.implementations[-1]] = median / float(
+            np.median(reference["times_s"]))
+
+    report = dict(
+        command="python -m benchmarks.kernels " + " ".join(
+            f"--{k}={','.join(v) if isinstance(v, list) else v}"
+            for k, v in (("shapes", names), ("rounds", FLAGS.rounds)) if v),
+        backend=backend, device_kind=device_kind, dtype=jnp.dtype(dtype).name,
+        mode=("interpret (CPU): Pallas interpreter on tiny shapes; these times say nothing about "
+              "kernel speed on an accelerator" if interpret else "compiled"),
+        peak_bf16_flops_per_s=peak[0] if peak else None,
+        peak_hbm_bytes_per_s=peak[1] if peak else None,
+        jax_version=jax.__version__, machine=platform.machine(), results=rows)
+    out = FLAGS.out or f"results/kernels_{backend}.json"
+    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+    with open(out, "w") as f:
+        json.dump(report, f, indent=1)
+    print(f"mode: {report['mode']}")
+    last = FLAGS.implementations[-1]
+    print(f"{'shape':<22}{'impl':<8}{'pass':<9}{'median ms':>11}{'(min, max)':>22}"
+          f"{'vs ' + last:>10}")
+    for row in rows:
+        print(f"{row['shape']:<22}{row['implementation']:<8}{row['passes']:<9}"
+              f"{row['median_ms']:>11.2f}   ({row['spread_ms'][0]:8.2f}, {row['spread_ms'][1]:8.2f})"
+              f"{row['time_vs_' + last]:>10.2f}")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    app.run(main)
