@@ -33,6 +33,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels import config as cfg
+from pallas_kernels.scan_vjp import differentiable_scan
 
 _F32 = jnp.float32
 
@@ -200,24 +201,7 @@ def _backward(x, dt, a, B, C, states, dy, dh_last, blocks):
             dh0[:, :d])
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
-def _scan(x, dt, a, B, C, h0, blocks):
-    y, h_last, _ = _forward(x, dt, a, B, C, h0, blocks, save_states=False)
-    return y, h_last
-
-
-def _scan_fwd(x, dt, a, B, C, h0, blocks):
-    y, h_last, states = _forward(x, dt, a, B, C, h0, blocks, save_states=True)
-    return (y, h_last), (x, dt, a, B, C, states)
-
-
-def _scan_bwd(blocks, residuals, cotangents):
-    x, dt, a, B, C, states = residuals
-    dy, dh_last = cotangents
-    return _backward(x, dt, a, B, C, states, dy, dh_last, blocks)
-
-
-_scan.defvjp(_scan_fwd, _scan_bwd)
+_scan = differentiable_scan(_forward, _backward)
 
 
 def selective_scan(x, dt, a, B, C, h0=None, *, blocks: Optional[cfg.ScanBlocks] = None):

@@ -34,6 +34,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels import config as cfg
+from pallas_kernels.scan_vjp import differentiable_scan
 
 _F32 = jnp.float32
 _NEG = -1e30  # finite "minus infinity": exp() of it is 0 without inf - inf = NaN risks
@@ -227,24 +228,7 @@ def _backward(x, dt, a, B, C, states, dy, dh_last, blocks):
             dh0)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
-def _ssd(x, dt, a, B, C, h0, blocks):
-    y, h_last, _ = _forward(x, dt, a, B, C, h0, blocks, save_states=False)
-    return y, h_last
-
-
-def _ssd_fwd(x, dt, a, B, C, h0, blocks):
-    y, h_last, states = _forward(x, dt, a, B, C, h0, blocks, save_states=True)
-    return (y, h_last), (x, dt, a, B, C, states)
-
-
-def _ssd_bwd(blocks, residuals, cotangents):
-    x, dt, a, B, C, states = residuals
-    dy, dh_last = cotangents
-    return _backward(x, dt, a, B, C, states, dy, dh_last, blocks)
-
-
-_ssd.defvjp(_ssd_fwd, _ssd_bwd)
+_ssd = differentiable_scan(_forward, _backward)
 
 
 def ssd(x, dt, a, B, C, h0=None, *, blocks: Optional[cfg.ScanBlocks] = None):

@@ -12,12 +12,12 @@ CHUNK = 8
 FWD_TOL, GRAD_TOL = 1e-5, 1e-4
 
 
-def _keys(n, seed=0):
+def keys(n, seed=0):
     return jax.random.split(jax.random.PRNGKey(seed), n)
 
 
 def _ssd_inputs(t, with_h0):
-    k = _keys(6)
+    k = keys(6)
     x = jax.random.normal(k[0], (B, t, H, P))
     dt = jax.nn.softplus(jax.random.normal(k[1], (B, t, H)))
     a = -jnp.exp(jax.random.normal(k[2], (H,)))
@@ -27,7 +27,7 @@ def _ssd_inputs(t, with_h0):
 
 
 def _mamba1_inputs(t, with_h0):
-    k = _keys(6, seed=1)
+    k = keys(6, seed=1)
     x = jax.random.normal(k[0], (B, t, D))
     dt = jax.nn.softplus(jax.random.normal(k[1], (B, t, D)))
     a = -jnp.exp(jax.random.normal(k[2], (D, N)))
@@ -36,7 +36,7 @@ def _mamba1_inputs(t, with_h0):
     return (x, dt, a, Bm, C, h0)
 
 
-def _vjp_all(fn, args, seed=7):
+def vjp_all(fn, args, seed=7):
     """Outputs and the gradients of <cotangent, outputs> w.r.t. every non-None input."""
     idx = [i for i, a in enumerate(args) if a is not None]
 
@@ -48,8 +48,8 @@ def _vjp_all(fn, args, seed=7):
 
     out, vjp = jax.vjp(jax.jit(f), *[args[i] for i in idx])
     leaves, treedef = jax.tree.flatten(out)
-    cot = treedef.unflatten([jax.random.normal(k, o.shape, o.dtype)
-                             for o, k in zip(leaves, _keys(len(leaves), seed))])
+    cot = treedef.unflatten([jax.random.normal(k, o.shape, jnp.float32).astype(o.dtype)
+                             for o, k in zip(leaves, keys(len(leaves), seed))])
     return out, vjp(cot)
 
 
@@ -71,8 +71,8 @@ def test_scan_matches_reference(scan, make_inputs, implementation, t, with_h0):
     def run(impl):
         return lambda *a: scan(*a, chunk_size=CHUNK, implementation=impl)
 
-    out, grads = _vjp_all(run(implementation), args)
-    ref_out, ref_grads = _vjp_all(run("reference"), args)
+    out, grads = vjp_all(run(implementation), args)
+    ref_out, ref_grads = vjp_all(run("reference"), args)
     _assert_close(out, ref_out, FWD_TOL)
     _assert_close(grads, ref_grads, GRAD_TOL)
 
@@ -99,7 +99,7 @@ def test_scan_errors():
 
 
 def _attention_inputs(t):
-    k = _keys(5, seed=2)
+    k = keys(5, seed=2)
     return [jax.random.normal(kk, (B, t, H, E)) for kk in k]
 
 
@@ -135,8 +135,8 @@ def test_memory_attention_matches_reference(case, t):
                                         memory_positions=memory, implementation=impl)
         return fn
 
-    out, grads = _vjp_all(run("xla"), args)
-    ref_out, ref_grads = _vjp_all(run("reference"), args)
+    out, grads = vjp_all(run("xla"), args)
+    ref_out, ref_grads = vjp_all(run("reference"), args)
     _assert_close(out, ref_out, FWD_TOL)
     _assert_close(grads, ref_grads, GRAD_TOL)
 
@@ -158,7 +158,7 @@ def test_attention_special_cases(implementation):
     assert not np.allclose(bmojo_f, attn(window=w))
 
 
-def test_attention_is_causal_in_keys():
+def test_attention_is_causal_inkeys():
     """Perturbing keys/values at position p changes no output before p (all key groups)."""
     t, w, p = 37, 6, 20
     q, k, v, kf, vf = _attention_inputs(t)

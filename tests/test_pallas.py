@@ -19,29 +19,9 @@ from pallas_kernels import config as cfg
 from pallas_kernels import memory_attention as pallas_attention
 from pallas_kernels import selective_scan as pallas_scan
 from pallas_kernels import ssd as pallas_ssd
+from tests.test_ops import keys, vjp_all
 
 B, H, P, N, D, E = 2, 2, 4, 3, 5, 8
-
-
-def _keys(n, seed=0):
-    return jax.random.split(jax.random.PRNGKey(seed), n)
-
-
-def _vjp_all(fn, args, seed=7):
-    """Outputs and the gradients of <cotangent, outputs> w.r.t. every non-None input (jitted)."""
-    idx = [i for i, a in enumerate(args) if a is not None]
-
-    def f(*live):
-        full = list(args)
-        for i, a in zip(idx, live):
-            full[i] = a
-        return fn(*full)
-
-    out, vjp = jax.vjp(jax.jit(f), *[args[i] for i in idx])
-    leaves, treedef = jax.tree.flatten(out)
-    cot = treedef.unflatten([jax.random.normal(k, o.shape, jnp.float32).astype(o.dtype)
-                             for o, k in zip(leaves, _keys(len(leaves), seed))])
-    return out, vjp(cot)
 
 
 def _tolerance(dtype, length, grad=False):
@@ -69,7 +49,7 @@ def test_interpret_only_on_cpu():
 
 
 def _ssd_inputs(t, with_h0, dtype=jnp.float32, p=P, n=N):
-    k = _keys(6)
+    k = keys(6)
     x = jax.random.normal(k[0], (B, t, H, p)).astype(dtype)
     dt = jax.nn.softplus(jax.random.normal(k[1], (B, t, H)))
     a = -jnp.exp(jax.random.normal(k[2], (H,)))
@@ -80,7 +60,7 @@ def _ssd_inputs(t, with_h0, dtype=jnp.float32, p=P, n=N):
 
 
 def _mamba1_inputs(t, with_h0, dtype=jnp.float32, d=D, n=N):
-    k = _keys(6, seed=1)
+    k = keys(6, seed=1)
     x = jax.random.normal(k[0], (B, t, d)).astype(dtype)
     dt = jax.nn.softplus(jax.random.normal(k[1], (B, t, d)))
     a = -jnp.exp(jax.random.normal(k[2], (d, n)))
@@ -111,8 +91,8 @@ def _scan_fns(kind):
 def _check_scan(kind, t, with_h0, blocks, sizes, dtype):
     kernel, op, make_inputs = _scan_fns(kind)
     args = make_inputs(t, with_h0, dtype, **sizes)
-    out, grads = _vjp_all(lambda *a: kernel(*a, blocks=blocks), args)
-    ref_out, ref_grads = _vjp_all(lambda *a: op(*a, implementation="reference"), args)
+    out, grads = vjp_all(lambda *a: kernel(*a, blocks=blocks), args)
+    ref_out, ref_grads = vjp_all(lambda *a: op(*a, implementation="reference"), args)
     assert out[0].dtype == dtype and out[1].dtype == jnp.float32
     _assert_close(out, ref_out, _tolerance(dtype, t))
     _assert_close(grads, ref_grads, _tolerance(dtype, t, grad=True))
@@ -149,7 +129,7 @@ def test_scan_op_pallas_state_splits_sequence(op, make_inputs):
 
 
 def _attention_inputs(t, dtype=jnp.float32):
-    return [jax.random.normal(k, (B, t, H, E)).astype(dtype) for k in _keys(5, seed=2)]
+    return [jax.random.normal(k, (B, t, H, E)).astype(dtype) for k in keys(5, seed=2)]
 
 
 def _memory(t, window, per_chunk=2, slots=4, seed=3):
@@ -186,8 +166,8 @@ def _check_attention(t, window, fading, memory, blocks, dtype):
                                         memory_positions=positions, implementation=impl)
         return fn
 
-    out, grads = _vjp_all(run("kernel" if blocks else "pallas"), args)
-    ref_out, ref_grads = _vjp_all(run("reference"), args)
+    out, grads = vjp_all(run("kernel" if blocks else "pallas"), args)
+    ref_out, ref_grads = vjp_all(run("reference"), args)
     assert out.dtype == jnp.float32
     keys = min(t, 2 * (window or t)) + (memory[1] if memory else 0)  # softmax length (at most)
     _assert_close(out, ref_out, _tolerance(dtype, keys))
