@@ -1,0 +1,1 @@
+"""Experiment entry points (`train`, `evaluate`) and their configs (`configs/*.py`)."""

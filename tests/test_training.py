@@ -1,0 +1,247 @@
+"""Training machinery: end-to-end train + eval, exact resume, config errors, checkpoint errors.
+
+One tiny MQAR run (2 layers, d_model 32, vocab 64, seq 32) is shared by the module; JAX compile
+time dominates, so shapes are few and runs are short.
+"""
+
+import json
+import math
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import ml_collections
+import numpy as np
+import pytest
+from flax import nnx
+
+from bmojo_jax import LanguageModel, ModelConfig, training
+from bmojo_jax.sampling import sample
+from experiments.configs import books, mqar, ptb, tiny
+
+STEPS, EVERY = 12, 6
+
+
+def _tiny_config(**changes):
+    config = tiny.get_config("bmojo")
+    config.update(num_steps=STEPS, checkpoint_every=EVERY, eval_every=EVERY, log_every=3,
+                  **changes)
+    return config
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """(workdir, results) of a finished tiny run, checkpoints at steps 6 and 12."""
+    workdir = tmp_path_factory.mktemp("tiny")
+    return workdir, training.train_and_evaluate(_tiny_config(), workdir)
+
+
+def _copy(run, tmp_path):
+    workdir = tmp_path / "copy"
+    shutil.copytree(run[0], workdir)
+    return workdir
+
+
+def _records(workdir, split):
+    lines = (workdir / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["split"] == split]
+
+
+def _params(workdir, step):
+    model = LanguageModel(training.model_config(_tiny_config(), 64), rngs=nnx.Rngs(0))
+    with training.Checkpoints(workdir / "checkpoints", create=False) as checkpoints:
+        return checkpoints.restore(step, nnx.split(model, nnx.Param)[1])[1]
+
+
+def test_train_and_evaluate_end_to_end(run):
+    workdir, results = run
+    train = _records(workdir, "train")
+    assert [r["step"] for r in train] == [3, 6, 9, 12]
+    assert train[-1]["loss"] < train[0]["loss"]
+    for r in train:  # the loss adds B'MOJO's sown innovation loss to the cross-entropy
+        assert r["aux_loss"] > 0 and r["tokens_per_s"] > 0
+        assert r["loss"] == pytest.approx(r["ce"] + r["aux_loss"], rel=1e-5)
+    assert [r["step"] for r in _records(workdir, "valid")] == [EVERY]
+    assert results["step"] == STEPS
+    for split in ("valid", "test"):
+        assert math.isfinite(results[split]["perplexity"]) and 0 <= results[split]["accuracy"] <= 1
+        assert results[split]["tokens"] == 16 * 4  # num_eval examples x num_kv_pairs labels
+    assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["12", "6"]
+    saved = json.loads((workdir / "config.json").read_text())
+    assert saved["model"]["pattern"] == "B" and saved["config"]["num_steps"] == STEPS
+
+
+def test_resume_is_exact(run, tmp_path):
+    """Stopped after the step-6 checkpoint and restarted: the same step-12 parameters and the same
+    metrics as the uninterrupted run."""
+    workdir = _copy(run, tmp_path)
+    shutil.rmtree(workdir / "checkpoints" / str(STEPS))
+    resumed = training.train_and_evaluate(_tiny_config(), workdir)
+    jax.tree.map(np.testing.assert_array_equal, _params(workdir, STEPS), _params(run[0], STEPS))
+    assert resumed["test"] == run[1]["test"]
+    drop_rate = lambda records: [{k: v for k, v in r.items() if k != "tokens_per_s"}
+                                 for r in records]
+    assert drop_rate(_records(workdir, "train")) == drop_rate(_records(run[0], "train"))
+
+
+def test_evaluate_checkpoint_matches_final_eval(run):
+    result = training.evaluate_checkpoint(run[0], "test")
+    assert result["step"] == STEPS and result["seq_len"] == 32
+    assert result["loss"] == pytest.approx(run[1]["test"]["loss"], rel=1e-6)
+    assert result["accuracy"] == run[1]["test"]["accuracy"]
+
+
+def test_corrupt_checkpoint_gives_clear_error_and_deletes_nothing(run, tmp_path):
+    workdir = _copy(run, tmp_path)
+    bad = workdir / "checkpoints" / str(STEPS)
+    for f in (bad / "params").rglob("*"):
+        if f.is_file():
+            f.write_bytes(b"not a checkpoint")
+    with pytest.raises(training.CheckpointError, match=re.escape(str(bad))):
+        training.train_and_evaluate(_tiny_config(), workdir)
+    with pytest.raises(training.CheckpointError, match=re.escape(str(bad))):
+        training.evaluate_checkpoint(workdir)
+    assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["12", "6"]
+    assert training.evaluate_checkpoint(workdir, step=EVERY)["step"] == EVERY
+
+
+def test_missing_checkpoint_gives_clear_error(run, tmp_path):
+    with pytest.raises(FileNotFoundError, match=re.escape(str(tmp_path / "checkpoints"))):
+        training.evaluate_checkpoint(tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"no checkpoint of step 7 .*saved steps: \[6, 12\]"):
+        training.evaluate_checkpoint(run[0], step=7)
+
+
+def test_resume_with_a_different_model_fails(run, tmp_path):
+    workdir = _copy(run, tmp_path)
+    config = _tiny_config()
+    config.model.window = 8
+    with pytest.raises(ValueError, match="different model.*'window': \\(16, 8\\)"):
+        training.train_and_evaluate(config, workdir)
+
+
+@pytest.mark.parametrize("changes,match", [
+    ({"model_preset": "lstm"}, "config.model_preset='lstm': allowed values are transformer"),
+    ({"data.name": "wikitext"}, "config.data.name='wikitext': allowed values are ptb"),
+    ({"num_steps": 0}, "config.num_steps=0: must be an integer >= 1"),
+    ({"batch_size": -2}, "config.batch_size=-2: must be an integer >= 1"),
+    ({"optimizer.lr": -1.0}, "config.optimizer.lr=-1.0: must be a number > 0"),
+    ({"optimizer.b2": 1.0}, r"config.optimizer.b2=1.0: must be a number in \[0, 1\)"),
+    ({"optimizer.schedule": "linear"}, "config.optimizer.schedule='linear': allowed values"),
+    ({"optimizer.warmup_steps": 100}, "warmup_steps=100 exceeds config.num_steps=12"),
+    ({"model.n_heads": 3}, "not divisible by n_heads=3"),
+    ({"data.name": "text_files"}, "config.data.path: data.name='text_files' needs"),
+])
+def test_bad_config_values_raise_clear_errors(changes, match):
+    config = _tiny_config()
+    config.update_from_flattened_dict(changes)
+    with pytest.raises(ValueError, match=match):
+        training.validate_config(config)
+
+
+def test_unknown_and_missing_fields_raise_clear_errors():
+    config = _tiny_config()
+    config.unlock()
+    config.num_step = 5
+    with pytest.raises(ValueError, match="config.num_step: unknown config field"):
+        training.validate_config(config)
+    config = _tiny_config()
+    config.data.task = {"num_kv_pairs": 4}
+    with pytest.raises(ValueError, match="config.data.task.vocab_size: required"):
+        training.validate_config(config)
+
+
+@pytest.mark.parametrize("module", [ptb, mqar, books, tiny])
+@pytest.mark.parametrize("preset", ["transformer", "swa", "mamba", "hybrid", "bmojo_f", "bmojo"])
+def test_experiment_configs_are_valid(module, preset):
+    config = module.get_config(preset)
+    training.validate_config(config)
+    assert config.model_preset == preset
+
+
+def test_model_config_applies_overrides_to_the_preset():
+    config = _tiny_config()
+    assert training.model_config(config, 64).pattern == "B"
+    config.model_preset = "bmojo_f"
+    config.model.update(eidetic_per_chunk=None, eidetic_slots=None)
+    model = training.model_config(config, 99)
+    assert (model.pattern, model.eidetic_slots, model.d_model, model.vocab_size) == ("F", 0, 32, 99)
+
+
+def test_weight_decay_mask_excludes_vectors_and_ssm_dynamics():
+    model = LanguageModel(training.model_config(_tiny_config(), 64), rngs=nnx.Rngs(0))
+    mask = training.weight_decay_mask(nnx.split(model, nnx.Param)[1])
+    decays = {jax.tree_util.keystr(path): decay
+              for path, decay in jax.tree_util.tree_leaves_with_path(mask)}
+    for name in ("A_log", "dt_bias", "['D']", "scale", "bias"):
+        assert not any(decay for path, decay in decays.items() if name in path), name
+    for name in ("embedding", "wq", "in_proj", "['mlp']"):
+        assert all(decay for path, decay in decays.items() if name in path), name
+
+
+def test_learning_rate_schedule():
+    config = _tiny_config()
+    config.optimizer.update(lr=1.0, warmup_steps=2, min_lr_ratio=0.1)
+    schedule = training.learning_rate_schedule(config)
+    assert [float(schedule(s)) for s in (0, 1, 2)] == pytest.approx([0.0, 0.5, 1.0])
+    assert float(schedule(STEPS)) == pytest.approx(0.1)
+    config.optimizer.schedule = "constant"
+    assert float(training.learning_rate_schedule(config)(STEPS)) == pytest.approx(1.0)
+
+
+def test_synthetic_batches_are_a_function_of_the_step():
+    config = _tiny_config(batch_size=100)  # 256 examples: step 2 crosses into the second epoch
+    first, second = training.load_data(config), training.load_data(config)
+    for step in (0, 2, 7):
+        np.testing.assert_array_equal(first.train_batch(step)[0], second.train_batch(step)[0])
+    epoch = np.concatenate([first.train_batch(0)[0], first.train_batch(1)[0],
+                            first.train_batch(2)[0][:56]])
+    np.testing.assert_array_equal(np.unique(epoch, axis=0), np.unique(first.train[0], axis=0))
+
+
+def test_token_nll_is_masked_cross_entropy():
+    logits = jax.random.normal(jax.random.PRNGKey(0), (2, 3, 5))
+    targets = np.array([[1, -100, 4], [-100, -100, 0]], np.int32)
+    nll, mask = training.token_nll(logits, targets)
+    log_p = np.asarray(jax.nn.log_softmax(logits))
+    expected = np.array([[-log_p[0, 0, 1], 0, -log_p[0, 2, 4]], [0, 0, -log_p[1, 2, 0]]])
+    np.testing.assert_allclose(np.asarray(nll), expected, rtol=1e-6)
+    np.testing.assert_array_equal(np.asarray(mask), targets != -100)
+
+
+def test_sample_keeps_the_prompt_and_is_seeded():
+    model = LanguageModel(ModelConfig.preset("transformer", vocab_size=64, d_model=32, n_heads=2,
+                                             n_layers=1), rngs=nnx.Rngs(0))
+    prompt = np.array([[1, 2, 3], [4, 5, 6]], np.int32)
+    out = sample(model, prompt, 5, temperature=1.0, top_k=8, seed=3)
+    assert out.shape == (2, 8) and out.dtype == np.int32 and (out < 64).all()
+    np.testing.assert_array_equal(out[:, :3], prompt)
+    np.testing.assert_array_equal(out, sample(model, prompt, 5, temperature=1.0, top_k=8, seed=3))
+    greedy = sample(model, prompt, 1, temperature=0.0)
+    np.testing.assert_array_equal(greedy[:, 3], np.asarray(model(prompt))[:, -1].argmax(-1))
+    with pytest.raises(ValueError, match="top_k=0"):
+        sample(model, prompt, 1, top_k=0)
+
+
+@pytest.mark.slow
+def test_command_line_train_then_evaluate(tmp_path):
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True,
+                              cwd=Path(__file__).parents[1], timeout=300)
+
+    bad = cli("experiments.train", "--config=experiments/configs/tiny.py:mamba",
+              f"--workdir={tmp_path}", "--config.num_steps=0")
+    assert bad.returncode == 1 and "error: config.num_steps=0: must be an integer >= 1" in bad.stderr
+    done = cli("experiments.train", "--config=experiments/configs/tiny.py:mamba",
+               f"--workdir={tmp_path}", "--config.num_steps=4", "--config.optimizer.warmup_steps=1",
+               "--config.model.d_model=16", "--config.model.n_heads=1")
+    assert done.returncode == 0, done.stderr
+    assert training.model_config(ml_collections.ConfigDict(
+        json.loads((tmp_path / "config.json").read_text())["config"]), 64).d_model == 16
+    evaluated = cli("experiments.evaluate", f"--workdir={tmp_path}", "--split=valid")
+    assert evaluated.returncode == 0, evaluated.stderr
+    result = json.loads(evaluated.stdout.strip().splitlines()[-1])
+    assert result["step"] == 4 and 0 <= result["accuracy"] <= 1
