@@ -50,7 +50,7 @@ from bmojo_jax import data as data_lib
 from bmojo_jax import sharding as sharding_lib
 from bmojo_jax.config import PRESET_PATTERNS, ModelConfig
 from bmojo_jax.model import LanguageModel, count_params
-from bmojo_jax.sampling import sample
+from bmojo_jax.generation import generate
 
 __all__ = ["default_config", "validate_config", "model_config", "load_data", "lm_loss",
            "token_nll", "learning_rate_schedule", "weight_decay_mask", "make_optimizer",
@@ -673,10 +673,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> dict:
     if isinstance(data, TextData) and config.sample.max_new_tokens:
         prompt = data.corpus.encode(config.sample.prompt)[None]
         params = jax.device_put(params, sharding_lib.replicated(mesh))  # readable on every host
-        tokens = sample(nnx.merge(graphdef, params), prompt, config.sample.max_new_tokens,
-                        temperature=config.sample.temperature, top_k=config.sample.top_k or None,
-                        seed=config.seed)
-        results["sample"] = data.corpus.decode(tokens[0])
+        tokens = generate(nnx.merge(graphdef, params), prompt, config.sample.max_new_tokens,
+                          temperature=config.sample.temperature,
+                          top_k=config.sample.top_k or None, seed=config.seed)
+        results["sample"] = data.corpus.decode(np.concatenate([prompt[0], tokens[0]]))
         tqdm.write(f"sample: {results['sample']}")
     return results
 

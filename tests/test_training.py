@@ -19,7 +19,6 @@ import pytest
 from flax import nnx
 
 from bmojo_jax import LanguageModel, ModelConfig, training
-from bmojo_jax.sampling import sample
 from experiments.configs import books, mqar, ptb, tiny
 
 STEPS, EVERY = 12, 6
@@ -210,20 +209,6 @@ def test_token_nll_is_masked_cross_entropy():
     expected = np.array([[-log_p[0, 0, 1], 0, -log_p[0, 2, 4]], [0, 0, -log_p[1, 2, 0]]])
     np.testing.assert_allclose(np.asarray(nll), expected, rtol=1e-6)
     np.testing.assert_array_equal(np.asarray(mask), targets != -100)
-
-
-def test_sample_keeps_the_prompt_and_is_seeded():
-    model = LanguageModel(ModelConfig.preset("transformer", vocab_size=64, d_model=32, n_heads=2,
-                                             n_layers=1), rngs=nnx.Rngs(0))
-    prompt = np.array([[1, 2, 3], [4, 5, 6]], np.int32)
-    out = sample(model, prompt, 5, temperature=1.0, top_k=8, seed=3)
-    assert out.shape == (2, 8) and out.dtype == np.int32 and (out < 64).all()
-    np.testing.assert_array_equal(out[:, :3], prompt)
-    np.testing.assert_array_equal(out, sample(model, prompt, 5, temperature=1.0, top_k=8, seed=3))
-    greedy = sample(model, prompt, 1, temperature=0.0)
-    np.testing.assert_array_equal(greedy[:, 3], np.asarray(model(prompt))[:, -1].argmax(-1))
-    with pytest.raises(ValueError, match="top_k=0"):
-        sample(model, prompt, 1, top_k=0)
 
 
 @pytest.mark.slow

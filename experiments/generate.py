@@ -1,0 +1,49 @@
+"""Samples text from a checkpoint of a training workdir, on the fixed-size streaming state
+(`bmojo_jax.generate`: parallel prefill of the prompt, then one decode step per token).
+
+    python -m experiments.generate --workdir=workdir/ptb_bmojo --prompt="the company said" \\
+        --max_new_tokens=50 --temperature=0.8 --top_k=40 --seed=0
+"""
+
+import sys
+
+import ml_collections
+import numpy as np
+from absl import app, flags, logging
+from flax import nnx
+
+import bmojo_jax
+from bmojo_jax import training
+from bmojo_jax.data import MissingDataError
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir holding checkpoints/.")
+_STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
+_PROMPT = flags.DEFINE_string("prompt", "the", "Text to continue (tokenized as in training).")
+_MAX_NEW_TOKENS = flags.DEFINE_integer("max_new_tokens", 50, "Tokens to generate.")
+_TEMPERATURE = flags.DEFINE_float("temperature", 0.8, "Softmax temperature; 0 = greedy.")
+_TOP_K = flags.DEFINE_integer("top_k", 40, "Sample among the k most likely tokens (0: all).")
+_SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
+flags.mark_flag_as_required("workdir")
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    logging.set_verbosity(logging.WARNING)
+    try:
+        meta, model_cfg, params = training.load_checkpoint(_WORKDIR.value, _STEP.value)
+        data = training.load_data(ml_collections.ConfigDict(meta["config"]))
+        if not isinstance(data, training.TextData):
+            raise ValueError("generate needs a checkpoint trained on a text corpus.")
+        graphdef = nnx.split(bmojo_jax.LanguageModel(model_cfg, rngs=nnx.Rngs(0)))[0]
+        prompt = data.corpus.encode(_PROMPT.value)[None]
+        new = bmojo_jax.generate(nnx.merge(graphdef, params), prompt, _MAX_NEW_TOKENS.value,
+                                 temperature=_TEMPERATURE.value, top_k=_TOP_K.value or None,
+                                 seed=_SEED.value)
+    except (ValueError, FileNotFoundError, MissingDataError, training.CheckpointError) as e:
+        sys.exit(f"error: {e}")
+    print(data.corpus.decode(np.concatenate([prompt[0], new[0]])))
+
+
+if __name__ == "__main__":
+    app.run(main)
