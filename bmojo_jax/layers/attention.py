@@ -96,7 +96,7 @@ class MemoryAttention(nnx.Module):
         """Parallel forward over x [b, t, d_model] that also returns the streaming state after the
         last token (see `init_state`; `max_length` sizes a full-attention cache, default t)."""
         b, t, d = x.shape
-        positions = jnp.arange(t)
+        positions = np.arange(t)  # static: RoPE tables become constants (ops.rope)
         q, k, v = self._qkv(x, positions)
         state = {"k": _ring(k, self._cache_length(max_length or t)),
                  "v": _ring(v, self._cache_length(max_length or t))}

@@ -80,8 +80,22 @@ class SSM(nnx.Module):
         z, xbc, dt = jnp.split(self.in_proj(x), self.splits, axis=-1)
         width = self.conv.kernel.shape[0] - 1
         conv_state = jnp.pad(xbc, [(0, 0), (width, 0), (0, 0)])[:, xbc.shape[1]:]
-        y, h_last = self._mix(z, jax.nn.silu(self.conv(xbc)), dt, None, self.implementation)
+        xbc_conv = jax.nn.silu(self._causal_conv(xbc))
+        y, h_last = self._mix(z, xbc_conv, dt, None, self.implementation)
         return y.astype(x.dtype), {"conv": conv_state.astype(jnp.float32), "ssm": h_last}
+
+    def _causal_conv(self, x):
+        """The causal depthwise convolution of `self.conv` on x [b, t, channels], as d_conv shifted
+        multiply-adds. Same result as `self.conv(x)`; XLA:CPU runs a grouped (depthwise) convolution
+        as a dense one (channels times the work): 9x slower fwd+bwd at [4, 2048, 544]."""
+        dtype = self.conv.dtype or x.dtype
+        kernel = self.conv.kernel[...][:, 0, :].astype(dtype)  # [d_conv, channels]
+        width, t = kernel.shape[0] - 1, x.shape[1]
+        padded = jnp.pad(x.astype(dtype), [(0, 0), (width, 0), (0, 0)])
+        out = self.conv.bias[...].astype(dtype)
+        for i in range(width + 1):
+            out = out + padded[:, i:i + t] * kernel[i]
+        return out
 
     def step(self, x, state, position=None):
         """One token: x [b, d_model], state -> (y [b, d_model], next state). `position` is unused
