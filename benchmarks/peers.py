@@ -1,0 +1,255 @@
+"""Our training step side by side with public implementations, at one set of shapes.
+
+    python -m benchmarks.peers [--rounds=7] [--presets=transformer,mamba,bmojo,...] [--peers=...]
+        [--venv_root=.peer_venvs] [--out=results/peers]
+
+Shapes: 2 layers, d_model 128, context 1024, batch 8, vocab 8192 (flags). One training step =
+forward, next-token cross-entropy, backward, AdamW update (lr 1e-3, betas 0.9/0.95, weight decay
+0.1), as in `benchmarks.train_throughput`. Peers, each installed from PyPI into its own virtual
+environment under --venv_root (created on first use, reused after), each run by that venv's python
+with a driver from `benchmarks/peer_drivers/`:
+
+    mamba2-jax        `mamba2-jax` (JAX / Flax NNX Mamba-2), chunk 64 (ours) and 256 (its default)
+    griffin, hawk     `recurrentgemma[jax]` (DeepMind's Griffin: RG-LRU + local attention; Hawk:
+                      RG-LRU only), Flax linen
+    torch-sdpa        a causal Transformer written here in PyTorch (CPU wheel torch==2.13.0),
+                      attention by F.scaled_dot_product_attention(is_causal=True), eager
+
+Every driver compiles (JAX) and warms up once, then waits on stdin; this script interleaves all
+variants, ours in-process and the peers' through their pipes, one training step each per round,
+and reports the median and spread (min, max) of tokens/s over rounds. A peer that cannot be
+installed or run gets a row saying why. Writes OUT.json and OUT.md.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+import venv
+
+import numpy as np
+from absl import app, flags
+
+flags.DEFINE_list("presets", ["transformer", "swa", "mamba", "hybrid", "bmojo_f", "bmojo"],
+                  "Our presets.")
+flags.DEFINE_list("peers", ["mamba2-jax", "mamba2-jax-chunk256", "griffin", "hawk",
+                            "torch-sdpa"], "Peers (see the module docstring).")
+flags.DEFINE_integer("rounds", 7, "Interleaved rounds (one step per variant per round).")
+flags.DEFINE_integer("n_layers", 2, "Layers.")
+flags.DEFINE_integer("d_model", 128, "Model width.")
+flags.DEFINE_integer("context", 1024, "Context length (tokens).")
+flags.DEFINE_integer("batch_size", 8, "Sequences per step.")
+flags.DEFINE_integer("vocab_size", 8192, "Vocabulary size.")
+flags.DEFINE_string("venv_root", ".peer_venvs", "Where the peers' virtual environments live.")
+flags.DEFINE_string("out", "results/peers", "Output path prefix.")
+FLAGS = flags.FLAGS
+
+DRIVERS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "peer_drivers")
+
+# name: (venv, pip requirements, driver, --variant, what it is)
+PEERS = {
+    "mamba2-jax": ("mamba2_jax", ["mamba2-jax==1.1.2"], "mamba2_jax_driver.py", "64",
+                   "mamba2-jax 1.1.2 Mamba2ForCausalLM, chunk 64"),
+    "mamba2-jax-chunk256": ("mamba2_jax", ["mamba2-jax==1.1.2"], "mamba2_jax_driver.py", "256",
+                            "mamba2-jax 1.1.2 Mamba2ForCausalLM, chunk 256 (its default)"),
+    "griffin": ("recurrentgemma", ["recurrentgemma[jax]==1.0.1"], "recurrentgemma_driver.py",
+                "griffin", "recurrentgemma 1.0.1 Griffin, blocks (RG-LRU, local attention)"),
+    "hawk": ("recurrentgemma", ["recurrentgemma[jax]==1.0.1"], "recurrentgemma_driver.py", "hawk",
+             "recurrentgemma 1.0.1 Griffin, blocks (RG-LRU, RG-LRU) = Hawk"),
+    "torch-sdpa": ("torch", ["torch==2.13.0", "numpy"], "torch_sdpa_driver.py", "",
+                   "PyTorch 2.13 CPU causal Transformer, F.scaled_dot_product_attention, eager"),
+}
+
+
+class PeerError(RuntimeError):
+    pass
+
+
+def ensure_venv(name: str, requirements: list[str]) -> str:
+    """Python of the peer's venv, created and pip-installed on first use."""
+    root = os.path.abspath(FLAGS.venv_root)
+    path = os.path.join(root, name)
+    python = os.path.join(path, "bin", "python")
+    marker = os.path.join(path, ".installed")
+    wanted = " ".join(requirements)
+    if os.path.exists(marker) and open(marker).read() == wanted:
+        return python
+    print(f"installing {wanted} into {path} ...", flush=True)
+    venv.create(path, with_pip=True, clear=True)
+    result = subprocess.run([python, "-m", "pip", "install", "-q", *requirements],
+                            capture_output=True, text=True)
+    if result.returncode:
+        raise PeerError(f"pip install {wanted} failed: " + _last_line(result.stderr))
+    with open(marker, "w") as f:
+        f.write(wanted)
+    return python
+
+
+def _last_line(text: str) -> str:
+    lines = [line for line in text.strip().splitlines() if line.strip()]
+    return lines[-1][:300] if lines else "(no output)"
+
+
+class PeerProcess:
+    """A driver subprocess that runs one timed step per request (see peer_drivers/__init__)."""
+
+    def __init__(self, name: str):
+        venv_name, requirements, driver, variant, self.description = PEERS[name]
+        python = ensure_venv(venv_name, requirements)
+        command = [python, os.path.join(DRIVERS, driver), f"--layers={FLAGS.n_layers}",
+                   f"--d_model={FLAGS.d_model}", f"--context={FLAGS.context}",
+                   f"--batch={FLAGS.batch_size}", f"--vocab={FLAGS.vocab_size}",
+                   f"--variant={variant}"]
+        self.stderr = open(_stderr_path(name), "w")
+        self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                        stderr=self.stderr, text=True, bufsize=1)
+        self.info = self._read()
+        if not self.info.get("ready"):
+            raise PeerError(f"driver did not start: {self.info}")
+
+    def _read(self) -> dict:
+        line = self.process.stdout.readline()
+        if not line:
+            self.process.wait()
+            self.stderr.flush()
+            with open(self.stderr.name) as f:
+                raise PeerError(f"driver exited ({self.process.returncode}): "
+                                + _last_line(f.read()))
+        return json.loads(line)
+
+    def step(self) -> float:
+        self.process.stdin.write("step\n")
+        self.process.stdin.flush()
+        return float(self._read()["seconds"])
+
+    def close(self):
+        try:
+            self.process.stdin.write("quit\n")
+            self.process.stdin.flush()
+            self.process.wait(timeout=60)
+        except (OSError, subprocess.TimeoutExpired):
+            self.process.kill()
+        self.stderr.close()
+
+
+def _stderr_path(name: str) -> str:
+    os.makedirs(os.path.abspath(FLAGS.venv_root), exist_ok=True)
+    return os.path.join(os.path.abspath(FLAGS.venv_root), f"{name}.stderr.log")
+
+
+class OurPreset:
+    """One of our presets, compiled in this process (benchmarks.train_throughput.compile_step)."""
+
+    def __init__(self, preset: str):
+        import bmojo_jax as bj
+        from benchmarks import train_step as tt
+        config = bj.ModelConfig.preset(preset, d_model=FLAGS.d_model, n_layers=FLAGS.n_layers,
+                                       n_heads=4, window=64, vocab_size=FLAGS.vocab_size,
+                                       implementation="xla")
+        self.compiled, self.state = tt.compile_step(config, FLAGS.batch_size, FLAGS.context)
+        self.run = tt.run_step
+        self.run(self.compiled, self.state)  # warm-up
+        self.description = (f"bmojo_jax `{preset}` preset (layers {config.layer_mixers}), "
+                            f"implementation xla")
+        self.info = dict(params=self.state[3])
+
+    def step(self) -> float:
+        start = time.perf_counter()
+        self.run(self.compiled, self.state)
+        return time.perf_counter() - start
+
+    def close(self):
+        pass
+
+
+def main(argv):
+    del argv
+    import jax
+    load_before = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    variants, failures = {}, {}
+    for preset in FLAGS.presets:
+        variants[f"ours: {preset}"] = OurPreset(preset)
+        print(f"ready: ours {preset}", flush=True)
+    for name in FLAGS.peers:
+        try:
+            variants[name] = PeerProcess(name)
+            print(f"ready: {name} {variants[name].info}", flush=True)
+        except (PeerError, OSError, ValueError) as error:
+            failures[name] = str(error)
+            print(f"peer {name} unavailable: {error}", flush=True)
+    times = {name: [] for name in variants}
+    tokens = FLAGS.batch_size * FLAGS.context
+    try:
+        for r in range(FLAGS.rounds):
+            for name, variant in variants.items():
+                try:
+                    times[name].append(variant.step())
+                except (PeerError, OSError, ValueError) as error:
+                    failures[name] = f"failed during timing: {error}"
+            print(f"round {r + 1}/{FLAGS.rounds} done", flush=True)
+    finally:
+        for variant in variants.values():
+            variant.close()
+    rows = []
+    for name, variant in variants.items():
+        if name in failures or not times[name]:
+            continue
+        t = np.asarray(times[name])
+        rows.append(dict(name=name, what=variant.description, params=variant.info.get("params"),
+                         info={k: v for k, v in variant.info.items() if k != "ready"},
+                         tokens_per_s=tokens / float(np.median(t)),
+                         tokens_per_s_min=tokens / float(t.max()),
+                         tokens_per_s_max=tokens / float(t.min()), rounds=len(t)))
+    for name, reason in failures.items():
+        rows = [r for r in rows if r["name"] != name]
+        rows.append(dict(name=name, what=PEERS.get(name, ("",) * 5)[4], unavailable=reason))
+    ref = {r["name"]: r["tokens_per_s"] for r in rows if "tokens_per_s" in r}
+    meta = dict(
+        command="python -m benchmarks.peers " + " ".join(
+            f"--{n}={','.join(v) if isinstance(v, list) else v}"
+            for n in ("presets", "peers", "rounds", "n_layers", "d_model", "context",
+                      "batch_size", "vocab_size") for v in [FLAGS[n].value]),
+        machine=f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+                f"jax {jax.__version__} on {jax.default_backend()}",
+        load_average_before=load_before,
+        load_average_after=" ".join(f"{x:.2f}" for x in os.getloadavg()))
+    os.makedirs(os.path.dirname(FLAGS.out) or ".", exist_ok=True)
+    with open(FLAGS.out + ".json", "w") as f:
+        json.dump(dict(meta, tokens_per_step=tokens, rows=rows), f, indent=1)
+    text = markdown(meta, rows, ref)
+    with open(FLAGS.out + ".md", "w") as f:
+        f.write(text)
+    print(text)
+
+
+def markdown(meta, rows, ref) -> str:
+    lines = [
+        "# Training step vs public implementations\n",
+        f"Command: `{meta['command']}`  ",
+        f"Machine: {meta['machine']}; load average before: {meta['load_average_before']}, "
+        f"after: {meta['load_average_after']}  ",
+        f"Shapes: {FLAGS.n_layers} layers, d_model {FLAGS.d_model}, context {FLAGS.context}, "
+        f"batch {FLAGS.batch_size}, vocab {FLAGS.vocab_size}; one step = forward + "
+        "cross-entropy + backward + AdamW. Tokens/s: median over interleaved rounds (min-max).\n",
+        "| variant | what | params | tokens/s | vs ours: bmojo | vs ours: mamba | "
+        "vs ours: transformer |",
+        "|---|---|---:|---|---:|---:|---:|"]
+    for r in rows:
+        if "unavailable" in r:
+            lines.append(f"| {r['name']} | {r['what']} | - | unavailable: {r['unavailable']} "
+                         "| - | - | - |")
+            continue
+        ratios = [f"{r['tokens_per_s'] / ref[k]:.2f}x" if k in ref else "-"
+                  for k in ("ours: bmojo", "ours: mamba", "ours: transformer")]
+        lines.append(f"| {r['name']} | {r['what']} | {r['params']:,} | {r['tokens_per_s']:.0f} "
+                     f"({r['tokens_per_s_min']:.0f}-{r['tokens_per_s_max']:.0f}) | "
+                     + " | ".join(ratios) + " |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(app.run(main))

@@ -1,0 +1,45 @@
+"""One jit-compiled training step (forward, next-token cross-entropy + aux loss, backward, AdamW),
+shared by `benchmarks.train_throughput` and `benchmarks.peers` (no flags here)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+import bmojo_jax as bj
+
+
+def compile_step(config: bj.ModelConfig, batch: int, context: int, seed: int = 0):
+    """Builds the model and AdamW, compiles one training step on [batch, context] tokens.
+
+    Returns (compiled, state): `compiled(params, opt_state, tokens) -> (params, opt_state, loss)`
+    with params and opt_state donated; state = [params, opt_state, tokens, n_params].
+    """
+    model = bj.LanguageModel(config, rngs=nnx.Rngs(seed))
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    optimizer = optax.adamw(1e-3, b1=0.9, b2=0.95, weight_decay=0.1)
+    opt_state = optimizer.init(params)
+    tokens = jax.random.randint(jax.random.PRNGKey(seed + 1), (batch, context + 1), 0,
+                                config.vocab_size, jnp.int32)
+
+    def loss_fn(params, tokens):
+        logits, aux_loss = nnx.merge(graphdef, params, rest).forward(tokens[:, :-1])
+        nll = optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:])
+        return jnp.mean(nll) + aux_loss
+
+    def train_step(params, opt_state, tokens):
+        loss, grads = jax.value_and_grad(loss_fn)(params, tokens)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    compiled = jax.jit(train_step, donate_argnums=(0, 1)).lower(params, opt_state, tokens).compile()
+    return compiled, [params, opt_state, tokens, bj.count_params(model)]
+
+
+def run_step(compiled, state):
+    """One training step in place on `state` (params and opt_state are donated)."""
+    state[0], state[1], loss = compiled(state[0], state[1], state[2])
+    jax.block_until_ready(loss)
+    return float(loss)

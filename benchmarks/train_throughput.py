@@ -1,0 +1,387 @@
+"""Training throughput, memory and model FLOPs utilisation vs context length, for every preset.
+
+    python -m benchmarks.train_throughput [--presets=transformer,bmojo] [--contexts=512,...,8192]
+        [--rounds=3] [--tokens_per_step=8192] [--growth_contexts=1024,...,8192] [--rss=true]
+        [--out=results/train_throughput]
+
+One training step = forward (`LanguageModel.forward(tokens)` -> logits, aux_loss), next-token
+cross-entropy + aux_loss, backward, and an optax AdamW update, all in one jit-compiled function
+(parameters and optimizer state donated). For each preset and context length T the batch is
+tokens_per_step // T sequences, so every step trains on the same number of tokens. Every variant is
+compiled once (`jit(...).lower(...).compile()`) and warmed up; then the variants run interleaved in
+rounds in this one process, and we report the median and the spread (min, max) over rounds.
+
+Per variant we record:
+  * tokens/s (tokens_per_step / median step time) and the ratio to `transformer` at the same T;
+  * compiled memory: `compiled.memory_analysis()` temp + argument + output bytes (argument and
+    output include the parameters and the AdamW state, which the donated buffers alias);
+  * peak RSS (`--rss`, at `--rss_contexts`): the peak resident set (Linux VmHWM) of a fresh
+    subprocess that builds, compiles and runs two steps of that one variant (the process's whole
+    footprint: Python, jaxlib, XLA's compiler, the executable and its buffers);
+  * model FLOPs utilisation (MFU): model FLOPs per step / step time / matmul peak. Model FLOPs are
+    counted analytically (`model_flops`): 2 per multiply-add of every matmul-like op, useful work
+    only (a query's visible keys: causal for full attention, window/fading/filled eidetic slots for
+    B'MOJO; the causal half of the SSD's intra-chunk products), training = 3 x forward. Elementwise
+    work (norms, softmax, RoPE, AdamW) is not counted. The peak is the f32 FLOP/s of a large
+    `jnp.dot` ([N, N] @ [N, N], N = --peak_size) timed in every round of the same run (median over
+    rounds of the best of 3). We also give XLA's own count, `compiled.cost_analysis()['flops']`
+    (executed work, masked entries included), as "XLA GFLOP/step" and "HFU".
+  * memory growth at a fixed batch of 1 sequence (`--growth_contexts`, compile only): the compiled
+    footprint vs T, to check that it grows linearly with the context.
+Writes OUT.json, OUT.md and OUT.png.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+
+import bmojo_jax as bj
+from benchmarks.train_step import compile_step, run_step
+
+flags.DEFINE_list("presets", list(bj.PRESETS), "Presets to measure.")
+flags.DEFINE_list("contexts", ["512", "1024", "2048", "4096", "8192"], "Context lengths (tokens).")
+flags.DEFINE_integer("tokens_per_step", 8192, "Tokens per training step (batch = this // context).")
+flags.DEFINE_integer("rounds", 3, "Interleaved timing rounds.")
+flags.DEFINE_integer("d_model", 256, "Model width.")
+flags.DEFINE_integer("n_layers", 4, "Layers.")
+flags.DEFINE_integer("n_heads", 4, "Attention heads.")
+flags.DEFINE_integer("window", 64, "Window / chunk of W, F, B layers (tokens).")
+flags.DEFINE_integer("vocab_size", 8192, "Vocabulary size.")
+flags.DEFINE_string("implementation", "xla", "Op implementation (ModelConfig.implementation).")
+flags.DEFINE_integer("peak_size", 2048, "N of the [N, N] @ [N, N] float32 matmul that sets the peak.")
+flags.DEFINE_list("growth_contexts", ["1024", "4096", "8192"],
+                  "Contexts of the batch-1 memory-growth sweep (compile only; empty to skip).")
+flags.DEFINE_bool("rss", True, "Measure peak RSS in one subprocess per variant.")
+flags.DEFINE_list("rss_contexts", ["1024", "8192"],
+                  "Contexts whose peak RSS is measured (one subprocess each; empty: all).")
+flags.DEFINE_string("rss_child", "", "Internal: PRESET:CONTEXT:BATCH, run one variant, print RSS.")
+flags.DEFINE_string("out", "results/train_throughput", "Output path prefix.")
+FLAGS = flags.FLAGS
+
+
+# ------------------------------------------------------------------------------ model and step
+
+
+def model_config(preset: str) -> bj.ModelConfig:
+    return bj.ModelConfig.preset(preset, d_model=FLAGS.d_model, n_layers=FLAGS.n_layers,
+                                 n_heads=FLAGS.n_heads, window=FLAGS.window,
+                                 vocab_size=FLAGS.vocab_size, implementation=FLAGS.implementation)
+
+
+def memory_bytes(compiled) -> dict:
+    m = compiled.memory_analysis()
+    out = dict(temp=int(m.temp_size_in_bytes), argument=int(m.argument_size_in_bytes),
+               output=int(m.output_size_in_bytes), alias=int(m.alias_size_in_bytes))
+    out["total"] = out["temp"] + out["argument"] + out["output"]
+    return out
+
+
+def xla_flops(compiled) -> float:
+    cost = compiled.cost_analysis()
+    if isinstance(cost, (list, tuple)):
+        cost = cost[0] if cost else {}
+    return float((cost or {}).get("flops", float("nan")))
+
+
+# ------------------------------------------------------------------------------ model FLOPs
+
+
+def _visible_keys(config: bj.ModelConfig, letter: str, t: int) -> float:
+    """Sum over the t queries of the number of keys each one reads (useful attention work)."""
+    i = np.arange(t)
+    if letter == "A":
+        return float(np.sum(i + 1))
+    w = config.window
+    count = np.minimum(i + 1, w)  # in-context window
+    if letter in "FB":
+        count = count + np.clip(i - w + 1, 0, w)  # fading keys j in [i-2w+1, i-w]
+    if letter == "B" and config.eidetic_per_chunk:
+        chunk = i // w
+        filled = np.minimum(config.eidetic_slots,
+                            config.eidetic_per_chunk * np.maximum(chunk - config.eidetic_lag + 1, 0))
+        count = count + filled
+    return float(np.sum(count))
+
+
+def _ssm_flops(config: bj.ModelConfig, inner: int, t: int) -> float:
+    d, n = config.d_model, config.d_state
+    heads = inner // config.ssm_head_dim
+    dt_width = heads if config.ssm_kind == "mamba2" else -(-d // 16)
+    flops = 2 * t * d * (2 * inner + 2 * n + dt_width)  # in_proj
+    flops += 2 * t * inner * d  # out_proj
+    flops += 2 * t * (inner + 2 * n) * config.d_conv  # depthwise conv
+    if config.ssm_kind == "mamba1":
+        flops += 2 * t * dt_width * inner  # dt_proj
+        return flops + 6 * t * inner * n  # state update and readout
+    q = min(config.chunk_size, t)
+    pairs = t * (q + 1) / 2  # causal (i, j) pairs inside chunks, per sequence
+    flops += 2 * pairs * n  # C_i . B_j
+    flops += 2 * pairs * inner  # weights @ (dt x)
+    flops += 2 * 2 * t * inner * n  # chunk states + their readout
+    return flops
+
+
+def model_flops(config: bj.ModelConfig, t: int) -> float:
+    """Training FLOPs of one sequence of t tokens: 3 x the forward's matmul-like work."""
+    d = config.d_model
+    forward = 2 * t * d * config.vocab_size  # LM head
+    for letter in config.layer_mixers:
+        forward += 2 * t * 3 * d * config.hidden_dim  # SwiGLU
+        if letter == "M":
+            forward += _ssm_flops(config, config.ssm_expand * d, t)
+            continue
+        forward += 2 * t * 4 * d * d  # q, k, v, o
+        forward += 2 * 2 * d * _visible_keys(config, letter, t)  # q.k and p.v
+        if letter in "FB":
+            forward += _ssm_flops(config, config.fading_expand * d, t)
+            forward += 2 * t * 2 * d * d  # fading keys and values
+        if letter == "B" and config.eidetic_per_chunk and config.innovation_predictor == "linear":
+            forward += 2 * t * d * d  # innovation predictor
+    return 3.0 * forward
+
+
+# ------------------------------------------------------------------------------ measurements
+
+
+def matmul_peak() -> tuple:
+    """(compiled, a, b) of the float32 [N, N] @ [N, N] matmul; FLOPs 2 N^3."""
+    n = FLAGS.peak_size
+    a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32)
+    b = jax.random.normal(jax.random.PRNGKey(1), (n, n), jnp.float32)
+    compiled = jax.jit(jnp.dot).lower(a, b).compile()
+    jax.block_until_ready(compiled(a, b))
+    return compiled, a, b
+
+
+def time_peak(peak) -> float:
+    compiled, a, b = peak
+    best = float("inf")
+    for _ in range(3):
+        start = time.perf_counter()
+        jax.block_until_ready(compiled(a, b))
+        best = min(best, time.perf_counter() - start)
+    return 2.0 * a.shape[0] ** 3 / best
+
+
+def rss_child(spec: str):
+    """Runs one variant (two steps) in this fresh process and prints its peak RSS as JSON."""
+    preset, context, batch = spec.split(":")
+    compiled, state = compile_step(model_config(preset), int(batch), int(context))
+    run_step(compiled, state)
+    run_step(compiled, state)
+    print(json.dumps(dict(rss_bytes=peak_rss_bytes())))
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident set size. Linux: VmHWM, which starts afresh at exec (unlike
+    getrusage's ru_maxrss, which a child inherits from the parent's RSS at fork); else ru_maxrss."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def measure_rss(preset: str, context: int, batch: int) -> float:
+    flag_names = ("d_model", "n_layers", "n_heads", "window", "vocab_size", "implementation")
+    command = [sys.executable, "-m", "benchmarks.train_throughput",
+               f"--rss_child={preset}:{context}:{batch}"]
+    command += [f"--{name}={FLAGS[name].value}" for name in flag_names]
+    try:
+        result = subprocess.run(command, capture_output=True, text=True, check=True, timeout=1800)
+        return float(json.loads(result.stdout.strip().splitlines()[-1])["rss_bytes"])
+    except (subprocess.SubprocessError, ValueError, IndexError, KeyError) as error:
+        print(f"RSS of {preset} at {context} failed: {error}", file=sys.stderr)
+        return float("nan")
+
+
+def load_average() -> str:
+    try:
+        return " ".join(f"{x:.2f}" for x in os.getloadavg())
+    except OSError:
+        return "n/a"
+
+
+# ------------------------------------------------------------------------------ main
+
+
+def main(argv):
+    del argv
+    if FLAGS.rss_child:
+        rss_child(FLAGS.rss_child)
+        return
+    contexts = [int(c) for c in FLAGS.contexts]
+    started = time.time()
+    load_before = load_average()
+    variants, params = {}, {}
+    for preset in FLAGS.presets:
+        config = model_config(preset)
+        for context in contexts:
+            batch = max(FLAGS.tokens_per_step // context, 1)
+            t0 = time.perf_counter()
+            compiled, state = compile_step(config, batch, context)
+            compile_s = time.perf_counter() - t0
+            run_step(compiled, state)  # warm-up
+            params[preset] = state[3]
+            variants[preset, context] = dict(
+                compiled=compiled, state=state, batch=batch, compile_s=compile_s,
+                memory=memory_bytes(compiled), xla_flops=xla_flops(compiled),
+                model_flops=batch * model_flops(config, context))
+            print(f"compiled {preset} T={context} b={batch} in {compile_s:.1f}s", flush=True)
+    peak = matmul_peak()
+    times = {key: [] for key in variants}
+    peaks = []
+    for r in range(FLAGS.rounds):
+        peaks.append(time_peak(peak))
+        for key, variant in variants.items():
+            start = time.perf_counter()
+            run_step(variant["compiled"], variant["state"])
+            times[key].append(time.perf_counter() - start)
+        print(f"round {r + 1}/{FLAGS.rounds} done, peak {peaks[-1] / 1e9:.1f} GFLOP/s, "
+              f"load {load_average()}", flush=True)
+    peaks.append(time_peak(peak))
+    peak_flops = float(np.median(peaks))
+    load_after = load_average()
+
+    rows = []
+    for (preset, context), variant in variants.items():
+        step = float(np.median(times[preset, context]))
+        tokens = variant["batch"] * context
+        rows.append(dict(
+            preset=preset, context=context, batch=variant["batch"], params=params[preset],
+            step_s_median=step, step_s_min=float(np.min(times[preset, context])),
+            step_s_max=float(np.max(times[preset, context])),
+            tokens_per_s=tokens / step,
+            tokens_per_s_min=tokens / float(np.max(times[preset, context])),
+            tokens_per_s_max=tokens / float(np.min(times[preset, context])),
+            compile_s=variant["compile_s"], memory=variant["memory"],
+            model_gflop_per_step=variant["model_flops"] / 1e9,
+            xla_gflop_per_step=variant["xla_flops"] / 1e9,
+            mfu=variant["model_flops"] / step / peak_flops,
+            hfu=variant["xla_flops"] / step / peak_flops))
+    base = {r["context"]: r["tokens_per_s"] for r in rows if r["preset"] == "transformer"}
+    for r in rows:
+        r["vs_transformer"] = r["tokens_per_s"] / base[r["context"]] if r["context"] in base \
+            else None
+    del variants  # free the compiled executables and buffers before the subprocesses
+
+    if FLAGS.rss:
+        for r in rows:
+            if FLAGS.rss_contexts and str(r["context"]) not in FLAGS.rss_contexts:
+                continue
+            r["peak_rss_bytes"] = measure_rss(r["preset"], r["context"], r["batch"])
+            print(f"RSS {r['preset']} T={r['context']}: {r['peak_rss_bytes'] / 2**30:.2f} GiB",
+                  flush=True)
+
+    growth = []
+    for preset in FLAGS.presets if FLAGS.growth_contexts else []:
+        for context in [int(c) for c in FLAGS.growth_contexts]:
+            compiled, state = compile_step(model_config(preset), 1, context)
+            growth.append(dict(preset=preset, context=context, batch=1,
+                               memory=memory_bytes(compiled)))
+            del compiled, state
+        print(f"memory growth {preset} done", flush=True)
+
+    meta = dict(
+        command="python -m benchmarks.train_throughput " + " ".join(
+            f"--{name}={','.join(v) if isinstance(v, list) else v}"
+            for name in ("presets", "contexts", "tokens_per_step", "rounds", "d_model", "n_layers",
+                         "n_heads", "window", "vocab_size", "implementation", "peak_size",
+                         "growth_contexts", "rss", "rss_contexts")
+            for v in [FLAGS[name].value]),
+        machine=f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+                f"jax {jax.__version__} on {jax.default_backend()}",
+        load_average_before=load_before, load_average_after=load_after,
+        peak_gflops_median=peak_flops / 1e9, peak_gflops_rounds=[p / 1e9 for p in peaks],
+        wall_s=time.time() - started,
+        flops_note="model FLOPs analytic (useful matmul work, training = 3 x forward); "
+                   "XLA FLOPs from compiled.cost_analysis()['flops']")
+    os.makedirs(os.path.dirname(FLAGS.out) or ".", exist_ok=True)
+    with open(FLAGS.out + ".json", "w") as f:
+        json.dump(dict(meta, rows=rows, growth=growth), f, indent=1)
+    text = markdown(meta, rows, growth)
+    with open(FLAGS.out + ".md", "w") as f:
+        f.write(text)
+    print(text)
+    plot(rows, growth, FLAGS.out + ".png")
+
+
+def markdown(meta, rows, growth) -> str:
+    mib = 2 ** 20
+    lines = [
+        "# Training throughput, memory and MFU vs context\n",
+        f"Command: `{meta['command']}`  ",
+        f"Machine: {meta['machine']}; load average (1, 5, 15 min) before: "
+        f"{meta['load_average_before']}, after: {meta['load_average_after']}  ",
+        f"Matmul peak (f32 [{FLAGS.peak_size}]^2 @ [{FLAGS.peak_size}]^2, median over rounds): "
+        f"{meta['peak_gflops_median']:.1f} GFLOP/s; wall time {meta['wall_s'] / 60:.1f} min\n",
+        "Tokens/s: median over rounds (min-max in brackets). Memory: compiled temp + argument + "
+        "output. MFU: analytic model FLOPs / time / matmul peak; HFU: XLA-counted FLOPs instead.\n",
+        "| preset | params | context | batch | tokens/s | vs transformer | compiled MiB | "
+        "peak RSS MiB | model GFLOP/step | XLA GFLOP/step | MFU | HFU |",
+        "|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        ratio = f"{r['vs_transformer']:.2f}x" if r["vs_transformer"] else "-"
+        rss = r.get("peak_rss_bytes")
+        rss = f"{rss / mib:.0f}" if rss is not None and np.isfinite(rss) else "-"
+        lines.append(
+            f"| {r['preset']} | {r['params']:,} | {r['context']} | {r['batch']} | "
+            f"{r['tokens_per_s']:.0f} ({r['tokens_per_s_min']:.0f}-{r['tokens_per_s_max']:.0f}) | "
+            f"{ratio} | {r['memory']['total'] / mib:.0f} | {rss} | "
+            f"{r['model_gflop_per_step']:.0f} | {r['xla_gflop_per_step']:.0f} | "
+            f"{100 * r['mfu']:.1f}% | {100 * r['hfu']:.1f}% |")
+    if growth:
+        contexts = sorted({g["context"] for g in growth})
+        lines += ["", "## Memory growth at batch 1 (compiled temp + argument + output, MiB)\n",
+                  "| preset | " + " | ".join(str(c) for c in contexts) +
+                  f" | {contexts[-1]} / {contexts[0]} |",
+                  "|---|" + "---:|" * (len(contexts) + 1)]
+        for preset in dict.fromkeys(g["preset"] for g in growth):
+            mem = {g["context"]: g["memory"]["total"] for g in growth if g["preset"] == preset}
+            lines.append(f"| {preset} | " + " | ".join(f"{mem[c] / mib:.0f}" for c in contexts) +
+                         f" | {mem[contexts[-1]] / mem[contexts[0]]:.2f}x |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows, growth, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(2, 2, figsize=(11, 8))
+    panels = [(axes[0, 0], lambda r: r["tokens_per_s"], "training tokens/s (median)"),
+              (axes[0, 1], lambda r: r["vs_transformer"] or np.nan, "tokens/s vs transformer"),
+              (axes[1, 0], lambda r: r["memory"]["total"] / 2**20,
+               "compiled memory, fixed tokens/step (MiB)"),
+              (axes[1, 1], lambda r: 100 * r["mfu"], "MFU (%)")]
+    for preset in dict.fromkeys(r["preset"] for r in rows):
+        mine = [r for r in rows if r["preset"] == preset]
+        for axis, value, _ in panels:
+            axis.plot([r["context"] for r in mine], [value(r) for r in mine], marker="o",
+                      label=preset)
+    for axis, _, label in panels:
+        axis.set_xscale("log", base=2)
+        axis.set_xlabel("context (tokens)")
+        axis.set_ylabel(label)
+        axis.grid(alpha=0.3)
+    axes[1, 0].set_yscale("log")
+    axes[0, 0].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    app.run(main)
