@@ -80,7 +80,7 @@ def mqar(vocab_size: int = 8192, *, input_seq_len: int, num_kv_pairs: int, num_e
                       dtype=np.int64).reshape(num_examples, k)
     context_len = 2 * k * p
     space = (t - context_len) // 2
-    gap_p = power_a * np.arange(1, space + 1) ** (power_a - 1)
+    gap_p = power_a * np.arange(1, space + 1, dtype=np.float64) ** (power_a - 1)
     gap_p /= gap_p.sum()
     gaps = np.array([rs.choice(space, k, replace=False, p=gap_p) for _ in range(num_examples)],
                     dtype=np.int64).reshape(num_examples, k)
