@@ -134,11 +134,7 @@ def _ssm_forward(ssm: SSM, x, shard: _Shard):
 
     # Total decay of the shard and the decay from its start to each token (log space: a * cumsum).
     b, t, _ = xbc.shape
-    _, _, C = jnp.split(xbc, (ssm.inner, ssm.inner + ssm.d_state), axis=-1)
-    if ssm.dt_proj is not None:
-        dt = ssm.dt_proj(dt)
-    dt = jax.nn.softplus(dt.astype(jnp.float32) + ssm.dt_bias[...])
-    a = -jnp.exp(ssm.A_log[...])
+    _, _, C, dt, a = ssm.dynamics(xbc, dt)
     cum = jnp.cumsum(dt, axis=1)  # [b, L, h] (mamba2) or [b, L, inner] (mamba1)
     C = C.astype(jnp.float32)
     if ssm.kind == "mamba2":

@@ -106,14 +106,20 @@ class SSM(nnx.Module):
         y, h = self._mix(z, jax.nn.silu(conv)[:, None], dt, state["ssm"], "reference")
         return y[:, 0].astype(x.dtype), {"conv": window[:, 1:], "ssm": h}
 
-    def _mix(self, z, xbc, dt, h0, implementation):
-        """Scan and gate: z, xbc, dt as split from in_proj ([b, t, ...]) -> (y [b, t, d_model], h)."""
-        b, t, _ = xbc.shape
+    def dynamics(self, xbc, dt):
+        """Scan inputs from the conv output xbc [b, t, inner + 2n] and the raw dt features:
+        (x [b, t, inner], B, C [b, t, n], dt float32 [b, t, heads or inner] after softplus,
+        a float32 [heads] or [inner, n], negative)."""
         xs, B, C = jnp.split(xbc, (self.inner, self.inner + self.d_state), axis=-1)
         if self.dt_proj is not None:
             dt = self.dt_proj(dt)
         dt = jax.nn.softplus(dt.astype(jnp.float32) + self.dt_bias[...])
-        a = -jnp.exp(self.A_log[...])
+        return xs, B, C, dt, -jnp.exp(self.A_log[...])
+
+    def _mix(self, z, xbc, dt, h0, implementation):
+        """Scan and gate: z, xbc, dt as split from in_proj ([b, t, ...]) -> (y [b, t, d_model], h)."""
+        b, t, _ = xbc.shape
+        xs, B, C, dt, a = self.dynamics(xbc, dt)
         if self.kind == "mamba2":
             y, h = ops.ssd(xs.reshape(b, t, self.n_heads, -1), dt, a, B, C, h0,
                            chunk_size=self.chunk_size, implementation=implementation)
