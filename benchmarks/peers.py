@@ -98,6 +98,8 @@ class PeerProcess:
     """A driver subprocess that runs one timed step per request (see peer_drivers/__init__)."""
 
     def __init__(self, name: str):
+        if name not in PEERS:
+            raise PeerError(f"unknown peer; choose from {', '.join(PEERS)}")
         venv_name, requirements, driver, variant, self.description = PEERS[name]
         python = ensure_venv(venv_name, requirements)
         command = [python, os.path.join(DRIVERS, driver), f"--layers={FLAGS.n_layers}",
@@ -212,7 +214,7 @@ def main(argv):
         command="python -m benchmarks.peers " + " ".join(
             f"--{n}={','.join(v) if isinstance(v, list) else v}"
             for n in ("presets", "peers", "rounds", "n_layers", "d_model", "context",
-                      "batch_size", "vocab_size") for v in [FLAGS[n].value]),
+                      "batch_size", "vocab_size", "out") for v in [FLAGS[n].value]),
         machine=f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
                 f"jax {jax.__version__} on {jax.default_backend()}",
         load_average_before=load_before,

@@ -301,7 +301,7 @@ def main(argv):
             f"--{name}={','.join(v) if isinstance(v, list) else v}"
             for name in ("presets", "contexts", "tokens_per_step", "rounds", "d_model", "n_layers",
                          "n_heads", "window", "vocab_size", "implementation", "peak_size",
-                         "growth_contexts", "rss", "rss_contexts")
+                         "growth_contexts", "rss", "rss_contexts", "out")
             for v in [FLAGS[name].value]),
         machine=f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
                 f"jax {jax.__version__} on {jax.default_backend()}",
