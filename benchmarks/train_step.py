@@ -1,5 +1,6 @@
 """One jit-compiled training step (forward, next-token cross-entropy + aux loss, backward, AdamW),
-shared by `benchmarks.train_throughput` and `benchmarks.peers` (no flags here)."""
+shared by `benchmarks.train_throughput` and `benchmarks.peers` (no flags here). The loss is the
+training loop's (`training.lm_loss`); the optimizer is plain AdamW, like the peers' steps."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import optax
 from flax import nnx
 
 import bmojo_jax as bj
+from bmojo_jax.training import lm_loss
 
 
 def compile_step(config: bj.ModelConfig, batch: int, context: int, seed: int = 0):
@@ -25,9 +27,7 @@ def compile_step(config: bj.ModelConfig, batch: int, context: int, seed: int = 0
                                 config.vocab_size, jnp.int32)
 
     def loss_fn(params, tokens):
-        logits, aux_loss = nnx.merge(graphdef, params, rest).forward(tokens[:, :-1])
-        nll = optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:])
-        return jnp.mean(nll) + aux_loss
+        return lm_loss(nnx.merge(graphdef, params, rest), tokens[:, :-1], tokens[:, 1:])[0]
 
     def train_step(params, opt_state, tokens):
         loss, grads = jax.value_and_grad(loss_fn)(params, tokens)

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from bmojo_jax import ops
 from bmojo_jax.config import ModelConfig
 from bmojo_jax.layers import SSM, MemoryAttention, SwiGLU
 
@@ -80,15 +81,51 @@ class LanguageModel(nnx.Module):
         """Logits [batch, time, vocab_size] float32 and the auxiliary loss (float32 scalar: the sum
         of the already-weighted `innovation_loss`es sown by B'MOJO layers; 0 without them)."""
         (logits, _), sown = nnx.capture(self._prefill, nnx.Intermediate)(tokens, None)
-        return logits, sum(jax.tree.leaves(sown), jnp.zeros((), jnp.float32))
+        return logits, _aux_loss(sown)
 
-    def _prefill(self, tokens, max_length):
+    def cross_entropy(self, tokens, targets):
+        """The training objective's terms without materialising the logits
+        (`ops.linear_cross_entropy`: the `xla` implementation unless config.implementation is
+        "reference"; our choice, for speed and memory).
+
+        Args:
+          tokens: int [batch, time] inputs, ids in [0, vocab_size).
+          targets: int [batch, time] next-token ids in [0, vocab_size), or negative (e.g.
+            `data.IGNORE_INDEX` = -100) where unlabelled.
+
+        Returns:
+          (ce, labelled, aux_loss): mean NLL over labelled targets (float32 nats; 0 if none), their
+          count (int32), and the auxiliary loss as in `forward`.
+
+        Raises:
+          ValueError: bad tokens, targets of another shape, or (when concrete) target ids >=
+            vocab_size.
+        """
+        if targets.shape != tokens.shape:
+            raise ValueError(f"targets {targets.shape} must have the shape of tokens {tokens.shape}.")
+        check_tokens(jnp.maximum(targets, 0), self.config.vocab_size)
+        (x, _), sown = nnx.capture(self._trunk, nnx.Intermediate)(tokens, None)
+        mask = targets >= 0
+        labelled = mask.sum(dtype=jnp.int32)
+        weights = mask.astype(jnp.float32) / jnp.maximum(labelled, 1)
+        head = self.embed.embedding[...] if self.head is None else self.head.kernel[...].T
+        ce = ops.linear_cross_entropy(
+            self.norm(x), head, jnp.where(mask, targets, 0), weights,
+            implementation="reference" if self.config.implementation == "reference" else "xla")
+        return ce, labelled, _aux_loss(sown)
+
+    def _trunk(self, tokens, max_length):
+        """Embedding and blocks: (features [b, t, d_model] before the final norm, layer states)."""
         check_tokens(tokens, self.config.vocab_size)
         x = self.embed(tokens)
         states = []
         for block in self.blocks:
             x, state = block.prefill(x, max_length)
             states.append(state)
+        return x, states
+
+    def _prefill(self, tokens, max_length):
+        x, states = self._trunk(tokens, max_length)
         return self._head(x), states
 
     def _head(self, x):
@@ -147,6 +184,11 @@ class LanguageModel(nnx.Module):
             x, state = block.step(x, state, position)
             states.append(state)
         return self._head(x), {"position": position + 1, "layers": states}
+
+
+def _aux_loss(sown) -> jax.Array:
+    """The sum of the (already weighted) losses that layers sow as `nnx.Intermediate`s."""
+    return sum(jax.tree.leaves(sown), jnp.zeros((), jnp.float32))
 
 
 def check_tokens(tokens, vocab_size: int):

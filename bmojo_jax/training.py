@@ -344,7 +344,8 @@ def token_nll(logits, targets):
 
 def lm_loss(model: LanguageModel, inputs, targets):
     """Training loss: mean cross-entropy over labelled targets plus the model's auxiliary loss (the
-    already-weighted innovation losses that B'MOJO layers sow; `LanguageModel.forward`).
+    already-weighted innovation losses that B'MOJO layers sow), via `LanguageModel.cross_entropy`
+    (the logits are never materialised).
 
     Args:
       model: a `LanguageModel`; inputs: int32 [b, t]; targets: int32 [b, t], -100 = ignored.
@@ -352,10 +353,7 @@ def lm_loss(model: LanguageModel, inputs, targets):
     Returns:
       (loss, metrics): float32 scalar; {"ce", "aux_loss", "tokens"} scalars (nats, nats, count).
     """
-    logits, aux = model.forward(inputs)
-    nll, mask = token_nll(logits, targets)
-    tokens = mask.sum()
-    ce = nll.sum() / jnp.maximum(tokens, 1)
+    ce, tokens, aux = model.cross_entropy(inputs, targets)
     return ce + aux, {"ce": ce, "aux_loss": aux, "tokens": tokens}
 
 

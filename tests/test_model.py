@@ -94,16 +94,22 @@ def test_window_longer_than_sequence_is_full_attention():
          tie_fading_kv=False, tie_embeddings=False),
 ], ids=["default", "variants"])
 def test_xla_matches_reference_logits_and_gradients(overrides):
-    x, y = tokens(4), tokens(5)
+    """The xla model's training loss (`cross_entropy`: fused head + loss) against the reference
+    model's logits and a plain masked log-softmax, with some targets unlabelled."""
+    x, y = tokens(4), tokens(5).at[:, ::4].set(-100)
 
     def loss_and_grads(implementation):
         model = bj.LanguageModel(config("bmojo", implementation=implementation, **overrides),
                                  rngs=nnx.Rngs(7))
 
         def loss(model):
+            if implementation == "xla":
+                ce, labelled, aux = model.cross_entropy(x, y)
+                assert int(labelled) == int(jnp.sum(y >= 0))
+                return ce + aux
             logits, aux = model.forward(x)
-            ce = -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), y[..., None], -1))
-            return ce + aux
+            logp = jnp.take_along_axis(jax.nn.log_softmax(logits), jnp.maximum(y, 0)[..., None], -1)
+            return -jnp.sum(jnp.where(y >= 0, logp[..., 0], 0)) / jnp.sum(y >= 0) + aux
 
         value, grads = nnx.value_and_grad(loss)(model)
         return value, nnx.state(grads, nnx.Param)
@@ -129,6 +135,10 @@ def test_bad_tokens(models):
         model(tokens().at[1, 0].set(-1))
     with pytest.raises(ValueError, match="integer \\[batch, time\\]"):
         model(jnp.zeros((T,), jnp.int32))
+    with pytest.raises(ValueError, match=r"token id 50 at position \(0, 2\)"):
+        model.cross_entropy(tokens(), tokens().at[0, 2].set(VOCAB))
+    with pytest.raises(ValueError, match="must have the shape of tokens"):
+        model.cross_entropy(tokens(), tokens()[:, 1:])
 
 
 def test_preset_parameter_counts_are_close():

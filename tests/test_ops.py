@@ -195,3 +195,42 @@ def test_attention_errors():
         ops.memory_attention(q, k, v, k_fading=kf, v_fading=vf)
     with pytest.raises(ValueError, match="memory_positions has shape"):
         ops.memory_attention(q, k, v, window=4, memory_positions=jnp.zeros((B, 2, 4), jnp.int32))
+
+
+def _cross_entropy_inputs(t, vocab=11):
+    k = keys(4, seed=5)
+    hidden = jax.random.normal(k[0], (B, t, E))
+    weight = jax.random.normal(k[1], (vocab, E))
+    targets = jax.random.randint(k[2], (B, t), 0, vocab)
+    weights = jax.random.uniform(k[3], (B, t)) * (jnp.arange(t) % 3 != 1)  # some tokens ignored
+    return hidden, weight, targets, weights
+
+
+@pytest.mark.parametrize("t,chunk_size", [(1, 4), (13, 1), (13, 6), (13, 64)])
+def test_linear_cross_entropy_matches_reference(t, chunk_size):
+    hidden, weight, targets, weights = _cross_entropy_inputs(t)
+
+    def run(impl):  # a non-linear use of the loss, so the cotangent is not 1
+        return lambda h, w, ws: jnp.sin(ops.linear_cross_entropy(
+            h, w, targets, ws, chunk_size=chunk_size, implementation=impl))
+
+    out, grads = vjp_all(run("xla"), (hidden, weight, weights))
+    ref_out, ref_grads = vjp_all(run("reference"), (hidden, weight, weights))
+    _assert_close(out, ref_out, FWD_TOL)
+    _assert_close(grads, ref_grads, GRAD_TOL)
+    plain = ops.linear_cross_entropy(hidden, weight, targets, weights, chunk_size=chunk_size)
+    reference = ops.linear_cross_entropy(hidden, weight, targets, weights,
+                                         implementation="reference")
+    _assert_close(plain, reference, FWD_TOL)  # the primal pass, without gradients
+
+
+def test_linear_cross_entropy_errors():
+    hidden, weight, targets, weights = _cross_entropy_inputs(5)
+    with pytest.raises(ValueError, match=r"weight must be \[vocab, 8\]"):
+        ops.linear_cross_entropy(hidden, weight.T, targets, weights)
+    with pytest.raises(ValueError, match="targets"):
+        ops.linear_cross_entropy(hidden, weight, targets[:, :2], weights)
+    with pytest.raises(ValueError, match="chunk_size=0"):
+        ops.linear_cross_entropy(hidden, weight, targets, weights, chunk_size=0)
+    with pytest.raises(ValueError, match="implementation='pallas'"):
+        ops.linear_cross_entropy(hidden, weight, targets, weights, implementation="pallas")
