@@ -1,6 +1,7 @@
 """One jit-compiled training step (forward, next-token cross-entropy + aux loss, backward, AdamW),
 shared by `benchmarks.train_throughput` and `benchmarks.peers` (no flags here). The loss is the
-training loop's (`training.lm_loss`); the optimizer is plain AdamW, like the peers' steps."""
+training loop's (`training.lm_loss`), and so are the XLA options (`training.compiler_options`); the
+optimizer is plain AdamW, like the peers' steps."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import optax
 from flax import nnx
 
 import bmojo_jax as bj
-from bmojo_jax.training import lm_loss
+from bmojo_jax.training import compiler_options, lm_loss
 
 
 def compile_step(config: bj.ModelConfig, batch: int, context: int, seed: int = 0):
@@ -34,7 +35,8 @@ def compile_step(config: bj.ModelConfig, batch: int, context: int, seed: int = 0
         updates, opt_state = optimizer.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss
 
-    compiled = jax.jit(train_step, donate_argnums=(0, 1)).lower(params, opt_state, tokens).compile()
+    compiled = jax.jit(train_step, donate_argnums=(0, 1), compiler_options=compiler_options()).lower(
+        params, opt_state, tokens).compile()
     return compiled, [params, opt_state, tokens, bj.count_params(model)]
 
 

@@ -1,12 +1,14 @@
 """Training throughput, memory and model FLOPs utilisation vs context length, for every preset.
 
     python -m benchmarks.train_throughput [--presets=transformer,bmojo] [--contexts=512,...,8192]
-        [--rounds=3] [--tokens_per_step=8192] [--growth_contexts=1024,...,8192] [--rss=true]
-        [--out=results/train_throughput]
+        [--rounds=3] [--tokens_per_step=8192] [--match_params=true]
+        [--growth_contexts=1024,...,8192] [--rss=true] [--out=results/train_throughput]
 
-One training step = forward (`LanguageModel.forward(tokens)` -> logits, aux_loss), next-token
-cross-entropy + aux_loss, backward, and an optax AdamW update, all in one jit-compiled function
-(parameters and optimizer state donated). For each preset and context length T the batch is
+One training step = the training loop's loss (`training.lm_loss`: forward, next-token cross-entropy
+fused with the LM head, + aux_loss), backward, and an optax AdamW update, all in one jit-compiled
+function (parameters and optimizer state donated). All presets share one parameter count: each
+preset's d_ff is set so that its non-embedding parameters match the `transformer`'s at the same
+d_model and n_layers (`--match_params`, default; the d_ff used is in the table). For each preset and context length T the batch is
 tokens_per_step // T sequences, so every step trains on the same number of tokens. Every variant is
 compiled once (`jit(...).lower(...).compile()`) and warmed up; then the variants run interleaved in
 rounds in this one process, and we report the median and the spread (min, max) over rounds.
@@ -59,6 +61,8 @@ flags.DEFINE_integer("n_heads", 4, "Attention heads.")
 flags.DEFINE_integer("window", 64, "Window / chunk of W, F, B layers (tokens).")
 flags.DEFINE_integer("vocab_size", 8192, "Vocabulary size.")
 flags.DEFINE_string("implementation", "xla", "Op implementation (ModelConfig.implementation).")
+flags.DEFINE_bool("match_params", True, "Set each preset's d_ff so that its non-embedding parameter "
+                  "count matches the transformer's (false: every preset at its default d_ff).")
 flags.DEFINE_integer("peak_size", 2048, "N of the [N, N] @ [N, N] float32 matmul that sets the peak.")
 flags.DEFINE_list("growth_contexts", ["1024", "4096", "8192"],
                   "Contexts of the batch-1 memory-growth sweep (compile only; empty to skip).")
@@ -74,9 +78,16 @@ FLAGS = flags.FLAGS
 
 
 def model_config(preset: str) -> bj.ModelConfig:
-    return bj.ModelConfig.preset(preset, d_model=FLAGS.d_model, n_layers=FLAGS.n_layers,
-                                 n_heads=FLAGS.n_heads, window=FLAGS.window,
-                                 vocab_size=FLAGS.vocab_size, implementation=FLAGS.implementation)
+    """The preset at the flags' size; with --match_params, its d_ff set so that its non-embedding
+    parameter count matches the `transformer`'s at that size (`bj.match_d_ff`)."""
+    def at_size(name):
+        return bj.ModelConfig.preset(name, d_model=FLAGS.d_model, n_layers=FLAGS.n_layers,
+                                     n_heads=FLAGS.n_heads, window=FLAGS.window,
+                                     vocab_size=FLAGS.vocab_size,
+                                     implementation=FLAGS.implementation)
+    if not FLAGS.match_params:
+        return at_size(preset)
+    return bj.match_d_ff(at_size(preset), bj.param_count(at_size("transformer"), embedding=False))
 
 
 def memory_bytes(compiled) -> dict:
@@ -197,7 +208,8 @@ def peak_rss_bytes() -> int:
 
 
 def measure_rss(preset: str, context: int, batch: int) -> float:
-    flag_names = ("d_model", "n_layers", "n_heads", "window", "vocab_size", "implementation")
+    flag_names = ("d_model", "n_layers", "n_heads", "window", "vocab_size", "implementation",
+                  "match_params")
     command = [sys.executable, "-m", "benchmarks.train_throughput",
                f"--rss_child={preset}:{context}:{batch}"]
     command += [f"--{name}={FLAGS[name].value}" for name in flag_names]
@@ -236,7 +248,7 @@ def main(argv):
             compiled, state = compile_step(config, batch, context)
             compile_s = time.perf_counter() - t0
             run_step(compiled, state)  # warm-up
-            params[preset] = state[3]
+            params[preset] = (state[3], config.hidden_dim)
             variants[preset, context] = dict(
                 compiled=compiled, state=state, batch=batch, compile_s=compile_s,
                 memory=memory_bytes(compiled), xla_flops=xla_flops(compiled),
@@ -262,7 +274,8 @@ def main(argv):
         step = float(np.median(times[preset, context]))
         tokens = variant["batch"] * context
         rows.append(dict(
-            preset=preset, context=context, batch=variant["batch"], params=params[preset],
+            preset=preset, context=context, batch=variant["batch"], params=params[preset][0],
+            d_ff=params[preset][1],
             step_s_median=step, step_s_min=float(np.min(times[preset, context])),
             step_s_max=float(np.max(times[preset, context])),
             tokens_per_s=tokens / step,
@@ -300,7 +313,8 @@ def main(argv):
         command="python -m benchmarks.train_throughput " + " ".join(
             f"--{name}={','.join(v) if isinstance(v, list) else v}"
             for name in ("presets", "contexts", "tokens_per_step", "rounds", "d_model", "n_layers",
-                         "n_heads", "window", "vocab_size", "implementation", "peak_size",
+                         "n_heads", "window", "vocab_size", "implementation", "match_params",
+                         "peak_size",
                          "growth_contexts", "rss", "rss_contexts", "out")
             for v in [FLAGS[name].value]),
         machine=f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
@@ -331,15 +345,15 @@ def markdown(meta, rows, growth) -> str:
         f"{meta['peak_gflops_median']:.1f} GFLOP/s; wall time {meta['wall_s'] / 60:.1f} min\n",
         "Tokens/s: median over rounds (min-max in brackets). Memory: compiled temp + argument + "
         "output. MFU: analytic model FLOPs / time / matmul peak; HFU: XLA-counted FLOPs instead.\n",
-        "| preset | params | context | batch | tokens/s | vs transformer | compiled MiB | "
+        "| preset | params | d_ff | context | batch | tokens/s | vs transformer | compiled MiB | "
         "peak RSS MiB | model GFLOP/step | XLA GFLOP/step | MFU | HFU |",
-        "|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+        "|---|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         ratio = f"{r['vs_transformer']:.2f}x" if r["vs_transformer"] else "-"
         rss = r.get("peak_rss_bytes")
         rss = f"{rss / mib:.0f}" if rss is not None and np.isfinite(rss) else "-"
         lines.append(
-            f"| {r['preset']} | {r['params']:,} | {r['context']} | {r['batch']} | "
+            f"| {r['preset']} | {r['params']:,} | {r['d_ff']} | {r['context']} | {r['batch']} | "
             f"{r['tokens_per_s']:.0f} ({r['tokens_per_s_min']:.0f}-{r['tokens_per_s_max']:.0f}) | "
             f"{ratio} | {r['memory']['total'] / mib:.0f} | {rss} | "
             f"{r['model_gflop_per_step']:.0f} | {r['xla_gflop_per_step']:.0f} | "

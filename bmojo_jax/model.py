@@ -213,3 +213,23 @@ def check_tokens(tokens, vocab_size: int):
 def count_params(model: nnx.Module) -> int:
     """Number of parameters (elements of all `nnx.Param`s)."""
     return sum(int(np.prod(p.shape)) for p in jax.tree.leaves(nnx.state(model, nnx.Param)))
+
+
+def param_count(config: ModelConfig, embedding: bool = True) -> int:
+    """Parameters of `LanguageModel(config)`, exact (built with `nnx.eval_shape`: nothing is
+    allocated); `embedding=False` leaves out the token embedding (vocab_size x d_model)."""
+    total = count_params(nnx.eval_shape(lambda: LanguageModel(config, rngs=nnx.Rngs(0))))
+    return total if embedding else total - config.vocab_size * config.d_model
+
+
+def match_d_ff(config: ModelConfig, target: int) -> ModelConfig:
+    """`config` with the SwiGLU width d_ff (a multiple of 8, >= 8) whose non-embedding parameter
+    count is closest to `target`: how presets are compared at one parameter count (our choice of
+    knob; DESIGN.md section 3 asks for close counts)."""
+    def body(d_ff):
+        return param_count(config.replace(d_ff=d_ff), embedding=False)
+    base = config.hidden_dim
+    per_unit = (body(base + 8) - body(base)) / 8
+    guess = base + (target - body(base)) / per_unit
+    candidates = {max(8, 8 * int(np.floor(guess / 8)) + 8 * j) for j in (-1, 0, 1, 2)}
+    return config.replace(d_ff=min(candidates, key=lambda d_ff: abs(body(d_ff) - target)))

@@ -53,7 +53,7 @@ from bmojo_jax.model import LanguageModel, count_params
 from bmojo_jax.generation import generate
 
 __all__ = ["default_config", "validate_config", "model_config", "load_data", "lm_loss",
-           "token_nll", "learning_rate_schedule", "weight_decay_mask", "make_optimizer",
+           "compiler_options", "token_nll", "learning_rate_schedule", "weight_decay_mask", "make_optimizer",
            "make_train_step", "make_eval_step", "evaluate", "evaluate_split", "Checkpoints",
            "CheckpointError", "train_and_evaluate", "load_checkpoint", "evaluate_checkpoint"]
 
@@ -387,6 +387,21 @@ def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransform
                     weight_decay=opt.weight_decay, mask=weight_decay_mask))
 
 
+def compiler_options() -> dict:
+    """XLA options of our jitted training and evaluation steps, for the default backend (our
+    choice, measured on CPU; `benchmarks/train_step.py` uses them too).
+
+    On CPU, XLA (jaxlib 0.10.2) hands dots, elementwise fusions and reductions to YNNPACK by
+    default. Its reduction over the time axis of a [1, t, c] array (the gradient of a per-channel
+    parameter at batch 1) runs ~40x slower than XLA's own (38 ms vs 0.9 ms at t=8192, c=288), which
+    made a `bmojo` training step on one 8192-token sequence 1.37x slower; so YNNPACK gets the dots
+    only. Other backends: no options.
+    """
+    if jax.default_backend() != "cpu":
+        return {}
+    return {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_DOT"}
+
+
 @functools.lru_cache(maxsize=None)
 def _graphdef(model_cfg: ModelConfig) -> nnx.GraphDef:
     return nnx.graphdef(nnx.eval_shape(lambda: LanguageModel(model_cfg, rngs=nnx.Rngs(0))))
@@ -424,10 +439,10 @@ def _train_step(model_cfg: ModelConfig, config: ml_collections.FrozenConfigDict,
         return optax.apply_updates(params, updates), opt_state, metrics
 
     if mesh is None:
-        return jax.jit(train_step, donate_argnums=(0, 1))
+        return jax.jit(train_step, donate_argnums=(0, 1), compiler_options=compiler_options())
     params_sharding, opt_sharding = sharding_lib.state_shardings(model_cfg, optimizer, mesh)
     batch = sharding_lib.batch_sharding(mesh)
-    return jax.jit(train_step, donate_argnums=(0, 1),
+    return jax.jit(train_step, donate_argnums=(0, 1), compiler_options=compiler_options(),
                    in_shardings=(params_sharding, opt_sharding, batch, batch),
                    out_shardings=(params_sharding, opt_sharding, sharding_lib.replicated(mesh)))
 
@@ -445,8 +460,9 @@ def make_eval_step(model_cfg: ModelConfig, mesh=None):
         return {"nll_sum": nll.sum(), "tokens": mask.sum(),
                 "predictions": logits.argmax(-1).astype(jnp.int32)}
     if mesh is None:
-        return jax.jit(eval_step)
-    return jax.jit(eval_step, out_shardings=sharding_lib.replicated(mesh))
+        return jax.jit(eval_step, compiler_options=compiler_options())
+    return jax.jit(eval_step, out_shardings=sharding_lib.replicated(mesh),
+                   compiler_options=compiler_options())
 
 
 def evaluate(eval_step, params, batches, *, n_bytes=None, with_accuracy=False) -> dict:

@@ -8,9 +8,7 @@ total, and without the (tied) token embedding.
 
 from __future__ import annotations
 
-import jax
 from absl import app, flags
-from flax import nnx
 
 import bmojo_jax as bj
 
@@ -21,10 +19,7 @@ def parameter_counts(embedding: bool = True, **size) -> dict[str, int]:
     """{preset: number of parameters} at `SIZE` updated by `size` (with or without embeddings)."""
     counts = {}
     for name in bj.PRESETS:
-        config = bj.ModelConfig.preset(name, **{**SIZE, **size})
-        model = nnx.eval_shape(lambda: bj.LanguageModel(config, rngs=nnx.Rngs(0)))
-        total = bj.count_params(model)
-        counts[name] = total if embedding else total - config.vocab_size * config.d_model
+        counts[name] = bj.param_count(bj.ModelConfig.preset(name, **{**SIZE, **size}), embedding)
     return counts
 
 

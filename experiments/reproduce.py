@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import datetime
 import json
-import math
 import os
 import platform
 import shutil
@@ -52,7 +51,7 @@ from flax import nnx
 from bmojo_jax import data as data_lib
 from bmojo_jax import training
 from bmojo_jax.config import PRESET_PATTERNS, ModelConfig
-from bmojo_jax.model import LanguageModel, count_params
+from bmojo_jax.model import LanguageModel, count_params, match_d_ff, param_count
 
 PRESETS = tuple(PRESET_PATTERNS)
 TABLES = ("synthetic", "mqar_memory", "lm", "inference", "length")
@@ -179,10 +178,6 @@ def decoding_state_bytes(model_cfg: ModelConfig, max_length: int) -> int:
     model = nnx.eval_shape(lambda: LanguageModel(model_cfg, rngs=nnx.Rngs(0)))
     cache = jax.eval_shape(lambda: model.init_cache(1, max_length=max_length))
     return state_bytes(cache)
-
-
-def param_count(model_cfg: ModelConfig) -> int:
-    return count_params(nnx.eval_shape(lambda: LanguageModel(model_cfg, rngs=nnx.Rngs(0))))
 
 
 def train_run(config, run_dir: Path) -> dict:
@@ -485,30 +480,16 @@ def mqar_memory_plot(out, s, path):
 # --------------------------------------------------------------------------------------------------
 
 
-def _non_embedding(model_cfg: ModelConfig) -> int:
-    return param_count(model_cfg) - model_cfg.vocab_size * model_cfg.d_model
-
-
-def matched_d_ff(preset: str, model: dict, target: int) -> int:
-    """The SwiGLU width (a multiple of 8) that brings the preset's non-embedding parameter count
-    closest to `target`."""
-    base = ModelConfig.preset(preset, **model)
-    per_unit = (_non_embedding(base.replace(d_ff=base.hidden_dim + 8))
-                - _non_embedding(base)) / 8
-    guess = base.hidden_dim + (target - _non_embedding(base)) / per_unit
-    candidates = {max(8, 8 * int(math.floor(guess / 8)) + 8 * j) for j in (-1, 0, 1, 2)}
-    return min(candidates, key=lambda f: abs(_non_embedding(base.replace(d_ff=f)) - target))
-
-
 def lm_models(s: dict, presets, vocab_size: int) -> dict:
     """{preset: model overrides}: `s["model"]` plus a d_ff matching the transformer's
     non-embedding parameter count."""
     model = dict(s["model"], vocab_size=vocab_size)
-    target = _non_embedding(ModelConfig.preset("transformer", **model))
+    target = param_count(ModelConfig.preset("transformer", **model), embedding=False)
     out = {}
     for preset in presets:
         extra = {"innovation_loss_weight": 0.001} if preset == "bmojo" else {}
-        out[preset] = dict(model, **extra, d_ff=matched_d_ff(preset, dict(model, **extra), target))
+        matched = match_d_ff(ModelConfig.preset(preset, **model, **extra), target)
+        out[preset] = dict(model, **extra, d_ff=matched.d_ff)
     return out
 
 
@@ -526,7 +507,7 @@ def run_lm(s: dict, presets, workdir: Path):
         model_cfg = training.model_config(config, corpus.vocab_size)
         runs.append(dict(
             preset=preset, d_ff=model_cfg.hidden_dim, params=result["params"],
-            non_embedding_params=_non_embedding(model_cfg),
+            non_embedding_params=param_count(model_cfg, embedding=False),
             valid_perplexity=result["valid"]["perplexity"],
             test_perplexity=result["test"]["perplexity"], tokens_per_s=result["tokens_per_s"],
             train_s=result["train_s"], wall_s=result["wall_s"],

@@ -147,3 +147,15 @@ def test_preset_parameter_counts_are_close():
     counts = parameter_counts()
     assert set(counts) == set(bj.PRESETS)
     assert max(counts.values()) <= 1.25 * min(counts.values()), counts
+
+
+def test_match_d_ff_is_closest():
+    """`match_d_ff` picks the multiple of 8 whose non-embedding count is closest to the target."""
+    target = bj.param_count(config("transformer"), embedding=False)
+    matched = bj.match_d_ff(config("bmojo"), target)
+    assert matched.d_ff % 8 == 0 and matched.d_ff != config("bmojo").hidden_dim
+
+    def gap(d_ff):
+        return abs(bj.param_count(matched.replace(d_ff=d_ff), embedding=False) - target)
+    assert gap(matched.d_ff) <= min(gap(matched.d_ff - 8), gap(matched.d_ff + 8))
+    assert bj.param_count(matched) - bj.param_count(matched, embedding=False) == VOCAB * 16

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+import bmojo_jax as bj
 from bmojo_jax import data as data_lib
 from experiments import reproduce
 
@@ -110,7 +111,7 @@ def test_matched_parameter_counts():
     """The full LM budget's presets match the transformer's non-embedding count within 2%."""
     settings = reproduce.BUDGETS["full"]["lm"]
     models = reproduce.lm_models(settings, reproduce.PRESETS, 10_000)
-    counts = {p: reproduce._non_embedding(reproduce.ModelConfig.preset(p, **m))
+    counts = {p: bj.param_count(bj.ModelConfig.preset(p, **m), embedding=False)
               for p, m in models.items()}
     for preset, count in counts.items():
         assert abs(count / counts["transformer"] - 1) < 0.02, (preset, counts)
