@@ -12,6 +12,8 @@ with a driver from `benchmarks/peer_drivers/`:
     mamba2-jax        `mamba2-jax` (JAX / Flax NNX Mamba-2), chunk 64 (ours) and 256 (its default)
     griffin, hawk     `recurrentgemma[jax]` (DeepMind's Griffin: RG-LRU + local attention; Hawk:
                       RG-LRU only), Flax linen
+    ...+xla           the same, compiled with our XLA option (`training.compiler_options`, passed
+                      as XLA_FLAGS): what the option alone buys a peer
     torch-sdpa        a causal Transformer written here in PyTorch (CPU wheel torch==2.13.0),
                       attention by F.scaled_dot_product_attention(is_causal=True), eager
 
@@ -30,14 +32,16 @@ import subprocess
 import sys
 import time
 import venv
+from typing import NamedTuple
 
 import numpy as np
 from absl import app, flags
 
 flags.DEFINE_list("presets", ["transformer", "swa", "mamba", "hybrid", "bmojo_f", "bmojo"],
                   "Our presets.")
-flags.DEFINE_list("peers", ["mamba2-jax", "mamba2-jax-chunk256", "griffin", "hawk",
-                            "torch-sdpa"], "Peers (see the module docstring).")
+flags.DEFINE_list("peers", ["mamba2-jax", "mamba2-jax+xla", "mamba2-jax-chunk256", "griffin",
+                            "griffin+xla", "hawk", "torch-sdpa"],
+                  "Peers (see the module docstring).")
 flags.DEFINE_integer("rounds", 7, "Interleaved rounds (one step per variant per round).")
 flags.DEFINE_integer("n_layers", 2, "Layers.")
 flags.DEFINE_integer("d_model", 128, "Model width.")
@@ -50,18 +54,33 @@ FLAGS = flags.FLAGS
 
 DRIVERS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "peer_drivers")
 
-# name: (venv, pip requirements, driver, --variant, what it is)
+class Peer(NamedTuple):
+    venv: str
+    requirements: list
+    driver: str
+    variant: str  # the driver's --variant
+    what: str
+    env: dict = {}  # extra environment variables of the driver process
+
+
+# Our steps compile with `training.compiler_options()`; the "+xla" peers get the same XLA option
+# through XLA_FLAGS, to separate what the option buys from what the implementation does.
+_SAME_XLA = {"XLA_FLAGS": "--xla_cpu_experimental_ynn_fusion_type=dot"}
+_MAMBA2 = ("mamba2_jax", ["mamba2-jax==1.1.2"], "mamba2_jax_driver.py")
+_RG = ("recurrentgemma", ["recurrentgemma[jax]==1.0.1"], "recurrentgemma_driver.py")
 PEERS = {
-    "mamba2-jax": ("mamba2_jax", ["mamba2-jax==1.1.2"], "mamba2_jax_driver.py", "64",
-                   "mamba2-jax 1.1.2 Mamba2ForCausalLM, chunk 64"),
-    "mamba2-jax-chunk256": ("mamba2_jax", ["mamba2-jax==1.1.2"], "mamba2_jax_driver.py", "256",
-                            "mamba2-jax 1.1.2 Mamba2ForCausalLM, chunk 256 (its default)"),
-    "griffin": ("recurrentgemma", ["recurrentgemma[jax]==1.0.1"], "recurrentgemma_driver.py",
-                "griffin", "recurrentgemma 1.0.1 Griffin, blocks (RG-LRU, local attention)"),
-    "hawk": ("recurrentgemma", ["recurrentgemma[jax]==1.0.1"], "recurrentgemma_driver.py", "hawk",
-             "recurrentgemma 1.0.1 Griffin, blocks (RG-LRU, RG-LRU) = Hawk"),
-    "torch-sdpa": ("torch", ["torch==2.13.0", "numpy"], "torch_sdpa_driver.py", "",
-                   "PyTorch 2.13 CPU causal Transformer, F.scaled_dot_product_attention, eager"),
+    "mamba2-jax": Peer(*_MAMBA2, "64", "mamba2-jax 1.1.2 Mamba2ForCausalLM, chunk 64"),
+    "mamba2-jax+xla": Peer(*_MAMBA2, "64", "mamba2-jax 1.1.2, chunk 64, with our XLA option",
+                           _SAME_XLA),
+    "mamba2-jax-chunk256": Peer(*_MAMBA2, "256",
+                                "mamba2-jax 1.1.2 Mamba2ForCausalLM, chunk 256 (its default)"),
+    "griffin": Peer(*_RG, "griffin", "recurrentgemma 1.0.1 Griffin, blocks (RG-LRU, local "
+                    "attention)"),
+    "griffin+xla": Peer(*_RG, "griffin", "recurrentgemma 1.0.1 Griffin, with our XLA option",
+                        _SAME_XLA),
+    "hawk": Peer(*_RG, "hawk", "recurrentgemma 1.0.1 Griffin, blocks (RG-LRU, RG-LRU) = Hawk"),
+    "torch-sdpa": Peer("torch", ["torch==2.13.0", "numpy"], "torch_sdpa_driver.py", "",
+                       "PyTorch 2.13 CPU causal Transformer, F.scaled_dot_product_attention, eager"),
 }
 
 
@@ -100,15 +119,17 @@ class PeerProcess:
     def __init__(self, name: str):
         if name not in PEERS:
             raise PeerError(f"unknown peer; choose from {', '.join(PEERS)}")
-        venv_name, requirements, driver, variant, self.description = PEERS[name]
-        python = ensure_venv(venv_name, requirements)
-        command = [python, os.path.join(DRIVERS, driver), f"--layers={FLAGS.n_layers}",
+        peer = PEERS[name]
+        self.description = peer.what
+        python = ensure_venv(peer.venv, peer.requirements)
+        command = [python, os.path.join(DRIVERS, peer.driver), f"--layers={FLAGS.n_layers}",
                    f"--d_model={FLAGS.d_model}", f"--context={FLAGS.context}",
                    f"--batch={FLAGS.batch_size}", f"--vocab={FLAGS.vocab_size}",
-                   f"--variant={variant}"]
+                   f"--variant={peer.variant}"]
         self.stderr = open(_stderr_path(name), "w")
         self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                        stderr=self.stderr, text=True, bufsize=1)
+                                        stderr=self.stderr, text=True, bufsize=1,
+                                        env=dict(os.environ, **peer.env))
         self.info = self._read()
         if not self.info.get("ready"):
             raise PeerError(f"driver did not start: {self.info}")
@@ -208,7 +229,8 @@ def main(argv):
                          tokens_per_s_max=tokens / float(t.min()), rounds=len(t)))
     for name, reason in failures.items():
         rows = [r for r in rows if r["name"] != name]
-        rows.append(dict(name=name, what=PEERS.get(name, ("",) * 5)[4], unavailable=reason))
+        rows.append(dict(name=name, what=PEERS[name].what if name in PEERS else "",
+                         unavailable=reason))
     ref = {r["name"]: r["tokens_per_s"] for r in rows if "tokens_per_s" in r}
     meta = dict(
         command="python -m benchmarks.peers " + " ".join(

@@ -1,4 +1,5 @@
-"""The stdin/stdout protocol shared by the peer drivers (see `__init__`); no third-party imports."""
+"""The stdin/stdout protocol shared by the peer drivers (see `__init__`), and the JAX peers' training
+step. No third-party imports at module level (the PyTorch driver imports this too)."""
 
 import argparse
 import json
@@ -29,3 +30,26 @@ def serve(step, info):
             start = time.perf_counter()
             step()
             print(json.dumps(dict(seconds=time.perf_counter() - start)), flush=True)
+
+
+def jax_train_step(loss_fn, params, tokens):
+    """The JAX peers' training step, as `step()` for `serve`: value_and_grad of
+    `loss_fn(params, tokens)`, optax AdamW (lr 1e-3, betas 0.9/0.95, weight decay 0.1: ours), one
+    jit-compiled function with donated parameters and optimizer state, blocking on the loss."""
+    import jax
+    import optax
+
+    optimizer = optax.adamw(1e-3, b1=0.9, b2=0.95, weight_decay=0.1)
+
+    def train_step(params, opt_state, tokens):
+        loss, grads = jax.value_and_grad(loss_fn)(params, tokens)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    state = [params, optimizer.init(params)]
+    compiled = jax.jit(train_step, donate_argnums=(0, 1)).lower(*state, tokens).compile()
+
+    def step():
+        state[0], state[1], loss = compiled(state[0], state[1], tokens)
+        jax.block_until_ready(loss)
+    return step

@@ -29,8 +29,6 @@ def main():
     model = mamba2_jax.Mamba2ForCausalLM(cfg, rngs=nnx.Rngs(0))
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     n_params = sum(int(x.size) for x in jax.tree.leaves(params))
-    optimizer = optax.adamw(1e-3, b1=0.9, b2=0.95, weight_decay=0.1)
-    opt_state = optimizer.init(params)
     tokens = jax.random.randint(jax.random.PRNGKey(1), (args.batch, args.context + 1), 0,
                                 args.vocab, jnp.int32)
 
@@ -38,18 +36,7 @@ def main():
         logits = nnx.merge(graphdef, params, rest)(tokens[:, :-1])["logits"]
         return optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
 
-    def train_step(params, opt_state, tokens):
-        loss, grads = jax.value_and_grad(loss_fn)(params, tokens)
-        updates, opt_state = optimizer.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss
-
-    compiled = jax.jit(train_step, donate_argnums=(0, 1)).lower(params, opt_state, tokens).compile()
-    state = [params, opt_state]
-
-    def step():
-        state[0], state[1], loss = compiled(state[0], state[1], tokens)
-        jax.block_until_ready(loss)
-
+    step = common.jax_train_step(loss_fn, params, tokens)
     common.serve(step, dict(params=n_params, package="mamba2-jax " + mamba2_jax.__version__,
                             jax=jax.__version__, config=f"chunk_size={chunk}"))
 

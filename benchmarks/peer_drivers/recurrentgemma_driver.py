@@ -40,25 +40,12 @@ def main():
     positions = jnp.broadcast_to(jnp.arange(args.context), (args.batch, args.context))
     params = model.init(jax.random.PRNGKey(0), tokens[:, :-1], positions)
     n_params = sum(int(x.size) for x in jax.tree.leaves(params))
-    optimizer = optax.adamw(1e-3, b1=0.9, b2=0.95, weight_decay=0.1)
-    opt_state = optimizer.init(params)
 
     def loss_fn(params, tokens):
         logits, _ = model.apply(params, tokens[:, :-1], positions, return_cache=False)
         return optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
 
-    def train_step(params, opt_state, tokens):
-        loss, grads = jax.value_and_grad(loss_fn)(params, tokens)
-        updates, opt_state = optimizer.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss
-
-    compiled = jax.jit(train_step, donate_argnums=(0, 1)).lower(params, opt_state, tokens).compile()
-    state = [params, opt_state]
-
-    def step():
-        state[0], state[1], loss = compiled(state[0], state[1], tokens)
-        jax.block_until_ready(loss)
-
+    step = common.jax_train_step(loss_fn, params, tokens)
     version = getattr(recurrentgemma, "__version__", "1.0.1")
     common.serve(step, dict(params=n_params, package=f"recurrentgemma {version}",
                             jax=jax.__version__, config="blocks=" + "".join(
