@@ -23,6 +23,7 @@ from absl import app, flags
 from flax import nnx
 
 import bmojo_jax as bj
+from experiments import plotting
 
 flags.DEFINE_list("contexts", ["1024", "2048", "4096", "8192", "16384", "32768"],
                   "Context lengths (tokens).")
@@ -107,9 +108,7 @@ def main(argv):
 
 
 def plot(rows, path):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = plotting.pyplot()
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
     for preset in dict.fromkeys(r["preset"] for r in rows):
         mine = [r for r in rows if r["preset"] == preset]
@@ -123,8 +122,7 @@ def plot(rows, path):
         axis.grid(alpha=0.3)
     right.set_yscale("log")
     left.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    plotting.save(fig, path)
 
 
 if __name__ == "__main__":

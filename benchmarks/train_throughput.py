@@ -50,6 +50,7 @@ from absl import app, flags
 
 import bmojo_jax as bj
 from benchmarks.train_step import compile_step, run_step
+from experiments import plotting
 
 flags.DEFINE_list("presets", list(bj.PRESETS), "Presets to measure.")
 flags.DEFINE_list("contexts", ["512", "1024", "2048", "4096", "8192"], "Context lengths (tokens).")
@@ -372,9 +373,7 @@ def markdown(meta, rows, growth) -> str:
 
 
 def plot(rows, growth, path):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = plotting.pyplot()
     fig, axes = plt.subplots(2, 2, figsize=(11, 8))
     panels = [(axes[0, 0], lambda r: r["tokens_per_s"], "training tokens/s (median)"),
               (axes[0, 1], lambda r: r["vs_transformer"] or np.nan, "tokens/s vs transformer"),
@@ -393,8 +392,7 @@ def plot(rows, growth, path):
         axis.grid(alpha=0.3)
     axes[1, 0].set_yscale("log")
     axes[0, 0].legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    plotting.save(fig, path)
 
 
 if __name__ == "__main__":

@@ -52,6 +52,7 @@ from bmojo_jax import data as data_lib
 from bmojo_jax import training
 from bmojo_jax.config import PRESET_PATTERNS, ModelConfig
 from bmojo_jax.model import LanguageModel, count_params, match_d_ff, param_count
+from experiments import plotting
 
 PRESETS = tuple(PRESET_PATTERNS)
 TABLES = ("synthetic", "mqar_memory", "lm", "inference", "length")
@@ -325,9 +326,7 @@ def synthetic_markdown(out, s, presets):
 
 
 def synthetic_plot(out, s, presets, path):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = plotting.pyplot()
     best = {(r["task"], r["preset"]): r for r in out["best"]}
     tasks = list(s["tasks"])
     fig, ax = plt.subplots(figsize=(10, 4))
@@ -341,9 +340,7 @@ def synthetic_plot(out, s, presets, path):
     ax.set_ylim(0, 100)
     ax.legend(fontsize=8, ncol=len(presets), loc="lower center", bbox_to_anchor=(0.5, 1.0))
     ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    plotting.save(fig, path)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -440,10 +437,8 @@ def mqar_memory_markdown(out, s, presets):
 
 
 def mqar_memory_plot(out, s, path):
-    import matplotlib
+    plt = plotting.pyplot()
     import matplotlib.ticker
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     for preset in dict.fromkeys(r["preset"] for r in out["runs"]):
         mine = [r for r in out["runs"] if r["preset"] == preset]
@@ -470,9 +465,7 @@ def mqar_memory_plot(out, s, path):
     right.set_ylabel("MQAR test accuracy (%)")
     right.set_ylim(-2, 102)
     right.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    plotting.save(fig, path)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -652,9 +645,7 @@ def inference_markdown(out, s, presets):
 
 
 def inference_plot(out, s, path):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = plotting.pyplot()
     runs = out["runs"]
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6))
     names = [r["preset"] for r in runs]
@@ -666,9 +657,7 @@ def inference_plot(out, s, path):
         ax.set_ylabel(label)
         ax.tick_params(axis="x", labelsize=8)
         ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    plotting.save(fig, path)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -752,9 +741,7 @@ def length_markdown(out, s, presets):
 
 
 def length_plot(out, s, path):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = plotting.pyplot()
     t = s["seq_len"]
     lengths = [m * t for m in s["multipliers"]]
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -768,9 +755,7 @@ def length_plot(out, s, path):
     ax.set_ylabel("test perplexity")
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    plotting.save(fig, path)
 
 
 # --------------------------------------------------------------------------------------------------
