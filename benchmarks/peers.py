@@ -60,12 +60,13 @@ class Peer(NamedTuple):
     driver: str
     variant: str  # the driver's --variant
     what: str
-    env: dict = {}  # extra environment variables of the driver process
+    xla_flags: str = ""  # appended to the driver's XLA_FLAGS
 
 
-# Our steps compile with `training.compiler_options()`; the "+xla" peers get the same XLA option
-# through XLA_FLAGS, to separate what the option buys from what the implementation does.
-_SAME_XLA = {"XLA_FLAGS": "--xla_cpu_experimental_ynn_fusion_type=dot"}
+# Our steps compile with `training.compiler_options()` (YNNPACK fusions for dots only); the "+xla"
+# peers get the same option through XLA_FLAGS (where it is spelled "dot"), to separate what the
+# option buys from what the implementation does.
+_SAME_XLA = "--xla_cpu_experimental_ynn_fusion_type=dot"
 _MAMBA2 = ("mamba2_jax", ["mamba2-jax==1.1.2"], "mamba2_jax_driver.py")
 _RG = ("recurrentgemma", ["recurrentgemma[jax]==1.0.1"], "recurrentgemma_driver.py")
 PEERS = {
@@ -129,7 +130,7 @@ class PeerProcess:
         self.stderr = open(_stderr_path(name), "w")
         self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                         stderr=self.stderr, text=True, bufsize=1,
-                                        env=dict(os.environ, **peer.env))
+                                        env=_driver_env(peer.xla_flags))
         self.info = self._read()
         if not self.info.get("ready"):
             raise PeerError(f"driver did not start: {self.info}")
@@ -157,6 +158,12 @@ class PeerProcess:
         except (OSError, subprocess.TimeoutExpired):
             self.process.kill()
         self.stderr.close()
+
+
+def _driver_env(xla_flags: str) -> dict:
+    """This process's environment, with `xla_flags` appended to XLA_FLAGS."""
+    flags_now = os.environ.get("XLA_FLAGS", "")
+    return dict(os.environ, XLA_FLAGS=f"{flags_now} {xla_flags}".strip())
 
 
 def _stderr_path(name: str) -> str:

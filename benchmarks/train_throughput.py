@@ -2,7 +2,8 @@
 
     python -m benchmarks.train_throughput [--presets=transformer,bmojo] [--contexts=512,...,8192]
         [--rounds=3] [--tokens_per_step=8192] [--match_params=true]
-        [--growth_contexts=1024,...,8192] [--rss=true] [--out=results/train_throughput]
+        [--growth_contexts=1024,...,8192] [--rss=true]
+        [--out=results/train_throughput]
 
 One training step = the training loop's loss (`training.lm_loss`: forward, next-token cross-entropy
 fused with the LM head, + aux_loss), backward, and an optax AdamW update, all in one jit-compiled
@@ -27,7 +28,8 @@ Per variant we record:
     work (norms, softmax, RoPE, AdamW) is not counted. The peak is the f32 FLOP/s of a large
     `jnp.dot` ([N, N] @ [N, N], N = --peak_size) timed in every round of the same run (median over
     rounds of the best of 3). We also give XLA's own count, `compiled.cost_analysis()['flops']`
-    (executed work, masked entries included), as "XLA GFLOP/step" and "HFU".
+    (executed work, masked entries included, but the body of a `lax.scan` counted once: it
+    under-counts the scans and the chunked cross-entropy), as "XLA GFLOP/step" and "HFU".
   * memory growth at a fixed batch of 1 sequence (`--growth_contexts`, compile only): the compiled
     footprint vs T, to check that it grows linearly with the context.
 Writes OUT.json, OUT.md and OUT.png.

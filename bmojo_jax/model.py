@@ -86,7 +86,8 @@ class LanguageModel(nnx.Module):
     def cross_entropy(self, tokens, targets):
         """The training objective's terms without materialising the logits
         (`ops.linear_cross_entropy`: the `xla` implementation unless config.implementation is
-        "reference"; our choice, for speed and memory).
+        "reference"; our choice, for speed and memory). The head is computed in float32 even for
+        a bfloat16 model (whose `forward` logits come from a bfloat16 head).
 
         Args:
           tokens: int [batch, time] inputs, ids in [0, vocab_size).
@@ -103,7 +104,7 @@ class LanguageModel(nnx.Module):
         """
         if targets.shape != tokens.shape:
             raise ValueError(f"targets {targets.shape} must have the shape of tokens {tokens.shape}.")
-        check_tokens(jnp.maximum(targets, 0), self.config.vocab_size)
+        check_tokens(targets, self.config.vocab_size, name="target", unlabelled_ok=True)
         (x, _), sown = nnx.capture(self._trunk, nnx.Intermediate)(tokens, None)
         mask = targets >= 0
         labelled = mask.sum(dtype=jnp.int32)
@@ -191,23 +192,25 @@ def _aux_loss(sown) -> jax.Array:
     return sum(jax.tree.leaves(sown), jnp.zeros((), jnp.float32))
 
 
-def check_tokens(tokens, vocab_size: int):
-    """Validates token ids: 2-D integer [batch, time], time >= 1, ids in [0, vocab_size).
+def check_tokens(tokens, vocab_size: int, name: str = "token", unlabelled_ok: bool = False):
+    """Validates ids: 2-D integer [batch, time], time >= 1, ids in [0, vocab_size) (or negative,
+    meaning unlabelled, with `unlabelled_ok`; `name` is "token" or "target" in the messages).
 
     The value check runs only on concrete arrays (not under jit, where the data pipeline checks).
     Raises ValueError naming the bad value, its position and the allowed range.
     """
     if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer) or tokens.shape[1] < 1:
-        raise ValueError(f"tokens must be integer [batch, time] with time >= 1; got dtype "
+        raise ValueError(f"{name}s must be integer [batch, time] with time >= 1; got dtype "
                          f"{tokens.dtype} and shape {tokens.shape}.")
     if isinstance(tokens, jax.core.Tracer):
         return
     values = np.asarray(tokens)
-    bad = np.argwhere((values < 0) | (values >= vocab_size))
+    bad = np.argwhere((values >= vocab_size) | ((values < 0) & (not unlabelled_ok)))
     if bad.size:
         where = tuple(int(i) for i in bad[0])
-        raise ValueError(f"token id {int(values[where])} at position {where} is out of range; "
-                         f"allowed ids are 0..{vocab_size - 1} (vocab_size={vocab_size}).")
+        allowed = " (or negative: unlabelled)" if unlabelled_ok else ""
+        raise ValueError(f"{name} id {int(values[where])} at position {where} is out of range; "
+                         f"allowed ids are 0..{vocab_size - 1}{allowed} (vocab_size={vocab_size}).")
 
 
 def count_params(model: nnx.Module) -> int:

@@ -53,9 +53,10 @@ from bmojo_jax.model import LanguageModel, count_params
 from bmojo_jax.generation import generate
 
 __all__ = ["default_config", "validate_config", "model_config", "load_data", "lm_loss",
-           "compiler_options", "token_nll", "learning_rate_schedule", "weight_decay_mask", "make_optimizer",
-           "make_train_step", "make_eval_step", "evaluate", "evaluate_split", "Checkpoints",
-           "CheckpointError", "train_and_evaluate", "load_checkpoint", "evaluate_checkpoint"]
+           "compiler_options", "token_nll", "learning_rate_schedule", "weight_decay_mask",
+           "make_optimizer", "make_train_step", "make_eval_step", "evaluate", "evaluate_split",
+           "Checkpoints", "CheckpointError", "train_and_evaluate", "load_checkpoint",
+           "evaluate_checkpoint"]
 
 NO_DECAY_NAMES = ("A_log", "dt_bias", "D")
 SCHEDULES = ("cosine", "constant")
@@ -331,12 +332,13 @@ def token_nll(logits, targets):
     """Per-token negative log-likelihood (nats) and the label mask.
 
     Args:
-      logits: float [b, t, V]; targets: int [b, t], IGNORE_INDEX (-100) where unlabelled.
+      logits: float [b, t, V]; targets: int [b, t], negative (e.g. data.IGNORE_INDEX = -100)
+        where unlabelled, as in `LanguageModel.cross_entropy`.
 
     Returns:
       nll: float32 [b, t], 0 where unlabelled; mask: bool [b, t].
     """
-    mask = targets != data_lib.IGNORE_INDEX
+    mask = targets >= 0
     nll = optax.softmax_cross_entropy_with_integer_labels(
         logits.astype(jnp.float32), jnp.where(mask, targets, 0))
     return jnp.where(mask, nll, 0.0), mask
@@ -348,7 +350,8 @@ def lm_loss(model: LanguageModel, inputs, targets):
     (the logits are never materialised).
 
     Args:
-      model: a `LanguageModel`; inputs: int32 [b, t]; targets: int32 [b, t], -100 = ignored.
+      model: a `LanguageModel`; inputs: int32 [b, t]; targets: int32 [b, t], negative (e.g.
+        data.IGNORE_INDEX = -100) = unlabelled.
 
     Returns:
       (loss, metrics): float32 scalar; {"ce", "aux_loss", "tokens"} scalars (nats, nats, count).

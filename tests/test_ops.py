@@ -224,9 +224,26 @@ def test_linear_cross_entropy_matches_reference(t, chunk_size):
     _assert_close(plain, reference, FWD_TOL)  # the primal pass, without gradients
 
 
+def test_linear_cross_entropy_dtypes():
+    """bfloat16 features and head, boolean token weights: gradients in the inputs' dtypes, equal
+    to the reference's."""
+    hidden, head, targets, token_weights = _cross_entropy_inputs(13)
+    hidden, head = hidden.astype(jnp.bfloat16), head.astype(jnp.bfloat16)
+    mask = token_weights > 0
+
+    def grads(impl):
+        return jax.grad(lambda h, w: ops.linear_cross_entropy(h, w, targets, mask, chunk_size=6,
+                                                              implementation=impl),
+                        argnums=(0, 1))(hidden, head)
+
+    out, ref = grads("xla"), grads("reference")
+    assert [g.dtype for g in out] == [jnp.bfloat16, jnp.bfloat16]
+    _assert_close([g.astype(jnp.float32) for g in out], [g.astype(jnp.float32) for g in ref], 2e-2)
+
+
 def test_linear_cross_entropy_errors():
     hidden, weight, targets, weights = _cross_entropy_inputs(5)
-    with pytest.raises(ValueError, match=r"weight must be \[vocab, 8\]"):
+    with pytest.raises(ValueError, match=r"head must be \[vocab, 8\]"):
         ops.linear_cross_entropy(hidden, weight.T, targets, weights)
     with pytest.raises(ValueError, match="targets"):
         ops.linear_cross_entropy(hidden, weight, targets[:, :2], weights)
