@@ -35,8 +35,8 @@ def compile_step(config: bj.ModelConfig, batch: int, context: int, seed: int = 0
         updates, opt_state = optimizer.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss
 
-    compiled = jax.jit(train_step, donate_argnums=(0, 1), compiler_options=compiler_options()).lower(
-        params, opt_state, tokens).compile()
+    step = jax.jit(train_step, donate_argnums=(0, 1), compiler_options=compiler_options())
+    compiled = step.lower(params, opt_state, tokens).compile()
     return compiled, [params, opt_state, tokens, bj.count_params(model)]
 
 

@@ -9,10 +9,11 @@ One training step = the training loop's loss (`training.lm_loss`: forward, next-
 fused with the LM head, + aux_loss), backward, and an optax AdamW update, all in one jit-compiled
 function (parameters and optimizer state donated). All presets share one parameter count: each
 preset's d_ff is set so that its non-embedding parameters match the `transformer`'s at the same
-d_model and n_layers (`--match_params`, default; the d_ff used is in the table). For each preset and context length T the batch is
-tokens_per_step // T sequences, so every step trains on the same number of tokens. Every variant is
-compiled once (`jit(...).lower(...).compile()`) and warmed up; then the variants run interleaved in
-rounds in this one process, and we report the median and the spread (min, max) over rounds.
+d_model and n_layers (`--match_params`, default; the d_ff used is in the table). For each preset
+and context length T the batch is tokens_per_step // T sequences, so every step trains on the same
+number of tokens. Every variant is compiled once (`jit(...).lower(...).compile()`) and warmed up;
+then the variants run interleaved in rounds in this one process, and we report the median and the
+spread (min, max) over rounds.
 
 Per variant we record:
   * tokens/s (tokens_per_step / median step time) and the ratio to `transformer` at the same T;

@@ -103,7 +103,8 @@ class LanguageModel(nnx.Module):
             vocab_size.
         """
         if targets.shape != tokens.shape:
-            raise ValueError(f"targets {targets.shape} must have the shape of tokens {tokens.shape}.")
+            raise ValueError(f"targets {targets.shape} must have the shape of tokens "
+                             f"{tokens.shape}.")
         check_tokens(targets, self.config.vocab_size, name="target", unlabelled_ok=True)
         (x, _), sown = nnx.capture(self._trunk, nnx.Intermediate)(tokens, None)
         mask = targets >= 0
