@@ -38,6 +38,7 @@ Writes OUT.json, OUT.md and OUT.png.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import platform
@@ -81,9 +82,11 @@ FLAGS = flags.FLAGS
 # ------------------------------------------------------------------------------ model and step
 
 
+@functools.lru_cache(maxsize=None)
 def model_config(preset: str) -> bj.ModelConfig:
     """The preset at the flags' size; with --match_params, its d_ff set so that its non-embedding
-    parameter count matches the `transformer`'s at that size (`bj.match_d_ff`)."""
+    parameter count matches the `transformer`'s at that size (`bj.match_d_ff`). Cached: matching
+    builds a few abstract models, and the growth sweep asks again per context."""
     def at_size(name):
         return bj.ModelConfig.preset(name, d_model=FLAGS.d_model, n_layers=FLAGS.n_layers,
                                      n_heads=FLAGS.n_heads, window=FLAGS.window,
