@@ -1,19 +1,21 @@
-"""Data: synthetic recall tasks (`synthetic`) and offline real-text corpora and batches (`text`)."""
+"""Data: synthetic recall tasks (`synthetic`), offline real-text corpora and batches (`text`), and
+the training loop's data sources built from a training config (`pipeline`)."""
 
+from bmojo_jax.data.pipeline import SEQ_LEN_ARGUMENTS, SyntheticData, TextData, load_data
 from bmojo_jax.data.synthetic import (IGNORE_INDEX, SYNTHETIC_TASKS, accuracy,
                                       fuzzy_in_context_recall, in_context_recall, mqar,
                                       noisy_in_context_recall, selective_copying)
-from bmojo_jax.data.text import (CORPORA, BPETokenizer, Corpus, MissingDataError, WordTokenizer,
-                                 austen_documents, cached_bpe_tokenizer, check_token_ids,
-                                 default_cache_dir, lm_batch, lm_eval_batches, load_corpus,
-                                 ptb_text, read_text_files, shakespeare_documents,
+from bmojo_jax.data.text import (CORPORA, SPLITS, BPETokenizer, Corpus, MissingDataError,
+                                 WordTokenizer, austen_documents, cached_bpe_tokenizer,
+                                 check_token_ids, default_cache_dir, lm_batch, lm_eval_batches,
+                                 load_corpus, ptb_text, read_text_files, shakespeare_documents,
                                  split_documents)
 
 __all__ = [
     "IGNORE_INDEX", "SYNTHETIC_TASKS", "accuracy", "mqar", "in_context_recall",
     "noisy_in_context_recall", "fuzzy_in_context_recall", "selective_copying",
-    "CORPORA", "Corpus", "load_corpus", "MissingDataError", "default_cache_dir", "ptb_text",
-    "shakespeare_documents", "austen_documents", "read_text_files", "split_documents",
+    "CORPORA", "SPLITS", "Corpus", "load_corpus", "MissingDataError", "default_cache_dir",
+    "ptb_text", "shakespeare_documents", "austen_documents", "read_text_files", "split_documents",
     "WordTokenizer", "BPETokenizer", "cached_bpe_tokenizer", "check_token_ids", "lm_batch",
-    "lm_eval_batches",
+    "lm_eval_batches", "TextData", "SyntheticData", "SEQ_LEN_ARGUMENTS", "load_data",
 ]

@@ -1,0 +1,169 @@
+"""Data sources of the training loop: the training batch of a step and the evaluation batches of a
+split, for a text corpus (`TextData`) or a synthetic task (`SyntheticData`).
+
+Notation: b batch, t time (tokens per window).
+
+`load_data(config)` builds the source a training config names (`bmojo_jax.training.default_config`
+describes the fields). Both sources offer the same interface:
+
+    vocab_size                             token ids lie in [0, vocab_size)
+    with_accuracy                          evaluation also reports `accuracy` (synthetic tasks)
+    train_batch(step)                      (inputs, targets) int32 [b, t]
+    eval_batches(split, batch_size, t)     [(inputs, targets) int32 [b, t]] covering the split
+    n_bytes(split)                         UTF-8 bytes of the split, or None where unknown
+
+Exact resume: the training batch of a step is a pure function of (step, seed), so a run restarted
+from a checkpoint of step s reads the same batches as an uninterrupted one, with no iterator state.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Sequence
+
+import ml_collections
+import numpy as np
+
+from bmojo_jax.data.synthetic import IGNORE_INDEX, SYNTHETIC_TASKS
+from bmojo_jax.data.text import SPLITS, lm_batch, lm_eval_batches, load_corpus
+
+# The length argument of each synthetic generator: MQAR keeps the Zoology name.
+SEQ_LEN_ARGUMENTS = {
+    "mqar": "input_seq_len",
+    "in_context_recall": "seq_len",
+    "noisy_in_context_recall": "seq_len",
+    "fuzzy_in_context_recall": "seq_len",
+    "selective_copying": "seq_len",
+}
+
+
+class TextData:
+    """A tokenized corpus (`load_corpus`): random training windows (`lm_batch`) and contiguous
+    evaluation windows (`lm_eval_batches`)."""
+
+    with_accuracy = False
+
+    def __init__(self, name: str, *, batch_size: int, seq_len: int, seed: int = 0,
+                 path: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
+                 split_seed: int = 0, bpe_vocab_size: int = 4096):
+        """
+        Args:
+          name: one of `CORPORA`.
+          batch_size, seq_len: b and t of the training batches.
+          seed: training-window order.
+          path: "text_files" only: a directory of .txt files or a list of files.
+          split_seed: the document split (`split_documents`).
+          bpe_vocab_size: BPE vocabulary of the non-PTB corpora.
+
+        Raises:
+          MissingDataError: the corpus is not installed; ValueError, FileNotFoundError: as
+          `load_corpus`.
+        """
+        self.corpus = load_corpus(name, path=path, seed=split_seed, vocab_size=bpe_vocab_size)
+        self.vocab_size = self.corpus.vocab_size
+        self.batch_size, self.seq_len, self.seed = batch_size, seq_len, seed
+
+    def train_batch(self, step: int):
+        """(inputs, targets) int32 [b, t] of step `step`: a pure function of (step, seed)."""
+        return lm_batch(self.corpus.train, self.batch_size, self.seq_len, step, self.seed)
+
+    def eval_batches(self, split: str, batch_size: int, seq_len: int):
+        """[(inputs, targets) int32 [b, t]] covering the whole split (`lm_eval_batches`)."""
+        return lm_eval_batches(getattr(self.corpus, split), batch_size, seq_len)
+
+    def n_bytes(self, split: str):
+        """UTF-8 bytes of the split, or None where unknown (PTB)."""
+        return self.corpus.n_bytes[split] if self.corpus.n_bytes else None
+
+
+class SyntheticData:
+    """A synthetic task: a fixed training set of `num_train` examples, visited in a fresh
+    permutation each epoch (seeded by (seed, epoch)); `num_eval` examples per evaluation split."""
+
+    with_accuracy = True
+
+    def __init__(self, name: str, task: dict, *, batch_size: int, seq_len: int, seed: int = 0,
+                 num_train: int, num_eval: int, data_seed: int = 0):
+        """
+        Args:
+          name: a task of `SYNTHETIC_TASKS`.
+          task: keyword arguments of the generator, `vocab_size` required (e.g. num_kv_pairs);
+            the length argument is set from `seq_len`.
+          batch_size, seq_len: b and t of the training batches.
+          seed: the per-epoch permutation of the training set.
+          num_train, num_eval: examples in the training set and in each evaluation split.
+          data_seed: seed of the training set; the valid and test sets use data_seed + 1 and + 2
+            (our choice).
+
+        Raises:
+          ValueError: an unknown task, no `vocab_size` in `task`, or bad task arguments.
+        """
+        if name not in SYNTHETIC_TASKS:
+            raise ValueError(f"synthetic task {name!r}: allowed values are "
+                             f"{', '.join(SYNTHETIC_TASKS)}.")
+        if "vocab_size" not in task:
+            raise ValueError(f"task={task}: the synthetic task {name!r} needs vocab_size.")
+        self.generator, self.length_argument = SYNTHETIC_TASKS[name], SEQ_LEN_ARGUMENTS[name]
+        self.task, self.vocab_size = dict(task), task["vocab_size"]
+        self.data_seed, self.num_train, self.num_eval = data_seed, num_train, num_eval
+        self.batch_size, self.seed = batch_size, seed
+        self.train = self._generate(seq_len, num_train, data_seed)
+
+    def _generate(self, seq_len, num_examples, seed):
+        return self.generator(**self.task, **{self.length_argument: seq_len},
+                              num_examples=num_examples, seed=seed)
+
+    def train_batch(self, step: int):
+        """(inputs, targets) int32 [b, t]: examples step*b .. step*b + b - 1 of the epoch order."""
+        inputs, targets = self.train
+        n = len(inputs)
+        epochs, offsets = np.divmod(np.arange(step * self.batch_size,
+                                              (step + 1) * self.batch_size), n)
+        index = np.empty(self.batch_size, np.int64)
+        for epoch in np.unique(epochs):
+            chosen = epochs == epoch
+            index[chosen] = np.random.default_rng([self.seed, int(epoch)]).permutation(n)[
+                offsets[chosen]]
+        return inputs[index], targets[index]
+
+    def eval_batches(self, split: str, batch_size: int, seq_len: int):
+        """[(inputs, targets) int32 [b, t]]: `num_eval` examples of the split at length t (for
+        "train", the first ones of the training set), the last batch padded with rows of ignored
+        targets."""
+        if split == "train":
+            num, seed = self.num_train, self.data_seed
+        else:
+            num, seed = self.num_eval, self.data_seed + SPLITS.index(split)
+        inputs, targets = (x[:self.num_eval] for x in self._generate(seq_len, num, seed))
+        pad = -len(inputs) % batch_size
+        inputs = np.pad(inputs, ((0, pad), (0, 0)))
+        targets = np.pad(targets, ((0, pad), (0, 0)), constant_values=IGNORE_INDEX)
+        return [(inputs[i:i + batch_size], targets[i:i + batch_size])
+                for i in range(0, len(inputs), batch_size)]
+
+    def n_bytes(self, split: str):
+        """None: synthetic examples have no byte count."""
+        return None
+
+
+def load_data(config: ml_collections.ConfigDict) -> TextData | SyntheticData:
+    """The data source of a training config: `SyntheticData` for the tasks of `SYNTHETIC_TASKS`,
+    `TextData` for corpora.
+
+    Reads config.batch_size, config.seed (training-batch order) and config.data: name, seq_len,
+    seed (document split, or synthetic-set seed), path ("text_files": a directory, or a
+    comma-separated list of files), bpe_vocab_size, task, num_train, num_eval.
+
+    Raises:
+      MissingDataError: a corpus is not installed; ValueError: bad task arguments.
+    """
+    data = config.data
+    common = dict(batch_size=config.batch_size, seq_len=data.seq_len, seed=config.seed)
+    if data.name in SYNTHETIC_TASKS:
+        return SyntheticData(data.name, dict(data.task), num_train=data.num_train,
+                             num_eval=data.num_eval, data_seed=data.seed, **common)
+    path = data.path
+    if path and "," in path:
+        path = [p.strip() for p in path.split(",")]
+    return TextData(data.name, path=path, split_seed=data.seed,
+                    bpe_vocab_size=data.bpe_vocab_size, **common)
