@@ -11,6 +11,10 @@ Block sizes are frozen dataclasses with one default per backend; `validate` rais
 naming the field and the rule: on TPU the block that ends up as the last (lane) axis of a tile must
 be a multiple of 128 and one on the second-last (sublane) axis a multiple of 8.
 
+`MASKED_LOGIT` is the finite "minus infinity" of every masked logit, in the kernels and in the XLA
+paths of `bmojo_jax`. This module imports no Pallas backend at import time (`compiler_params`
+imports the one it needs), so `bmojo_jax` can use it without loading Pallas.
+
 Every program holds the whole time axis of its (batch, head) for the keys/values (attention) or the
 inputs (scans) and loops over it in blocks: on GPU those are global-memory refs; on TPU they sit in
 VMEM, so very long sequences need a larger `vmem_limit_bytes` (or a manual-DMA variant).
@@ -22,10 +26,12 @@ import dataclasses
 from typing import Optional
 
 import jax
-from jax.experimental.pallas import tpu as pltpu
-from jax.experimental.pallas import triton as pltriton
 
 BACKENDS = ("cpu", "gpu", "tpu")
+
+# Finite "minus infinity" for masked logits and running maxima (our choice): exp() of it is 0, yet
+# a row with nothing visible, or inf - inf, can never produce NaN.
+MASKED_LOGIT = -1e30
 
 
 def backend() -> str:
@@ -43,8 +49,10 @@ def compiler_params(n_grid_axes: int, name: Optional[str] = None):
     """Lowering parameters: Mosaic TPU (parallel grid axes), explicit Triton on GPU, none on CPU."""
     name = name or backend()
     if name == "tpu":
+        from jax.experimental.pallas import tpu as pltpu
         return pltpu.CompilerParams(dimension_semantics=("parallel",) * n_grid_axes)
     if name == "gpu":
+        from jax.experimental.pallas import triton as pltriton
         return pltriton.CompilerParams(num_warps=4, num_stages=2)
     return None
 

@@ -3,7 +3,7 @@
 Notation: b batch, t time (padded to t'), h heads, e head_dim, w window (= chunk), c chunks =
 ceil(t / w), m eidetic slots (padded to m'), bq / bk query / key block, i query and j key positions.
 
-For a query i (DESIGN.md section 2) one softmax runs over three key groups:
+For a query i (docs/design.md section 2) one softmax runs over three key groups:
     window   k[j], v[j]     0 <= i - j < w                (w >= t: full causal attention)
     fading   kf[j], vf[j]   w <= i - j < 2w
     eidetic  ks[i // w, s], vs[i // w, s]   for slots s with memory_positions[i // w, s] >= 0
@@ -43,7 +43,7 @@ from jax.experimental import pallas as pl
 from pallas_kernels import config as cfg
 
 _F32 = jnp.float32
-_NEG = -1e30  # finite "minus infinity": masked logits, and the running max before any key
+_NEG = cfg.MASKED_LOGIT  # masked logits, and the running max before any key
 
 
 @dataclasses.dataclass(frozen=True)

@@ -37,7 +37,6 @@ from pallas_kernels import config as cfg
 from pallas_kernels.scan_vjp import differentiable_scan
 
 _F32 = jnp.float32
-_NEG = -1e30  # finite "minus infinity": exp() of it is 0 without inf - inf = NaN risks
 
 
 def _dot(a, b, dims):
@@ -68,7 +67,7 @@ def _decays(dta_row):
     log_col = jnp.sum(jnp.where(cols <= rows, dta_row, 0.0), axis=1, keepdims=True)
     log_row = _to_row(log_col)
     causal = cols <= rows
-    decay = jnp.where(causal, jnp.exp(jnp.where(causal, log_col - log_row, _NEG)), 0.0)
+    decay = jnp.where(causal, jnp.exp(jnp.where(causal, log_col - log_row, cfg.MASKED_LOGIT)), 0.0)
     return log_col, decay
 
 
