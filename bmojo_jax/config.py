@@ -130,12 +130,13 @@ class ModelConfig:
             if self.ssm_kind == "mamba2" and inner % self.ssm_head_dim:
                 raise ValueError(f"ModelConfig.{expand_name} * d_model = {inner} is not divisible by "
                                  f"ssm_head_dim={self.ssm_head_dim}.")
-        _check_choice("ssm_kind", self.ssm_kind, SSM_KINDS)
-        _check_choice("implementation", self.implementation, IMPLEMENTATIONS)
-        _check_choice("scan_implementation", self.scan_implementation, SCAN_IMPLEMENTATIONS)
-        _check_choice("eidetic_eviction", self.eidetic_eviction, EVICTIONS)
-        _check_choice("innovation_predictor", self.innovation_predictor, PREDICTORS)
-        _check_choice("dtype", self.dtype, DTYPES)
+        check_choice("ModelConfig.ssm_kind", self.ssm_kind, SSM_KINDS)
+        check_choice("ModelConfig.implementation", self.implementation, IMPLEMENTATIONS)
+        check_choice("ModelConfig.scan_implementation", self.scan_implementation,
+                     SCAN_IMPLEMENTATIONS)
+        check_choice("ModelConfig.eidetic_eviction", self.eidetic_eviction, EVICTIONS)
+        check_choice("ModelConfig.innovation_predictor", self.innovation_predictor, PREDICTORS)
+        check_choice("ModelConfig.dtype", self.dtype, DTYPES)
         if self.eidetic_per_chunk > self.window:
             raise ValueError(f"ModelConfig.eidetic_per_chunk={self.eidetic_per_chunk} exceeds the "
                              f"chunk (window={self.window}) it selects from.")
@@ -195,6 +196,9 @@ class ModelConfig:
         return dataclasses.replace(self, **changes)
 
 
-def _check_choice(name, value, allowed):
+def check_choice(name: str, value, allowed) -> None:
+    """Raises ValueError "<name>=<value>: allowed values are <allowed>." unless `value` is in
+    `allowed`; `name` is the field's full name (e.g. "ModelConfig.ssm_kind", "config.data.name")."""
     if value not in allowed:
-        raise ValueError(f"ModelConfig.{name}={value!r}: allowed values are {list(allowed)}.")
+        raise ValueError(f"{name}={value!r}: allowed values are "
+                         f"{', '.join(str(a) for a in allowed)}.")
