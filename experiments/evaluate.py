@@ -13,10 +13,11 @@ import sys
 
 from absl import app, flags, logging
 
+from bmojo_jax import data as data_lib
 from bmojo_jax import training
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir holding checkpoints/.")
-_SPLIT = flags.DEFINE_enum("split", "test", training.EVAL_SPLITS, "Split to evaluate.")
+_SPLIT = flags.DEFINE_enum("split", "test", data_lib.SPLITS, "Split to evaluate.")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
 _SEQ_LEN = flags.DEFINE_integer("seq_len", None, "Context length in tokens (default: the "
                                 "config's evaluation context).")

@@ -7,14 +7,12 @@
 
 import sys
 
-import ml_collections
 import numpy as np
 from absl import app, flags, logging
-from flax import nnx
 
 import bmojo_jax
+from bmojo_jax import data as data_lib
 from bmojo_jax import training
-from bmojo_jax.data import MissingDataError
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir holding checkpoints/.")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
@@ -31,16 +29,15 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.set_verbosity(logging.WARNING)
     try:
-        meta, model_cfg, params = training.load_checkpoint(_WORKDIR.value, _STEP.value)
-        data = training.load_data(ml_collections.ConfigDict(meta["config"]))
-        if not isinstance(data, training.TextData):
+        model, config, _ = training.load_model(_WORKDIR.value, _STEP.value)
+        data = data_lib.load_data(config)
+        if not isinstance(data, data_lib.TextData):
             raise ValueError("generate needs a checkpoint trained on a text corpus.")
-        graphdef = nnx.split(bmojo_jax.LanguageModel(model_cfg, rngs=nnx.Rngs(0)))[0]
         prompt = data.corpus.encode(_PROMPT.value)[None]
-        new = bmojo_jax.generate(nnx.merge(graphdef, params), prompt, _MAX_NEW_TOKENS.value,
+        new = bmojo_jax.generate(model, prompt, _MAX_NEW_TOKENS.value,
                                  temperature=_TEMPERATURE.value, top_k=_TOP_K.value or None,
                                  seed=_SEED.value)
-    except (ValueError, FileNotFoundError, MissingDataError, training.CheckpointError) as e:
+    except (ValueError, FileNotFoundError, training.CheckpointError) as e:
         sys.exit(f"error: {e}")
     print(data.corpus.decode(np.concatenate([prompt[0], new[0]])))
 

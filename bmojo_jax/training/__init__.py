@@ -1,0 +1,29 @@
+"""Training: from a config file to a trained, evaluated, checkpointed model.
+
+    config       the config schema (`default_config`), `validate_config`, `model_config`,
+                 `abstract_model`
+    steps        loss, optimizer, XLA options, jitted train and eval steps, evaluation
+    checkpoints  orbax checkpoints (`Checkpoints`, `CheckpointError`) and their readers
+                 (`load_checkpoint`, `load_model`)
+    metrics      the JSON-lines metrics file (`MetricsLog`)
+    loop         the training job (`train_and_evaluate`) and `evaluate_checkpoint`
+
+The data sources live in `bmojo_jax.data` (`load_data`, re-exported here).
+"""
+
+from bmojo_jax.data import load_data
+from bmojo_jax.training.checkpoints import (CheckpointError, Checkpoints, load_checkpoint,
+                                            load_model)
+from bmojo_jax.training.config import (abstract_model, default_config, model_config,
+                                       validate_config)
+from bmojo_jax.training.loop import evaluate_checkpoint, train_and_evaluate
+from bmojo_jax.training.steps import (compiler_options, evaluate, evaluate_split,
+                                      learning_rate_schedule, lm_loss, make_eval_step,
+                                      make_optimizer, make_train_step, token_nll,
+                                      weight_decay_mask)
+
+__all__ = ["default_config", "validate_config", "model_config", "abstract_model", "load_data",
+           "lm_loss", "compiler_options", "token_nll", "learning_rate_schedule",
+           "weight_decay_mask", "make_optimizer", "make_train_step", "make_eval_step", "evaluate",
+           "evaluate_split", "Checkpoints", "CheckpointError", "train_and_evaluate",
+           "load_checkpoint", "load_model", "evaluate_checkpoint"]

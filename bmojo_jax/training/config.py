@@ -1,0 +1,187 @@
+"""The training config: its schema with defaults (`default_config`), its validation
+(`validate_config`), the model it describes (`model_config`) and that model built abstractly
+(`abstract_model`: shapes and dtypes only, no parameter memory).
+
+Configs are `ml_collections.ConfigDict`s; experiment configs (experiments/configs/) start from
+`default_config` and set fields.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+
+import ml_collections
+from flax import nnx
+from ml_collections import config_dict
+
+from bmojo_jax import data as data_lib
+from bmojo_jax import sharding as sharding_lib
+from bmojo_jax.config import PRESET_PATTERNS, ModelConfig, check_choice
+from bmojo_jax.model import LanguageModel
+
+SCHEDULES = ("cosine", "constant")
+DATA_NAMES = data_lib.CORPORA + tuple(data_lib.SYNTHETIC_TASKS)
+
+
+def default_config(preset: str = "bmojo") -> ml_collections.ConfigDict:
+    """The full config schema with defaults; experiment configs start from it and set fields.
+
+    Fields (lengths in tokens, rates per step):
+      model_preset: a `ModelConfig.preset` name.
+      model: every `ModelConfig` field; None (unset) keeps the preset's value. `vocab_size` unset
+        takes the data's vocabulary size.
+      data.name: a corpus of `data.load_corpus` or a task of `data.SYNTHETIC_TASKS`.
+      data.seq_len: training context t; data.eval_seq_len: evaluation context (None: seq_len).
+      data.path: "text_files" only: a directory of .txt files, or a comma-separated list of files.
+      data.bpe_vocab_size: BPE vocabulary of the non-PTB corpora.
+      data.seed: document split of corpora; seeds of the synthetic sets (train seed, valid seed+1,
+        test seed+2; our choice).
+      data.task: keyword arguments of the synthetic generator (vocab_size required), e.g.
+        num_kv_pairs; the generator's length argument is set from seq_len.
+      data.num_train, data.num_eval: synthetic examples in the training set and in each eval set.
+      optimizer: lr (peak), schedule ("cosine" | "constant"), warmup_steps, min_lr_ratio (cosine
+        end / peak), weight_decay (decoupled, AdamW), clip_norm (global gradient norm), b1, b2, eps.
+      num_steps, batch_size: training steps and sequences per step.
+      eval_every: steps between validation evaluations; eval_batches: batches per periodic
+        validation (0: the whole split); eval_batch_size: None = batch_size.
+      checkpoint_every, max_to_keep: steps between checkpoints (the last step is always saved) and
+        how many are kept.
+      log_every: steps between training-metric lines.
+      seed: model initialisation and training-batch order.
+      sample: text corpora only: a sample from `prompt` printed at the end (max_new_tokens,
+        temperature, top_k; top_k 0 = no truncation, temperature 0 = greedy).
+      mesh_shape: device mesh (data, fsdp, tensor), one entry may be -1 (the remaining devices);
+        default all devices on data. batch_size must be divisible by data * fsdp (`sharding`).
+      distributed: call `jax.distributed.initialize()` first (multi-host; README).
+    """
+    config = ml_collections.ConfigDict()
+    config.model_preset = preset
+    hints = typing.get_type_hints(ModelConfig)
+    config.model = ml_collections.ConfigDict(
+        {f.name: config_dict.placeholder(_base_type(hints[f.name]))
+         for f in dataclasses.fields(ModelConfig)})
+    config.data = ml_collections.ConfigDict(dict(
+        name="ptb", seq_len=128, eval_seq_len=config_dict.placeholder(int),
+        path=config_dict.placeholder(str), bpe_vocab_size=4096, seed=0,
+        task=ml_collections.ConfigDict(), num_train=10_000, num_eval=1_000))
+    config.optimizer = ml_collections.ConfigDict(dict(
+        lr=1e-3, schedule="cosine", warmup_steps=100, min_lr_ratio=0.1, weight_decay=0.1,
+        clip_norm=1.0, b1=0.9, b2=0.95, eps=1e-8))
+    config.num_steps = 1000
+    config.batch_size = 16
+    config.eval_every = 200
+    config.eval_batches = 10
+    config.eval_batch_size = config_dict.placeholder(int)
+    config.checkpoint_every = 200
+    config.max_to_keep = 3
+    config.log_every = 20
+    config.seed = 0
+    config.sample = ml_collections.ConfigDict(dict(
+        prompt="the", max_new_tokens=40, temperature=0.8, top_k=0))
+    config.mesh_shape = (-1, 1, 1)
+    config.distributed = False
+    return config
+
+
+def _base_type(hint):
+    """int for `int` and `Optional[int]`."""
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    return args[0] if args else hint
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+    """Checks every field of a training config (see `default_config`).
+
+    Raises:
+      ValueError: an unknown field, or a bad value; the message names the field (e.g.
+        "config.num_steps") and what is allowed.
+    """
+    _check_fields(config, default_config(), "config")
+    check_choice("config.model_preset", config.model_preset, tuple(PRESET_PATTERNS))
+    check_choice("config.data.name", config.data.name, DATA_NAMES)
+    check_choice("config.optimizer.schedule", config.optimizer.schedule, SCHEDULES)
+    for name in ("num_steps", "batch_size", "eval_every", "checkpoint_every", "max_to_keep",
+                 "log_every", "data.seq_len", "data.bpe_vocab_size", "data.num_train",
+                 "data.num_eval"):
+        _check_int(name, _get(config, name), minimum=1)
+    for name in ("eval_batches", "seed", "data.seed", "optimizer.warmup_steps",
+                 "sample.max_new_tokens", "sample.top_k"):
+        _check_int(name, _get(config, name), minimum=0)
+    for name in ("data.eval_seq_len", "eval_batch_size"):
+        if _get(config, name) is not None:
+            _check_int(name, _get(config, name), minimum=1)
+    for names, ok, rule in ((("optimizer.lr", "optimizer.eps", "optimizer.clip_norm"),
+                             lambda x: x > 0, "> 0"),
+                            (("optimizer.weight_decay", "sample.temperature"),
+                             lambda x: x >= 0, ">= 0"),
+                            (("optimizer.b1", "optimizer.b2"), lambda x: 0 <= x < 1, "in [0, 1)"),
+                            (("optimizer.min_lr_ratio",), lambda x: 0 <= x <= 1, "in [0, 1]")):
+        for name in names:
+            value = _get(config, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not ok(value):
+                raise ValueError(f"config.{name}={value!r}: must be a number {rule}.")
+    if config.optimizer.warmup_steps > config.num_steps:
+        raise ValueError(f"config.optimizer.warmup_steps={config.optimizer.warmup_steps} exceeds "
+                         f"config.num_steps={config.num_steps}.")
+    try:
+        sharding_lib.resolve_mesh_shape(config.mesh_shape, None)  # the device count comes later
+    except ValueError as e:
+        raise ValueError(f"config.{e}") from e
+    if not isinstance(config.distributed, bool):
+        raise ValueError(f"config.distributed={config.distributed!r}: must be True or False.")
+    if config.data.name == "text_files" and not config.data.path:
+        raise ValueError("config.data.path: data.name='text_files' needs a directory of .txt files "
+                         "or a comma-separated list of files.")
+    synthetic = config.data.name in data_lib.SYNTHETIC_TASKS
+    if synthetic and "vocab_size" not in config.data.task:
+        raise ValueError(f"config.data.task.vocab_size: required for the synthetic task "
+                         f"{config.data.name!r}.")
+    if not synthetic and config.data.task:
+        raise ValueError(f"config.data.task={dict(config.data.task)}: only synthetic tasks "
+                         f"({', '.join(data_lib.SYNTHETIC_TASKS)}) take task arguments.")
+    try:
+        model_config(config, config.model.vocab_size or 1)
+    except ValueError as e:
+        raise ValueError(f"config.model (preset {config.model_preset!r}): {e}") from e
+
+
+def _check_fields(config, schema, prefix):
+    for key in config:
+        name = f"{prefix}.{key}"
+        if key not in schema:
+            raise ValueError(f"{name}: unknown config field; allowed fields here: "
+                             f"{', '.join(sorted(schema))}.")
+        if isinstance(schema[key], ml_collections.ConfigDict) and name != "config.data.task":
+            _check_fields(config[key], schema[key], name)
+
+
+def _get(config, dotted):
+    for key in dotted.split("."):
+        config = config[key]
+    return config
+
+
+def _check_int(name, value, minimum):
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise ValueError(f"config.{name}={value!r}: must be an integer >= {minimum}.")
+
+
+def model_config(config: ml_collections.ConfigDict, vocab_size: int) -> ModelConfig:
+    """The `ModelConfig` of a training config: the preset with the set `config.model` fields applied
+    and `vocab_size` where `config.model.vocab_size` is unset.
+
+    Raises:
+      ValueError: unknown preset or an invalid model field (the message names it).
+    """
+    overrides = {k: v for k, v in config.model.items() if v is not None}
+    overrides.setdefault("vocab_size", vocab_size)
+    return ModelConfig.preset(config.model_preset, **overrides)
+
+
+def abstract_model(model_cfg: ModelConfig) -> LanguageModel:
+    """`LanguageModel(model_cfg)` built by `nnx.eval_shape`: its parameters are
+    `jax.ShapeDtypeStruct`s (float32), nothing is initialised or allocated. Its graphdef and
+    `nnx.Param` state give the structure that jitted steps merge into and checkpoints restore
+    into."""
+    return nnx.eval_shape(lambda: LanguageModel(model_cfg, rngs=nnx.Rngs(0)))

@@ -1,0 +1,210 @@
+"""The computations of training and evaluation: the loss (`token_nll`, `lm_loss`), the optimizer
+(`learning_rate_schedule`, `weight_decay_mask`, `make_optimizer`), the XLA options
+(`compiler_options`), the jitted train and eval steps (`make_train_step`, `make_eval_step`) and
+evaluation over batches (`evaluate`, `evaluate_split`).
+
+Notation: b batch, t time (tokens per window), V vocabulary size.
+
+Nothing here is cached: each `make_*_step` call returns a new jitted function, compiled on its first
+call. The caller (the training loop, a benchmark) builds a step once and keeps it; compiled
+executables live as long as the caller holds the step.
+
+Our choices: weight decay applies to matrices and higher-rank parameters only (linear kernels,
+convolution kernels, the token embedding, which is also the tied LM head), never to vectors (norm
+scales, biases) nor to the SSM dynamics `A_log`, `dt_bias`, `D` at any rank; the learning rate
+warms up linearly from 0, then follows a cosine to `min_lr_ratio * lr` at `num_steps` (or stays
+constant).
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax import nnx
+
+from bmojo_jax import data as data_lib
+from bmojo_jax import sharding as sharding_lib
+from bmojo_jax.config import ModelConfig
+from bmojo_jax.model import LanguageModel
+from bmojo_jax.training.config import abstract_model
+
+NO_DECAY_NAMES = ("A_log", "dt_bias", "D")
+
+
+def token_nll(logits, targets):
+    """Per-token negative log-likelihood (nats) and the label mask.
+
+    Args:
+      logits: float [b, t, V]; targets: int [b, t], negative (e.g. data.IGNORE_INDEX = -100)
+        where unlabelled, as in `LanguageModel.cross_entropy`.
+
+    Returns:
+      nll: float32 [b, t], 0 where unlabelled; mask: bool [b, t].
+    """
+    mask = targets >= 0
+    nll = optax.softmax_cross_entropy_with_integer_labels(
+        logits.astype(jnp.float32), jnp.where(mask, targets, 0))
+    return jnp.where(mask, nll, 0.0), mask
+
+
+def lm_loss(model: LanguageModel, inputs, targets):
+    """Training loss: mean cross-entropy over labelled targets plus the model's auxiliary loss (the
+    already-weighted innovation losses that B'MOJO layers sow), via `LanguageModel.cross_entropy`
+    (the logits are never materialised).
+
+    Args:
+      model: a `LanguageModel`; inputs: int32 [b, t]; targets: int32 [b, t], negative (e.g.
+        data.IGNORE_INDEX = -100) = unlabelled.
+
+    Returns:
+      (loss, metrics): float32 scalar; {"ce", "aux_loss", "tokens"} scalars (nats, nats, count).
+    """
+    ce, tokens, aux = model.cross_entropy(inputs, targets)
+    return ce + aux, {"ce": ce, "aux_loss": aux, "tokens": tokens}
+
+
+def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
+    """Step -> learning rate: linear warmup from 0 over `warmup_steps`, then cosine decay to
+    `min_lr_ratio * lr` at `num_steps` ("cosine") or constant `lr` ("constant")."""
+    opt = config.optimizer
+    if opt.schedule == "constant":
+        return optax.join_schedules(
+            [optax.linear_schedule(0.0, opt.lr, opt.warmup_steps), optax.constant_schedule(opt.lr)],
+            [opt.warmup_steps])
+    return optax.warmup_cosine_decay_schedule(0.0, opt.lr, opt.warmup_steps, config.num_steps,
+                                              end_value=opt.lr * opt.min_lr_ratio)
+
+
+def weight_decay_mask(params):
+    """Pytree of bools like `params`: True where weight decay applies (see module docstring)."""
+    def decays(path, leaf):
+        name = [k.key for k in path if isinstance(k, jax.tree_util.DictKey)][-1]
+        return leaf.ndim >= 2 and name not in NO_DECAY_NAMES
+    return jax.tree_util.tree_map_with_path(decays, params)
+
+
+def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+    """Global-norm gradient clipping, then AdamW with `learning_rate_schedule` and weight decay
+    masked by `weight_decay_mask`."""
+    opt = config.optimizer
+    return optax.chain(
+        optax.clip_by_global_norm(opt.clip_norm),
+        optax.adamw(learning_rate_schedule(config), b1=opt.b1, b2=opt.b2, eps=opt.eps,
+                    weight_decay=opt.weight_decay, mask=weight_decay_mask))
+
+
+def compiler_options() -> dict:
+    """XLA options of our jitted training and evaluation steps, for the default backend (our
+    choice, measured on CPU; `benchmarks/train_step.py` uses them too).
+
+    On CPU, XLA (jaxlib 0.10.2) hands dots, elementwise fusions and reductions to YNNPACK by
+    default. Its reduction over the time axis of a [1, t, c] array (the gradient of a per-channel
+    parameter at batch 1) runs ~40x slower than XLA's own (38 ms vs 0.9 ms at t=8192, c=288), which
+    made a `bmojo` training step on one 8192-token sequence 1.37x slower; so YNNPACK gets the dots
+    only. Other backends: no options.
+    """
+    if jax.default_backend() != "cpu":
+        return {}
+    return {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_DOT"}
+
+
+def make_train_step(model_cfg: ModelConfig, config: ml_collections.ConfigDict, mesh=None):
+    """A jitted `(params, opt_state, inputs, targets) -> (params, opt_state, metrics)` with the
+    optimizer of `make_optimizer(config)`.
+
+    params is the `nnx.Param` state of `nnx.split(model, nnx.Param)`; inputs and targets are int32
+    [b, t]; params and opt_state are donated. metrics: float32 scalars "loss", "ce", "aux_loss",
+    "grad_norm" (before clipping). Each call returns a new function, compiled on its first call:
+    build it once and keep it (see module docstring). The config is read now; later changes to it
+    do not affect the step.
+
+    With a `mesh` (`sharding.make_mesh`) the step is jitted with in/out shardings: params and
+    opt_state split by `sharding.PARAM_RULES`, the batch rows over ("data", "fsdp"), metrics
+    replicated; XLA inserts the collectives (`sharding.shard_tree`, `sharding.host_batch` place
+    the arguments).
+    """
+    graphdef, optimizer = nnx.graphdef(abstract_model(model_cfg)), make_optimizer(config)
+
+    def loss_fn(params, inputs, targets):
+        return lm_loss(nnx.merge(graphdef, params), inputs, targets)
+
+    def train_step(params, opt_state, inputs, targets):
+        (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, inputs, targets)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        metrics = dict(loss=loss, ce=metrics["ce"], aux_loss=metrics["aux_loss"],
+                       grad_norm=optax.tree.norm(grads))
+        return optax.apply_updates(params, updates), opt_state, metrics
+
+    if mesh is None:
+        return jax.jit(train_step, donate_argnums=(0, 1), compiler_options=compiler_options())
+    params_sharding, opt_sharding = sharding_lib.state_shardings(model_cfg, optimizer, mesh)
+    batch = sharding_lib.batch_sharding(mesh)
+    return jax.jit(train_step, donate_argnums=(0, 1), compiler_options=compiler_options(),
+                   in_shardings=(params_sharding, opt_sharding, batch, batch),
+                   out_shardings=(params_sharding, opt_sharding, sharding_lib.replicated(mesh)))
+
+
+def make_eval_step(model_cfg: ModelConfig, mesh=None):
+    """A jitted `(params, inputs, targets) -> {"nll_sum", "tokens", "predictions"}`: summed NLL
+    (nats) and count over labelled targets, and argmax predictions int32 [b, t]. Each call returns
+    a new function (see module docstring). With a `mesh`, the outputs are replicated on it
+    (readable on every host)."""
+    graphdef = nnx.graphdef(abstract_model(model_cfg))
+
+    def eval_step(params, inputs, targets):
+        logits = nnx.merge(graphdef, params)(inputs)
+        nll, mask = token_nll(logits, targets)
+        return {"nll_sum": nll.sum(), "tokens": mask.sum(),
+                "predictions": logits.argmax(-1).astype(jnp.int32)}
+    if mesh is None:
+        return jax.jit(eval_step, compiler_options=compiler_options())
+    return jax.jit(eval_step, out_shardings=sharding_lib.replicated(mesh),
+                   compiler_options=compiler_options())
+
+
+def evaluate(eval_step, params, batches, *, n_bytes=None, with_accuracy=False) -> dict:
+    """Evaluates `params` on `batches` [(inputs, targets) int32 [b, t]].
+
+    Args:
+      eval_step: from `make_eval_step`.
+      n_bytes: UTF-8 bytes of the text the batches cover, for bits per byte (give it only when the
+        batches cover the whole split).
+      with_accuracy: also report `data.accuracy` (argmax on labelled positions; synthetic tasks).
+
+    Returns:
+      {"loss": mean NLL per labelled token (nats), "perplexity": exp(loss), "tokens": count,
+       "bits_per_byte" (with n_bytes): total NLL / ln 2 / n_bytes, "accuracy" (with_accuracy)}.
+
+    Raises:
+      ValueError: no labelled target in the batches.
+    """
+    outputs = jax.device_get([eval_step(params, x, y) for x, y in batches])
+    nll = sum(float(o["nll_sum"]) for o in outputs)
+    tokens = sum(int(o["tokens"]) for o in outputs)
+    if not tokens:
+        raise ValueError("evaluate: the batches hold no labelled target.")
+    result = {"loss": nll / tokens, "perplexity": math.exp(min(nll / tokens, 700.0)),
+              "tokens": tokens}
+    if n_bytes:
+        result["bits_per_byte"] = nll / math.log(2) / n_bytes
+    if with_accuracy:
+        result["accuracy"] = data_lib.accuracy(
+            np.concatenate([o["predictions"] for o in outputs]),
+            np.concatenate([np.asarray(y) for _, y in batches]))
+    return result
+
+
+def evaluate_split(eval_step, params, data, split: str, batch_size: int, seq_len: int,
+                   max_batches: int = 0) -> dict:
+    """`evaluate` on `split` of `data` (a `data.load_data` source) at context `seq_len`, on its
+    first `max_batches` batches (0: all; bits per byte only then)."""
+    batches = data.eval_batches(split, batch_size, seq_len)
+    complete = not max_batches or max_batches >= len(batches)
+    return evaluate(eval_step, params, batches if complete else batches[:max_batches],
+                    n_bytes=data.n_bytes(split) if complete else None,
+                    with_accuracy=data.with_accuracy)
