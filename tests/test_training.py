@@ -1,15 +1,19 @@
-"""Training machinery: end-to-end train + eval, exact resume, config errors, checkpoint errors.
+"""Training machinery: end-to-end train + eval, exact resume, config errors, checkpoint errors,
+checkpoint readers, no cached steps.
 
 One tiny MQAR run (2 layers, d_model 32, vocab 64, seq 32) is shared by the module; JAX compile
 time dominates, so shapes are few and runs are short.
 """
 
+import gc
+import inspect
 import json
 import math
 import re
 import shutil
 import subprocess
 import sys
+import weakref
 from pathlib import Path
 
 import jax
@@ -18,7 +22,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from bmojo_jax import LanguageModel, ModelConfig, training
+from bmojo_jax import LanguageModel, data, training
 from experiments.configs import books, mqar, ptb, tiny
 
 STEPS, EVERY = 12, 6
@@ -50,9 +54,7 @@ def _records(workdir, split):
 
 
 def _params(workdir, step):
-    model = LanguageModel(training.model_config(_tiny_config(), 64), rngs=nnx.Rngs(0))
-    with training.Checkpoints(workdir / "checkpoints", create=False) as checkpoints:
-        return checkpoints.restore(step, nnx.split(model, nnx.Param)[1])[1]
+    return training.load_checkpoint(workdir, step)[2]
 
 
 def test_train_and_evaluate_end_to_end(run):
@@ -105,6 +107,32 @@ def test_corrupt_checkpoint_gives_clear_error_and_deletes_nothing(run, tmp_path)
         training.evaluate_checkpoint(workdir)
     assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["12", "6"]
     assert training.evaluate_checkpoint(workdir, step=EVERY)["step"] == EVERY
+
+
+def test_load_model_gives_the_trained_model(run):
+    """`load_model` (built abstractly) = a concrete model restored from the same checkpoint."""
+    model, config, step = training.load_model(run[0])
+    assert step == STEPS and config.to_dict() == json.loads(json.dumps(_tiny_config().to_dict()))
+    reference = LanguageModel(training.model_config(_tiny_config(), 64), rngs=nnx.Rngs(1))
+    with training.Checkpoints(run[0] / "checkpoints", create=False) as checkpoints:
+        nnx.update(reference, checkpoints.restore(STEPS, nnx.state(reference, nnx.Param))[1])
+    logits = nnx.jit(lambda m, x: m(x))  # equal graphdefs: one compile serves both
+    tokens = np.arange(32, dtype=np.int32)[None] % 64
+    np.testing.assert_array_equal(logits(model, tokens), logits(reference, tokens))
+    assert training.load_model(run[0], step=EVERY)[2] == EVERY
+
+
+def test_steps_are_not_cached():
+    """Each build is a new function that dies with its caller (no module-level cache)."""
+    model_cfg, config = training.model_config(_tiny_config(), 64), _tiny_config()
+    for build in (lambda: training.make_train_step(model_cfg, config),
+                  lambda: training.make_eval_step(model_cfg)):
+        step = build()
+        assert build() is not step
+        alive = weakref.ref(step)
+        del step
+        gc.collect()
+        assert alive() is None
 
 
 def test_missing_checkpoint_gives_clear_error(run, tmp_path):
@@ -199,6 +227,12 @@ def test_synthetic_batches_are_a_function_of_the_step():
     epoch = np.concatenate([first.train_batch(0)[0], first.train_batch(1)[0],
                             first.train_batch(2)[0][:56]])
     np.testing.assert_array_equal(np.unique(epoch, axis=0), np.unique(first.train[0], axis=0))
+
+
+def test_every_synthetic_task_has_its_length_argument():
+    assert set(data.SEQ_LEN_ARGUMENTS) == set(data.SYNTHETIC_TASKS)
+    for name, argument in data.SEQ_LEN_ARGUMENTS.items():
+        assert argument in inspect.signature(data.SYNTHETIC_TASKS[name]).parameters, name
 
 
 def test_token_nll_is_masked_cross_entropy():
