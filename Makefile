@@ -36,7 +36,9 @@ test: $(STAMP)
 run: $(DATA)
 	$(PY) -m experiments.train --config=experiments/configs/ptb.py:bmojo --workdir=workdir/ptb_bmojo
 
-# The paper's tables and figures at small scale (results/*.md, *.json, *.png).
+# The paper's tables and figures at small scale: replaces the committed results/*.md, *.json,
+# *.png (without --out_dir=results a run writes into a new runs/NAME-<timestamp>/ instead).
+# Rerunning resumes the training points under /tmp/bmojo_reproduce.
 reproduce: $(DATA)
 	for table in synthetic mqar_memory lm inference length; do \
 		$(PY) -m experiments.reproduce --table=$$table --budget=full --out_dir=results || exit 1; \

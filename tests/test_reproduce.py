@@ -1,7 +1,10 @@
-"""experiments/reproduce.py: every table runs end to end on the `tiny` budget and writes well-formed
-files. Few presets per table and tiny shapes: JAX compilation dominates the runtime."""
+"""experiments/reproduce: every table runs end to end on the `tiny` budget and writes well-formed
+files; outputs go to a new runs/ directory unless one is given, with the exact command recorded
+(tables and benchmarks). Few presets per table and tiny shapes: JAX compilation dominates the
+runtime."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +14,7 @@ import pytest
 import bmojo_jax as bj
 from bmojo_jax import data as data_lib
 from experiments import reproduce
+from experiments.reproduce import length, lm, mqar_memory, synthetic
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -54,9 +58,9 @@ def _check_files(out_dir, table, presets, figure=True):
 def test_synthetic(dirs):
     out_dir, work = dirs
     record = reproduce.reproduce("synthetic", "tiny", out_dir, ["swa"], work)
-    settings = reproduce.BUDGETS["tiny"]["synthetic"]
+    settings = synthetic.budgets()["tiny"]
     _check_files(out_dir, "synthetic", ["swa"])
-    tasks = list(settings["tasks"])
+    tasks = [name for name, _ in settings["tasks"]]
     assert sorted(r["task"] for r in record["best"]) == sorted(tasks)
     for r in record["runs"]:
         assert 0 <= r["test_accuracy"] <= 1 and r["params"] > 0
@@ -74,9 +78,9 @@ def test_mqar_memory(dirs):
     _, md = _check_files(out_dir, "mqar_memory", ["swa", "bmojo"])
     assert "Eidetic-memory ablation" in md
     runs = record["runs"]
-    assert [r["preset"] for r in runs] == [p for p, _ in
-                                           reproduce.BUDGETS["tiny"]["mqar_memory"]["variants"]]
-    window = reproduce.BUDGETS["tiny"]["mqar_memory"]["model"]["window"]
+    settings = mqar_memory.budgets()["tiny"]
+    assert [r["preset"] for r in runs] == [p for p, _ in settings["variants"]]
+    window = settings["model"]["window"]
     assert record["query_distance"]["min"] > window  # the keys lie beyond the window
     swa = runs[0]
     assert swa["queries_within_window"] == 0 and swa["eidetic_slots"] == 0
@@ -109,8 +113,9 @@ def test_lm(dirs):
 
 def test_matched_parameter_counts():
     """The full LM budget's presets match the transformer's non-embedding count within 2%."""
-    settings = reproduce.BUDGETS["full"]["lm"]
-    models = reproduce.lm_models(settings, reproduce.PRESETS, 10_000)
+    settings = lm.budgets()["full"]
+    models = lm.matched_models(dict(settings["model"], vocab_size=10_000), reproduce.PRESETS,
+                               settings["bmojo_model"])
     counts = {p: bj.param_count(bj.ModelConfig.preset(p, **m), embedding=False)
               for p, m in models.items()}
     for preset, count in counts.items():
@@ -122,7 +127,7 @@ def test_length(dirs):
     out_dir, work = dirs
     record = reproduce.reproduce("length", "tiny", out_dir, ["swa"], work)
     _check_files(out_dir, "length", ["swa"])
-    settings = reproduce.BUDGETS["tiny"]["length"]
+    settings = length.budgets()["tiny"]
     (run,) = record["runs"]
     lengths = [str(m * settings["seq_len"]) for m in settings["multipliers"]]
     assert list(run["perplexity"]) == lengths
@@ -143,3 +148,60 @@ def test_command_line_requires_a_table():
     result = subprocess.run([sys.executable, "-m", "experiments.reproduce", "--budget=tiny"],
                             cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode != 0 and "--table" in result.stderr
+
+
+def _snapshot(directory: Path) -> dict:
+    return {p.relative_to(directory): (p.stat().st_size, p.stat().st_mtime_ns)
+            for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def _run_module(argv, cwd):
+    """`python -m ...` in `cwd` with this repository importable; returns the completed process."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [str(ROOT)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
+    result = subprocess.run([sys.executable, "-m", *argv], cwd=cwd, env=env, capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+@pytest.mark.slow
+def test_command_line_writes_a_new_run_dir(tmp_path):
+    """Without --out_dir a table goes to a new runs/TABLE-<timestamp>/ (under the current
+    directory) and records the exact command; results/ is untouched."""
+    before = _snapshot(ROOT / "results")
+    args = ["--table=inference", "--budget=tiny", "--presets=swa", f"--workdir={tmp_path / 'w'}"]
+    _run_module(["experiments.reproduce", *args], tmp_path)
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    assert run_dir.name.startswith("inference-")
+    record = json.loads((run_dir / "inference.json").read_text())
+    assert record["command"] == "python -m experiments.reproduce " + " ".join(args)
+    assert record["git_commit"] and record["started_utc"] and record["jax_version"]
+    assert (run_dir / "inference.md").exists() and (run_dir / "inference.png").exists()
+    assert _snapshot(ROOT / "results") == before
+
+
+@pytest.mark.slow
+def test_benchmark_writes_a_new_run_dir(tmp_path):
+    """A benchmark without --out_dir/--out writes under runs/ too, recording every flag passed."""
+    before = _snapshot(ROOT / "results")
+    args = ["--contexts=64", "--presets=swa", "--d_model=32", "--n_layers=1", "--steps=2",
+            "--rounds=1"]
+    _run_module(["benchmarks.decode", *args], tmp_path)
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    assert run_dir.name.startswith("decode-")
+    record = json.loads((run_dir / "decode.json").read_text())
+    assert record["command"] == "python -m benchmarks.decode " + " ".join(args)
+    assert [(r["preset"], r["context"]) for r in record["rows"]] == [("swa", 64)]
+    assert _snapshot(ROOT / "results") == before
+
+
+def test_output_dir_never_reuses_a_run(tmp_path, monkeypatch):
+    from benchmarks import harness
+    monkeypatch.setattr(harness, "RUNS", tmp_path / "runs")
+    first, second = harness.output_dir("t"), harness.output_dir("t")
+    assert first != second and first.is_dir() and second.is_dir()
+    assert first.parent == second.parent == tmp_path / "runs"
+    assert harness.output_dir("t", tmp_path / "explicit") == tmp_path / "explicit"
+    with pytest.raises(ValueError, match="--out_dir"):
+        harness.output_prefix("decode", out_dir=tmp_path, out=str(tmp_path / "x"))

@@ -1,0 +1,38 @@
+"""`python -m experiments.reproduce --table=NAME|all [--budget=tiny|full] [--out_dir=DIR]
+[--presets=...] [--workdir=DIR]`: see the package docstring."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import jax
+from absl import app, flags, logging
+
+from benchmarks import harness
+from experiments.reproduce import BUDGETS, TABLES, reproduce, runner
+
+flags.DEFINE_enum("table", None, tuple(TABLES) + ("all",), "Which table to reproduce.")
+flags.DEFINE_enum("budget", "full", BUDGETS, "tiny: seconds (tests); full: the committed results "
+                  "(minutes per table on 2 CPU cores).")
+flags.DEFINE_string("out_dir", None, harness.OUT_DIR_HELP)
+flags.DEFINE_list("presets", None, "Presets to run (default: all six; tiny: swa,bmojo).")
+flags.DEFINE_string("workdir", str(runner.DEFAULT_WORKDIR), "Root of the points' training "
+                    "workdirs (rerunning resumes them) and of the JAX compilation cache.")
+flags.mark_flag_as_required("table")
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint file at INFO
+    jax.config.update("jax_compilation_cache_dir", str(Path(FLAGS.workdir) / "jax_cache"))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    command = harness.command_line("experiments.reproduce")
+    out_dir = harness.output_dir(FLAGS.table, FLAGS.out_dir)  # one directory for --table=all
+    for table in TABLES if FLAGS.table == "all" else (FLAGS.table,):
+        reproduce(table, FLAGS.budget, out_dir, FLAGS.presets, FLAGS.workdir, command)
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,126 @@
+"""Table 5 of docs/design.md section 7: length generalization. Train at context T on books
+(Shakespeare + Austen), evaluate test perplexity at 1x..16x T on the same held-out tokens for
+every context length."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import ml_collections
+from flax import nnx
+
+from bmojo_jax import data as data_lib
+from bmojo_jax import training
+from experiments import plotting
+from experiments.reproduce import runner
+
+NAME = "length"
+TITLE = "Length generalization: train at context T, evaluate at 1x..16x T"
+FINAL_EVAL_BATCH_SIZE = 64  # the library's final evaluation at T is not the measurement here
+
+
+def budgets() -> dict:
+    """{"tiny", "full"}: ConfigDicts of every setting.
+
+    Fields: corpus (a `data.load_corpus` name), model (ModelConfig fields), bmojo_model (added for
+    `bmojo`), seq_len (training context T), multipliers (evaluation contexts in units of T),
+    batch_size, num_steps, lr, warmup_steps, bpe_vocab_size, eval_batch_size (contiguous test
+    streams), seed. The tiny budget reads PTB: tokenizing books alone takes ~25 s on 2 busy
+    cores.
+    """
+    full = dict(
+        corpus="books", model=dict(d_model=128, n_layers=2, n_heads=4, window=32),
+        bmojo_model=dict(innovation_loss_weight=0.001),
+        seq_len=128, multipliers=(1, 2, 4, 8, 16), batch_size=16, num_steps=200, lr=3e-3,
+        warmup_steps=30, bpe_vocab_size=4096, eval_batch_size=8, seed=0)
+    tiny = dict(full, corpus="ptb", model=dict(d_model=32, n_layers=2, n_heads=2, window=16),
+                seq_len=32, multipliers=(1, 2), batch_size=8, num_steps=4, warmup_steps=1,
+                eval_batch_size=4)
+    return {"tiny": ml_collections.ConfigDict(tiny), "full": ml_collections.ConfigDict(full)}
+
+
+def perplexities(run_dir: Path, tokens, s) -> dict:
+    """{context L: test perplexity} of the latest checkpoint of `run_dir` (loaded with
+    `training.load_model`) at every L = m x T of `s.multipliers`: the first max(L) tokens of each
+    of the `s.eval_batch_size` streams of `data.lm_eval_batches`, the same tokens for every L."""
+    model, _, _ = training.load_model(run_dir)
+    eval_step = training.make_eval_step(model.config)
+    params = nnx.state(model, nnx.Param)
+    span = s.seq_len * max(s.multipliers)
+    out = {}
+    for m in s.multipliers:
+        length = m * s.seq_len
+        batches = data_lib.lm_eval_batches(tokens, s.eval_batch_size, length)[:span // length]
+        out[length] = training.evaluate(eval_step, params, batches)["perplexity"]
+    return out
+
+
+def run(s, presets, workdir: Path) -> dict:
+    """One training point per preset at T, then its perplexity at every evaluation context."""
+    corpus = data_lib.load_corpus(s.corpus, vocab_size=s.bpe_vocab_size, seed=s.seed)
+    runs = []
+    for preset in presets:
+        model = dict(s.model, **(s.bmojo_model if preset == "bmojo" else {}))
+        config = runner.point_config(preset, model, s, lr=s.lr)
+        config.data.update(name=s.corpus, seq_len=s.seq_len, bpe_vocab_size=s.bpe_vocab_size,
+                           seed=s.seed)
+        config.eval_batch_size = FINAL_EVAL_BATCH_SIZE
+        result = runner.train_point(config, workdir / preset)
+        tic = time.perf_counter()
+        perplexity = perplexities(workdir / preset, corpus.test, s)
+        runs.append(dict(preset=preset, params=result["params"], wall_s=result["wall_s"],
+                         eval_s=time.perf_counter() - tic, train_seq_len=s.seq_len,
+                         perplexity={str(k): v for k, v in perplexity.items()}))
+        print(f"[length] {preset}: " + ", ".join(f"{k}: {v:.1f}" for k, v in perplexity.items()),
+              flush=True)
+    return dict(runs=runs, optimizer=config.optimizer.to_dict(),
+                eval_tokens=s.eval_batch_size * s.seq_len * max(s.multipliers),
+                test_tokens=int(len(corpus.test)), vocab_size=corpus.vocab_size)
+
+
+def markdown(record, s) -> str:
+    """The perplexity-vs-context table and the method in prose."""
+    t = s.seq_len
+    lengths = [m * t for m in s.multipliers]
+    lines = ["| model | parameters | " + " | ".join(f"{L} ({L // t}x)" for L in lengths) +
+             f" | ratio {lengths[-1] // t}x / 1x |",
+             "|---|---:|" + "---:|" * len(lengths) + "---:|"]
+    for r in record["runs"]:
+        ppl = [r["perplexity"][str(L)] for L in lengths]
+        lines.append(f"| {r['preset']} | {r['params']:,} | " +
+                     " | ".join(f"{p:.1f}" for p in ppl) + f" | {ppl[-1] / ppl[0]:.2f} |")
+    corpus = (f"Books = Shakespeare's 42 works + Austen's 6 novels, split by document "
+              f"(`load_corpus('books')`, BPE {record['vocab_size']}); the test documents are "
+              f"held out from training and from the tokenizer." if s.corpus == "books" else
+              f"Corpus `{s.corpus}` (vocabulary {record['vocab_size']}).")
+    return (f"Test perplexity at evaluation context length (tokens), training context T = {t}."
+            f"\n\n" + "\n".join(lines) + f"\n\n{corpus} At every context length L the same "
+            f"{record['eval_tokens']:,} test tokens are scored: the first {lengths[-1]} tokens "
+            f"of each of {s.eval_batch_size} contiguous streams of the test split "
+            f"({record['test_tokens']:,} tokens), cut into windows of L tokens (each window "
+            f"starts from an empty state; perplexity averages over all positions of the "
+            f"windows). Model: {runner.describe(s.model)}; `bmojo` adds "
+            f"{runner.describe(s.bmojo_model)}. Training: {s.num_steps} steps x {s.batch_size} x "
+            f"{t} tokens, peak lr {s.lr:g}, "
+            f"{runner.describe_optimizer(record['optimizer'], s.num_steps)}. RoPE positions "
+            f"continue past T for the attention layers (no interpolation).")
+
+
+def plot(record, s, path) -> None:
+    """Test perplexity vs evaluation context, one line per preset (log-log)."""
+    plt = plotting.pyplot()
+    t = s.seq_len
+    lengths = [m * t for m in s.multipliers]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for r in record["runs"]:
+        ax.plot(lengths, [r["perplexity"][str(L)] for L in lengths], marker="o",
+                label=r["preset"])
+    ax.axvline(t, color="gray", ls="--", lw=1)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel(f"evaluation context (tokens); training context T = {t}")
+    ax.set_ylabel("test perplexity")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    plotting.save(fig, path)

@@ -1,0 +1,117 @@
+"""Table 3 of docs/design.md section 7: Penn Treebank word-level validation/test perplexity and
+training throughput, six presets at matched non-embedding parameter counts (d_ff set per preset),
+with Zaremba et al. 2014's LSTMs as an external reference."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import ml_collections
+
+import bmojo_jax as bj
+from bmojo_jax import data as data_lib
+from bmojo_jax import training
+from experiments.reproduce import runner
+
+NAME = "lm"
+TITLE = "Penn Treebank perplexity and training time at matched parameter counts"
+
+# Zaremba, Sutskever & Vinyals 2014, "Recurrent neural network regularization", Table 1: PTB
+# word-level test perplexity of 2-layer LSTMs (docs/design.md section 6), trained 13-55 epochs.
+ZAREMBA = (("LSTM small, non-regularized (Zaremba et al. 2014)", 114.5),
+           ("LSTM medium, dropout (Zaremba et al. 2014)", 82.7),
+           ("LSTM large, dropout (Zaremba et al. 2014)", 78.4))
+
+plot = None  # a table only
+
+
+def budgets() -> dict:
+    """{"tiny", "full"}: ConfigDicts of every setting.
+
+    Fields: model (ModelConfig fields shared by every preset; d_ff is matched per preset),
+    bmojo_model (added for `bmojo`), seq_len, batch_size, num_steps, lr, warmup_steps,
+    eval_batch_size, seed.
+    """
+    full = dict(
+        model=dict(d_model=128, n_layers=2, n_heads=4, window=32),
+        bmojo_model=dict(innovation_loss_weight=0.001),
+        seq_len=128, batch_size=16, num_steps=250, lr=4e-3, warmup_steps=25,
+        eval_batch_size=32, seed=0)
+    tiny = dict(full, model=dict(d_model=32, n_layers=2, n_heads=2, window=16), seq_len=32,
+                batch_size=8, num_steps=4, warmup_steps=1, eval_batch_size=128)
+    return {"tiny": ml_collections.ConfigDict(tiny), "full": ml_collections.ConfigDict(full)}
+
+
+def matched_models(model, presets, bmojo_model=None) -> dict:
+    """{preset: ModelConfig fields}: `model` (ModelConfig fields including vocab_size; plus
+    `bmojo_model` for bmojo) with a d_ff that matches the transformer's non-embedding parameter
+    count at those fields (`bmojo_jax.match_d_ff`)."""
+    model = dict(model)
+    target = bj.param_count(bj.ModelConfig.preset("transformer", **model), embedding=False)
+    out = {}
+    for preset in presets:
+        fields = dict(model, **((bmojo_model or {}) if preset == "bmojo" else {}))
+        out[preset] = dict(fields, d_ff=bj.match_d_ff(bj.ModelConfig.preset(preset, **fields),
+                                                      target).d_ff)
+    return out
+
+
+def run(s, presets, workdir: Path) -> dict:
+    """One training point per preset on PTB."""
+    corpus = data_lib.load_corpus("ptb")
+    models = matched_models(dict(s.model, vocab_size=corpus.vocab_size), presets, s.bmojo_model)
+    runs = []
+    for preset in presets:
+        config = runner.point_config(preset, models[preset], s, lr=s.lr)
+        config.data.update(name="ptb", seq_len=s.seq_len)
+        config.eval_batch_size = s.eval_batch_size
+        result = runner.train_point(config, workdir / preset)
+        model_cfg = training.model_config(config, corpus.vocab_size)
+        runs.append(dict(
+            preset=preset, d_ff=model_cfg.hidden_dim, params=result["params"],
+            non_embedding_params=bj.param_count(model_cfg, embedding=False),
+            valid_perplexity=result["valid"]["perplexity"],
+            test_perplexity=result["test"]["perplexity"], tokens_per_s=result["tokens_per_s"],
+            train_s=result["train_s"], wall_s=result["wall_s"],
+            final_train_loss=result["final_train_loss"]))
+        print(f"[lm] {preset}: valid ppl {runs[-1]['valid_perplexity']:.1f}, test ppl "
+              f"{runs[-1]['test_perplexity']:.1f}, {result['tokens_per_s']:.0f} tok/s "
+              f"({result['wall_s']:.0f} s)", flush=True)
+    return dict(runs=runs, optimizer=config.optimizer.to_dict(),
+                vocab_size=corpus.vocab_size, train_tokens=int(len(corpus.train)),
+                reference=[dict(model=m, test_perplexity=p) for m, p in ZAREMBA])
+
+
+def markdown(record, s) -> str:
+    """The perplexity and speed table with the LSTM references, and the settings in prose."""
+    transformer = next((r for r in record["runs"] if r["preset"] == "transformer"), None)
+    lines = ["| model | d_ff | parameters (non-embedding) | valid ppl | test ppl | train "
+             "tokens/s | train time (s) | vs transformer |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in record["runs"]:
+        speed = ("—" if transformer is None else
+                 f"{transformer['train_s'] / r['train_s']:.2f}x speed, "
+                 f"{r['test_perplexity'] / transformer['test_perplexity']:.2f}x ppl")
+        lines.append(f"| {r['preset']} | {r['d_ff']} | {r['params']:,} "
+                     f"({r['non_embedding_params']:,}) | {r['valid_perplexity']:.1f} | "
+                     f"{r['test_perplexity']:.1f} | {r['tokens_per_s']:,.0f} | "
+                     f"{r['train_s']:.0f} | {speed} |")
+    for ref in record["reference"]:
+        lines.append(f"| *{ref['model']}* | | | | *{ref['test_perplexity']}* | | | |")
+    tokens = s.num_steps * s.batch_size * s.seq_len
+    vocab = record["vocab_size"]
+    return ("\n".join(lines) +
+            f"\n\nPenn Treebank, word level (Mikolov split, vocabulary {vocab:,}; "
+            f"`load_corpus('ptb')`, {record['train_tokens']:,} training tokens). Perplexity over "
+            f"every token of the validation and test splits, in contiguous windows of {s.seq_len} "
+            f"tokens. Model: {runner.describe(s.model)}; d_ff is set per preset to match the "
+            f"transformer's non-embedding parameter count (the tied {vocab:,} x "
+            f"{s.model.d_model} embedding is the same for all); `bmojo` adds "
+            f"{runner.describe(s.bmojo_model)}. Training: {s.num_steps} steps x {s.batch_size} x "
+            f"{s.seq_len} tokens = {tokens:,} tokens ({tokens / record['train_tokens']:.2f} "
+            f"epochs), peak lr {s.lr:g}, "
+            f"{runner.describe_optimizer(record['optimizer'], s.num_steps)}. Training throughput "
+            f"is the median over logged intervals (compilation excluded); train time = tokens / "
+            f"throughput. The machine is shared, so throughputs carry ~10-20% noise. The LSTM "
+            f"rows are external references trained for 13-55 epochs with dropout, not runs of "
+            f"this code.")

@@ -1,0 +1,162 @@
+"""Table 1 of docs/design.md section 7: the four MAD recall tasks (in-context, noisy, fuzzy recall,
+selective copying) and MQAR, six presets at 2 layers, best of a learning-rate grid chosen on the
+validation set (the table shows test accuracy)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import ml_collections
+import numpy as np
+
+from experiments import plotting
+from experiments.reproduce import runner
+
+NAME = "synthetic"
+TITLE = "Synthetic recall tasks (paper: the four recall tasks x model families, 2 layers)"
+
+
+def budgets() -> dict:
+    """{"tiny", "full"}: ConfigDicts of every setting.
+
+    Fields: tasks ((name of a `bmojo_jax.data` generator, its keyword arguments), ...), all at one
+    seq_len so that every task reuses one compiled train step per (preset, lr); model_vocab (the
+    vocabulary of every model); model (ModelConfig fields), eidetic (added for `bmojo`); lrs (the
+    grid), lr_task (the grid runs on this task, the others reuse each preset's best lr there; our
+    choice, to fit the budget; None: the grid on every task), skip_grid_above (a grid stops once a
+    run reaches this validation accuracy); num_steps, batch_size, warmup_steps, num_train and
+    num_eval (examples per set), seed.
+    """
+    full = dict(
+        tasks=(("in_context_recall", dict(vocab_size=16)),
+               ("noisy_in_context_recall", dict(vocab_size=32, noise_vocab_size=16,
+                                                frac_noise=0.2)),
+               ("fuzzy_in_context_recall", dict(vocab_size=16)),
+               ("selective_copying", dict(vocab_size=16, num_tokens_to_copy=4)),
+               ("mqar", dict(vocab_size=64, num_kv_pairs=4))),
+        seq_len=32, model_vocab=64,
+        model=dict(d_model=64, n_layers=2, n_heads=2, window=8, chunk_size=8, d_state=16,
+                   ssm_head_dim=32),
+        eidetic=dict(eidetic_per_chunk=2, eidetic_slots=4),
+        lrs=(3e-3, 1e-2), lr_task="mqar", skip_grid_above=0.99, num_steps=400, batch_size=32,
+        warmup_steps=20, num_train=12800, num_eval=256, seed=0)
+    tiny = dict(
+        full, tasks=(("in_context_recall", dict(vocab_size=16)),
+                     ("mqar", dict(vocab_size=64, num_kv_pairs=4))),
+        model=dict(d_model=32, n_layers=2, n_heads=2, window=16, chunk_size=16, d_state=8,
+                   ssm_head_dim=16),
+        lrs=(1e-2, 3e-3), num_steps=4, batch_size=8, warmup_steps=1, num_train=64, num_eval=16)
+    return {"tiny": ml_collections.ConfigDict(tiny), "full": ml_collections.ConfigDict(full)}
+
+
+def point_config(preset: str, task: str, lr: float, s) -> ml_collections.ConfigDict:
+    """The training config of one (preset, task, lr) point."""
+    model = dict(s.model, vocab_size=s.model_vocab)
+    if preset == "bmojo":
+        model.update(s.eidetic)
+    config = runner.point_config(preset, model, s, lr=lr)
+    config.data.update(name=task, seq_len=s.seq_len, num_train=s.num_train, num_eval=s.num_eval,
+                       seed=s.seed)
+    config.data.task = dict(dict(s.tasks)[task])
+    return config
+
+
+def run(s, presets, workdir: Path) -> dict:
+    """The learning-rate grid runs on `s.lr_task` for every preset (every task when None); the
+    other tasks reuse each preset's best learning rate there."""
+    runs = []
+    tasks = [name for name, _ in s.tasks]
+    if s.lr_task:
+        tasks.remove(s.lr_task)
+        tasks.insert(0, s.lr_task)
+    chosen = {}
+    for task in tasks:
+        for preset in presets:
+            grid = s.lrs if not s.lr_task or task == s.lr_task else [chosen[preset]]
+            for lr in grid:
+                config = point_config(preset, task, lr, s)
+                result = runner.train_point(config, workdir / f"{task}-{preset}-lr{lr:g}")
+                runs.append(dict(task=task, preset=preset, lr=lr, params=result["params"],
+                                 valid_accuracy=result["valid"]["accuracy"],
+                                 test_accuracy=result["test"]["accuracy"],
+                                 wall_s=result["wall_s"], tokens_per_s=result["tokens_per_s"]))
+                print(f"[synthetic] {task} {preset} lr={lr:g}: valid acc "
+                      f"{runs[-1]['valid_accuracy']:.3f} ({result['wall_s']:.0f} s)", flush=True)
+                if result["valid"]["accuracy"] >= s.skip_grid_above:
+                    break  # the grid's best cannot get better: skip the other learning rates
+            if task == s.lr_task:
+                mine = [r for r in runs if r["task"] == task and r["preset"] == preset]
+                chosen[preset] = max(mine, key=lambda r: r["valid_accuracy"])["lr"]
+    best = {}
+    for r in runs:
+        key = (r["task"], r["preset"])
+        if key not in best or r["valid_accuracy"] > best[key]["valid_accuracy"]:
+            best[key] = r
+    return dict(runs=runs, best=[dict(v) for v in best.values()],
+                optimizer=config.optimizer.to_dict())
+
+
+def _pct(x):
+    return f"{100 * x:.1f}"
+
+
+def markdown(record, s) -> str:
+    """The accuracy table (tasks x presets), the settings in prose, and every run."""
+    presets = record["presets"]
+    best = {(r["task"], r["preset"]): r for r in record["best"]}
+    tasks = [name for name, _ in s.tasks]
+    lines = ["| task | " + " | ".join(presets) + " |", "|---|" + "---:|" * len(presets)]
+    for task in tasks:
+        top = max(best[task, p]["test_accuracy"] for p in presets)
+        cells = [f"**{_pct(best[task, p]['test_accuracy'])}**"
+                 if best[task, p]["test_accuracy"] == top else
+                 _pct(best[task, p]["test_accuracy"]) for p in presets]
+        lines.append(f"| {task} | " + " | ".join(cells) + " |")
+    means = [np.mean([best[t, p]["test_accuracy"] for t in tasks]) for p in presets]
+    lines.append("| **mean** | " + " | ".join(_pct(m) for m in means) + " |")
+    lines.append("| parameters | " + " | ".join(
+        f"{best[tasks[0], p]['params']:,}" for p in presets) + " |")
+    lines.append("| chosen lr per task | " + " | ".join(
+        "/".join(f"{best[t, p]['lr']:g}" for t in tasks) for p in presets) + " |")
+    every = ["| task | preset | lr | valid acc (%) | test acc (%) | wall (s) |",
+             "|---|---|---:|---:|---:|---:|"]
+    every += [f"| {r['task']} | {r['preset']} | {r['lr']:g} | {_pct(r['valid_accuracy'])} | "
+              f"{_pct(r['test_accuracy'])} | {r['wall_s']:.0f} |" for r in record["runs"]]
+    task_lines = [f"* `{name}`: `{name}({runner.describe(kwargs)})`, seq_len {s.seq_len}"
+                  for name, kwargs in s.tasks]
+    grid = ", ".join(f"{lr:g}" for lr in s.lrs)
+    where = (f"on `{s.lr_task}` for each preset; the other tasks reuse that preset's chosen "
+             f"learning rate" if s.lr_task else "on every task")
+    return (f"Test accuracy (%) on labelled positions (Zoology/MAD metric), {s.num_eval} test "
+            f"examples per task. Learning rate: the best validation accuracy over {{{grid}}}, "
+            f"searched {where} (a grid stops early once a run reaches "
+            f"{100 * s.skip_grid_above:.0f}% validation accuracy). Bold: the best preset of a "
+            f"task.\n\n" + "\n".join(lines) + "\n\nTasks (generators of `bmojo_jax.data`; MAD "
+            f"tasks train on their evaluation targets, the library's `SyntheticData`):\n\n"
+            + "\n".join(task_lines) +
+            f"\n\nModel: {runner.describe(s.model)}, vocabulary {s.model_vocab} for every task "
+            f"(one compiled step per preset and lr); `bmojo` adds {runner.describe(s.eidetic)}. "
+            f"Training: {s.num_steps} steps of {s.batch_size} sequences from a set of "
+            f"{s.num_train} examples, "
+            f"{runner.describe_optimizer(record['optimizer'], s.num_steps)}.\n\n"
+            "### Every run\n\n" + "\n".join(every))
+
+
+def plot(record, s, path) -> None:
+    """Test accuracy per task, one bar per preset."""
+    presets = record["presets"]
+    plt = plotting.pyplot()
+    best = {(r["task"], r["preset"]): r for r in record["best"]}
+    tasks = [name for name, _ in s.tasks]
+    fig, ax = plt.subplots(figsize=(10, 4))
+    width = 0.8 / len(presets)
+    for i, p in enumerate(presets):
+        ax.bar(np.arange(len(tasks)) + i * width,
+               [100 * best[t, p]["test_accuracy"] for t in tasks], width, label=p)
+    ax.set_xticks(np.arange(len(tasks)) + 0.4 - width / 2)
+    ax.set_xticklabels([t.replace("_", " ") for t in tasks], fontsize=8)
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_ylim(0, 100)
+    ax.legend(fontsize=8, ncol=len(presets), loc="lower center", bbox_to_anchor=(0.5, 1.0))
+    ax.grid(axis="y", alpha=0.3)
+    plotting.save(fig, path)
