@@ -1,5 +1,8 @@
 """Pallas kernels vs the reference ops: forward and every gradient, odd lengths, several tiles.
 
+The attention kernel and the shared config (tiles, backends) are tested here; the scan kernels with
+their ops, in bmojo_jax/ops/ssm/ssm_test.py.
+
 On CPU the kernels run in interpret mode; with a GPU/TPU the same tests run them compiled.
 Shapes are tiny because interpret mode is slow. Tolerances scale with sqrt(reduction length) and
 the dtype's epsilon, relative to the largest reference value.
@@ -17,11 +20,9 @@ import bmojo_jax as bj
 from bmojo_jax import ops
 from pallas_kernels import config as cfg
 from pallas_kernels import memory_attention as pallas_attention
-from pallas_kernels import selective_scan as pallas_scan
-from pallas_kernels import ssd as pallas_ssd
-from tests.test_ops import keys, vjp_all
+from tests.helpers import assert_close_to_scale, keys, lower_with_gradients, vjp_all
 
-B, H, P, N, D, E = 2, 2, 4, 3, 5, 8
+B, H, E = 2, 2, 8
 
 
 def _tolerance(dtype, length, grad=False):
@@ -32,97 +33,8 @@ def _tolerance(dtype, length, grad=False):
     return (backward if grad else forward) * math.sqrt(length)
 
 
-def _assert_close(actual, expected, tol):
-    for a, e in zip(jax.tree.leaves(actual), jax.tree.leaves(expected), strict=True):
-        a, e = np.asarray(a, np.float32), np.asarray(e, np.float32)
-        assert a.shape == e.shape
-        assert not np.any(np.isnan(a)), "NaN in the kernel's result"
-        scale = max(1.0, float(np.max(np.abs(e))))
-        np.testing.assert_allclose(a, e, rtol=0, atol=tol * scale)
-
-
 def test_interpret_only_on_cpu():
     assert cfg.interpret() == (jax.default_backend() == "cpu")
-
-
-# ----------------------------------------------------------------------------- scans
-
-
-def _ssd_inputs(t, with_h0, dtype=jnp.float32, p=P, n=N):
-    k = keys(6)
-    x = jax.random.normal(k[0], (B, t, H, p)).astype(dtype)
-    dt = jax.nn.softplus(jax.random.normal(k[1], (B, t, H)))
-    a = -jnp.exp(jax.random.normal(k[2], (H,)))
-    Bm = jax.random.normal(k[3], (B, t, n)).astype(dtype)
-    C = jax.random.normal(k[4], (B, t, n)).astype(dtype)
-    h0 = jax.random.normal(k[5], (B, H, p, n)) if with_h0 else None
-    return (x, dt, a, Bm, C, h0)
-
-
-def _mamba1_inputs(t, with_h0, dtype=jnp.float32, d=D, n=N):
-    k = keys(6, seed=1)
-    x = jax.random.normal(k[0], (B, t, d)).astype(dtype)
-    dt = jax.nn.softplus(jax.random.normal(k[1], (B, t, d)))
-    a = -jnp.exp(jax.random.normal(k[2], (d, n)))
-    Bm = jax.random.normal(k[3], (B, t, n)).astype(dtype)
-    C = jax.random.normal(k[4], (B, t, n)).astype(dtype)
-    h0 = jax.random.normal(k[5], (B, d, n)) if with_h0 else None
-    return (x, dt, a, Bm, C, h0)
-
-
-SCAN_CASES = {  # name: (kind, t, with_h0, blocks, extra sizes)
-    "ssd_t1": ("ssd", 1, True, None, {}),
-    "ssd_t37": ("ssd", 37, False, None, {}),
-    "ssd_t37_h0_chunk8_p8_n5": ("ssd", 37, True, cfg.ScanBlocks(chunk=8, block_d=8),
-                                dict(p=8, n=5)),
-    "mamba1_t1": ("selective_scan", 1, True, None, {}),
-    "mamba1_t37": ("selective_scan", 37, False, None, {}),
-    "mamba1_t37_h0_chunk8_bd4_n5": ("selective_scan", 37, True,
-                                    cfg.ScanBlocks(chunk=8, block_d=4), dict(n=5)),
-}
-
-
-def _scan_fns(kind):
-    if kind == "ssd":
-        return pallas_ssd.ssd, ops.ssd, _ssd_inputs
-    return pallas_scan.selective_scan, ops.selective_scan, _mamba1_inputs
-
-
-def _check_scan(kind, t, with_h0, blocks, sizes, dtype):
-    kernel, op, make_inputs = _scan_fns(kind)
-    args = make_inputs(t, with_h0, dtype, **sizes)
-    out, grads = vjp_all(lambda *a: kernel(*a, blocks=blocks), args)
-    ref_out, ref_grads = vjp_all(lambda *a: op(*a, implementation="reference"), args)
-    assert out[0].dtype == dtype and out[1].dtype == jnp.float32
-    _assert_close(out, ref_out, _tolerance(dtype, t))
-    _assert_close(grads, ref_grads, _tolerance(dtype, t, grad=True))
-
-
-@pytest.mark.parametrize("case", list(SCAN_CASES))
-def test_scan_kernel_matches_reference(case):
-    """Outputs y, h_last and the gradients of all inputs (cotangents on y and on h_last)."""
-    kind, t, with_h0, blocks, sizes = SCAN_CASES[case]
-    _check_scan(kind, t, with_h0, blocks, sizes, jnp.float32)
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("kind", ["ssd", "selective_scan"])
-def test_scan_kernel_bfloat16(kind):
-    _check_scan(kind, 37, True, None, {}, jnp.bfloat16)
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("op,make_inputs", [(ops.ssd, _ssd_inputs),
-                                            (ops.selective_scan, _mamba1_inputs)],
-                         ids=["ssd", "selective_scan"])
-def test_scan_op_pallas_state_splits_sequence(op, make_inputs):
-    """Through the op: scanning t tokens = a prefix, then the rest from the prefix's state."""
-    x, dt, a, Bm, C, _ = make_inputs(29, False)
-    run = lambda *u: op(*u, implementation="pallas")  # noqa: E731
-    y, h = jax.jit(run)(x, dt, a, Bm, C, None)
-    y1, h1 = jax.jit(run)(x[:, :20], dt[:, :20], a, Bm[:, :20], C[:, :20], None)
-    y2, h2 = jax.jit(run)(x[:, 20:], dt[:, 20:], a, Bm[:, 20:], C[:, 20:], h1)
-    _assert_close((jnp.concatenate([y1, y2], 1), h2), (y, h), _tolerance(jnp.float32, 29))
 
 
 # ----------------------------------------------------------------------------- attention
@@ -170,8 +82,8 @@ def _check_attention(t, window, fading, memory, blocks, dtype):
     ref_out, ref_grads = vjp_all(run("reference"), args)
     assert out.dtype == jnp.float32
     keys = min(t, 2 * (window or t)) + (memory[1] if memory else 0)  # softmax length (at most)
-    _assert_close(out, ref_out, _tolerance(dtype, keys))
-    _assert_close(grads, ref_grads, _tolerance(dtype, keys, grad=True))
+    assert_close_to_scale(out, ref_out, _tolerance(dtype, keys))
+    assert_close_to_scale(grads, ref_grads, _tolerance(dtype, keys, grad=True))
 
 
 @pytest.mark.parametrize("case", [pytest.param(c, marks=pytest.mark.slow) if c in SLOW_CASES
@@ -219,29 +131,20 @@ def test_block_size_validation():
 
 @pytest.mark.parametrize("backend,platform", [("tpu", "tpu"), ("gpu", "cuda")])
 def test_kernels_lower_for_accelerators(monkeypatch, backend, platform):
-    """Forward and backward of every kernel lower (Pallas -> Mosaic TPU / Triton IR, with that
-    backend's default tiles and compiler params) without the device: catches primitives the
+    """Forward and backward of the attention kernels lower (Pallas -> Mosaic TPU / Triton IR, with
+    that backend's default tiles and compiler params) without the device: catches primitives the
     backend cannot lower. Compiling for the device still needs one."""
     monkeypatch.setattr(cfg, "backend", lambda: backend)
-    b, t, h, e, n, d = 1, 256, 2, 128, 64, 128
-    ones = lambda *shape: jnp.ones(shape, jnp.bfloat16)  # noqa: E731
-    q = ones(b, t, h, e)
+    b, t, h, e = 1, 256, 2, 128
+    q = jnp.ones((b, t, h, e), jnp.bfloat16)
     memory = jnp.zeros((b, t // 128, 8), jnp.int32)
     cases = [
-        (lambda *a: pallas_ssd.ssd(*a), (ones(b, t, h, 64), jnp.ones((b, t, h)), -jnp.ones(h),
-                                          ones(b, t, n), ones(b, t, n))),
-        (lambda *a: pallas_scan.selective_scan(*a),
-         (ones(b, t, d), jnp.ones((b, t, d)), -jnp.ones((d, 16)), ones(b, t, 16),
-          ones(b, t, 16))),
         (lambda q, k, v: pallas_attention.memory_attention(q, k, v, None, None, None, t),
          (q, q, q)),
         (lambda *a: pallas_attention.memory_attention(*a, memory, 128), (q,) * 5),
     ]
     for fn, args in cases:
-        def loss(*a, fn=fn):
-            return sum(jnp.sum(o.astype(jnp.float32)) for o in jax.tree.leaves(fn(*a)))
-        for f in (fn, jax.grad(loss, argnums=tuple(range(len(args))))):
-            jax.jit(f).trace(*args).lower(lowering_platforms=(platform,))
+        lower_with_gradients(fn, args, platform)
 
 
 # ----------------------------------------------------------------------------- model
