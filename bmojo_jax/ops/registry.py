@@ -18,7 +18,7 @@ from typing import Callable, Mapping, Optional, Union
 import jax
 
 # Best implementation per backend when the caller passes implementation=None. The `xla` path is the
-# fast default on CPU and the fallback everywhere; accelerators switch once Pallas kernels win there.
+# fast default on CPU and the fallback everywhere; accelerators switch once the kernels win there.
 _DEFAULTS = {"cpu": "xla", "gpu": "xla", "tpu": "xla"}
 
 

@@ -3,12 +3,12 @@ in the forward pass (same signature as `reference`).
 
 Inside this module q is the number of time steps per chunk: q = clip(chunk_size // b, 1, t), so one
 scan step holds the logits of b q tokens (chunk_size tokens when b <= chunk_size). The loss is a
-scalar, so its gradients are computed in the same pass (dlogits = token_weights * (softmax - onehot),
-then dlogits @ head and dlogits^T @ hidden, summed over chunks) and saved; the backward only scales
-them by the incoming cotangent. Differentiable once (reverse mode); `token_weights` gets a cotangent
-too (the per-token NLL). The technique is the "fused linear cross-entropy" of Liger-Kernel (Hsu et
-al. 2024); chunking by time (rows kept whole) is our choice, so a batch sharded over devices stays
-sharded.
+scalar, so its gradients are computed in the same pass
+(dlogits = token_weights * (softmax - onehot), then dlogits @ head and dlogits^T @ hidden, summed
+over chunks) and saved; the backward only scales them by the incoming cotangent. Differentiable
+once (reverse mode); `token_weights` gets a cotangent too (the per-token NLL). The technique is the
+"fused linear cross-entropy" of Liger-Kernel (Hsu et al. 2024); chunking by time (rows kept whole)
+is our choice, so a batch sharded over devices stays sharded.
 """
 
 from __future__ import annotations

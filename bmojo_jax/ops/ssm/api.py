@@ -18,7 +18,8 @@ Implementations (docs/design.md section 4, measured on a 2-core CPU), one module
     xla          `xla`: ssd the chunked-matmul SSD form (~3.4x faster than lax.scan on CPU);
                  selective_scan a chunked scan, sequential inside `jax.checkpoint`-ed chunks
                  (lax.scan speed, ~9x less memory).
-    associative  `xla`: `lax.associative_scan` over affine maps (work for depth; may win on GPU/TPU).
+    associative  `xla`: `lax.associative_scan` over affine maps (work for depth; may win on
+                 GPU/TPU).
     pallas       `pallas` (imported lazily): `pallas_kernels.ssd`, `.selective_scan`, state on chip,
                  in-kernel chunk loop.
 This module checks the arguments, fills in h0 and casts; the implementations see float32 `a` and

@@ -1,7 +1,7 @@
 """The `reference` implementation of the selective scans: a sequential `lax.scan` over time.
 
-The oracle of every other implementation. `ssd` runs the Mamba-1 scan on the broadcast decay, since a
-per-head decay is a per-(channel, state) decay with repeated entries (`via_mamba1`).
+The oracle of every other implementation. `ssd` runs the Mamba-1 scan on the broadcast decay, since
+a per-head decay is a per-(channel, state) decay with repeated entries (`via_mamba1`).
 
 Implementation signature (shared by every implementation of the op, see `api`):
     selective_scan(x [b,t,D], dt [b,t,D], a [D,n] f32, B [b,t,n], C [b,t,n], h0 [b,D,n] f32,
