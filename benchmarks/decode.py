@@ -68,9 +68,10 @@ def main(argv):
                          ms_per_token_median=ms.median, ms_per_token_min=ms.min,
                          ms_per_token_max=ms.max))
     lines = ["# Decode latency and state size vs context\n", *harness.provenance_lines(meta),
-             f"Model: d_model {FLAGS.d_model}, {FLAGS.n_layers} layers, {N_HEADS} heads, window "
-             f"{WINDOW}, vocabulary {VOCAB_SIZE}, batch {FLAGS.batch_size}; {FLAGS.steps} greedy "
-             f"steps per call, median (min, max) over {FLAGS.rounds} interleaved rounds.\n",
+             f"Model: d_model {FLAGS.d_model}, n_layers {FLAGS.n_layers}, n_heads {N_HEADS}, "
+             f"window {WINDOW}, vocabulary {VOCAB_SIZE}, batch {FLAGS.batch_size}; "
+             f"{FLAGS.steps} greedy steps per call, median (min, max) over {FLAGS.rounds} "
+             f"interleaved rounds.\n",
              "| preset | context (tokens) | state (MiB) | ms/token median | min | max |",
              "|---|---:|---:|---:|---:|---:|"]
     lines += [f"| {r['preset']} | {r['context']} | {r['state_bytes'] / 2**20:.2f} | "

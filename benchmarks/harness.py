@@ -82,6 +82,12 @@ def spread(values) -> Spread:
     return Spread(float(np.median(values)), float(values.min()), float(values.max()))
 
 
+class SelfTimed(NamedTuple):
+    """A runner that measures itself: `run()` returns the seconds of its work (e.g. a subprocess
+    timing its own step), which `interleave` records instead of the wall time of the call."""
+    run: Callable[[], float]
+
+
 class Timings(NamedTuple):
     """`interleave`'s result: seconds {variant: [one float per completed round]} and failures
     {variant: message} (a variant that raised one of the caught errors; it ran no further)."""
@@ -89,15 +95,15 @@ class Timings(NamedTuple):
     failures: dict
 
 
-def interleave(runners: Mapping[Hashable, Callable[[], Optional[float]]], rounds: int, *,
+def interleave(runners: Mapping[Hashable, Callable], rounds: int, *,
                warmup: int = 1, catch: tuple = (), before_round: Optional[Callable] = None,
                label: str = "") -> Timings:
     """Times every runner once per round, the variants interleaved in the order given.
 
     Args:
       runners: {variant: run}; `run()` does the work once and blocks until it is done
-        (`jax.block_until_ready`). Its wall time is the measurement, unless it returns a float:
-        then that is its own measurement in seconds (e.g. a subprocess timing its own step).
+        (`jax.block_until_ready`); the wall time of the call is the measurement (its return
+        value is ignored), or, for a `SelfTimed` runner, the seconds it returns.
       rounds: timed rounds (>= 1).
       warmup: untimed calls of every runner before the first round (caches, allocations).
       catch: exception types that mark a variant as failed (recorded with the message, skipped
@@ -120,9 +126,11 @@ def interleave(runners: Mapping[Hashable, Callable[[], Optional[float]]], rounds
 
     def call(key, run):
         try:
+            if isinstance(run, SelfTimed):
+                return float(run.run())
             start = time.perf_counter()
-            own = run()
-            return own if isinstance(own, float) else time.perf_counter() - start
+            run()
+            return time.perf_counter() - start
         except catch as error:  # a failure ends that variant only
             failures[key] = f"{type(error).__name__}: {error}"
             return None

@@ -1,11 +1,12 @@
 """Pallas kernels vs the `xla` path: forward and forward+backward time over a registry of shapes.
 
-    python -m benchmarks.kernels [--shapes=NAME,...] [--rounds=7] [--out=results/kernels_cpu.json]
+    python -m benchmarks.kernels [--shapes=NAME,...] [--rounds=7] [--out_dir=DIR | --out=PATH.json]
 
-Each (shape, implementation, pass) is compiled once (`jit(...).lower().compile()`, recording
-`compiled.memory_analysis()`), warmed up, then all variants are interleaved in rounds; we report the
-median and the spread (min, max) over rounds. "fwd" times the op; "fwd+bwd" the gradient of
-<random cotangent, outputs> with respect to every float input.
+Each (shape, implementation, pass) is timed with `benchmarks.harness`: compiled once
+(`jit(...).lower().compile()`, recording `compiled.memory_analysis()`), warmed up, then all
+variants are interleaved in rounds; we report the median and the spread (min, max) over rounds.
+"fwd" times the op; "fwd+bwd" the gradient of <random cotangent, outputs> with respect to every
+float input.
 
 On GPU/TPU the kernels run compiled, and the JSON gives the model FLOPs (useful work: visible keys
 only; backward counted as 2.5x the forward, as for FlashAttention-2) and bytes (inputs and outputs
@@ -13,20 +14,17 @@ read or written once), achieved FLOP/s and bandwidth, and their fraction of the 
 bf16 FLOP/s and HBM bandwidth from the vendor's data sheet, where the device kind is known).
 On CPU only interpret mode runs: the timings measure the Pallas interpreter on tiny shapes, not a
 kernel, and are labelled so; compare implementations only within one run.
+Writes kernels_<backend>.json (default: under runs/kernels-<timestamp>/).
 """
 
 from __future__ import annotations
-
-import json
-import os
-import platform
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
+from benchmarks import harness
 from bmojo_jax import ops
 from pallas_kernels import config as cfg
 
@@ -65,7 +63,9 @@ flags.DEFINE_list("shapes", None, "Shape names to run (default: all for the back
 flags.DEFINE_list("implementations", ["pallas", "xla"], "Implementations to compare.")
 flags.DEFINE_integer("rounds", 7, "Interleaved timing rounds.")
 flags.DEFINE_string("dtype", "bfloat16", "Input dtype on accelerators (CPU: float32).")
-flags.DEFINE_string("out", None, "Output JSON path (default results/kernels_<backend>.json).")
+flags.DEFINE_string("out_dir", None, harness.OUT_DIR_HELP)
+flags.DEFINE_string("out", None, "Output JSON path (instead of --out_dir), e.g. "
+                    "results/kernels_cpu.json.")
 FLAGS = flags.FLAGS
 
 
@@ -123,7 +123,8 @@ def work(op: str, s: dict, itemsize: int):
 
 
 def compile_variant(call, args, implementation, backward):
-    """A compiled zero-argument runner and its memory analysis."""
+    """A compiled zero-argument runner and its `compiled.memory_analysis()` (None where the
+    backend has none)."""
     live = [i for i, a in enumerate(args) if a is not None and jnp.issubdtype(a.dtype,
                                                                               jnp.floating)]
 
@@ -143,19 +144,22 @@ def compile_variant(call, args, implementation, backward):
             return outputs, vjp(cotangents)
     else:
         fn = forward
-    compiled = jax.jit(fn).lower(*values).compile()
-    jax.block_until_ready(compiled(*values))  # warm-up
-    analysis = compiled.memory_analysis()
-    memory = None if analysis is None else {
-        key: int(getattr(analysis, key)) for key in
-        ("argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes")
-        if hasattr(analysis, key)}
+    compiled = harness.compile_once(fn, *values)
+    memory = harness.memory_bytes(compiled)
+    if memory is not None:  # this benchmark's JSON names (results/kernels_cpu.json)
+        memory = {f"{key}_size_in_bytes": memory[key] for key in ("argument", "output", "temp")}
     return (lambda: jax.block_until_ready(compiled(*values))), memory
 
 
 def main(argv):
     del argv
+    meta = harness.provenance(harness.command_line("benchmarks.kernels"))
     backend = cfg.backend()
+    stem = f"kernels_{backend}"
+    if FLAGS.out and not FLAGS.out.endswith(".json"):
+        raise ValueError(f"--out={FLAGS.out}: must be a .json path, e.g. results/{stem}.json.")
+    prefix = harness.output_prefix(stem, out_dir=FLAGS.out_dir,
+                                   out=FLAGS.out and FLAGS.out[:-len(".json")], name="kernels")
     interpret = cfg.interpret(backend)
     table = SHAPES["cpu" if interpret else "accelerator"]
     names = FLAGS.shapes or list(table)
@@ -176,18 +180,13 @@ def main(argv):
                                  passes="fwd+bwd" if backward else "fwd",
                                  model_flops=flops * (3.5 if backward else 1.0),
                                  model_bytes=nbytes * (3 if backward else 1),
-                                 memory_analysis=memory, times_s=[]))
-    for _ in range(FLAGS.rounds):
-        for index, run in runners.items():
-            start = time.perf_counter()
-            run()
-            rows[index]["times_s"].append(time.perf_counter() - start)
+                                 memory_analysis=memory))
+    for index, seconds in harness.interleave(runners, FLAGS.rounds).seconds.items():
+        rows[index]["times_s"] = seconds
 
     for row in rows:
-        times = np.asarray(row["times_s"])
-        median = float(np.median(times))
-        row.update(median_ms=1e3 * median, spread_ms=[1e3 * float(times.min()),
-                                                      1e3 * float(times.max())])
+        median, low, high = harness.spread(row["times_s"])
+        row.update(median_ms=1e3 * median, spread_ms=[1e3 * low, 1e3 * high])
         if not interpret:
             row.update(achieved_flops_per_s=row["model_flops"] / median,
                        achieved_bytes_per_s=row["model_bytes"] / median)
@@ -201,28 +200,22 @@ def main(argv):
             np.median(reference["times_s"]))
 
     report = dict(
-        command="python -m benchmarks.kernels " + " ".join(
-            f"--{k}={','.join(v) if isinstance(v, list) else v}"
-            for k, v in (("shapes", names), ("rounds", FLAGS.rounds)) if v),
-        backend=backend, device_kind=device_kind, dtype=jnp.dtype(dtype).name,
+        meta, backend=backend, device_kind=device_kind, dtype=jnp.dtype(dtype).name,
         mode=("interpret (CPU): Pallas interpreter on tiny shapes; these times say nothing about "
               "kernel speed on an accelerator" if interpret else "compiled"),
         peak_bf16_flops_per_s=peak[0] if peak else None,
         peak_hbm_bytes_per_s=peak[1] if peak else None,
-        jax_version=jax.__version__, machine=platform.machine(), results=rows)
-    out = FLAGS.out or f"results/kernels_{backend}.json"
-    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
-    with open(out, "w") as f:
-        json.dump(report, f, indent=1)
+        results=rows)
+    harness.write_report(prefix, report)
     print(f"mode: {report['mode']}")
     last = FLAGS.implementations[-1]
     print(f"{'shape':<22}{'impl':<8}{'pass':<9}{'median ms':>11}{'(min, max)':>22}"
           f"{'vs ' + last:>10}")
     for row in rows:
         print(f"{row['shape']:<22}{row['implementation']:<8}{row['passes']:<9}"
-              f"{row['median_ms']:>11.2f}   ({row['spread_ms'][0]:8.2f}, {row['spread_ms'][1]:8.2f})"
+              f"{row['median_ms']:>11.2f}   "
+              f"({row['spread_ms'][0]:8.2f}, {row['spread_ms'][1]:8.2f})"
               f"{row['time_vs_' + last]:>10.2f}")
-    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

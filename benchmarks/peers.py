@@ -1,7 +1,7 @@
 """Our training step side by side with public implementations, at one set of shapes.
 
     python -m benchmarks.peers [--rounds=7] [--presets=transformer,mamba,bmojo,...] [--peers=...]
-        [--venv_root=.peer_venvs] [--out=results/peers]
+        [--venv_root=.peer_venvs] [--out_dir=DIR | --out=PATH_PREFIX]
 
 Shapes: 2 layers, d_model 128, context 1024, batch 8, vocab 8192 (flags). One training step =
 forward, next-token cross-entropy, backward, AdamW update (lr 1e-3, betas 0.9/0.95, weight decay
@@ -17,25 +17,26 @@ with a driver from `benchmarks/peer_drivers/`:
     torch-sdpa        a causal Transformer written here in PyTorch (CPU wheel torch==2.13.0),
                       attention by F.scaled_dot_product_attention(is_causal=True), eager
 
-Every driver compiles (JAX) and warms up once, then waits on stdin; this script interleaves all
-variants, ours in-process and the peers' through their pipes, one training step each per round,
-and reports the median and spread (min, max) of tokens/s over rounds. A peer that cannot be
-installed or run gets a row saying why. Writes OUT.json and OUT.md.
+Every driver compiles (JAX) and warms up once, then waits on stdin; `benchmarks.harness`
+interleaves all variants, ours in-process and the peers' through their pipes (each peer times its
+own step), one training step each per round, and we report the median and spread (min, max) of
+tokens/s over rounds. A peer that cannot be installed or run gets a row saying why. Writes
+OUT.json and OUT.md (default OUT: runs/peers-<timestamp>/peers).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import platform
 import subprocess
 import sys
-import time
 import venv
 from typing import NamedTuple
 
-import numpy as np
 from absl import app, flags
+
+import bmojo_jax as bj
+from benchmarks import harness, train_step
 
 flags.DEFINE_list("presets", ["transformer", "swa", "mamba", "hybrid", "bmojo_f", "bmojo"],
                   "Our presets.")
@@ -49,7 +50,9 @@ flags.DEFINE_integer("context", 1024, "Context length (tokens).")
 flags.DEFINE_integer("batch_size", 8, "Sequences per step.")
 flags.DEFINE_integer("vocab_size", 8192, "Vocabulary size.")
 flags.DEFINE_string("venv_root", ".peer_venvs", "Where the peers' virtual environments live.")
-flags.DEFINE_string("out", "results/peers", "Output path prefix.")
+flags.DEFINE_string("out_dir", None, harness.OUT_DIR_HELP)
+flags.DEFINE_string("out", None, "Output path prefix (instead of --out_dir), e.g. "
+                    "results/peers_focus.")
 FLAGS = flags.FLAGS
 
 DRIVERS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "peer_drivers")
@@ -81,7 +84,8 @@ PEERS = {
                         _SAME_XLA),
     "hawk": Peer(*_RG, "hawk", "recurrentgemma 1.0.1 Griffin, blocks (RG-LRU, RG-LRU) = Hawk"),
     "torch-sdpa": Peer("torch", ["torch==2.13.0", "numpy"], "torch_sdpa_driver.py", "",
-                       "PyTorch 2.13 CPU causal Transformer, F.scaled_dot_product_attention, eager"),
+                       "PyTorch 2.13 CPU causal Transformer, F.scaled_dot_product_attention, "
+                       "eager"),
 }
 
 
@@ -146,6 +150,7 @@ class PeerProcess:
         return json.loads(line)
 
     def step(self) -> float:
+        """One training step in the driver; returns the seconds the driver measured."""
         self.process.stdin.write("step\n")
         self.process.stdin.flush()
         return float(self._read()["seconds"])
@@ -172,25 +177,22 @@ def _stderr_path(name: str) -> str:
 
 
 class OurPreset:
-    """One of our presets, compiled in this process (benchmarks.train_throughput.compile_step)."""
+    """One of our presets, compiled in this process (`benchmarks.train_step.compile_step`);
+    warmed up by `harness.interleave`."""
 
     def __init__(self, preset: str):
-        import bmojo_jax as bj
-        from benchmarks import train_step as tt
         config = bj.ModelConfig.preset(preset, d_model=FLAGS.d_model, n_layers=FLAGS.n_layers,
                                        n_heads=4, window=64, vocab_size=FLAGS.vocab_size,
                                        implementation="xla")
-        self.compiled, self.state = tt.compile_step(config, FLAGS.batch_size, FLAGS.context)
-        self.run = tt.run_step
-        self.run(self.compiled, self.state)  # warm-up
+        self.compiled, self.state = train_step.compile_step(config, FLAGS.batch_size,
+                                                            FLAGS.context)
         self.description = (f"bmojo_jax `{preset}` preset (layers {config.layer_mixers}), "
                             f"implementation xla")
         self.info = dict(params=self.state[3])
 
-    def step(self) -> float:
-        start = time.perf_counter()
-        self.run(self.compiled, self.state)
-        return time.perf_counter() - start
+    def step(self) -> None:
+        """One training step in place (timed by `harness.interleave`)."""
+        train_step.run_step(self.compiled, self.state)
 
     def close(self):
         pass
@@ -198,8 +200,9 @@ class OurPreset:
 
 def main(argv):
     del argv
-    import jax
-    load_before = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    meta = harness.provenance(harness.command_line("benchmarks.peers"))
+    prefix = harness.output_prefix("peers", out_dir=FLAGS.out_dir, out=FLAGS.out)
+    load_before = harness.load_average()
     variants, failures = {}, {}
     for preset in FLAGS.presets:
         variants[f"ours: {preset}"] = OurPreset(preset)
@@ -211,58 +214,45 @@ def main(argv):
         except (PeerError, OSError, ValueError) as error:
             failures[name] = str(error)
             print(f"peer {name} unavailable: {error}", flush=True)
-    times = {name: [] for name in variants}
     tokens = FLAGS.batch_size * FLAGS.context
     try:
-        for r in range(FLAGS.rounds):
-            for name, variant in variants.items():
-                try:
-                    times[name].append(variant.step())
-                except (PeerError, OSError, ValueError) as error:
-                    failures[name] = f"failed during timing: {error}"
-            print(f"round {r + 1}/{FLAGS.rounds} done", flush=True)
+        runners = {name: harness.SelfTimed(v.step) if isinstance(v, PeerProcess) else v.step
+                   for name, v in variants.items()}
+        timings = harness.interleave(runners, FLAGS.rounds,
+                                     catch=(PeerError, OSError, ValueError), label="peers")
     finally:
         for variant in variants.values():
             variant.close()
+    failures.update({name: f"failed during timing: {error}"
+                     for name, error in timings.failures.items()})
     rows = []
     for name, variant in variants.items():
-        if name in failures or not times[name]:
+        if name in failures or not timings.seconds[name]:
             continue
-        t = np.asarray(times[name])
+        step = harness.spread(timings.seconds[name])
         rows.append(dict(name=name, what=variant.description, params=variant.info.get("params"),
                          info={k: v for k, v in variant.info.items() if k != "ready"},
-                         tokens_per_s=tokens / float(np.median(t)),
-                         tokens_per_s_min=tokens / float(t.max()),
-                         tokens_per_s_max=tokens / float(t.min()), rounds=len(t)))
+                         tokens_per_s=tokens / step.median, tokens_per_s_min=tokens / step.max,
+                         tokens_per_s_max=tokens / step.min,
+                         rounds=len(timings.seconds[name])))
     for name, reason in failures.items():
         rows = [r for r in rows if r["name"] != name]
         rows.append(dict(name=name, what=PEERS[name].what if name in PEERS else "",
                          unavailable=reason))
     ref = {r["name"]: r["tokens_per_s"] for r in rows if "tokens_per_s" in r}
-    meta = dict(
-        command="python -m benchmarks.peers " + " ".join(
-            f"--{n}={','.join(v) if isinstance(v, list) else v}"
-            for n in ("presets", "peers", "rounds", "n_layers", "d_model", "context",
-                      "batch_size", "vocab_size", "out") for v in [FLAGS[n].value]),
-        machine=f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-                f"jax {jax.__version__} on {jax.default_backend()}",
-        load_average_before=load_before,
-        load_average_after=" ".join(f"{x:.2f}" for x in os.getloadavg()))
-    os.makedirs(os.path.dirname(FLAGS.out) or ".", exist_ok=True)
-    with open(FLAGS.out + ".json", "w") as f:
-        json.dump(dict(meta, tokens_per_step=tokens, rows=rows), f, indent=1)
-    text = markdown(meta, rows, ref)
-    with open(FLAGS.out + ".md", "w") as f:
-        f.write(text)
-    print(text)
+    meta.update(load_average_before=load_before, load_average_after=harness.load_average())
+    harness.write_report(prefix, dict(meta, tokens_per_step=tokens, rows=rows),
+                         markdown(meta, rows, ref))
 
 
 def markdown(meta, rows, ref) -> str:
+    """The report: provenance, shapes and one row per variant (OUT.json's rows; `ref`: tokens/s
+    by variant name, for the ratio columns)."""
     lines = [
         "# Training step vs public implementations\n",
-        f"Command: `{meta['command']}`  ",
-        f"Machine: {meta['machine']}; load average before: {meta['load_average_before']}, "
-        f"after: {meta['load_average_after']}  ",
+        *harness.provenance_lines(meta),
+        f"Load average before: {meta['load_average_before']}, after: "
+        f"{meta['load_average_after']}  ",
         f"Shapes: {FLAGS.n_layers} layers, d_model {FLAGS.d_model}, context {FLAGS.context}, "
         f"batch {FLAGS.batch_size}, vocab {FLAGS.vocab_size}; one step = forward + "
         "cross-entropy + backward + AdamW. Tokens/s: median over interleaved rounds (min-max).\n",

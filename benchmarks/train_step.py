@@ -11,11 +11,13 @@ import optax
 from flax import nnx
 
 import bmojo_jax as bj
+from benchmarks import harness
 from bmojo_jax.training import compiler_options, lm_loss
 
 
 def compile_step(config: bj.ModelConfig, batch: int, context: int, seed: int = 0):
-    """Builds the model and AdamW, compiles one training step on [batch, context] tokens.
+    """Builds the model and AdamW, compiles one training step on [batch, context] tokens
+    (`harness.compile_once`).
 
     Returns (compiled, state): `compiled(params, opt_state, tokens) -> (params, opt_state, loss)`
     with params and opt_state donated; state = [params, opt_state, tokens, n_params].
@@ -35,8 +37,8 @@ def compile_step(config: bj.ModelConfig, batch: int, context: int, seed: int = 0
         updates, opt_state = optimizer.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss
 
-    step = jax.jit(train_step, donate_argnums=(0, 1), compiler_options=compiler_options())
-    compiled = step.lower(params, opt_state, tokens).compile()
+    compiled = harness.compile_once(train_step, params, opt_state, tokens, donate_argnums=(0, 1),
+                                    compiler_options=compiler_options())
     return compiled, [params, opt_state, tokens, bj.count_params(model)]
 
 

@@ -2,8 +2,7 @@
 
     python -m benchmarks.train_throughput [--presets=transformer,bmojo] [--contexts=512,...,8192]
         [--rounds=3] [--tokens_per_step=8192] [--match_params=true]
-        [--growth_contexts=1024,...,8192] [--rss=true]
-        [--out=results/train_throughput]
+        [--growth_contexts=1024,...,8192] [--rss=true] [--out_dir=DIR | --out=PATH_PREFIX]
 
 One training step = the training loop's loss (`training.lm_loss`: forward, next-token cross-entropy
 fused with the LM head, + aux_loss), backward, and an optax AdamW update, all in one jit-compiled
@@ -11,9 +10,9 @@ function (parameters and optimizer state donated). All presets share one paramet
 preset's d_ff is set so that its non-embedding parameters match the `transformer`'s at the same
 d_model and n_layers (`--match_params`, default; the d_ff used is in the table). For each preset
 and context length T the batch is tokens_per_step // T sequences, so every step trains on the same
-number of tokens. Every variant is compiled once (`jit(...).lower(...).compile()`) and warmed up;
-then the variants run interleaved in rounds in this one process, and we report the median and the
-spread (min, max) over rounds.
+number of tokens. The variants are timed with `benchmarks.harness`: compiled once
+(`jit(...).lower(...).compile()`), warmed up, then run interleaved in rounds in this one process;
+we report the median and the spread (min, max) over rounds.
 
 Per variant we record:
   * tokens/s (tokens_per_step / median step time) and the ratio to `transformer` at the same T;
@@ -33,15 +32,14 @@ Per variant we record:
     under-counts the scans and the chunked cross-entropy), as "XLA GFLOP/step" and "HFU".
   * memory growth at a fixed batch of 1 sequence (`--growth_contexts`, compile only): the compiled
     footprint vs T, to check that it grows linearly with the context.
-Writes OUT.json, OUT.md and OUT.png.
+Writes OUT.json, OUT.md and OUT.png (default OUT:
+runs/train_throughput-<timestamp>/train_throughput).
 """
 
 from __future__ import annotations
 
 import functools
 import json
-import os
-import platform
 import resource
 import subprocess
 import sys
@@ -53,6 +51,7 @@ import numpy as np
 from absl import app, flags
 
 import bmojo_jax as bj
+from benchmarks import harness
 from benchmarks.train_step import compile_step, run_step
 from experiments import plotting
 
@@ -66,16 +65,20 @@ flags.DEFINE_integer("n_heads", 4, "Attention heads.")
 flags.DEFINE_integer("window", 64, "Window / chunk of W, F, B layers (tokens).")
 flags.DEFINE_integer("vocab_size", 8192, "Vocabulary size.")
 flags.DEFINE_string("implementation", "xla", "Op implementation (ModelConfig.implementation).")
-flags.DEFINE_bool("match_params", True, "Set each preset's d_ff so that its non-embedding parameter "
-                  "count matches the transformer's (false: every preset at its default d_ff).")
-flags.DEFINE_integer("peak_size", 2048, "N of the [N, N] @ [N, N] float32 matmul that sets the peak.")
+flags.DEFINE_bool("match_params", True, "Set each preset's d_ff so that its non-embedding "
+                  "parameter count matches the transformer's (false: every preset at its default "
+                  "d_ff).")
+flags.DEFINE_integer("peak_size", 2048,
+                     "N of the [N, N] @ [N, N] float32 matmul that sets the peak.")
 flags.DEFINE_list("growth_contexts", ["1024", "4096", "8192"],
                   "Contexts of the batch-1 memory-growth sweep (compile only; empty to skip).")
 flags.DEFINE_bool("rss", True, "Measure peak RSS in one subprocess per variant.")
 flags.DEFINE_list("rss_contexts", ["1024", "8192"],
                   "Contexts whose peak RSS is measured (one subprocess each; empty: all).")
 flags.DEFINE_string("rss_child", "", "Internal: PRESET:CONTEXT:BATCH, run one variant, print RSS.")
-flags.DEFINE_string("out", "results/train_throughput", "Output path prefix.")
+flags.DEFINE_string("out_dir", None, harness.OUT_DIR_HELP)
+flags.DEFINE_string("out", None, "Output path prefix (instead of --out_dir), e.g. "
+                    "results/train_throughput.")
 FLAGS = flags.FLAGS
 
 
@@ -97,15 +100,8 @@ def model_config(preset: str) -> bj.ModelConfig:
     return bj.match_d_ff(at_size(preset), bj.param_count(at_size("transformer"), embedding=False))
 
 
-def memory_bytes(compiled) -> dict:
-    m = compiled.memory_analysis()
-    out = dict(temp=int(m.temp_size_in_bytes), argument=int(m.argument_size_in_bytes),
-               output=int(m.output_size_in_bytes), alias=int(m.alias_size_in_bytes))
-    out["total"] = out["temp"] + out["argument"] + out["output"]
-    return out
-
-
 def xla_flops(compiled) -> float:
+    """XLA's executed-FLOPs estimate, `compiled.cost_analysis()["flops"]` (NaN if absent)."""
     cost = compiled.cost_analysis()
     if isinstance(cost, (list, tuple)):
         cost = cost[0] if cost else {}
@@ -126,8 +122,8 @@ def _visible_keys(config: bj.ModelConfig, letter: str, t: int) -> float:
         count = count + np.clip(i - w + 1, 0, w)  # fading keys j in [i-2w+1, i-w]
     if letter == "B" and config.eidetic_per_chunk:
         chunk = i // w
-        filled = np.minimum(config.eidetic_slots,
-                            config.eidetic_per_chunk * np.maximum(chunk - config.eidetic_lag + 1, 0))
+        visible_chunks = np.maximum(chunk - config.eidetic_lag + 1, 0)
+        filled = np.minimum(config.eidetic_slots, config.eidetic_per_chunk * visible_chunks)
         count = count + filled
     return float(np.sum(count))
 
@@ -177,8 +173,8 @@ def matmul_peak() -> tuple:
     n = FLAGS.peak_size
     a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32)
     b = jax.random.normal(jax.random.PRNGKey(1), (n, n), jnp.float32)
-    compiled = jax.jit(jnp.dot).lower(a, b).compile()
-    jax.block_until_ready(compiled(a, b))
+    compiled = harness.compile_once(jnp.dot, a, b)
+    jax.block_until_ready(compiled(a, b))  # warm-up
     return compiled, a, b
 
 
@@ -228,13 +224,6 @@ def measure_rss(preset: str, context: int, batch: int) -> float:
         return float("nan")
 
 
-def load_average() -> str:
-    try:
-        return " ".join(f"{x:.2f}" for x in os.getloadavg())
-    except OSError:
-        return "n/a"
-
-
 # ------------------------------------------------------------------------------ main
 
 
@@ -243,9 +232,11 @@ def main(argv):
     if FLAGS.rss_child:
         rss_child(FLAGS.rss_child)
         return
+    meta = harness.provenance(harness.command_line("benchmarks.train_throughput"))
+    prefix = harness.output_prefix("train_throughput", out_dir=FLAGS.out_dir, out=FLAGS.out)
     contexts = [int(c) for c in FLAGS.contexts]
     started = time.time()
-    load_before = load_average()
+    load_before = harness.load_average()
     variants, params = {}, {}
     for preset in FLAGS.presets:
         config = model_config(preset)
@@ -254,45 +245,42 @@ def main(argv):
             t0 = time.perf_counter()
             compiled, state = compile_step(config, batch, context)
             compile_s = time.perf_counter() - t0
-            run_step(compiled, state)  # warm-up
             params[preset] = (state[3], config.hidden_dim)
             variants[preset, context] = dict(
                 compiled=compiled, state=state, batch=batch, compile_s=compile_s,
-                memory=memory_bytes(compiled), xla_flops=xla_flops(compiled),
+                memory=harness.memory_bytes(compiled), xla_flops=xla_flops(compiled),
                 model_flops=batch * model_flops(config, context))
             print(f"compiled {preset} T={context} b={batch} in {compile_s:.1f}s", flush=True)
     peak = matmul_peak()
-    times = {key: [] for key in variants}
     peaks = []
-    for r in range(FLAGS.rounds):
+
+    def before_round(r):  # the matmul peak is timed in every round, and once after the last
         peaks.append(time_peak(peak))
-        for key, variant in variants.items():
-            start = time.perf_counter()
-            run_step(variant["compiled"], variant["state"])
-            times[key].append(time.perf_counter() - start)
-        print(f"round {r + 1}/{FLAGS.rounds} done, peak {peaks[-1] / 1e9:.1f} GFLOP/s, "
-              f"load {load_average()}", flush=True)
+        print(f"round {r + 1}/{FLAGS.rounds}: peak {peaks[-1] / 1e9:.1f} GFLOP/s, "
+              f"load {harness.load_average()}", flush=True)
+
+    runners = {key: functools.partial(run_step, v["compiled"], v["state"])
+               for key, v in variants.items()}
+    times = harness.interleave(runners, FLAGS.rounds, before_round=before_round).seconds
     peaks.append(time_peak(peak))
     peak_flops = float(np.median(peaks))
-    load_after = load_average()
+    load_after = harness.load_average()
 
     rows = []
     for (preset, context), variant in variants.items():
-        step = float(np.median(times[preset, context]))
+        step = harness.spread(times[preset, context])
         tokens = variant["batch"] * context
         rows.append(dict(
             preset=preset, context=context, batch=variant["batch"], params=params[preset][0],
             d_ff=params[preset][1],
-            step_s_median=step, step_s_min=float(np.min(times[preset, context])),
-            step_s_max=float(np.max(times[preset, context])),
-            tokens_per_s=tokens / step,
-            tokens_per_s_min=tokens / float(np.max(times[preset, context])),
-            tokens_per_s_max=tokens / float(np.min(times[preset, context])),
+            step_s_median=step.median, step_s_min=step.min, step_s_max=step.max,
+            tokens_per_s=tokens / step.median,
+            tokens_per_s_min=tokens / step.max, tokens_per_s_max=tokens / step.min,
             compile_s=variant["compile_s"], memory=variant["memory"],
             model_gflop_per_step=variant["model_flops"] / 1e9,
             xla_gflop_per_step=variant["xla_flops"] / 1e9,
-            mfu=variant["model_flops"] / step / peak_flops,
-            hfu=variant["xla_flops"] / step / peak_flops))
+            mfu=variant["model_flops"] / step.median / peak_flops,
+            hfu=variant["xla_flops"] / step.median / peak_flops))
     base = {r["context"]: r["tokens_per_s"] for r in rows if r["preset"] == "transformer"}
     for r in rows:
         r["vs_transformer"] = r["tokens_per_s"] / base[r["context"]] if r["context"] in base \
@@ -312,42 +300,30 @@ def main(argv):
         for context in [int(c) for c in FLAGS.growth_contexts]:
             compiled, state = compile_step(model_config(preset), 1, context)
             growth.append(dict(preset=preset, context=context, batch=1,
-                               memory=memory_bytes(compiled)))
+                               memory=harness.memory_bytes(compiled)))
             del compiled, state
         print(f"memory growth {preset} done", flush=True)
 
-    meta = dict(
-        command="python -m benchmarks.train_throughput " + " ".join(
-            f"--{name}={','.join(v) if isinstance(v, list) else v}"
-            for name in ("presets", "contexts", "tokens_per_step", "rounds", "d_model", "n_layers",
-                         "n_heads", "window", "vocab_size", "implementation", "match_params",
-                         "peak_size",
-                         "growth_contexts", "rss", "rss_contexts", "out")
-            for v in [FLAGS[name].value]),
-        machine=f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-                f"jax {jax.__version__} on {jax.default_backend()}",
+    meta.update(
         load_average_before=load_before, load_average_after=load_after,
         peak_gflops_median=peak_flops / 1e9, peak_gflops_rounds=[p / 1e9 for p in peaks],
         wall_s=time.time() - started,
         flops_note="model FLOPs analytic (useful matmul work, training = 3 x forward); "
                    "XLA FLOPs from compiled.cost_analysis()['flops']")
-    os.makedirs(os.path.dirname(FLAGS.out) or ".", exist_ok=True)
-    with open(FLAGS.out + ".json", "w") as f:
-        json.dump(dict(meta, rows=rows, growth=growth), f, indent=1)
-    text = markdown(meta, rows, growth)
-    with open(FLAGS.out + ".md", "w") as f:
-        f.write(text)
-    print(text)
-    plot(rows, growth, FLAGS.out + ".png")
+    harness.write_report(prefix, dict(meta, rows=rows, growth=growth),
+                         markdown(meta, rows, growth))
+    plot(rows, f"{prefix}.png")
 
 
 def markdown(meta, rows, growth) -> str:
+    """The report: provenance, the per-variant table and the memory-growth table (OUT.json's
+    fields)."""
     mib = 2 ** 20
     lines = [
         "# Training throughput, memory and MFU vs context\n",
-        f"Command: `{meta['command']}`  ",
-        f"Machine: {meta['machine']}; load average (1, 5, 15 min) before: "
-        f"{meta['load_average_before']}, after: {meta['load_average_after']}  ",
+        *harness.provenance_lines(meta),
+        f"Load average (1, 5, 15 min) before: {meta['load_average_before']}, after: "
+        f"{meta['load_average_after']}  ",
         f"Matmul peak (f32 [{FLAGS.peak_size}]^2 @ [{FLAGS.peak_size}]^2, median over rounds): "
         f"{meta['peak_gflops_median']:.1f} GFLOP/s; wall time {meta['wall_s'] / 60:.1f} min\n",
         "Tokens/s: median over rounds (min-max in brackets). Memory: compiled temp + argument + "
@@ -378,7 +354,8 @@ def markdown(meta, rows, growth) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(rows, growth, path):
+def plot(rows, path):
+    """Tokens/s, ratio to transformer, compiled memory and MFU vs context (OUT.json's rows)."""
     plt = plotting.pyplot()
     fig, axes = plt.subplots(2, 2, figsize=(11, 8))
     panels = [(axes[0, 0], lambda r: r["tokens_per_s"], "training tokens/s (median)"),

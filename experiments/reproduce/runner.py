@@ -121,14 +121,16 @@ def _differences(a, b, prefix=""):
 
 def describe_optimizer(optimizer: Mapping, num_steps: int) -> str:
     """Prose for a training config's `optimizer` fields (all but the peak lr, which the tables
-    state), e.g. "AdamW (b1 0.9, b2 0.95, eps 1e-08, weight decay 0.1, global-norm clip 1),
-    linear warmup over 20 steps, then cosine decay to 0.1 x peak lr at step 400"."""
+    state), e.g. "AdamW (b1 0.9, b2 0.95, eps 1e-08, weight decay 0.1 on matrices only,
+    global-norm clip 1), linear warmup over 20 steps, then cosine decay to 0.1 x peak lr at step
+    400"."""
     o = optimizer
+    warmup = f"{o['warmup_steps']} step" + ("" if o["warmup_steps"] == 1 else "s")
     schedule = (f"then cosine decay to {o['min_lr_ratio']:g} x peak lr at step {num_steps}"
                 if o["schedule"] == "cosine" else "then constant")
     return (f"AdamW (b1 {o['b1']:g}, b2 {o['b2']:g}, eps {o['eps']:g}, weight decay "
             f"{o['weight_decay']:g} on matrices only, global-norm clip {o['clip_norm']:g}), "
-            f"linear warmup over {o['warmup_steps']} steps, {schedule}")
+            f"linear warmup over {warmup}, {schedule}")
 
 
 def describe(values: Mapping) -> str:
