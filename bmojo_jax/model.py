@@ -1,4 +1,5 @@
-"""The language model: embeddings, pre-norm decoder blocks, final norm, LM head (DESIGN.md section 3).
+"""The language model: embeddings, pre-norm decoder blocks, final norm, LM head (docs/design.md
+section 3).
 
     block(x) = x + mixer(RMSNorm(x));  x + SwiGLU(RMSNorm(x))
 
@@ -11,11 +12,23 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
+from flax import nnx, struct
 
 from bmojo_jax import ops
 from bmojo_jax.config import ModelConfig
 from bmojo_jax.layers import SSM, MemoryAttention, SwiGLU
+
+
+@struct.dataclass
+class Cache:
+    """A `LanguageModel`'s decoding cache (see `LanguageModel.init_cache`).
+
+    position: int32 scalar, tokens consumed so far.
+    layers: one streaming state per layer: `layers.SSMState` (`M`) or `layers.AttentionState`.
+    """
+
+    position: jax.Array
+    layers: tuple
 
 
 class Block(nnx.Module):
@@ -38,9 +51,10 @@ class Block(nnx.Module):
     def __call__(self, x):
         return self.prefill(x)[0]
 
-    def prefill(self, x, max_length=None):
-        """x [b, t, d_model] -> (output [b, t, d_model], the mixer's streaming state)."""
-        y, state = self.mixer.prefill(self.mixer_norm(x), max_length)
+    def prefill(self, x, max_length=None, context=None):
+        """x [b, t, d_model] -> (output [b, t, d_model], the mixer's streaming state); `context`:
+        a `SequenceContext` when x is one shard of a longer sequence."""
+        y, state = self.mixer.prefill(self.mixer_norm(x), max_length, context=context)
         x = x + y
         return x + self.mlp(self.mlp_norm(x)), state
 
@@ -77,13 +91,18 @@ class LanguageModel(nnx.Module):
         """
         return self.forward(tokens)[0]
 
-    def forward(self, tokens):
+    def forward(self, tokens, *, context=None):
         """Logits [batch, time, vocab_size] float32 and the auxiliary loss (float32 scalar: the sum
-        of the already-weighted `innovation_loss`es sown by B'MOJO layers; 0 without them)."""
-        (logits, _), sown = nnx.capture(self._prefill, nnx.Intermediate)(tokens, None)
+        of the already-weighted `innovation_loss`es sown by B'MOJO layers; 0 without them).
+
+        `context`: a `sequence_parallel.SequenceContext` when `tokens` is one shard of a longer
+        sequence, inside `jax.shard_map` (`sequence_parallel.sequence_parallel_forward` does
+        this); None otherwise.
+        """
+        (logits, _), sown = nnx.capture(self._prefill, nnx.Intermediate)(tokens, None, context)
         return logits, _aux_loss(sown)
 
-    def cross_entropy(self, tokens, targets):
+    def cross_entropy(self, tokens, targets, *, context=None):
         """The training objective's terms without materialising the logits
         (`ops.linear_cross_entropy`: the `xla` implementation unless config.implementation is
         "reference"; our choice, for speed and memory). The head is computed in float32 even for
@@ -93,6 +112,7 @@ class LanguageModel(nnx.Module):
           tokens: int [batch, time] inputs, ids in [0, vocab_size).
           targets: int [batch, time] next-token ids in [0, vocab_size), or negative (e.g.
             `data.IGNORE_INDEX` = -100) where unlabelled.
+          context: as in `forward` (the returned mean and count are then this shard's).
 
         Returns:
           (ce, labelled, aux_loss): mean NLL over labelled targets (float32 nats; 0 if none), their
@@ -106,7 +126,7 @@ class LanguageModel(nnx.Module):
             raise ValueError(f"targets {targets.shape} must have the shape of tokens "
                              f"{tokens.shape}.")
         check_tokens(targets, self.config.vocab_size, name="target", unlabelled_ok=True)
-        (x, _), sown = nnx.capture(self._trunk, nnx.Intermediate)(tokens, None)
+        (x, _), sown = nnx.capture(self._trunk, nnx.Intermediate)(tokens, None, context)
         mask = targets >= 0
         labelled = mask.sum(dtype=jnp.int32)
         weights = mask.astype(jnp.float32) / jnp.maximum(labelled, 1)
@@ -116,18 +136,18 @@ class LanguageModel(nnx.Module):
             implementation="reference" if self.config.implementation == "reference" else "xla")
         return ce, labelled, _aux_loss(sown)
 
-    def _trunk(self, tokens, max_length):
+    def _trunk(self, tokens, max_length, context):
         """Embedding and blocks: (features [b, t, d_model] before the final norm, layer states)."""
         check_tokens(tokens, self.config.vocab_size)
         x = self.embed(tokens)
         states = []
         for block in self.blocks:
-            x, state = block.prefill(x, max_length)
+            x, state = block.prefill(x, max_length, context)
             states.append(state)
-        return x, states
+        return x, tuple(states)
 
-    def _prefill(self, tokens, max_length):
-        x, states = self._trunk(tokens, max_length)
+    def _prefill(self, tokens, max_length, context):
+        x, states = self._trunk(tokens, max_length, context)
         return self._head(x), states
 
     def _head(self, x):
@@ -135,11 +155,11 @@ class LanguageModel(nnx.Module):
         logits = self.embed.attend(x) if self.head is None else self.head(x)
         return logits.astype(jnp.float32)
 
-    # ------------------------------------------------------------------ streaming (DESIGN.md 5)
+    # ------------------------------------------------------- streaming (docs/design.md section 5)
 
-    def init_cache(self, batch_size: int, max_length=None):
-        """An empty decoding cache: {"position": int32 scalar (tokens consumed), "layers": one
-        fixed-size state per layer (see the mixers' `init_state`)}.
+    def init_cache(self, batch_size: int, max_length=None) -> Cache:
+        """An empty decoding `Cache`: position 0 and one fixed-size state per layer (see the
+        mixers' `init_state`).
 
         Args:
           batch_size: sequences decoded together.
@@ -149,10 +169,11 @@ class LanguageModel(nnx.Module):
         Raises:
           ValueError: an `A` layer and no max_length.
         """
-        return {"position": jnp.zeros((), jnp.int32),
-                "layers": [block.mixer.init_state(batch_size, max_length) for block in self.blocks]}
+        return Cache(position=jnp.zeros((), jnp.int32),
+                     layers=tuple(block.mixer.init_state(batch_size, max_length)
+                                  for block in self.blocks))
 
-    def prefill(self, tokens, cache):
+    def prefill(self, tokens, cache: Cache):
         """Consumes a prompt in parallel: tokens int [batch, time] and an empty cache (from
         `init_cache`) -> (logits [batch, time, vocab_size] float32, the cache after the prompt).
 
@@ -160,32 +181,32 @@ class LanguageModel(nnx.Module):
           ValueError: bad tokens; a cache that is not empty (when its position is concrete); a
             prompt longer than a full-attention cache.
         """
-        position = cache["position"]
+        position = cache.position
         if not isinstance(position, jax.core.Tracer) and int(position) != 0:
             raise ValueError(f"prefill needs an empty cache (position 0), got position "
                              f"{int(position)}; continue with decode_step.")
-        size = max((s["k"].shape[1] for s, b in zip(cache["layers"], self.blocks)
+        size = max((s.k.shape[1] for s, b in zip(cache.layers, self.blocks)
                     if isinstance(b.mixer, MemoryAttention) and b.mixer.window is None),
                    default=None)
         if size is not None and tokens.shape[1] > size:
             raise ValueError(f"prompt of {tokens.shape[1]} tokens exceeds the full-attention cache "
                              f"(max_length={size}).")
-        (logits, states), _ = nnx.capture(self._prefill, nnx.Intermediate)(tokens, size)
-        return logits, {"position": jnp.asarray(tokens.shape[1], jnp.int32), "layers": states}
+        (logits, states), _ = nnx.capture(self._prefill, nnx.Intermediate)(tokens, size, None)
+        return logits, Cache(position=jnp.asarray(tokens.shape[1], jnp.int32), layers=states)
 
-    def decode_step(self, tokens, cache):
+    def decode_step(self, tokens, cache: Cache):
         """One token per sequence: tokens int32 [batch] -> (logits [batch, vocab_size] float32,
         the updated cache). Reproduces the parallel forward's logits at that position."""
         if tokens.ndim != 1:
             raise ValueError(f"decode_step takes tokens [batch]; got shape {tokens.shape}.")
         check_tokens(tokens[:, None], self.config.vocab_size)
-        position = cache["position"]
+        position = cache.position
         x = self.embed(tokens)
         states = []
-        for block, state in zip(self.blocks, cache["layers"]):
+        for block, state in zip(self.blocks, cache.layers):
             x, state = block.step(x, state, position)
             states.append(state)
-        return self._head(x), {"position": position + 1, "layers": states}
+        return self._head(x), Cache(position=position + 1, layers=tuple(states))
 
 
 def _aux_loss(sown) -> jax.Array:
@@ -229,7 +250,7 @@ def param_count(config: ModelConfig, embedding: bool = True) -> int:
 def match_d_ff(config: ModelConfig, target: int) -> ModelConfig:
     """`config` with the SwiGLU width d_ff (a multiple of 8, >= 8) whose non-embedding parameter
     count is closest to `target`: how presets are compared at one parameter count (our choice of
-    knob; DESIGN.md section 3 asks for close counts)."""
+    knob; docs/design.md section 3 asks for close counts)."""
     def body(d_ff):
         return param_count(config.replace(d_ff=d_ff), embedding=False)
     base = config.hidden_dim

@@ -1,14 +1,18 @@
 """Sharded training on a device mesh: the mesh, the parameter sharding rules, batches, multi-host.
 
-The mesh has three named axes (`MESH_AXES`):
+The mesh has four named axes (`MESH_AXES`):
 
-    data     batch rows (pure data parallelism: parameters replicated over it)
-    fsdp     batch rows too, and parameters / optimizer state split over it (ZeRO-3 / FSDP: XLA
-             all-gathers a weight where it is used and reduce-scatters its gradient)
-    tensor   attention heads, SSM heads, MLP hidden units and the vocabulary (Megatron style)
+    data      batch rows (pure data parallelism: parameters replicated over it)
+    fsdp      batch rows too, and parameters / optimizer state split over it (ZeRO-3 / FSDP: XLA
+              all-gathers a weight where it is used and reduce-scatters its gradient)
+    tensor    attention heads, SSM heads, MLP hidden units and the vocabulary (Megatron style)
+    sequence  the time axis of the batch: sequence (context) parallelism for contexts too long
+              for one device; the loss runs through `sequence_parallel.
+              sequence_parallel_cross_entropy` (the layers receive a `SequenceContext`)
 
-Its shape comes from the training config (`mesh_shape`, (data, fsdp, tensor), one entry may be -1
-for "the remaining devices"; default all devices on `data`). Which parameter is split how is data,
+Its shape comes from the training config (`mesh_shape`, (data, fsdp, tensor) or (data, fsdp,
+tensor, sequence), one entry may be -1 for "the remaining devices"; default all devices on
+`data`, sequence 1). Which parameter is split how is data,
 in one place: `PARAM_RULES` maps a regular expression on a parameter's path (the `nnx.state` path
 joined by "/", e.g. "blocks/0/mixer/wq/kernel") to the mesh axes of its dimensions. The first rule
 that matches wins; a dimension that its axes' total size does not divide is replicated instead (so
@@ -52,8 +56,9 @@ from jax.sharding import PartitionSpec as P
 
 from bmojo_jax.model import LanguageModel
 
-MESH_AXES = ("data", "fsdp", "tensor")
+MESH_AXES = ("data", "fsdp", "tensor", "sequence")
 BATCH_AXES = ("data", "fsdp")
+SEQUENCE_AXIS = "sequence"
 
 # (regular expression searched in the parameter path, mesh axes of the leading dimensions).
 # An entry is a mesh axis name, a tuple of names, or None (replicated); missing trailing entries
@@ -82,21 +87,24 @@ PARAM_RULES: tuple[tuple[str, tuple], ...] = (
 
 def resolve_mesh_shape(mesh_shape: Optional[Sequence[int]],
                        num_devices: Optional[int]) -> tuple[int, ...]:
-    """(data, fsdp, tensor) with a -1 entry (at most one) filled so that the product is
-    `num_devices`; None means (num_devices, 1, 1). With num_devices None only the form is checked
-    (before `jax.distributed.initialize`, when the device count is not known yet).
+    """(data, fsdp, tensor, sequence) with a -1 entry (at most one) filled so that the product is
+    `num_devices`; three entries mean sequence = 1; None means (num_devices, 1, 1, 1). With
+    num_devices None only the form is checked (before `jax.distributed.initialize`, when the device
+    count is not known yet).
 
     Raises:
-      ValueError: not three integers, more than one -1, an entry < 1, or a product that is not the
-        device count (the message names both).
+      ValueError: not three or four integers, more than one -1, an entry < 1, or a product that is
+        not the device count (the message names both).
     """
     if mesh_shape is None:
-        return (num_devices, 1, 1)
+        return (num_devices, 1, 1, 1)
     shape = tuple(mesh_shape)
-    if len(shape) != len(MESH_AXES) or not all(isinstance(s, (int, np.integer)) and
-                                               not isinstance(s, bool) for s in shape):
-        raise ValueError(f"mesh_shape={mesh_shape!r}: must be three integers "
-                         f"({', '.join(MESH_AXES)}), one of them may be -1.")
+    if len(shape) not in (3, 4) or not all(isinstance(s, (int, np.integer)) and
+                                           not isinstance(s, bool) for s in shape):
+        raise ValueError(f"mesh_shape={mesh_shape!r}: must be three or four integers "
+                         f"({', '.join(MESH_AXES)}; sequence defaults to 1), one of them may "
+                         f"be -1.")
+    shape = shape + (1,) * (len(MESH_AXES) - len(shape))
     if shape.count(-1) > 1 or any(s < 1 and s != -1 for s in shape):
         raise ValueError(f"mesh_shape={mesh_shape!r}: entries must be >= 1, at most one -1.")
     if num_devices is None:
@@ -118,7 +126,7 @@ def make_mesh(mesh_shape: Optional[Sequence[int]] = None, devices=None) -> Mesh:
     """A mesh with axes `MESH_AXES` over `devices` (default: all devices of all processes).
 
     Args:
-      mesh_shape: (data, fsdp, tensor); see `resolve_mesh_shape`.
+      mesh_shape: (data, fsdp, tensor[, sequence]); see `resolve_mesh_shape`.
       devices: the devices to use (e.g. `jax.devices()[:1]` for a one-device mesh in a process
         that has more); their count must equal the mesh size.
     """
@@ -215,8 +223,10 @@ def describe(tree, mesh: Mesh, rules=PARAM_RULES) -> list[str]:
 # --------------------------------------------------------------------------------------------------
 
 
-def batch_sharding(mesh: Mesh, global_batch_size: Optional[int] = None) -> NamedSharding:
-    """Rows over ("data", "fsdp"), the other dimensions replicated.
+def batch_sharding(mesh: Mesh, global_batch_size: Optional[int] = None,
+                   ndim: int = 2) -> NamedSharding:
+    """Rows over ("data", "fsdp"), time (the second dimension, when ndim >= 2) over "sequence",
+    the other dimensions replicated.
 
     Raises:
       ValueError: `global_batch_size` not divisible by data * fsdp.
@@ -225,7 +235,7 @@ def batch_sharding(mesh: Mesh, global_batch_size: Optional[int] = None) -> Named
     if global_batch_size is not None and global_batch_size % size:
         raise ValueError(f"batch size {global_batch_size} is not divisible by the mesh's batch "
                          f"axes data * fsdp = {size} (mesh {dict(mesh.shape)}).")
-    return NamedSharding(mesh, P(BATCH_AXES))
+    return NamedSharding(mesh, P(BATCH_AXES, SEQUENCE_AXIS) if ndim >= 2 else P(BATCH_AXES))
 
 
 def process_rows(mesh: Mesh, global_batch_size: int) -> slice:
@@ -235,7 +245,7 @@ def process_rows(mesh: Mesh, global_batch_size: int) -> slice:
       ValueError: the batch does not divide over the mesh, or the process's rows are not one
         contiguous block (a mesh whose device order interleaves hosts along the batch axes).
     """
-    sharding = batch_sharding(mesh, global_batch_size)
+    sharding = batch_sharding(mesh, global_batch_size, ndim=1)
     index = sharding.addressable_devices_indices_map((global_batch_size,))
     spans = sorted({(s[0].start or 0, global_batch_size if s[0].stop is None else s[0].stop)
                     for s in index.values()})
@@ -251,13 +261,14 @@ def process_rows(mesh: Mesh, global_batch_size: int) -> slice:
 
 def global_batch(local_arrays, mesh: Mesh, global_batch_size: int):
     """Global jax.Arrays sharded by `batch_sharding` from this process's rows (`process_rows`):
-    a pytree of numpy arrays [local rows, ...] -> the same tree of arrays [global rows, ...]."""
-    sharding = batch_sharding(mesh, global_batch_size)
-
+    a pytree of numpy arrays [local rows, ...] -> the same tree of arrays [global rows, ...].
+    Each process holds whole sequences: the `sequence` axis must not span hosts (it does not
+    when it fits in one host's devices: `jax.make_mesh` keeps a host's devices together on the
+    last axes)."""
     def assemble(x):
         x = np.asarray(x)
-        return jax.make_array_from_process_local_data(sharding, x,
-                                                      (global_batch_size,) + x.shape[1:])
+        return jax.make_array_from_process_local_data(
+            batch_sharding(mesh, global_batch_size, x.ndim), x, (global_batch_size,) + x.shape[1:])
     return jax.tree.map(assemble, local_arrays)
 
 
@@ -291,7 +302,7 @@ def initialize_distributed() -> None:
     jax.distributed.initialize(**kwargs)
 
 
-__all__ = ["MESH_AXES", "BATCH_AXES", "PARAM_RULES", "resolve_mesh_shape", "make_mesh",
+__all__ = ["MESH_AXES", "BATCH_AXES", "SEQUENCE_AXIS", "PARAM_RULES", "resolve_mesh_shape", "make_mesh",
            "replicated", "path_string", "spec_for", "tree_shardings", "shard_tree",
            "state_shardings", "describe", "batch_sharding", "process_rows", "global_batch",
            "host_batch", "initialize_distributed"]

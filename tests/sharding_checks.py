@@ -102,6 +102,15 @@ def check_train_step():
                                                        [m["loss"] for m in sharded[2]]), 1e-5)
         _check(f"{preset} train step: params", _max_diff(single[0], sharded[0]), 1e-5)
         _check(f"{preset} train step: opt state", _max_diff(single[1], sharded[1]), 1e-5)
+        # Sequence parallelism in training: time over 4 devices (8 tokens = 2 windows a shard).
+        sequence_mesh = sharding.make_mesh((2, 1, 1, 4))
+        split = _run(training.make_train_step(model_cfg, config, sequence_mesh),
+                     *sharding.shard_tree(fresh, sequence_mesh), range(2),
+                     place=lambda b: sharding.host_batch(b, sequence_mesh))
+        _check(f"{preset} sequence-parallel train step: loss",
+               _max_diff([m["loss"] for m in single[2]], [m["loss"] for m in split[2]]), 1e-5)
+        _check(f"{preset} sequence-parallel train step: params", _max_diff(single[0], split[0]),
+               1e-5)
         print(f"     ({time.perf_counter() - tic:.1f} s)", flush=True)
 
 
@@ -110,7 +119,7 @@ def check_sequence_parallel():
     mesh = jax.make_mesh((4, 2), ("seq", "batch"), devices=jax.devices(),
                          axis_types=(jax.sharding.AxisType.Auto,) * 2)
     tokens = jax.random.randint(jax.random.key(1), (2, 64), 0, TINY["vocab_size"])
-    for preset in ("bmojo", "bmojo_f", "mamba", "swa"):
+    for preset in ("transformer", "bmojo", "bmojo_f", "mamba", "swa"):  # swa last: validation
         tic = time.perf_counter()
         changes = dict(eidetic_eviction="score", eidetic_slots=6) if preset == "bmojo" else {}
         model = LanguageModel(_model_config(preset, **changes), rngs=nnx.Rngs(0))

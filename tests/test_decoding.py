@@ -71,7 +71,7 @@ def test_state_size_does_not_grow(preset):
 
     short = run(state, model.init_cache(2), 10)
     long = run(state, model.init_cache(2), 10_000)
-    assert int(long["position"]) == 10_000
+    assert int(long.position) == 10_000
     assert _bytes(short) == _bytes(long)
     assert all(np.all(np.isfinite(leaf)) for leaf in jax.tree.leaves(long)
                if leaf.dtype == np.float32 and leaf.ndim > 2)  # caches hold no NaN/inf

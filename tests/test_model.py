@@ -48,13 +48,14 @@ def test_eidetic_memory_changes_the_output(models):
     model = models["bmojo"]
     x = tokens()
     with_memory = model(x)
+    selections = [block.mixer.selection for block in model.blocks]
     for block in model.blocks:
-        block.mixer.eidetic = False
+        block.mixer.selection = None
     try:
         without = model(x)
     finally:
-        for block in model.blocks:
-            block.mixer.eidetic = True
+        for block, selection in zip(model.blocks, selections):
+            block.mixer.selection = selection
     first_visible = 2 * WINDOW  # selections of chunk 0 are visible from chunk 2 on
     np.testing.assert_allclose(without[:, :first_visible], with_memory[:, :first_visible],
                                atol=1e-6)

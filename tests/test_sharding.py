@@ -28,7 +28,7 @@ from bmojo_jax.sequence_parallel import check_sequence_parallel, sequence_parall
 from experiments.configs import tiny
 
 ROOT = Path(__file__).resolve().parents[1]
-MESH = AbstractMesh((2, 2, 2), sharding.MESH_AXES)
+MESH = AbstractMesh((2, 2, 2, 1), sharding.MESH_AXES)
 
 
 def _env(devices: int, **extra) -> dict:
@@ -162,16 +162,17 @@ def test_every_model_parameter_has_a_rule():
 
 
 def test_mesh_shape_resolution_and_errors():
-    assert sharding.resolve_mesh_shape(None, 8) == (8, 1, 1)
-    assert sharding.resolve_mesh_shape((-1, 2, 2), 8) == (2, 2, 2)
-    assert sharding.resolve_mesh_shape((2, 2, 2), None) == (2, 2, 2)
-    for bad, match in (((2, 2), "three integers"), ((-1, -1, 2), "at most one -1"),
+    assert sharding.resolve_mesh_shape(None, 8) == (8, 1, 1, 1)
+    assert sharding.resolve_mesh_shape((-1, 2, 2), 8) == (2, 2, 2, 1)
+    assert sharding.resolve_mesh_shape((2, 2, 2), None) == (2, 2, 2, 1)
+    assert sharding.resolve_mesh_shape((2, 1, 1, -1), 8) == (2, 1, 1, 4)
+    for bad, match in (((2, 2), "three or four integers"), ((1, 1, 1, 1, 1), "three or four"), ((-1, -1, 2), "at most one -1"),
                        ((0, 1, 1), ">= 1"), ((2, 2, 2), "needs 8 devices; there are 4"),
                        
                        ((-1, 3, 1), "not divisible")):
         with pytest.raises(ValueError, match=match):
             sharding.resolve_mesh_shape(bad, 4)
-    assert sharding.make_mesh().shape == {"data": 1, "fsdp": 1, "tensor": 1}
+    assert sharding.make_mesh().shape == {"data": 1, "fsdp": 1, "tensor": 1, "sequence": 1}
     with pytest.raises(ValueError, match="divisible by the mesh's batch axes data \\* fsdp = 4"):
         sharding.batch_sharding(MESH, 6)
 

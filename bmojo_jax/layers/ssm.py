@@ -11,9 +11,16 @@ Initialisation follows the Mamba papers: A = -[1..16] (mamba2: uniform per head;
 state), dt in [1e-3, 1e-1] log-uniform via the bias of a softplus, D = 1. The dynamics parameters are
 named `A_log`, `dt_bias`, `D` so that the optimizer can exclude them from weight decay.
 
-Streaming (DESIGN.md section 5): the recurrent state is {"conv": the last d_conv - 1 conv inputs
-[b, d_conv - 1, inner + 2 n], "ssm": the scan state h}, a fixed size whatever the context.
-`prefill(x)` runs the parallel scan and returns that state; `step(x, state)` consumes one token.
+Streaming (docs/design.md section 5): the recurrent state is an `SSMState` (the last d_conv - 1
+conv inputs and the scan state h), a fixed size whatever the context. `prefill(x)` runs the
+parallel scan and returns that state; `step(x, state)` consumes one token.
+
+Sequence parallelism (`prefill(x, context=...)`, a `SequenceContext`): the conv takes its
+d_conv - 1 tokens of left context from the previous shard, and the scan runs from a zero state;
+the state H entering the shard (from every shard's zero-start final state and total decay,
+`SequenceContext.carried_state`) then adds its contribution analytically (our choice, one einsum
+instead of a second scan): the true state at local step t is h0_t + exp(a * cumsum(dt)_t) H, so
+y_t gains C_t . (exp(a * cumsum(dt)_t) H), which passes through the gate and out_proj linearly.
 """
 
 from __future__ import annotations
@@ -22,9 +29,21 @@ import math
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
+from flax import nnx, struct
 
 from bmojo_jax import ops
+
+
+@struct.dataclass
+class SSMState:
+    """The SSM mixer's streaming state (float32, fixed size).
+
+    conv: [b, d_conv - 1, inner + 2 n], the last conv inputs.
+    ssm: the scan state h, [b, heads, p, n] (mamba2) or [b, inner, n] (mamba1).
+    """
+
+    conv: jax.Array
+    ssm: jax.Array
 
 
 def _dt_bias(key, shape, dt_min=1e-3, dt_max=1e-1):
@@ -62,49 +81,61 @@ class SSM(nnx.Module):
         self.D = nnx.Param(jnp.ones((inner,), jnp.float32))
         self.out_proj = nnx.Linear(inner, d_model, use_bias=False, dtype=dtype, rngs=rngs)
 
-    def init_state(self, batch_size: int, max_length=None):
+    def init_state(self, batch_size: int, max_length=None) -> SSMState:
         """Zero recurrent state for `batch_size` sequences (float32). `max_length` is unused (a
         fixed-size state), accepted for the mixers' common interface."""
         h = ((batch_size, self.n_heads, self.inner // self.n_heads, self.d_state)
              if self.kind == "mamba2" else (batch_size, self.inner, self.d_state))
         conv = self.conv.kernel.shape
-        return {"conv": jnp.zeros((batch_size, conv[0] - 1, conv[2]), jnp.float32),
-                "ssm": jnp.zeros(h, jnp.float32)}
+        return SSMState(conv=jnp.zeros((batch_size, conv[0] - 1, conv[2]), jnp.float32),
+                        ssm=jnp.zeros(h, jnp.float32))
 
     def __call__(self, x):
         """x: [b, t, d_model] -> [b, t, d_model] (dtype of x)."""
         return self.prefill(x)[0]
 
-    def prefill(self, x, max_length=None):
-        """x: [b, t, d_model] -> (y [b, t, d_model], the recurrent state after the last token)."""
+    def prefill(self, x, max_length=None, context=None):
+        """x: [b, t, d_model] -> (y [b, t, d_model], the `SSMState` after the last token).
+
+        `context`: a `SequenceContext` when x is one shard of a longer sequence (see module
+        docstring), else None.
+        """
         z, xbc, dt = jnp.split(self.in_proj(x), self.splits, axis=-1)
         width = self.conv.kernel.shape[0] - 1
-        conv_state = jnp.pad(xbc, [(0, 0), (width, 0), (0, 0)])[:, xbc.shape[1]:]
-        xbc_conv = jax.nn.silu(self._causal_conv(xbc))
-        y, h_last = self._mix(z, xbc_conv, dt, None, self.implementation)
-        return y.astype(x.dtype), {"conv": conv_state.astype(jnp.float32), "ssm": h_last}
+        left = (jnp.zeros(xbc.shape[:1] + (width,) + xbc.shape[2:], xbc.dtype) if context is None
+                else context.left(xbc, width))
+        conv_state = jnp.concatenate([left, xbc], axis=1)[:, xbc.shape[1]:]
+        xbc = jax.nn.silu(self._causal_conv(xbc, left))
+        xs, B, C, dt, a = self.dynamics(xbc, dt)
+        y, h_last = self._scan(xs, dt, a, B, C, None, self.implementation)
+        if context is not None:
+            carried, h_last = self._carried(context, C, dt, a, h_last)
+            y = y + carried
+        y = self._gate_out(y, xs, z)
+        return y.astype(x.dtype), SSMState(conv=conv_state.astype(jnp.float32), ssm=h_last)
 
-    def _causal_conv(self, x):
-        """The causal depthwise convolution of `self.conv` on x [b, t, channels], as d_conv shifted
-        multiply-adds. Same result as `self.conv(x)`; XLA:CPU runs a grouped (depthwise) convolution
-        as a dense one (channels times the work): 9x slower fwd+bwd at [4, 2048, 544]."""
+    def _causal_conv(self, x, left):
+        """The causal depthwise convolution of `self.conv` on x [b, t, channels] after its left
+        context `left` [b, d_conv - 1, channels], as d_conv shifted multiply-adds. Same result as
+        `self.conv`; XLA:CPU runs a grouped (depthwise) convolution as a dense one (channels times
+        the work): 9x slower fwd+bwd at [4, 2048, 544]."""
         dtype = self.conv.dtype or x.dtype
         kernel = self.conv.kernel[...][:, 0, :].astype(dtype)  # [d_conv, channels]
-        width, t = kernel.shape[0] - 1, x.shape[1]
-        padded = jnp.pad(x.astype(dtype), [(0, 0), (width, 0), (0, 0)])
+        padded = jnp.concatenate([left.astype(dtype), x.astype(dtype)], axis=1)
+        t = x.shape[1]
         out = self.conv.bias[...].astype(dtype)
-        for i in range(width + 1):
+        for i in range(kernel.shape[0]):
             out = out + padded[:, i:i + t] * kernel[i]
         return out
 
-    def step(self, x, state, position=None):
+    def step(self, x, state: SSMState, position=None):
         """One token: x [b, d_model], state -> (y [b, d_model], next state). `position` is unused
         (the SSM is position-free), accepted for the mixers' common interface."""
         z, xbc, dt = jnp.split(self.in_proj(x)[:, None], self.splits, axis=-1)
-        window = jnp.concatenate([state["conv"], xbc.astype(jnp.float32)], axis=1)
-        conv = jnp.einsum("bkc,kc->bc", window, self.conv.kernel[:, 0, :]) + self.conv.bias[...]
-        y, h = self._mix(z, jax.nn.silu(conv)[:, None], dt, state["ssm"], "reference")
-        return y[:, 0].astype(x.dtype), {"conv": window[:, 1:], "ssm": h}
+        xs, B, C, dt, a = self.dynamics(jax.nn.silu(self._causal_conv(xbc, state.conv)), dt)
+        y, h = self._scan(xs, dt, a, B, C, state.ssm, "reference")
+        conv = jnp.concatenate([state.conv, xbc.astype(jnp.float32)], axis=1)[:, 1:]
+        return self._gate_out(y, xs, z)[:, 0].astype(x.dtype), SSMState(conv=conv, ssm=h)
 
     def dynamics(self, xbc, dt):
         """Scan inputs from the conv output xbc [b, t, inner + 2n] and the raw dt features:
@@ -116,16 +147,52 @@ class SSM(nnx.Module):
         dt = jax.nn.softplus(dt.astype(jnp.float32) + self.dt_bias[...])
         return xs, B, C, dt, -jnp.exp(self.A_log[...])
 
-    def _mix(self, z, xbc, dt, h0, implementation):
-        """Scan and gate: z, xbc, dt as split from in_proj ([b, t, ...]) -> (y [b, t, d_model], h)."""
-        b, t, _ = xbc.shape
-        xs, B, C, dt, a = self.dynamics(xbc, dt)
+    def _scan(self, xs, dt, a, B, C, h0, implementation):
+        """The selective scan: xs [b, t, inner] -> (y [b, t, inner] float32, final state h)."""
+        b, t, _ = xs.shape
         if self.kind == "mamba2":
             y, h = ops.ssd(xs.reshape(b, t, self.n_heads, -1), dt, a, B, C, h0,
                            chunk_size=self.chunk_size, implementation=implementation)
+            return y.reshape(b, t, self.inner), h
+        return ops.selective_scan(xs, dt, a, B, C, h0, chunk_size=self.chunk_size,
+                                  implementation=implementation)
+
+    def _gate_out(self, y, xs, z):
+        """Skip, gate and output projection: y, xs, z [b, t, inner] -> [b, t, d_model]."""
+        y = (y + xs * self.D[...]) * jax.nn.silu(z)
+        return self.out_proj(y.astype(z.dtype))
+
+    def _carried(self, context, C, dt, a, h_last):
+        """The output contribution [b, t, inner] of the state entering this shard, and the true
+        final state (see module docstring)."""
+        cum = jnp.cumsum(dt, axis=1)  # [b, t, heads] (mamba2) or [b, t, inner] (mamba1)
+        C = C.astype(jnp.float32)
+        b, t, _ = C.shape
+        if self.kind == "mamba2":
+            decay = jnp.exp(cum[:, -1] * a)[:, :, None, None]  # [b, h, 1, 1]
+            entering = context.carried_state(h_last, decay)  # [b, h, p, n]
+            y = jnp.einsum("btn,bhpn,bth->bthp", C, entering, jnp.exp(cum * a))
             y = y.reshape(b, t, self.inner)
         else:
-            y, h = ops.selective_scan(xs, dt, a, B, C, h0, chunk_size=self.chunk_size,
-                                      implementation=implementation)
-        y = (y + xs * self.D[...]) * jax.nn.silu(z)
-        return self.out_proj(y.astype(z.dtype)), h
+            decay = jnp.exp(cum[:, -1, :, None] * a)  # [b, inner, n]
+            entering = context.carried_state(h_last, decay)
+            y = _mamba1_carried(C, cum, a, entering, self.chunk_size)
+        return y, h_last + decay * entering
+
+
+def _mamba1_carried(C, cum, a, entering, chunk: int):
+    """y_t[d] = sum_n C_t[n] exp(cum_t[d] a[d, n]) H[d, n], over chunks of time (memory
+    [b, chunk, d, n] at a time). C [b, t, n], cum [b, t, d], a [d, n], H [b, d, n] -> [b, t, d]."""
+    b, t, d = cum.shape
+    q = min(chunk, t)
+    pad = -t % q
+    C = jnp.pad(C, [(0, 0), (0, pad), (0, 0)]).reshape(b, -1, q, C.shape[-1])
+    cum = jnp.pad(cum, [(0, 0), (0, pad), (0, 0)]).reshape(b, -1, q, d)
+
+    def one(inputs):
+        c_chunk, cum_chunk = inputs  # [b, q, n], [b, q, d]
+        return jnp.einsum("bqn,bdn,bqdn->bqd", c_chunk, entering,
+                          jnp.exp(cum_chunk[..., None] * a))
+
+    out = jax.lax.map(one, (jnp.swapaxes(C, 0, 1), jnp.swapaxes(cum, 0, 1)))  # [c, b, q, d]
+    return jnp.swapaxes(out, 0, 1).reshape(b, -1, d)[:, :t]

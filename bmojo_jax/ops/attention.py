@@ -28,7 +28,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from bmojo_jax.ops import registry
-from pallas_kernels import memory_attention as pallas_attention
 
 _MASKED = -1e30  # finite, so that a row with nothing visible can never produce NaN
 
@@ -61,7 +60,7 @@ def rope(x, positions, base: float = 10000.0):
 
 
 def _gather_slots(k, positions):
-    """k [b, t, h, e], positions [b, ..., m] (-1 = empty) -> [b, ..., m, h, e]."""
+    """k [b, P + t, h, e], positions [b, ..., m] (key indices, -1 = empty) -> [b, ..., m, h, e]."""
     return jax.vmap(lambda kb, pb: kb[pb])(k, jnp.maximum(positions, 0))
 
 
@@ -70,33 +69,39 @@ def _masked_softmax(logits, mask):
     return jax.nn.softmax(jnp.where(mask, logits, _MASKED), axis=-1)
 
 
-def _reference(q, k, v, kf, vf, memory_positions, window):
+def _reference(q, k, v, kf, vf, memory_positions, window, q_start):
     b, t, h, e = q.shape
-    pos = jnp.arange(t)
-    dist = pos[:, None] - pos[None, :]  # [query i, key j]
-    groups = [(k, v, (dist >= 0) & (dist < window))]
+    prefix = k.shape[1] - t
+    window = prefix + t if window is None else window
+    q_pos = q_start + jnp.arange(t)
+    k_pos = q_start - prefix + jnp.arange(prefix + t)
+    dist = q_pos[:, None] - k_pos[None, :]  # [query i, key j]
+    real = (k_pos >= 0)[None, :]
+    groups = [(k, v, (dist >= 0) & (dist < window) & real)]
     if kf is not None:
-        groups.append((kf, vf, (dist >= window) & (dist < 2 * window)))
+        groups.append((kf, vf, (dist >= window) & (dist < 2 * window) & real))
     if memory_positions is not None:
-        slots = memory_positions[:, pos // window]  # [b, t, m]: the slots of each query's chunk
-        groups.append((k, v, jnp.any(slots[:, :, :, None] == pos, axis=2)))  # [b, i, j]
+        slots = memory_positions[:, jnp.arange(t) // window]  # [b, t, m]: each query's chunk's
+        index = jnp.arange(prefix + t)
+        groups.append((k, v, jnp.any(slots[:, :, :, None] == index, axis=2)))  # [b, i, j]
     q = q.astype(jnp.float32) * e ** -0.5
     logits = jnp.concatenate(
         [jnp.einsum("bihe,bjhe->bhij", q, keys.astype(jnp.float32)) for keys, _, _ in groups], -1)
-    mask = jnp.concatenate(
-        [jnp.broadcast_to(m.reshape((-1, 1, t, t)), (b, 1, t, t)) for _, _, m in groups], -1)
+    mask = jnp.concatenate([jnp.broadcast_to(m.reshape((-1, 1) + m.shape[-2:]),
+                                             (b, 1) + m.shape[-2:]) for _, _, m in groups], -1)
     values = jnp.concatenate([vals.astype(jnp.float32) for _, vals, _ in groups], 1)
     return jnp.einsum("bhik,bkhe->bihe", _masked_softmax(logits, mask), values)
 
 
-def _chunks_back(x, offset):
-    """x [b, h, c, w, e] -> the chunk `offset` steps earlier for every chunk, zeros before chunk 0."""
-    if offset == 0:
-        return x
-    return jnp.pad(x, [(0, 0), (0, 0), (offset, 0), (0, 0), (0, 0)])[:, :, : x.shape[2]]
+def _chunk_range(x, start: int, count: int):
+    """Chunks start .. start + count - 1 of x [b, h, C, w, e], zeros for chunk indices < 0."""
+    if start < 0:
+        x = jnp.pad(x, [(0, 0), (0, 0), (-start, 0), (0, 0), (0, 0)])
+        start = 0
+    return x[:, :, start:start + count]
 
 
-def _block_sparse(q, k, v, kf, vf, memory_positions, window):
+def _block_sparse(q, k, v, kf, vf, memory_positions, window, q_start):
     """Layout [b, h, c, w, e] (heads outside the chunks, so both einsums are plain batched matmuls
     without transposes in between); keys of all groups concatenated into one [b, h, c, K, e] block
     and one logits matmul; the softmax normalisation is applied after the value matmul (on [.., e]
@@ -105,33 +110,37 @@ def _block_sparse(q, k, v, kf, vf, memory_positions, window):
     form."""
     b, t, h, e = q.shape
     f32 = jnp.float32
-    c = -(-t // window)
-    pad = [(0, 0), (0, c * window - t), (0, 0), (0, 0)]
+    prefix = k.shape[1] - t
+    full = window is None
+    w = t if full else window
+    c = -(-t // w)
 
-    def chunked(x):  # [b, t, h, e] -> [b, h, c, w, e] float32
-        x = jnp.pad(x.astype(f32), pad).reshape(b, c, window, h, e)
-        return jnp.transpose(x, (0, 3, 1, 2, 4))
+    def chunked(x, chunks, size):  # [b, T, h, e] -> [b, h, chunks, size, e] float32
+        x = jnp.pad(x.astype(f32), [(0, 0), (0, chunks * size - x.shape[1]), (0, 0), (0, 0)])
+        return jnp.transpose(x.reshape(b, chunks, size, h, e), (0, 3, 1, 2, 4))
 
-    qc = chunked(q) * e ** -0.5
-    q_pos = jnp.arange(c * window).reshape(c, window)  # [c, w]
-
-    # (keys, values, offsets, visible(distance)) per key group; offsets that point before chunk 0
-    # for every chunk (offset >= c) are dropped statically.
-    groups = [(k, v, (1, 0), lambda dist: (dist >= 0) & (dist < window))]
-    if kf is not None:
-        groups.append((kf, vf, (2, 1), lambda dist: (dist >= window) & (dist < 2 * window)))
-    keys, values, masks = [], [], []
-    for group_k, group_v, offsets, visible in groups:
-        offsets = [o for o in offsets if o < c]
-        if not offsets:
-            continue
-        kc, vc = chunked(group_k), chunked(group_v)
-        keys += [_chunks_back(kc, o) for o in offsets]
-        values += [_chunks_back(vc, o) for o in offsets]
-        for o in offsets:
-            k_pos = q_pos - o * window  # [c, w]
-            dist = q_pos[:, :, None] - k_pos[:, None, :]  # [c, w, w]
-            masks.append(visible(dist) & (k_pos >= 0)[:, None, :])
+    qc = chunked(q, c, w) * e ** -0.5
+    q_pos = q_start + np.arange(c * w).reshape(c, w)  # [c, w] global positions
+    if full:  # one query chunk reads every key: all P + t of them, causal
+        keys, values = [chunked(k, 1, prefix + t)], [chunked(v, 1, prefix + t)]
+        k_pos = q_start - prefix + np.arange(prefix + t)
+        masks = [(q_pos[:, :, None] >= k_pos) & (k_pos >= 0)]  # [1, t, P + t]
+    else:
+        # (keys, values, offsets in chunks back, visible(distance)) per key group; offsets whose
+        # chunks lie before the first key for every query chunk are dropped statically.
+        groups = [(k, v, (1, 0), lambda dist: (dist >= 0) & (dist < w))]
+        if kf is not None:
+            groups.append((kf, vf, (2, 1), lambda dist: (dist >= w) & (dist < 2 * w)))
+        first = prefix // w  # key chunk of the first query chunk
+        keys, values, masks = [], [], []
+        for group_k, group_v, offsets, visible in groups:
+            kc, vc = chunked(group_k, first + c, w), chunked(group_v, first + c, w)
+            for o in (o for o in offsets if first - o > -c):
+                keys.append(_chunk_range(kc, first - o, c))
+                values.append(_chunk_range(vc, first - o, c))
+                dist = np.arange(w)[:, None] - np.arange(w)[None, :] + o * w  # [w, w], static
+                k_pos = q_pos - o * w  # [c, w]
+                masks.append(visible(dist)[None] & (k_pos >= 0)[:, None, :])
     mask = jnp.concatenate(masks, -1)[None, None]  # [1, 1, c, w, K]
     if memory_positions is not None:
         slot_k = _gather_slots(k, memory_positions).astype(f32)  # [b, c, m, h, e]
@@ -139,12 +148,12 @@ def _block_sparse(q, k, v, kf, vf, memory_positions, window):
         keys.append(jnp.transpose(slot_k, (0, 3, 1, 2, 4)))
         values.append(jnp.transpose(slot_v, (0, 3, 1, 2, 4)))
         slots = jnp.broadcast_to((memory_positions >= 0)[:, None, :, None, :],
-                                 (b, 1, c, window, memory_positions.shape[-1]))
+                                 (b, 1, c, w, memory_positions.shape[-1]))
         mask = jnp.concatenate([jnp.broadcast_to(mask, (b,) + mask.shape[1:]), slots], -1)
     keys = keys[0] if len(keys) == 1 else jnp.concatenate(keys, 3)  # [b, h, c, K, e]
     values = values[0] if len(values) == 1 else jnp.concatenate(values, 3)
     logits = jnp.einsum("bhcqe,bhcke->bhcqk", qc, keys)
-    if c == 1 and len(masks) == 1:  # full attention: a select fuses best (measured)
+    if full:  # full attention: a select fuses best (measured)
         logits = jnp.where(mask, logits, _MASKED)
     else:  # chunked groups: an additive bias fuses best (measured)
         logits = logits + jnp.where(mask, 0.0, _MASKED).astype(f32)
@@ -155,7 +164,18 @@ def _block_sparse(q, k, v, kf, vf, memory_positions, window):
     out = jnp.einsum("bhcqk,bhcke->bhcqe", weights, values)
     out = out / jnp.sum(weights, axis=-1)[..., None]
     out = jnp.transpose(out, (0, 2, 3, 1, 4))  # [b, c, w, h, e]
-    return out.reshape(b, c * window, h, e)[:, :t]
+    return out.reshape(b, c * w, h, e)[:, :t]
+
+
+def _pallas(q, k, v, kf, vf, memory_positions, window, q_start):
+    if k.shape[1] != q.shape[1]:
+        raise ValueError(f"memory_attention: the pallas implementation takes no key prefix (got "
+                         f"{k.shape[1] - q.shape[1]} keys before the queries, e.g. from sequence "
+                         f"parallelism); use implementation='xla'.")
+    from pallas_kernels import memory_attention as kernels  # lazy: only when asked for
+
+    return kernels.memory_attention(q, k, v, kf, vf, memory_positions,
+                                    q.shape[1] if window is None else window)
 
 
 def attend_one(q, keys, values, mask):
@@ -176,21 +196,25 @@ def attend_one(q, keys, values, mask):
     return jnp.einsum("bhk,bkhe->bhe", _masked_softmax(logits, mask), values.astype(jnp.float32))
 
 
-_IMPLEMENTATIONS = {"reference": _reference, "xla": _block_sparse,
-                    "pallas": pallas_attention.memory_attention}
+_IMPLEMENTATIONS = {"reference": _reference, "xla": _block_sparse, "pallas": _pallas}
 
 
 def memory_attention(q, k, v, *, window: Optional[int] = None, k_fading=None, v_fading=None,
-                     memory_positions=None, implementation: Optional[str] = None):
+                     memory_positions=None, q_start=0, implementation: Optional[str] = None):
     """Causal softmax attention over window, fading and eidetic keys (see module docstring).
 
     Args:
-      q, k, v: [b, t, h, e] queries, keys, values (RoPE already applied to q and k).
-      window: w, in tokens; None = full causal attention (w = t).
-      k_fading, v_fading: [b, t, h, e] keys/values made from the fading (SSM) tokens, or None.
-      memory_positions: [b, c, m] int32 eidetic slot positions per query chunk (-1 = empty), or None.
-        Keys/values of the slots are gathered from k and v at those positions.
-      implementation: None, "reference", "xla" or "pallas".
+      q: [b, t, h, e] queries (RoPE applied), at positions q_start .. q_start + t - 1.
+      k, v: [b, P + t, h, e] keys (RoPE applied) and values: P >= 0 tokens of left context (the
+        tokens before the queries, e.g. from earlier sequence shards; P = 0 in a plain forward),
+        then the queries' own tokens. Key j sits at position q_start - P + j; keys at negative
+        positions are never visible. With a window, P is a multiple of it.
+      window: w, in tokens; None = full causal attention.
+      k_fading, v_fading: [b, P + t, h, e] keys/values made from the fading (SSM) tokens, or None.
+      memory_positions: [b, c, m] int32 eidetic slots per query chunk of w tokens, as indices into
+        the key axis (= positions when P = q_start = 0), -1 = empty; or None.
+      q_start: position of the first query (int, or an int32 scalar under `shard_map`).
+      implementation: None, "reference", "xla" or "pallas" (pallas: P = 0 only).
 
     Returns:
       [b, t, h, e] float32.
@@ -199,22 +223,26 @@ def memory_attention(q, k, v, *, window: Optional[int] = None, k_fading=None, v_
       ValueError: bad shapes or window, or an unavailable implementation.
     """
     b, t, h, e = q.shape
-    if k.shape != q.shape or v.shape != q.shape:
-        raise ValueError(f"q, k, v must share a shape; got {q.shape}, {k.shape}, {v.shape}.")
+    prefix = k.shape[1] - t
+    if k.shape[::2] != q.shape[::2] or k.shape[-1] != e or v.shape != k.shape or prefix < 0:
+        raise ValueError(f"k, v must be [b, P + t, h, e] for q {q.shape} (P >= 0); got {k.shape}, "
+                         f"{v.shape}.")
     if (k_fading is None) != (v_fading is None):
         raise ValueError("Pass both k_fading and v_fading, or neither.")
-    if k_fading is not None and (k_fading.shape != q.shape or v_fading.shape != q.shape):
-        raise ValueError(f"Fading keys/values must have shape {q.shape}; got {k_fading.shape}, "
-                         f"{v_fading.shape}.")
-    if window is None:
-        if memory_positions is not None or k_fading is not None:
-            raise ValueError("Fading keys and eidetic slots need a finite window (the chunk size).")
-        window = t
-    if window < 1:
+    if k_fading is not None and (k_fading.shape != k.shape or v_fading.shape != k.shape):
+        raise ValueError(f"Fading keys/values must have the keys' shape {k.shape}; got "
+                         f"{k_fading.shape}, {v_fading.shape}.")
+    if window is not None and window < 1:
         raise ValueError(f"window={window}: must be >= 1 token.")
-    window = min(window, t) if k_fading is None and memory_positions is None else window
+    if window is None and (memory_positions is not None or k_fading is not None):
+        raise ValueError("Fading keys and eidetic slots need a finite window (the chunk size).")
+    if window is not None and k_fading is None and memory_positions is None and window >= t + prefix:
+        window = None  # a window that covers every key is full causal attention
+    if window is not None and prefix % window:
+        raise ValueError(f"{prefix} keys before the queries: must be a multiple of the window "
+                         f"{window}.")
     if memory_positions is not None and memory_positions.shape[:2] != (b, -(-t // window)):
         raise ValueError(f"memory_positions has shape {memory_positions.shape}; expected "
                          f"[{b}, {-(-t // window)}, slots] (one row per chunk of {window} tokens).")
     fn = registry.pick("memory_attention", _IMPLEMENTATIONS, implementation)
-    return fn(q, k, v, k_fading, v_fading, memory_positions, window)
+    return fn(q, k, v, k_fading, v_fading, memory_positions, window, q_start)

@@ -20,14 +20,22 @@ itself is never among its eidetic keys.
 
 Implementations: `reference` rebuilds every chunk's buffer from all past selections (obviously
 correct, O(c^2)); `xla` slides (fifo) or scans (score) over chunks, O(c).
+
+Streaming (docs/design.md section 5): `EideticState` is the same bookkeeping one token at a time:
+`init_state` (empty), `state_after` (after a parallel pass over a prompt, from its scores) and
+`update` (one decoded token). `update` after `state_after` reproduces `select_eidetic`'s rows
+(tests: decode == forward).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+from flax import struct
 
 from bmojo_jax.ops import registry
 
@@ -132,3 +140,153 @@ def select_eidetic(scores, *, window: int, per_chunk: int, slots: int, lag: int 
     fn = registry.pick("select_eidetic", _IMPLEMENTATIONS, implementation)
     positions, values = chunk_topk(jax.lax.stop_gradient(scores), window, per_chunk)
     return fn(positions, values, slots, lag, eviction)
+
+
+# --------------------------------------------------------------------------------------------------
+# Streaming: the same selection one token at a time
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Selection:
+    """The knobs of the selection (see module docstring): window w (= chunk, tokens), per_chunk k,
+    slots m, lag L (chunks), eviction "fifo" | "score", implementation of `select_eidetic`."""
+
+    window: int
+    per_chunk: int
+    slots: int
+    lag: int = 2
+    eviction: str = "fifo"
+    implementation: Optional[str] = None
+
+    def select(self, scores):
+        """`select_eidetic(scores, ...)` with these knobs: [b, t] -> [b, c, m] int32."""
+        return select_eidetic(scores, **dataclasses.asdict(self))
+
+
+@struct.dataclass
+class Slots:
+    """Eidetic entries: positions int32 [*s] (-1 = empty), scores float32 [*s] (-inf = empty),
+    keys and values float32 [*s, h, e] (RoPE at their positions)."""
+
+    positions: jax.Array
+    scores: jax.Array
+    k: jax.Array
+    v: jax.Array
+
+    @classmethod
+    def empty(cls, shape, heads: int, head_dim: int) -> "Slots":
+        return cls(positions=jnp.full(shape, -1, jnp.int32),
+                   scores=jnp.full(shape, -jnp.inf, jnp.float32),
+                   k=jnp.zeros(shape + (heads, head_dim), jnp.float32),
+                   v=jnp.zeros(shape + (heads, head_dim), jnp.float32))
+
+    @classmethod
+    def gather(cls, positions, scores, k, v) -> "Slots":
+        """Entries at `positions` [b, *s] (-1 = empty) of scores [b, t] and k, v [b, t, h, e]."""
+        take = jax.vmap(lambda x, p: x[p])
+        index = jnp.maximum(positions, 0)
+        return cls(positions=positions,
+                   scores=jnp.where(positions >= 0, take(scores, index), -jnp.inf),
+                   k=take(k, index).astype(jnp.float32), v=take(v, index).astype(jnp.float32))
+
+
+@struct.dataclass
+class EideticState:
+    """A `B` layer's eidetic streaming state (fixed size).
+
+    memory: `Slots` [b, m], the slots visible to the current chunk (fifo: oldest first).
+    pending: `Slots` [b, L - 1, k], selections of the last L - 1 chunks, not yet visible (oldest
+      first).
+    chunk_scores: float32 [b, w], innovation scores of the current chunk's tokens so far (slot
+      = position % w; -inf where not yet seen).
+    previous_f: float32 [b, d_model], the last fading token (the next score's prediction input).
+    """
+
+    memory: Slots
+    pending: Slots
+    chunk_scores: jax.Array
+    previous_f: jax.Array
+
+
+def init_state(selection: Selection, batch_size: int, heads: int, head_dim: int,
+               d_model: int) -> EideticState:
+    """The empty state before the first token."""
+    s = selection
+    return EideticState(
+        memory=Slots.empty((batch_size, s.slots), heads, head_dim),
+        pending=Slots.empty((batch_size, s.lag - 1, s.per_chunk), heads, head_dim),
+        chunk_scores=jnp.full((batch_size, s.window), -jnp.inf, jnp.float32),
+        previous_f=jnp.zeros((batch_size, d_model), jnp.float32))
+
+
+def state_after(selection: Selection, scores, k, v, previous_f) -> EideticState:
+    """The state after a parallel pass over t tokens.
+
+    Args:
+      selection: the knobs.
+      scores: [b, t] innovation scores of the tokens.
+      k, v: [b, t, h, e] their keys (RoPE applied) and values.
+      previous_f: [b, d_model] the last fading token.
+    """
+    s = selection
+    b, t = scores.shape
+    current = t // s.window  # the chunk of the next token
+    padded = jnp.pad(scores.astype(jnp.float32), [(0, 0), (0, (current + 1) * s.window - t)],
+                     constant_values=-jnp.inf)
+    memory = s.select(padded)[:, current]  # [b, m]
+    if s.eviction == "fifo":
+        memory = jnp.sort(memory, axis=-1)  # oldest first: -1 slots are the oldest chunks
+    selected, _ = chunk_topk(padded, s.window, s.per_chunk)
+    chunks = np.arange(current - s.lag + 1, current)  # pending: selected, not yet visible
+    pending = jnp.where((chunks >= 0)[None, :, None], selected[:, np.maximum(chunks, 0)], -1)
+    return EideticState(memory=Slots.gather(memory, scores, k, v),
+                        pending=Slots.gather(pending, scores, k, v),
+                        chunk_scores=padded[:, current * s.window:],
+                        previous_f=previous_f.astype(jnp.float32))
+
+
+def update(selection: Selection, state: EideticState, score, f, position, k_ring, v_ring):
+    """One decoded token: records its score; at the last token of a chunk selects the chunk's
+    top-k, queues them `lag` chunks and evicts.
+
+    Args:
+      selection: the knobs.
+      state: the state before the token.
+      score: [b] float32, the token's innovation score.
+      f: [b, d_model], its fading token.
+      position: int32 scalar, its position.
+      k_ring, v_ring: [b, w, h, e], the layer's ring buffer of the last w keys/values (slot
+        = position % w), already holding this token.
+
+    Returns:
+      the next `EideticState`.
+    """
+    s = selection
+    state = state.replace(chunk_scores=state.chunk_scores.at[:, position % s.window].set(score),
+                          previous_f=f.astype(jnp.float32))
+    return jax.lax.cond((position + 1) % s.window == 0,
+                        lambda st: _end_chunk(s, st, position, k_ring, v_ring), lambda st: st,
+                        state)
+
+
+def _end_chunk(s: Selection, state: EideticState, position, k_ring, v_ring) -> EideticState:
+    scores, index = jax.lax.top_k(state.chunk_scores, s.per_chunk)  # stable, as chunk_topk
+    take = lambda ring: jnp.take_along_axis(ring, index[:, :, None, None], axis=1)  # noqa: E731
+    new = Slots(positions=position + 1 - s.window + index.astype(jnp.int32), scores=scores,
+                k=take(k_ring), v=take(v_ring))
+    if s.lag > 1:
+        arriving = jax.tree.map(lambda x: x[:, 0], state.pending)
+        pending = jax.tree.map(lambda old, x: jnp.concatenate([old[:, 1:], x[:, None]], axis=1),
+                               state.pending, new)
+    else:
+        arriving, pending = new, state.pending
+    merged = jax.tree.map(lambda old, x: jnp.concatenate([old, x], axis=1), state.memory, arriving)
+    if s.eviction == "fifo":  # slots are kept oldest first, in groups of k
+        memory = jax.tree.map(lambda x: x[:, s.per_chunk:], merged)
+    else:  # running top-m by score, ties to the older entry
+        _, order = jax.lax.top_k(merged.scores, s.slots)
+        memory = jax.tree.map(lambda x: jnp.take_along_axis(
+            x, order.reshape(order.shape + (1,) * (x.ndim - 2)), axis=1), merged)
+    return state.replace(memory=memory, pending=pending,
+                         chunk_scores=jnp.full_like(state.chunk_scores, -jnp.inf))

@@ -51,7 +51,8 @@ def default_config(preset: str = "bmojo") -> ml_collections.ConfigDict:
       seed: model initialisation and training-batch order.
       sample: text corpora only: a sample from `prompt` printed at the end (max_new_tokens,
         temperature, top_k; top_k 0 = no truncation, temperature 0 = greedy).
-      mesh_shape: device mesh (data, fsdp, tensor), one entry may be -1 (the remaining devices);
+      mesh_shape: device mesh (data, fsdp, tensor) or (data, fsdp, tensor, sequence), one entry may
+        be -1 (the remaining devices); sequence > 1 splits the time axis (sequence parallelism);
         default all devices on data. batch_size must be divisible by data * fsdp (`sharding`).
       distributed: call `jax.distributed.initialize()` first (multi-host; README).
     """

@@ -28,6 +28,7 @@ import optax
 from flax import nnx
 
 from bmojo_jax import data as data_lib
+from bmojo_jax import sequence_parallel
 from bmojo_jax import sharding as sharding_lib
 from bmojo_jax.config import ModelConfig
 from bmojo_jax.model import LanguageModel
@@ -52,7 +53,7 @@ def token_nll(logits, targets):
     return jnp.where(mask, nll, 0.0), mask
 
 
-def lm_loss(model: LanguageModel, inputs, targets):
+def lm_loss(model: LanguageModel, inputs, targets, mesh=None):
     """Training loss: mean cross-entropy over labelled targets plus the model's auxiliary loss (the
     already-weighted innovation losses that B'MOJO layers sow), via `LanguageModel.cross_entropy`
     (the logits are never materialised).
@@ -60,12 +61,23 @@ def lm_loss(model: LanguageModel, inputs, targets):
     Args:
       model: a `LanguageModel`; inputs: int32 [b, t]; targets: int32 [b, t], negative (e.g.
         data.IGNORE_INDEX = -100) = unlabelled.
+      mesh: the training mesh, or None. When its `sequence` axis has more than one device, the
+        time axis is split over it (`sequence_parallel.sequence_parallel_cross_entropy`).
 
     Returns:
       (loss, metrics): float32 scalar; {"ce", "aux_loss", "tokens"} scalars (nats, nats, count).
     """
-    ce, tokens, aux = model.cross_entropy(inputs, targets)
+    if _sequence_parallel(mesh):
+        ce, tokens, aux = sequence_parallel.sequence_parallel_cross_entropy(
+            model, inputs, targets, mesh, sharding_lib.SEQUENCE_AXIS,
+            batch_axis=sharding_lib.BATCH_AXES)
+    else:
+        ce, tokens, aux = model.cross_entropy(inputs, targets)
     return ce + aux, {"ce": ce, "aux_loss": aux, "tokens": tokens}
+
+
+def _sequence_parallel(mesh) -> bool:
+    return mesh is not None and mesh.shape[sharding_lib.SEQUENCE_AXIS] > 1
 
 
 def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
@@ -124,14 +136,14 @@ def make_train_step(model_cfg: ModelConfig, config: ml_collections.ConfigDict, m
     do not affect the step.
 
     With a `mesh` (`sharding.make_mesh`) the step is jitted with in/out shardings: params and
-    opt_state split by `sharding.PARAM_RULES`, the batch rows over ("data", "fsdp"), metrics
-    replicated; XLA inserts the collectives (`sharding.shard_tree`, `sharding.host_batch` place
-    the arguments).
+    opt_state split by `sharding.PARAM_RULES`, the batch rows over ("data", "fsdp") and its time
+    over "sequence" (sequence parallelism, see `lm_loss`), metrics replicated; XLA inserts the
+    collectives (`sharding.shard_tree`, `sharding.host_batch` place the arguments).
     """
     graphdef, optimizer = nnx.graphdef(abstract_model(model_cfg)), make_optimizer(config)
 
     def loss_fn(params, inputs, targets):
-        return lm_loss(nnx.merge(graphdef, params), inputs, targets)
+        return lm_loss(nnx.merge(graphdef, params), inputs, targets, mesh)
 
     def train_step(params, opt_state, inputs, targets):
         (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, inputs, targets)
@@ -157,7 +169,10 @@ def make_eval_step(model_cfg: ModelConfig, mesh=None):
     graphdef = nnx.graphdef(abstract_model(model_cfg))
 
     def eval_step(params, inputs, targets):
-        logits = nnx.merge(graphdef, params)(inputs)
+        model = nnx.merge(graphdef, params)
+        logits = (sequence_parallel.sequence_parallel_forward(
+            model, inputs, mesh, sharding_lib.SEQUENCE_AXIS, batch_axis=sharding_lib.BATCH_AXES)
+            if _sequence_parallel(mesh) else model(inputs))
         nll, mask = token_nll(logits, targets)
         return {"nll_sum": nll.sum(), "tokens": mask.sum(),
                 "predictions": logits.argmax(-1).astype(jnp.int32)}
