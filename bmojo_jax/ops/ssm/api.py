@@ -22,8 +22,8 @@ Implementations (docs/design.md section 4, measured on a 2-core CPU), one module
                  GPU/TPU).
     pallas       `pallas` (imported lazily): `pallas_kernels.ssd`, `.selective_scan`, state on chip,
                  in-kernel chunk loop.
-This module checks the arguments, fills in h0 and casts; the implementations see float32 `a` and
-`h0` and return float32 `y`.
+This module checks the arguments, fills in h0 and casts: the implementations see float32 `a` and
+`h0`, and their `y` (float32, or the dtype of x) is cast to the dtype of x here.
 """
 
 from __future__ import annotations

@@ -5,9 +5,10 @@ a per-head decay is a per-(channel, state) decay with repeated entries (`via_mam
 
 Implementation signature (shared by every implementation of the op, see `api`):
     selective_scan(x [b,t,D], dt [b,t,D], a [D,n] f32, B [b,t,n], C [b,t,n], h0 [b,D,n] f32,
-                   chunk_size) -> (y [b,t,D] f32, h_last [b,D,n] f32)
+                   chunk_size) -> (y [b,t,D], h_last [b,D,n] f32)
     ssd(x [b,t,h,p], dt [b,t,h], a [h] f32, B, C, h0 [b,h,p,n] f32, chunk_size)
-        -> (y [b,t,h,p] f32, h_last [b,h,p,n] f32)
+        -> (y [b,t,h,p], h_last [b,h,p,n] f32)
+y is float32 (or the dtype of x); `api` casts it to the dtype of x.
 """
 
 from __future__ import annotations
