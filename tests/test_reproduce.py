@@ -14,7 +14,7 @@ import pytest
 import bmojo_jax as bj
 from bmojo_jax import data as data_lib
 from experiments import reproduce
-from experiments.reproduce import length, lm, mqar_memory, synthetic
+from experiments.reproduce import length, lm, mqar_memory, runner, synthetic
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -55,7 +55,7 @@ def _check_files(out_dir, table, presets, figure=True):
     return record, md
 
 
-def test_synthetic(dirs):
+def test_synthetic(dirs, tmp_path):
     out_dir, work = dirs
     record = reproduce.reproduce("synthetic", "tiny", out_dir, ["swa"], work)
     settings = synthetic.budgets()["tiny"]
@@ -70,6 +70,13 @@ def test_synthetic(dirs):
     chosen = max((r for r in record["runs"] if r["task"] == settings["lr_task"]),
                  key=lambda r: r["valid_accuracy"])["lr"]
     assert all(r["lr"] == chosen for r in record["runs"] if r["task"] != settings["lr_task"])
+    # Rerunning with the same workdir collects the finished points (no training); a point
+    # directory holding another config is refused, never overwritten.
+    again = reproduce.reproduce("synthetic", "tiny", tmp_path, ["swa"], work)
+    assert again["runs"] == record["runs"]
+    point = next(p for p in (work / "synthetic-tiny").iterdir() if p.is_dir())
+    with pytest.raises(ValueError, match="another config"):
+        runner.train_point(synthetic.point_config("swa", "mqar", 0.5, settings), point)
 
 
 def test_mqar_memory(dirs):
