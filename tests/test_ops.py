@@ -116,3 +116,41 @@ def test_attention_errors():
         ops.memory_attention(q, k, v, k_fading=kf, v_fading=vf)
     with pytest.raises(ValueError, match="memory_positions has shape"):
         ops.memory_attention(q, k, v, window=4, memory_positions=jnp.zeros((B, 2, 4), jnp.int32))
+
+
+@pytest.mark.parametrize("implementation", ["reference", "xla"])
+@pytest.mark.parametrize("case", ["full", "window", "bmojo"])
+def test_memory_attention_with_a_key_prefix_is_a_slice_of_the_whole(implementation, case):
+    """Queries of tokens [s, s + L) with the P keys before them as a prefix (how sequence
+    parallelism calls the op) = rows [s, s + L) of the attention over the whole sequence;
+    eidetic slots then index into the keys [prefix; own]."""
+    t, w, start, length = 24, 4, 12, 8
+    q, k, v, kf, vf = _attention_inputs(t)
+    spec = ATTENTION_CASES[case]
+    window = None if spec["window"] is None else w
+    memory = _memory(t, w) if spec.get("memory") else None
+    fading = dict(k_fading=kf, v_fading=vf) if spec.get("fading") else {}
+    whole = ops.memory_attention(q, k, v, window=window, memory_positions=memory,
+                                 implementation=implementation, **fading)
+    prefix = start  # every earlier key (a multiple of w), so that every slot is among them
+    keys_ = slice(start - prefix, start + length)
+    part = ops.memory_attention(
+        q[:, start:start + length], k[:, keys_], v[:, keys_], window=window,
+        memory_positions=None if memory is None else jnp.where(
+            memory[:, start // w:(start + length) // w] >= 0,
+            memory[:, start // w:(start + length) // w] - (start - prefix), -1),
+        q_start=start, implementation=implementation,
+        **{name: a[:, keys_] for name, a in fading.items()})
+    assert_allclose(part, whole[:, start:start + length], FWD_TOL)
+
+
+def test_memory_attention_prefix_keys_before_position_zero_are_invisible():
+    """A prefix of keys at negative positions (shard 0 of a sequence-parallel run) is masked."""
+    q, k, v, kf, vf = _attention_inputs(8)
+    junk = [jnp.full_like(a, 100.0)[:, :8] for a in (k, v, kf, vf)]
+    plain = ops.memory_attention(q, k, v, window=4, k_fading=kf, v_fading=vf)
+    padded = ops.memory_attention(
+        q, *(jnp.concatenate([j, a], axis=1) for j, a in zip(junk[:2], (k, v))), window=4,
+        k_fading=jnp.concatenate([junk[2], kf], axis=1),
+        v_fading=jnp.concatenate([junk[3], vf], axis=1), q_start=0)
+    assert_allclose(padded, plain, FWD_TOL)
