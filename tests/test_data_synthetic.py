@@ -1,4 +1,5 @@
-"""Synthetic task generators: the MQAR reference example, label placement, probes, determinism."""
+"""Synthetic task generators: the MQAR reference example, label placement, the far-query
+variant, probes, determinism."""
 
 import numpy as np
 import pytest
@@ -58,6 +59,56 @@ def test_mqar_deterministic_per_seed():
     c = mqar(**MQAR_SMALL, seed=8)
     assert all(np.array_equal(x, y) for x, y in zip(a, b))
     assert not np.array_equal(a[0], c[0])
+
+
+@pytest.mark.parametrize("num_passes", [1, 2])
+def test_mqar_query_start_puts_every_query_far_from_the_context(num_passes):
+    """Every query at >= query_start, every answer's key in the context (< C = 2*K*P), labels the
+    paired values, filler elsewhere; the gaps still follow the power law inside [q, L)."""
+    v, t, k, q = 64, 48, 4, 29  # an odd q: queries at q + 2*g
+    inputs, labels = mqar(vocab_size=v, input_seq_len=t, num_kv_pairs=k, num_examples=50,
+                          num_passes=num_passes, query_start=q, seed=3)
+    assert inputs.shape == labels.shape == (50, t) and inputs.dtype == labels.dtype == np.int32
+    c = 2 * k * num_passes
+    for x, y in zip(inputs, labels):
+        keys, values = x[0:2 * k:2], x[1:2 * k:2]
+        assert np.all((keys >= 1) & (keys < v // 2)) and np.all((values >= v // 2) & (values < v))
+        assert np.array_equal(x[:c], np.tile(x[:2 * k], num_passes))
+        pos = np.flatnonzero(y != IGNORE_INDEX)
+        assert len(pos) == k and np.all(pos >= q) and np.all((pos - q) % 2 == 0)
+        for p in pos:
+            key_at = np.flatnonzero(x[:p] == x[p])
+            assert np.all(key_at < c) and np.all(key_at % 2 == 0)  # the key only in the context
+            assert y[p] == x[key_at[-1] + 1]  # label = the value paired with the query key
+        assert sorted(x[pos].tolist()) == sorted(keys.tolist())
+        assert np.all(np.delete(x[c:], pos - c) == 0)  # filler between context and queries
+    long_gaps = mqar(vocab_size=v, input_seq_len=t, num_kv_pairs=k, num_examples=50,
+                     power_a=10.0, num_passes=num_passes, query_start=q, seed=3)[1]
+    positions = [np.nonzero(y != IGNORE_INDEX)[1] for y in (labels, long_gaps)]
+    assert np.mean(positions[0]) < np.mean(positions[1])  # a = 0.01 favours short gaps from q
+
+
+def test_mqar_query_start_is_deterministic_and_defaults_to_the_reference():
+    far = dict(MQAR_SMALL, query_start=20)
+    a, b, c = mqar(**far, seed=7), mqar(**far, seed=7), mqar(**far, seed=8)
+    assert all(np.array_equal(x, y) for x, y in zip(a, b))
+    assert not np.array_equal(a[1], c[1])
+    context = 2 * MQAR_SMALL["num_kv_pairs"]
+    for x, y in zip(mqar(**MQAR_SMALL, seed=7), mqar(**MQAR_SMALL, query_start=context, seed=7)):
+        np.testing.assert_array_equal(x, y)
+    noisy = mqar(**far, seed=7, random_non_queries=True)
+    np.testing.assert_array_equal(noisy[1], a[1])
+
+
+@pytest.mark.parametrize("query_start, match", [
+    (7, r"query_start must lie in \[2\*num_kv_pairs\*num_passes, input_seq_len - 2\*num_kv_pairs\]"
+        r" = \[8, 24\].*got query_start=7 with input_seq_len=32, num_kv_pairs=4, num_passes=1"),
+    (25, r"= \[8, 24\].*got query_start=25"),
+    (2.5, r"query_start must be an integer or None, got 2.5"),
+])
+def test_mqar_query_start_that_does_not_fit_raises(query_start, match):
+    with pytest.raises(ValueError, match=match):
+        mqar(**MQAR_SMALL, query_start=query_start)
 
 
 @pytest.mark.parametrize("kwargs, match", [

@@ -3,7 +3,7 @@
 Notation: n examples, t time (sequence length L), V vocabulary size, K key-value pairs.
 
 Every generator returns `(inputs, targets)`, both int32 [n, t]. Targets equal to `IGNORE_INDEX`
-(-100) carry no loss and no accuracy. The specifications are in docs/TASKS.md; the places where it
+(-100) carry no loss and no accuracy. The specifications are in docs/tasks.md; the places where it
 is silent are marked "our choice" in the docstrings. Equal arguments give equal arrays (MQAR's
 RandomState stream is frozen by numpy; the MAD tasks' Generator streams are stable within a numpy
 version).
@@ -28,14 +28,21 @@ def _require(ok: bool, message: str) -> None:
 
 def mqar(vocab_size: int = 8192, *, input_seq_len: int, num_kv_pairs: int, num_examples: int,
          power_a: float = 0.01, num_passes: int = 1, random_non_queries: bool = False,
-         seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Multi-query associative recall (Zoology), the reference generator's algorithm (TASKS.md).
+         query_start: int | None = None, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Multi-query associative recall (Zoology): the reference generator's algorithm
+    (docs/tasks.md), plus a far-query variant.
 
-    Each example is a context `k1 v1 .. kK vK` (tiled `num_passes` times) followed by a query region
-    of filler 0s in which each key reappears once, at offset 2*g from the region's start, with K
-    distinct gaps g drawn with p(g) ∝ (g+1)^(a-1). The label of a query sits at the query key's own
-    position (the model emits the value as the next token) and equals the value paired with that
-    key. Keys come from [1, V/2), values from [V/2, V); token 0 is the filler.
+    Each example is a context `k1 v1 .. kK vK` (tiled `num_passes` times, C = 2*K*num_passes
+    tokens) followed by filler 0s; from position `query_start` (default C: right after the context)
+    on, each key reappears once, at offset 2*g from `query_start`, with K distinct gaps g drawn with
+    p(g) ∝ (g+1)^(a-1). The label of a query sits at the query key's own position (the model emits
+    the value as the next token) and equals the value paired with that key. Keys come from
+    [1, V/2), values from [V/2, V); token 0 is the filler.
+
+    Far-query variant (our choice): `query_start` > C leaves positions [C, query_start) as filler,
+    so every context token is at least query_start - C + 1 positions before every query. For a
+    B'MOJO layer of window w, query_start = C + 2*w puts every key/value pair more than 2*w tokens
+    (the window and the fading span) before every query.
 
     Random draws use `np.random.RandomState(seed)` in the reference's order (all examples' keys,
     then all values, then all gaps), so the output reproduces the reference's worked example
@@ -51,11 +58,14 @@ def mqar(vocab_size: int = 8192, *, input_seq_len: int, num_kv_pairs: int, num_e
       power_a: a > 0, exponent of the gap power law (0.01 favours short gaps).
       num_passes: P >= 1, times the context is repeated (P > 1: the JRT repeat variant).
       random_non_queries: replace the filler 0s of the inputs by random tokens.
+      query_start: q, first position a query may take, C <= q <= L - 2*K (room for K queries at
+        even offsets); None = C, the reference generator (equal arrays to q = C).
       seed: seed of the RandomState.
 
     Returns:
       inputs: int32 [n, L] token ids.
-      labels: int32 [n, L]; the paired value at the K query-key positions, -100 elsewhere.
+      labels: int32 [n, L]; the paired value at the K query-key positions (all >= q), -100
+        elsewhere.
 
     Raises:
       ValueError: a constraint above is violated (the message names the value and the rule).
@@ -71,6 +81,15 @@ def mqar(vocab_size: int = 8192, *, input_seq_len: int, num_kv_pairs: int, num_e
              f"(distinct keys from [1, V/2)), got {k}")
     _require(power_a > 0, f"power_a must be > 0, got {power_a}")
     _require(num_examples >= 0, f"num_examples must be >= 0, got {num_examples}")
+    context_len = 2 * k * p
+    q = context_len if query_start is None else query_start
+    _require(isinstance(q, (int, np.integer)) and not isinstance(q, bool),
+             f"query_start must be an integer or None, got {query_start!r}")
+    _require(context_len <= q <= t - 2 * k,
+             f"query_start must lie in [2*num_kv_pairs*num_passes, input_seq_len - 2*num_kv_pairs]"
+             f" = [{context_len}, {t - 2 * k}] (after the context, with room for K={k} queries at "
+             f"even offsets), got query_start={query_start} with input_seq_len={t}, "
+             f"num_kv_pairs={k}, num_passes={p}")
 
     rs = np.random.RandomState(seed)
     key_pool, value_pool = np.arange(1, v // 2), np.arange(v // 2, v)
@@ -78,8 +97,7 @@ def mqar(vocab_size: int = 8192, *, input_seq_len: int, num_kv_pairs: int, num_e
                     dtype=np.int64).reshape(num_examples, k)
     values = np.array([rs.choice(value_pool, k, replace=False) for _ in range(num_examples)],
                       dtype=np.int64).reshape(num_examples, k)
-    context_len = 2 * k * p
-    space = (t - context_len) // 2
+    space = (t - q) // 2
     gap_p = power_a * np.arange(1, space + 1, dtype=np.float64) ** (power_a - 1)
     gap_p /= gap_p.sum()
     gaps = np.array([rs.choice(space, k, replace=False, p=gap_p) for _ in range(num_examples)],
@@ -89,9 +107,9 @@ def mqar(vocab_size: int = 8192, *, input_seq_len: int, num_kv_pairs: int, num_e
     example = np.zeros((num_examples, t + 1), np.int64)
     pairs = np.stack([keys, values], axis=-1).reshape(num_examples, 2 * k)
     example[:, :context_len] = np.tile(pairs, (1, p))
-    example[rows, context_len + 2 * gaps] = keys
+    example[rows, q + 2 * gaps] = keys
     labels = np.full((num_examples, t + 1), IGNORE_INDEX, np.int64)
-    labels[rows, context_len + 2 * gaps + 1] = values
+    labels[rows, q + 2 * gaps + 1] = values
     inputs, labels = example[:, :-1], labels[:, 1:]
     if random_non_queries:
         noise = rs.randint(0, v, size=inputs.shape)
@@ -130,7 +148,7 @@ def _seen_before(keys: np.ndarray, valid: np.ndarray) -> np.ndarray:
 def in_context_recall(vocab_size: int = 16, seq_len: int = 128, num_examples: int = 12800,
                       seed: int = 0, *, noise_vocab_size: int = 0, frac_noise: float = 0.0,
                       training: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """MAD in-context recall, multi-query variant (TASKS.md "MAD synthetic suite").
+    """MAD in-context recall, multi-query variant (docs/tasks.md "MAD synthetic suite").
 
     Each sequence is t/2 slots `k v`. With V' = V - noise_vocab_size, keys are drawn uniformly with
     replacement from [0, V'/2) and each key maps to a value in [V'/2, V') through a random
@@ -197,7 +215,7 @@ def in_context_recall(vocab_size: int = 16, seq_len: int = 128, num_examples: in
 def noisy_in_context_recall(vocab_size: int = 32, seq_len: int = 128, num_examples: int = 12800,
                             seed: int = 0, *, noise_vocab_size: int = 16, frac_noise: float = 0.2,
                             training: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """MAD noisy in-context recall: `in_context_recall` with a noise vocab (TASKS.md).
+    """MAD noisy in-context recall: `in_context_recall` with a noise vocab (docs/tasks.md).
 
     Baseline V=32 including 16 noise tokens, frac_noise 0.2. Arguments, returns and errors as in
     `in_context_recall`.
@@ -210,17 +228,17 @@ def noisy_in_context_recall(vocab_size: int = 32, seq_len: int = 128, num_exampl
 def fuzzy_in_context_recall(vocab_size: int = 16, seq_len: int = 128, num_examples: int = 12800,
                             seed: int = 0, *, k_motif_size: int = 3, v_motif_size: int = 3,
                             training: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """MAD fuzzy in-context recall: keys and values are multi-token motifs (TASKS.md).
+    """MAD fuzzy in-context recall: keys and values are multi-token motifs (docs/tasks.md).
 
     Token V-1 is the pad; keys use tokens [0, (V-1)//2) and values [(V-1)//2, V-1). A motif is a
     draw without replacement from its vocab (no token repeats inside a motif). Value motifs have a
     uniform length in 1..v_motif_size. Key motifs have length k_motif_size, or, with `training`, a
     uniform length in 1..k_motif_size (as MAD: "at eval, keys are always full length").
 
-    Per sequence (our choices where TASKS.md is silent): a probe pair (full-length key) is drawn;
-    then `k v` pairs are drawn until the next one would not fit, a key that repeats reusing its
-    earlier value; the probe pair is planted at a uniform slot among them; the probe key and value
-    are appended at the end; the sequence is left-padded with V-1 to length t.
+    Per sequence (our choices where docs/tasks.md is silent): a probe pair (full-length key) is
+    drawn; then `k v` pairs are drawn until the next one would not fit, a key that repeats reusing
+    its earlier value; the probe pair is planted at a uniform slot among them; the probe key and
+    value are appended at the end; the sequence is left-padded with V-1 to length t.
 
     Args:
       vocab_size: V >= 2*k_motif_size + 1 and V >= 2*v_motif_size (motifs without repeats).
@@ -287,7 +305,7 @@ def fuzzy_in_context_recall(vocab_size: int = 16, seq_len: int = 128, num_exampl
 def selective_copying(vocab_size: int = 16, seq_len: int = 256, num_examples: int = 12800,
                       seed: int = 0, *, num_tokens_to_copy: int = 16,
                       training: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """MAD selective copying (TASKS.md): copy the data tokens, in order, after a copy token.
+    """MAD selective copying (docs/tasks.md): copy the data tokens, in order, after a copy token.
 
     Token V-1 is the copy token and V-2 the blank. The first t - c - 1 positions hold the c data
     tokens (uniform with replacement from [0, V-2), our choice) at uniformly chosen positions, in
@@ -341,7 +359,7 @@ SYNTHETIC_TASKS = {
 
 def accuracy(logits_or_predictions, labels, ignore_index: int = IGNORE_INDEX) -> float:
     """Zoology/MAD accuracy: per example, the mean over labelled positions of prediction == label;
-    then the mean over examples (TASKS.md, Zoology metric).
+    then the mean over examples (docs/tasks.md, Zoology metric).
 
     Examples without any labelled position are left out of the mean (our choice).
 
