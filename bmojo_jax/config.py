@@ -1,4 +1,4 @@
-"""Model configuration: one config space for the whole B'MOJO family (DESIGN.md section 3).
+"""Model configuration: one config space for the whole B'MOJO family (docs/design.md section 3).
 
 A layer pattern string picks the mixer of each layer (repeated to `n_layers`):
 
@@ -8,7 +8,7 @@ A layer pattern string picks the mixer of each layer (repeated to `n_layers`):
     F  B'MOJO-F: window + fading tokens, one softmax
     B  B'MOJO:   window + fading tokens + innovation-selected eidetic tokens
 
-`ModelConfig.preset(name, **overrides)` builds the six presets of DESIGN.md section 3. Every value is
+`ModelConfig.preset(name, **overrides)` builds the six presets of docs/design.md section 3. Every value is
 validated on construction; a bad value raises `ValueError` naming the field, the value and what is
 allowed.
 """
@@ -24,6 +24,7 @@ IMPLEMENTATIONS = (None, "reference", "xla", "pallas")
 SCAN_IMPLEMENTATIONS = IMPLEMENTATIONS + ("associative",)
 EVICTIONS = ("fifo", "score")
 PREDICTORS = ("identity", "linear")
+SELECTIONS = ("fading", "threshold", "learned", "random")
 DTYPES = ("float32", "bfloat16")
 
 PRESET_PATTERNS = {
@@ -49,7 +50,7 @@ class ModelConfig:
       pattern: mixer letters (see module docstring), repeated cyclically to `n_layers`.
       n_heads: attention heads; head_dim = d_model // n_heads.
       window: sliding-window length W of `W`, `F`, `B` mixers (tokens). Also B'MOJO's chunk size
-        (DESIGN.md section 2: our choice to tie them).
+        (docs/design.md section 2: our choice to tie them).
       d_ff: hidden width of the SwiGLU MLP (None: 8/3 d_model rounded up to a multiple of 8).
       ssm_kind: "mamba2" (scalar decay per head, SSD chunked form) or "mamba1" (decay per channel and
         state).
@@ -64,8 +65,18 @@ class ModelConfig:
       eidetic_per_chunk: k_e, tokens selected per chunk by the innovation test (`B` only; 0 = B'MOJO-F).
       eidetic_slots: M_max, eidetic memory slots; a multiple of eidetic_per_chunk.
       eidetic_lag: chunks between selection and visibility (>= 1; 2 keeps eidetic tokens out of the
-        window, DESIGN.md section 2).
+        window, docs/design.md section 2).
       eidetic_eviction: "fifo" (keep the newest) or "score" (running top-M by innovation score).
+      eidetic_selection: the rule that scores tokens for the eidetic memory (docs/design.md
+        section 2; `B` only; our choices): "fading" (innovation against the fading state, the
+        paper's test), "threshold" (the same score, and a token is kept only when it exceeds
+        `eidetic_threshold` times the mean score of the tokens before it: HAM's growth rule),
+        "learned" (a linear score of X_t, trained by the language-modelling loss through the
+        attention logit of the slot that holds the token, + log sigmoid(score)), "random" (a
+        control: uniform scores, a function of `eidetic_seed` and the position). Any rule is
+        overridden by `eidetic_scores` handed to the model (an oracle).
+      eidetic_threshold: the factor of the "threshold" rule (> 0).
+      eidetic_seed: the seed of the "random" rule.
       innovation_predictor: "identity" or "linear" predictor P of X_t from F_{t-1}.
       innovation_loss_weight: weight of the auxiliary predictor loss ||sg(X_t) - P(F_{t-1})||^2.
       tie_embeddings: the LM head reuses the token embedding matrix.
@@ -94,6 +105,9 @@ class ModelConfig:
     eidetic_slots: int = 16
     eidetic_lag: int = 2
     eidetic_eviction: str = "fifo"
+    eidetic_selection: str = "fading"
+    eidetic_threshold: float = 2.0
+    eidetic_seed: int = 0
     innovation_predictor: str = "linear"
     innovation_loss_weight: float = 0.01
     tie_embeddings: bool = True
@@ -135,6 +149,10 @@ class ModelConfig:
         check_choice("ModelConfig.scan_implementation", self.scan_implementation,
                      SCAN_IMPLEMENTATIONS)
         check_choice("ModelConfig.eidetic_eviction", self.eidetic_eviction, EVICTIONS)
+        check_choice("ModelConfig.eidetic_selection", self.eidetic_selection, SELECTIONS)
+        if not self.eidetic_threshold > 0 or self.eidetic_threshold == float("inf"):
+            raise ValueError(f"ModelConfig.eidetic_threshold={self.eidetic_threshold!r}: must be a "
+                             f"finite number > 0.")
         check_choice("ModelConfig.innovation_predictor", self.innovation_predictor, PREDICTORS)
         check_choice("ModelConfig.dtype", self.dtype, DTYPES)
         if self.eidetic_per_chunk > self.window:
@@ -143,6 +161,10 @@ class ModelConfig:
         if self.eidetic_per_chunk == 0 and self.eidetic_slots:
             raise ValueError(f"ModelConfig.eidetic_slots={self.eidetic_slots} needs "
                              f"eidetic_per_chunk >= 1 (or set eidetic_slots=0).")
+        if self.eidetic_per_chunk and self.eidetic_slots < self.eidetic_per_chunk:
+            raise ValueError(f"ModelConfig.eidetic_slots={self.eidetic_slots} must be a positive "
+                             f"multiple of eidetic_per_chunk={self.eidetic_per_chunk} (or set both "
+                             f"to 0: B'MOJO-F).")
         if self.eidetic_per_chunk and self.eidetic_slots % self.eidetic_per_chunk:
             raise ValueError(f"ModelConfig.eidetic_slots={self.eidetic_slots} must be a multiple of "
                              f"eidetic_per_chunk={self.eidetic_per_chunk}.")
@@ -152,7 +174,7 @@ class ModelConfig:
 
     @classmethod
     def preset(cls, name: str, **overrides) -> "ModelConfig":
-        """Returns the named preset (DESIGN.md section 3) with `overrides` applied.
+        """Returns the named preset (docs/design.md section 3) with `overrides` applied.
 
         Args:
           name: one of transformer, swa, mamba, hybrid, bmojo_f, bmojo.

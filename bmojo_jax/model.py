@@ -51,16 +51,23 @@ class Block(nnx.Module):
     def __call__(self, x):
         return self.prefill(x)[0]
 
-    def prefill(self, x, max_length=None, context=None):
+    def _eidetic(self, eidetic_scores) -> dict:
+        """The oracle scores for an attention mixer (SSM mixers take none)."""
+        return {} if isinstance(self.mixer, SSM) else dict(eidetic_scores=eidetic_scores)
+
+    def prefill(self, x, max_length=None, context=None, eidetic_scores=None):
         """x [b, t, d_model] -> (output [b, t, d_model], the mixer's streaming state); `context`:
-        a `SequenceContext` when x is one shard of a longer sequence."""
-        y, state = self.mixer.prefill(self.mixer_norm(x), max_length, context=context)
+        a `SequenceContext` when x is one shard of a longer sequence; `eidetic_scores` [b, t]: see
+        `LanguageModel.forward`."""
+        y, state = self.mixer.prefill(self.mixer_norm(x), max_length, context=context,
+                                      **self._eidetic(eidetic_scores))
         x = x + y
         return x + self.mlp(self.mlp_norm(x)), state
 
-    def step(self, x, state, position):
+    def step(self, x, state, position, eidetic_scores=None):
         """One token x [b, d_model] at `position` -> (output [b, d_model], next mixer state)."""
-        y, state = self.mixer.step(self.mixer_norm(x), state, position)
+        y, state = self.mixer.step(self.mixer_norm(x), state, position,
+                                   **self._eidetic(eidetic_scores))
         x = x + y
         return x + self.mlp(self.mlp_norm(x)), state
 
@@ -83,26 +90,35 @@ class LanguageModel(nnx.Module):
         self.head = None if config.tie_embeddings else nnx.Linear(
             config.d_model, config.vocab_size, use_bias=False, dtype=dtype, rngs=rngs)
 
-    def __call__(self, tokens):
+    def __call__(self, tokens, *, eidetic_scores=None):
         """tokens: int [batch, time] in [0, vocab_size) -> float32 logits [batch, time, vocab_size].
+        `eidetic_scores`: see `forward`.
 
         Raises:
           ValueError: tokens not 2-D integers, or (when concrete) ids out of range.
         """
-        return self.forward(tokens)[0]
+        return self.forward(tokens, eidetic_scores=eidetic_scores)[0]
 
-    def forward(self, tokens, *, context=None):
+    def forward(self, tokens, *, eidetic_scores=None, context=None):
         """Logits [batch, time, vocab_size] float32 and the auxiliary loss (float32 scalar: the sum
         of the already-weighted `innovation_loss`es sown by B'MOJO layers; 0 without them).
 
-        `context`: a `sequence_parallel.SequenceContext` when `tokens` is one shard of a longer
-        sequence, inside `jax.shard_map` (`sequence_parallel.sequence_parallel_forward` does
-        this); None otherwise.
+        Args:
+          tokens: int [batch, time] in [0, vocab_size).
+          eidetic_scores: optional float [batch, time] scores that replace the selection rule's
+            scores in every `B` layer (an oracle: e.g. 1 where a token is worth keeping, 0
+            elsewhere; -inf = never kept). The top `eidetic_per_chunk` of each chunk are kept, as
+            with the rule's own scores.
+          context: a `sequence_parallel.SequenceContext` when `tokens` is one shard of a longer
+            sequence, inside `jax.shard_map` (`sequence_parallel.sequence_parallel_forward` does
+            this); None otherwise.
         """
-        (logits, _), sown = nnx.capture(self._prefill, nnx.Intermediate)(tokens, None, context)
+        _check_scores(eidetic_scores, tokens.shape)
+        (logits, _), sown = nnx.capture(self._prefill, nnx.Intermediate)(
+            tokens, None, context, eidetic_scores)
         return logits, _aux_loss(sown)
 
-    def cross_entropy(self, tokens, targets, *, context=None):
+    def cross_entropy(self, tokens, targets, *, eidetic_scores=None, context=None):
         """The training objective's terms without materialising the logits
         (`ops.linear_cross_entropy`: the `xla` implementation unless config.implementation is
         "reference"; our choice, for speed and memory). The head is computed in float32 even for
@@ -112,6 +128,7 @@ class LanguageModel(nnx.Module):
           tokens: int [batch, time] inputs, ids in [0, vocab_size).
           targets: int [batch, time] next-token ids in [0, vocab_size), or negative (e.g.
             `data.IGNORE_INDEX` = -100) where unlabelled.
+          eidetic_scores: as in `forward`.
           context: as in `forward` (the returned mean and count are then this shard's).
 
         Returns:
@@ -126,7 +143,9 @@ class LanguageModel(nnx.Module):
             raise ValueError(f"targets {targets.shape} must have the shape of tokens "
                              f"{tokens.shape}.")
         check_tokens(targets, self.config.vocab_size, name="target", unlabelled_ok=True)
-        (x, _), sown = nnx.capture(self._trunk, nnx.Intermediate)(tokens, None, context)
+        _check_scores(eidetic_scores, tokens.shape)
+        (x, _), sown = nnx.capture(self._trunk, nnx.Intermediate)(tokens, None, context,
+                                                                  eidetic_scores)
         mask = targets >= 0
         labelled = mask.sum(dtype=jnp.int32)
         weights = mask.astype(jnp.float32) / jnp.maximum(labelled, 1)
@@ -136,18 +155,18 @@ class LanguageModel(nnx.Module):
             implementation="reference" if self.config.implementation == "reference" else "xla")
         return ce, labelled, _aux_loss(sown)
 
-    def _trunk(self, tokens, max_length, context):
+    def _trunk(self, tokens, max_length, context, eidetic_scores):
         """Embedding and blocks: (features [b, t, d_model] before the final norm, layer states)."""
         check_tokens(tokens, self.config.vocab_size)
         x = self.embed(tokens)
         states = []
         for block in self.blocks:
-            x, state = block.prefill(x, max_length, context)
+            x, state = block.prefill(x, max_length, context, eidetic_scores)
             states.append(state)
         return x, tuple(states)
 
-    def _prefill(self, tokens, max_length, context):
-        x, states = self._trunk(tokens, max_length, context)
+    def _prefill(self, tokens, max_length, context, eidetic_scores):
+        x, states = self._trunk(tokens, max_length, context, eidetic_scores)
         return self._head(x), states
 
     def _head(self, x):
@@ -173,9 +192,10 @@ class LanguageModel(nnx.Module):
                      layers=tuple(block.mixer.init_state(batch_size, max_length)
                                   for block in self.blocks))
 
-    def prefill(self, tokens, cache: Cache):
+    def prefill(self, tokens, cache: Cache, *, eidetic_scores=None):
         """Consumes a prompt in parallel: tokens int [batch, time] and an empty cache (from
         `init_cache`) -> (logits [batch, time, vocab_size] float32, the cache after the prompt).
+        `eidetic_scores`: as in `forward`.
 
         Raises:
           ValueError: bad tokens; a cache that is not empty (when its position is concrete); a
@@ -191,22 +211,36 @@ class LanguageModel(nnx.Module):
         if size is not None and tokens.shape[1] > size:
             raise ValueError(f"prompt of {tokens.shape[1]} tokens exceeds the full-attention cache "
                              f"(max_length={size}).")
-        (logits, states), _ = nnx.capture(self._prefill, nnx.Intermediate)(tokens, size, None)
+        _check_scores(eidetic_scores, tokens.shape)
+        (logits, states), _ = nnx.capture(self._prefill, nnx.Intermediate)(tokens, size, None,
+                                                                           eidetic_scores)
         return logits, Cache(position=jnp.asarray(tokens.shape[1], jnp.int32), layers=states)
 
-    def decode_step(self, tokens, cache: Cache):
+    def decode_step(self, tokens, cache: Cache, *, eidetic_scores=None):
         """One token per sequence: tokens int32 [batch] -> (logits [batch, vocab_size] float32,
-        the updated cache). Reproduces the parallel forward's logits at that position."""
+        the updated cache). Reproduces the parallel forward's logits at that position.
+        `eidetic_scores`: float [batch], this token's oracle score (as in `forward`), or None."""
         if tokens.ndim != 1:
             raise ValueError(f"decode_step takes tokens [batch]; got shape {tokens.shape}.")
         check_tokens(tokens[:, None], self.config.vocab_size)
+        _check_scores(eidetic_scores, tokens.shape)
         position = cache.position
         x = self.embed(tokens)
         states = []
         for block, state in zip(self.blocks, cache.layers):
-            x, state = block.step(x, state, position)
+            x, state = block.step(x, state, position, eidetic_scores)
             states.append(state)
         return self._head(x), Cache(position=position + 1, layers=tuple(states))
+
+
+def _check_scores(eidetic_scores, shape) -> None:
+    """Raises ValueError unless eidetic_scores is None or a float array of `shape`."""
+    if eidetic_scores is None:
+        return
+    if eidetic_scores.shape != tuple(shape) or not jnp.issubdtype(eidetic_scores.dtype,
+                                                                  jnp.floating):
+        raise ValueError(f"eidetic_scores must be float {list(shape)} like the tokens; got dtype "
+                         f"{eidetic_scores.dtype} and shape {eidetic_scores.shape}.")
 
 
 def _aux_loss(sown) -> jax.Array:

@@ -134,9 +134,10 @@ class SequenceContext:
           before: P, the tokens of left context that the caller puts before this shard's keys.
 
         Returns:
-          (memory [b, cl, m] int32, remote_k, remote_v [b, R', h, e]): the slots as indices into
-          the keys [remote (R'); P tokens of left context; this shard's L], -1 = empty; R' is R
-          rounded up to a multiple of the window, so that the prefix stays chunk-aligned.
+          (memory [b, cl, m] int32, remote_k, remote_v [b, R', h, e], remote_scores [b, R']): the
+          slots as indices into the keys [remote (R'); P tokens of left context; this shard's L],
+          -1 = empty, and the keys, values and scores of the remote entries; R' is R rounded up
+          to a multiple of the window, so that the prefix stays chunk-aligned.
         """
         w, per_chunk, lag = selection.window, selection.per_chunk, selection.lag
         b, t = scores.shape
@@ -161,18 +162,21 @@ class SequenceContext:
         local = jnp.clip(wanted - self.offset, 0, t - 1)
         take = jax.vmap(jax.vmap(lambda xb, pb: xb[pb]), in_axes=(None, 0))  # [n, b, R, ...]
         mask = owned[..., None, None]
-        remote_k = jax.lax.psum_scatter(jnp.where(mask, take(k, local), 0), self.axis)
-        remote_v = jax.lax.psum_scatter(jnp.where(mask, take(v, local), 0), self.axis)
+        remote_k, remote_v, remote_scores = (
+            jax.lax.psum_scatter(jnp.where(mask if x.ndim == 4 else owned, take(x, local), 0),
+                                 self.axis) for x in (k, v, scores.astype(jnp.float32)))
         mine = wanted[self.index]  # [b, R]
         pad = -mine.shape[1] % w
-        remote_k, remote_v = (jnp.pad(a, [(0, 0), (0, pad), (0, 0), (0, 0)])
-                              for a in (remote_k, remote_v))
+        remote_k, remote_v, remote_scores = (
+            jnp.pad(a, [(0, 0), (0, pad)] + [(0, 0)] * (a.ndim - 2))
+            for a in (remote_k, remote_v, remote_scores))
 
         # Each slot's index into [remote (R + pad) | left context (P) | this shard (L)].
         remote = jnp.argmax(rows[..., None] == mine[:, None, None, :], axis=-1)
         here = mine.shape[1] + pad + before + rows - self.offset
         index = jnp.where(rows >= self.offset, here, remote)
-        return jnp.where(rows >= 0, index, -1).astype(jnp.int32), remote_k, remote_v
+        return (jnp.where(rows >= 0, index, -1).astype(jnp.int32), remote_k, remote_v,
+                remote_scores)
 
 
 def check_sequence_parallel(model, seq_len: int, shards: int) -> int:
@@ -222,7 +226,8 @@ def _run_sharded(model, arrays, mesh: Mesh, axis: str, batch_axis, body, out_spe
 
 
 def sequence_parallel_forward(model, tokens, mesh: Mesh, axis: str, *,
-                              batch_axis: Optional[str | tuple] = None, with_aux: bool = False):
+                              batch_axis: Optional[str | tuple] = None, with_aux: bool = False,
+                              eidetic_scores=None):
     """`model.forward` with the time axis split over `axis` of `mesh` (see module docstring).
 
     Args:
@@ -233,6 +238,7 @@ def sequence_parallel_forward(model, tokens, mesh: Mesh, axis: str, *,
       axis: the mesh axis (name) that splits time.
       batch_axis: optional mesh axis (or tuple of axes) that splits the batch rows.
       with_aux: also return the auxiliary (innovation) loss, as `model.forward` does.
+      eidetic_scores: optional float [b, T] oracle scores, as in `model.forward`.
 
     Returns:
       logits [b, T, vocab_size] float32 sharded as (batch_axis, axis, None); with `with_aux`,
@@ -241,21 +247,25 @@ def sequence_parallel_forward(model, tokens, mesh: Mesh, axis: str, *,
     Raises:
       ValueError: an unknown axis, or a split that `check_sequence_parallel` rejects.
     """
-    logits, aux = _run_sharded(model, [tokens], mesh, axis, batch_axis,
-                               lambda model, context, tokens: model.forward(tokens,
-                                                                            context=context),
+    def body(model, context, tokens, *scores):
+        return model.forward(tokens, context=context, eidetic_scores=scores[0] if scores else None)
+
+    arrays = [tokens] if eidetic_scores is None else [tokens, eidetic_scores]
+    logits, aux = _run_sharded(model, arrays, mesh, axis, batch_axis, body,
                                out_specs=(P(batch_axis, axis, None), P()))
     return (logits, aux) if with_aux else logits
 
 
 def sequence_parallel_cross_entropy(model, tokens, targets, mesh: Mesh, axis: str, *,
-                                    batch_axis: Optional[str | tuple] = None):
+                                    batch_axis: Optional[str | tuple] = None,
+                                    eidetic_scores=None):
     """`model.cross_entropy(tokens, targets)` with the time axis split over `axis` of `mesh`:
     how training runs a context too long for one device (`sharding.SEQUENCE_AXIS`).
 
     Args:
       model, tokens, mesh, axis, batch_axis: as in `sequence_parallel_forward`.
       targets: int [b, T] next-token ids, negative where unlabelled.
+      eidetic_scores: optional float [b, T] oracle scores, as in `model.forward`.
 
     Returns:
       (ce, labelled, aux_loss) as `LanguageModel.cross_entropy`: the mean NLL over all labelled
@@ -268,14 +278,15 @@ def sequence_parallel_cross_entropy(model, tokens, targets, mesh: Mesh, axis: st
     if targets.shape != tokens.shape:
         raise ValueError(f"targets {targets.shape} must have the shape of tokens {tokens.shape}.")
 
-    def body(model, context, tokens, targets):
-        ce, labelled, aux = model.cross_entropy(tokens, targets, context=context)
+    def body(model, context, tokens, targets, *scores):
+        ce, labelled, aux = model.cross_entropy(tokens, targets, context=context,
+                                                eidetic_scores=scores[0] if scores else None)
         count = jax.lax.psum(labelled, context.reduce_axes)
         total = jax.lax.psum(ce * labelled, context.reduce_axes)
         return total / jnp.maximum(count, 1), count, aux
 
-    return _run_sharded(model, [tokens, targets], mesh, axis, batch_axis, body,
-                        out_specs=(P(), P(), P()))
+    arrays = [tokens, targets] + ([] if eidetic_scores is None else [eidetic_scores])
+    return _run_sharded(model, arrays, mesh, axis, batch_axis, body, out_specs=(P(), P(), P()))
 
 
 __all__ = ["SequenceContext", "sequence_parallel_forward", "sequence_parallel_cross_entropy",

@@ -119,10 +119,13 @@ def check_sequence_parallel():
     mesh = jax.make_mesh((4, 2), ("seq", "batch"), devices=jax.devices(),
                          axis_types=(jax.sharding.AxisType.Auto,) * 2)
     tokens = jax.random.randint(jax.random.key(1), (2, 64), 0, TINY["vocab_size"])
-    for preset in ("transformer", "bmojo", "bmojo_f", "mamba", "swa"):  # swa last: validation
+    variants = {"transformer": {}, "bmojo": dict(eidetic_eviction="score", eidetic_slots=6),
+                "bmojo-threshold": dict(eidetic_selection="threshold", eidetic_threshold=1.0),
+                "bmojo-learned": dict(eidetic_selection="learned"),
+                "bmojo_f": {}, "mamba": {}, "swa": {}}  # swa last: the validation below
+    for preset, changes in variants.items():
         tic = time.perf_counter()
-        changes = dict(eidetic_eviction="score", eidetic_slots=6) if preset == "bmojo" else {}
-        model = LanguageModel(_model_config(preset, **changes), rngs=nnx.Rngs(0))
+        model = LanguageModel(_model_config(preset.split("-")[0], **changes), rngs=nnx.Rngs(0))
         graphdef, state = nnx.split(model)
         expected, expected_aux = jax.jit(lambda s, t: nnx.merge(graphdef, s).forward(t))(
             state, tokens)

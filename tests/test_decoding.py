@@ -15,6 +15,11 @@ VARIANTS.update({
     "bmojo-score-lag1": dict(eidetic_eviction="score", eidetic_lag=1),
     "bmojo-lag3-mamba1-untied": dict(eidetic_lag=3, ssm_kind="mamba1", tie_fading_kv=False,
                                      innovation_predictor="identity"),
+    "bmojo-threshold": dict(eidetic_selection="threshold", eidetic_threshold=1.0),
+    "bmojo-threshold-score": dict(eidetic_selection="threshold", eidetic_threshold=1.0,
+                                  eidetic_eviction="score"),
+    "bmojo-learned": dict(eidetic_selection="learned"),
+    "bmojo-random": dict(eidetic_selection="random", eidetic_seed=3),
 })
 PREFIX = 13  # not a multiple of the window
 
@@ -107,3 +112,33 @@ def test_generate_is_deterministic_and_greedy_at_zero_temperature():
     np.testing.assert_array_equal(greedy, np.asarray(model(sequence[:, :-1])[:, 5:].argmax(-1)))
     with pytest.raises(ValueError, match="temperature=-1"):
         bj.generate(model, prompt, 3, temperature=-1)
+
+
+def test_oracle_scores_decode_equals_forward():
+    """`eidetic_scores` (an oracle; -inf = never kept) replace the rule's scores in the parallel
+    forward, prefill and decode_step alike, and they change what the model reads."""
+    model = _model("bmojo")
+    x = tokens()
+    scores = jax.random.normal(jax.random.PRNGKey(5), x.shape)
+    scores = jnp.where(jnp.arange(T) % 3 == 0, -jnp.inf, scores)
+    expected = model(x, eidetic_scores=scores)
+    assert not np.allclose(expected, model(x), atol=1e-4)
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def prefill_then_decode(state, x, scores):
+        model = nnx.merge(graphdef, state)
+        head, cache = model.prefill(x[:, :PREFIX], model.init_cache(2),
+                                    eidetic_scores=scores[:, :PREFIX])
+
+        def step(cache, inputs):
+            token, score = inputs
+            logits, cache = model.decode_step(token, cache, eidetic_scores=score)
+            return cache, logits
+        tail = jax.lax.scan(step, cache, (x[:, PREFIX:].T, scores[:, PREFIX:].T))[1]
+        return jnp.concatenate([head, jnp.swapaxes(tail, 0, 1)], axis=1)
+
+    np.testing.assert_allclose(prefill_then_decode(state, x, scores), expected, rtol=1e-4,
+                               atol=1e-4)
+    with pytest.raises(ValueError, match="eidetic_scores must be float"):
+        model(x, eidetic_scores=scores[:, :5])

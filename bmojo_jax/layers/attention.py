@@ -76,8 +76,11 @@ class MemoryAttention(nnx.Module):
         self.selection = eidetic.Selection(
             window=config.window, per_chunk=config.eidetic_per_chunk, slots=config.eidetic_slots,
             lag=config.eidetic_lag, eviction=config.eidetic_eviction,
-            implementation=config.implementation
+            implementation=config.implementation,
+            threshold=config.eidetic_threshold if config.eidetic_selection == "threshold" else None
         ) if letter == "B" and config.eidetic_per_chunk > 0 else None
+        self.rule = config.eidetic_selection
+        self.seed = config.eidetic_seed
 
         def linear(rngs=rngs):
             return nnx.Linear(d, d, use_bias=False, dtype=dtype, rngs=rngs)
@@ -92,8 +95,10 @@ class MemoryAttention(nnx.Module):
         untied = has_fading and not config.tie_fading_kv
         self.wk_fading = linear() if untied else None
         self.wv_fading = linear() if untied else None
-        linear_predictor = self.selection is not None and config.innovation_predictor == "linear"
-        self.predictor = linear() if linear_predictor else None
+        innovation = self.selection is not None and self.rule in ("fading", "threshold")
+        self.predictor = linear() if innovation and config.innovation_predictor == "linear" else None
+        self.scorer = nnx.Linear(d, 1, use_bias=False, dtype=jnp.float32, rngs=rngs) if (
+            self.selection is not None and self.rule == "learned") else None
 
     def _heads(self, x):
         return x.reshape(x.shape[:2] + (self.n_heads, -1))
@@ -115,16 +120,35 @@ class MemoryAttention(nnx.Module):
         return jnp.sum(jnp.square(jax.lax.stop_gradient(x).astype(jnp.float32)
                                   - prediction.astype(jnp.float32)), axis=-1)
 
+    def _scores(self, x, previous_f, positions):
+        """The selection rule's scores of tokens x [b, t, d_model] at `positions` [t], whose
+        previous fading tokens are previous_f [b, t, d_model] -> [b, t] float32 (see
+        `ModelConfig.eidetic_selection`)."""
+        if self.rule == "learned":
+            return self.scorer(x.astype(jnp.float32))[..., 0]
+        if self.rule == "random":
+            key = jax.random.key(self.seed)
+            draw = jax.vmap(lambda p: jax.random.uniform(jax.random.fold_in(key, p)))
+            return jnp.broadcast_to(draw(jnp.asarray(positions)), x.shape[:2])
+        return self._innovation(x, previous_f)
+
+    def _slot_bias(self, scores, oracle: bool):
+        """Logit bias of each key as an eidetic slot: log sigmoid(score) for the "learned" rule
+        (how its scores get gradients), else None."""
+        return jax.nn.log_sigmoid(scores) if self.rule == "learned" and not oracle else None
+
     def __call__(self, x):
         """x: [b, t, d_model] -> [b, t, d_model] (dtype of x)."""
         return self.prefill(x)[0]
 
-    def prefill(self, x, max_length=None, context=None):
+    def prefill(self, x, max_length=None, context=None, eidetic_scores=None):
         """Parallel forward over x [b, t, d_model] that also returns the streaming state after the
         last token (`AttentionState`; `max_length` sizes a full-attention cache, default t).
 
         `context`: a `SequenceContext` when x is one shard of a longer sequence (see module
-        docstring; the returned state is then not meaningful), else None.
+        docstring; the returned state is then not meaningful), else None. `eidetic_scores`:
+        float [b, t] scores that replace the selection rule's (an oracle; -inf = never kept), or
+        None.
         """
         b, t, d = x.shape
         # static positions in a plain forward: RoPE tables become constants (ops.rope)
@@ -140,30 +164,40 @@ class MemoryAttention(nnx.Module):
         w = self.window
         extend = (lambda a: a) if context is None else (lambda a: jnp.concatenate(
             [context.left(a, 2 * w), a], axis=1))  # + the 2w tokens before the shard
-        keys, values, fading, memory = extend(k), extend(v), {}, None
+        keys, values, fading, memory = extend(k), extend(v), {}, {}
         if self.fading is not None:
             f, ssm_state = self.fading.prefill(x, context=context)
             kf, vf = self._fading_kv(f, positions)
             fading = dict(k_fading=extend(kf), v_fading=extend(vf))
-            state = state.replace(k_fading=_ring(kf, 2 * w), v_fading=_ring(vf, 2 * w), ssm=ssm_state)
-            if self.selection is not None:
-                before = jnp.zeros_like(f[:, :1]) if context is None else context.left(f, 1)
-                error = self._innovation(x, jnp.concatenate([before, f[:, :-1]], axis=1))
-                loss = jnp.mean(error) if context is None else context.mean(jnp.mean(error))
+            state = state.replace(k_fading=_ring(kf, 2 * w), v_fading=_ring(vf, 2 * w),
+                                  ssm=ssm_state)
+        if self.selection is not None:
+            before = jnp.zeros_like(f[:, :1]) if context is None else context.left(f, 1)
+            scores = self._scores(x, jnp.concatenate([before, f[:, :-1]], axis=1), positions)
+            if self.rule in ("fading", "threshold"):  # the innovation predictor's loss
+                loss = jnp.mean(scores) if context is None else context.mean(jnp.mean(scores))
                 self.sow(nnx.Intermediate, "innovation_loss", self.loss_weight * loss)
-                if context is None:
-                    memory = self.selection.select(error)
-                else:
-                    memory, remote_k, remote_v = context.eidetic_keys(self.selection, error, k, v,
-                                                                      before=2 * w)
-                    keys, values = (jnp.concatenate([remote_k, keys], axis=1),
-                                    jnp.concatenate([remote_v, values], axis=1))
-                    fading = {name: jnp.concatenate([jnp.zeros_like(remote_k), a], axis=1)
-                              for name, a in fading.items()}
-                state = state.replace(eidetic=eidetic.state_after(self.selection, error, k, v, f[:, -1]))
-        y = ops.memory_attention(q, keys, values, window=w, memory_positions=memory,
+            if eidetic_scores is not None:
+                scores = eidetic_scores.astype(jnp.float32)
+            bias = self._slot_bias(scores, eidetic_scores is not None)
+            if context is None:
+                memory = dict(memory_positions=self.selection.select(scores), memory_bias=bias)
+            else:
+                positions_, remote_k, remote_v, remote_scores = context.eidetic_keys(
+                    self.selection, scores, k, v, before=2 * w)
+                keys = jnp.concatenate([remote_k, keys], axis=1)
+                values = jnp.concatenate([remote_v, values], axis=1)
+                fading = {name: jnp.concatenate([jnp.zeros_like(remote_k), a], axis=1)
+                          for name, a in fading.items()}
+                if bias is not None:  # indexed like the keys: [remote; left context; shard]
+                    bias = self._slot_bias(jnp.concatenate([remote_scores, extend(scores)], 1),
+                                           oracle=False)
+                memory = dict(memory_positions=positions_, memory_bias=bias)
+            state = state.replace(eidetic=eidetic.state_after(self.selection, scores, k, v,
+                                                              f[:, -1]))
+        y = ops.memory_attention(q, keys, values, window=w,
                                  q_start=0 if context is None else context.offset,
-                                 implementation=self._implementation(context), **fading)
+                                 implementation=self._implementation(context), **fading, **memory)
         return self.wo(y.reshape(b, t, d).astype(x.dtype)), state
 
     def _implementation(self, context):
@@ -199,8 +233,9 @@ class MemoryAttention(nnx.Module):
                                                              self.n_heads, e, d))
         return state
 
-    def step(self, x, state: AttentionState, position):
-        """One token x [b, d_model] at `position` (int32 scalar) -> (y [b, d_model], next state)."""
+    def step(self, x, state: AttentionState, position, eidetic_scores=None):
+        """One token x [b, d_model] at `position` (int32 scalar) -> (y [b, d_model], next state).
+        `eidetic_scores`: float [b], the oracle's score of this token (as in `prefill`), or None."""
         b, d = x.shape
         pos = position[None]
         q, k, v = self._qkv(x[:, None], pos)
@@ -220,15 +255,22 @@ class MemoryAttention(nnx.Module):
             values.append(state.v_fading)
             masks.append(_ring_visible(position, 2 * self.window, self.window, 2 * self.window))
         masks = [jnp.broadcast_to(m, (b, m.shape[-1])) for m in masks]
+        bias = None
         if self.selection is not None:
             memory = state.eidetic.memory
             keys.append(memory.k)
             values.append(memory.v)
             masks.append(memory.positions >= 0)
+            slot_bias = self._slot_bias(memory.scores, eidetic_scores is not None)
+            if slot_bias is not None:
+                bias = jnp.concatenate([jnp.zeros((b, sum(m.shape[1] for m in masks[:-1]))),
+                                        slot_bias], axis=1)
         y = ops.attend_one(q[:, 0], jnp.concatenate(keys, 1), jnp.concatenate(values, 1),
-                           jnp.concatenate(masks, 1))
+                           jnp.concatenate(masks, 1), bias=bias)
         if self.selection is not None:
-            score = self._innovation(x[:, None], state.eidetic.previous_f[:, None])[:, 0]
+            score = self._scores(x[:, None], state.eidetic.previous_f[:, None], pos)[:, 0]
+            if eidetic_scores is not None:
+                score = eidetic_scores.astype(jnp.float32)
             state = state.replace(eidetic=eidetic.update(self.selection, state.eidetic, score, f,
                                                          position, state.k, state.v))
         return self.wo(y.reshape(b, d).astype(x.dtype)), state

@@ -69,7 +69,7 @@ def _masked_softmax(logits, mask):
     return jax.nn.softmax(jnp.where(mask, logits, _MASKED), axis=-1)
 
 
-def _reference(q, k, v, kf, vf, memory_positions, window, q_start):
+def _reference(q, k, v, kf, vf, memory_positions, memory_bias, window, q_start):
     b, t, h, e = q.shape
     prefix = k.shape[1] - t
     window = prefix + t if window is None else window
@@ -85,8 +85,10 @@ def _reference(q, k, v, kf, vf, memory_positions, window, q_start):
         index = jnp.arange(prefix + t)
         groups.append((k, v, jnp.any(slots[:, :, :, None] == index, axis=2)))  # [b, i, j]
     q = q.astype(jnp.float32) * e ** -0.5
-    logits = jnp.concatenate(
-        [jnp.einsum("bihe,bjhe->bhij", q, keys.astype(jnp.float32)) for keys, _, _ in groups], -1)
+    logits = [jnp.einsum("bihe,bjhe->bhij", q, keys.astype(jnp.float32)) for keys, _, _ in groups]
+    if memory_bias is not None:  # on the eidetic group's logits
+        logits[-1] = logits[-1] + memory_bias.astype(jnp.float32)[:, None, None, :]
+    logits = jnp.concatenate(logits, -1)
     mask = jnp.concatenate([jnp.broadcast_to(m.reshape((-1, 1) + m.shape[-2:]),
                                              (b, 1) + m.shape[-2:]) for _, _, m in groups], -1)
     values = jnp.concatenate([vals.astype(jnp.float32) for _, vals, _ in groups], 1)
@@ -101,7 +103,7 @@ def _chunk_range(x, start: int, count: int):
     return x[:, :, start:start + count]
 
 
-def _block_sparse(q, k, v, kf, vf, memory_positions, window, q_start):
+def _block_sparse(q, k, v, kf, vf, memory_positions, memory_bias, window, q_start):
     """Layout [b, h, c, w, e] (heads outside the chunks, so both einsums are plain batched matmuls
     without transposes in between); keys of all groups concatenated into one [b, h, c, K, e] block
     and one logits matmul; the softmax normalisation is applied after the value matmul (on [.., e]
@@ -153,6 +155,11 @@ def _block_sparse(q, k, v, kf, vf, memory_positions, window, q_start):
     keys = keys[0] if len(keys) == 1 else jnp.concatenate(keys, 3)  # [b, h, c, K, e]
     values = values[0] if len(values) == 1 else jnp.concatenate(values, 3)
     logits = jnp.einsum("bhcqe,bhcke->bhcqk", qc, keys)
+    if memory_bias is not None:  # on the eidetic slots, the last m keys of every chunk
+        slot_bias = jax.vmap(lambda bb, pb: bb[pb])(memory_bias.astype(f32),
+                                                    jnp.maximum(memory_positions, 0))  # [b, c, m]
+        m = memory_positions.shape[-1]
+        logits = logits.at[..., -m:].add(slot_bias[:, None, :, None, :])
     if full:  # full attention: a select fuses best (measured)
         logits = jnp.where(mask, logits, _MASKED)
     else:  # chunked groups: an additive bias fuses best (measured)
@@ -167,7 +174,10 @@ def _block_sparse(q, k, v, kf, vf, memory_positions, window, q_start):
     return out.reshape(b, c * w, h, e)[:, :t]
 
 
-def _pallas(q, k, v, kf, vf, memory_positions, window, q_start):
+def _pallas(q, k, v, kf, vf, memory_positions, memory_bias, window, q_start):
+    if memory_bias is not None:
+        raise ValueError("memory_attention: the pallas implementation takes no memory_bias (the "
+                         "'learned' eidetic selection); use implementation='xla'.")
     if k.shape[1] != q.shape[1]:
         raise ValueError(f"memory_attention: the pallas implementation takes no key prefix (got "
                          f"{k.shape[1] - q.shape[1]} keys before the queries, e.g. from sequence "
@@ -178,13 +188,14 @@ def _pallas(q, k, v, kf, vf, memory_positions, window, q_start):
                                     q.shape[1] if window is None else window)
 
 
-def attend_one(q, keys, values, mask):
+def attend_one(q, keys, values, mask, bias=None):
     """Decode-time attention of one query per sequence over a set of cached keys.
 
     Args:
       q: [b, h, e] query (RoPE applied).
       keys, values: [b, k, h, e] cached keys (RoPE applied) and values.
       mask: [b, k] or [k] bool, True where the key is visible.
+      bias: [b, k] float added to the logits (the "learned" eidetic slots' bias), or None.
 
     Returns:
       [b, h, e] float32.
@@ -192,6 +203,8 @@ def attend_one(q, keys, values, mask):
     e = q.shape[-1]
     logits = jnp.einsum("bhe,bkhe->bhk", q.astype(jnp.float32) * e ** -0.5,
                         keys.astype(jnp.float32))
+    if bias is not None:
+        logits = logits + bias.astype(jnp.float32)[:, None, :]
     mask = jnp.broadcast_to(mask, (q.shape[0], keys.shape[1]))[:, None, :]
     return jnp.einsum("bhk,bkhe->bhe", _masked_softmax(logits, mask), values.astype(jnp.float32))
 
@@ -200,7 +213,8 @@ _IMPLEMENTATIONS = {"reference": _reference, "xla": _block_sparse, "pallas": _pa
 
 
 def memory_attention(q, k, v, *, window: Optional[int] = None, k_fading=None, v_fading=None,
-                     memory_positions=None, q_start=0, implementation: Optional[str] = None):
+                     memory_positions=None, memory_bias=None, q_start=0,
+                     implementation: Optional[str] = None):
     """Causal softmax attention over window, fading and eidetic keys (see module docstring).
 
     Args:
@@ -213,8 +227,10 @@ def memory_attention(q, k, v, *, window: Optional[int] = None, k_fading=None, v_
       k_fading, v_fading: [b, P + t, h, e] keys/values made from the fading (SSM) tokens, or None.
       memory_positions: [b, c, m] int32 eidetic slots per query chunk of w tokens, as indices into
         the key axis (= positions when P = q_start = 0), -1 = empty; or None.
+      memory_bias: float [b, P + t], a bias added to the logit of key j when it is read as an
+        eidetic slot (the "learned" selection's log sigmoid(score)), or None.
       q_start: position of the first query (int, or an int32 scalar under `shard_map`).
-      implementation: None, "reference", "xla" or "pallas" (pallas: P = 0 only).
+      implementation: None, "reference", "xla" or "pallas" (pallas: P = 0, no memory_bias).
 
     Returns:
       [b, t, h, e] float32.
@@ -244,5 +260,8 @@ def memory_attention(q, k, v, *, window: Optional[int] = None, k_fading=None, v_
     if memory_positions is not None and memory_positions.shape[:2] != (b, -(-t // window)):
         raise ValueError(f"memory_positions has shape {memory_positions.shape}; expected "
                          f"[{b}, {-(-t // window)}, slots] (one row per chunk of {window} tokens).")
+    if memory_bias is not None and (memory_positions is None or memory_bias.shape != k.shape[:2]):
+        raise ValueError(f"memory_bias must be [b, P + t] = {k.shape[:2]} with memory_positions; "
+                         f"got {None if memory_bias is None else memory_bias.shape}.")
     fn = registry.pick("memory_attention", _IMPLEMENTATIONS, implementation)
-    return fn(q, k, v, k_fading, v_fading, memory_positions, window, q_start)
+    return fn(q, k, v, k_fading, v_fading, memory_positions, memory_bias, window, q_start)

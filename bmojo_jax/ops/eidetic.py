@@ -150,7 +150,10 @@ def select_eidetic(scores, *, window: int, per_chunk: int, slots: int, lag: int 
 @dataclasses.dataclass(frozen=True)
 class Selection:
     """The knobs of the selection (see module docstring): window w (= chunk, tokens), per_chunk k,
-    slots m, lag L (chunks), eviction "fifo" | "score", implementation of `select_eidetic`."""
+    slots m, lag L (chunks), eviction "fifo" | "score", implementation of `select_eidetic`, and
+    threshold: None, or a factor c > 0: a token is a candidate only when its score exceeds c times
+    the mean score of all tokens before it (a causal running mean, the first token's being 0; HAM's
+    rule of growing the memory on a large prediction error, our choice of normalisation)."""
 
     window: int
     per_chunk: int
@@ -158,10 +161,23 @@ class Selection:
     lag: int = 2
     eviction: str = "fifo"
     implementation: Optional[str] = None
+    threshold: Optional[float] = None
+
+    def gate(self, scores):
+        """Candidates' scores: [b, t] -> [b, t] float32, -inf where the threshold rejects."""
+        scores = scores.astype(jnp.float32)
+        if self.threshold is None:
+            return scores
+        t = scores.shape[1]
+        before = jnp.cumsum(scores, axis=1) - scores  # sum of the scores before each token
+        mean = before / jnp.maximum(jnp.arange(t), 1)
+        return jnp.where(scores > self.threshold * mean, scores, -jnp.inf)
 
     def select(self, scores):
-        """`select_eidetic(scores, ...)` with these knobs: [b, t] -> [b, c, m] int32."""
-        return select_eidetic(scores, **dataclasses.asdict(self))
+        """The slots of every chunk: scores [b, t] -> memory_positions [b, c, m] int32."""
+        return select_eidetic(self.gate(scores), window=self.window, per_chunk=self.per_chunk,
+                              slots=self.slots, lag=self.lag, eviction=self.eviction,
+                              implementation=self.implementation)
 
 
 @struct.dataclass
@@ -198,14 +214,16 @@ class EideticState:
     memory: `Slots` [b, m], the slots visible to the current chunk (fifo: oldest first).
     pending: `Slots` [b, L - 1, k], selections of the last L - 1 chunks, not yet visible (oldest
       first).
-    chunk_scores: float32 [b, w], innovation scores of the current chunk's tokens so far (slot
-      = position % w; -inf where not yet seen).
+    chunk_scores: float32 [b, w], candidates' scores of the current chunk's tokens so far (slot
+      = position % w; -inf where not yet seen or rejected by the threshold).
+    score_sum: float32 [b], the sum of all scores so far (the threshold's running mean).
     previous_f: float32 [b, d_model], the last fading token (the next score's prediction input).
     """
 
     memory: Slots
     pending: Slots
     chunk_scores: jax.Array
+    score_sum: jax.Array
     previous_f: jax.Array
 
 
@@ -217,6 +235,7 @@ def init_state(selection: Selection, batch_size: int, heads: int, head_dim: int,
         memory=Slots.empty((batch_size, s.slots), heads, head_dim),
         pending=Slots.empty((batch_size, s.lag - 1, s.per_chunk), heads, head_dim),
         chunk_scores=jnp.full((batch_size, s.window), -jnp.inf, jnp.float32),
+        score_sum=jnp.zeros((batch_size,), jnp.float32),
         previous_f=jnp.zeros((batch_size, d_model), jnp.float32))
 
 
@@ -232,28 +251,35 @@ def state_after(selection: Selection, scores, k, v, previous_f) -> EideticState:
     s = selection
     b, t = scores.shape
     current = t // s.window  # the chunk of the next token
-    padded = jnp.pad(scores.astype(jnp.float32), [(0, 0), (0, (current + 1) * s.window - t)],
-                     constant_values=-jnp.inf)
-    memory = s.select(padded)[:, current]  # [b, m]
-    if s.eviction == "fifo":
-        memory = jnp.sort(memory, axis=-1)  # oldest first: -1 slots are the oldest chunks
-    selected, _ = chunk_topk(padded, s.window, s.per_chunk)
-    chunks = np.arange(current - s.lag + 1, current)  # pending: selected, not yet visible
-    pending = jnp.where((chunks >= 0)[None, :, None], selected[:, np.maximum(chunks, 0)], -1)
-    return EideticState(memory=Slots.gather(memory, scores, k, v),
-                        pending=Slots.gather(pending, scores, k, v),
+    gated = s.gate(scores)
+    padded = jnp.pad(gated, [(0, 0), (0, (current + 1) * s.window - t)], constant_values=-jnp.inf)
+    selected, _ = chunk_topk(padded, s.window, s.per_chunk)  # [b, c + 1, k]
+
+    def chunks(first, last):  # the selections of chunks first..last, -1 for chunks < 0
+        index = np.arange(first, last + 1)
+        return jnp.where((index >= 0)[None, :, None], selected[:, np.maximum(index, 0)], -1)
+
+    if s.eviction == "fifo":  # the newest m / k chunks' selections, oldest first (as `update`)
+        memory = chunks(current - s.lag - s.slots // s.per_chunk + 1, current - s.lag)
+        memory = memory.reshape(b, s.slots)
+    else:
+        memory = dataclasses.replace(s, threshold=None).select(padded)[:, current]  # [b, m]
+    pending = chunks(current - s.lag + 1, current - 1)  # selected, not yet visible
+    return EideticState(memory=Slots.gather(memory, gated, k, v),
+                        pending=Slots.gather(pending, gated, k, v),
                         chunk_scores=padded[:, current * s.window:],
+                        score_sum=jnp.sum(scores.astype(jnp.float32), axis=1),
                         previous_f=previous_f.astype(jnp.float32))
 
 
 def update(selection: Selection, state: EideticState, score, f, position, k_ring, v_ring):
-    """One decoded token: records its score; at the last token of a chunk selects the chunk's
-    top-k, queues them `lag` chunks and evicts.
+    """One decoded token: records its score (gated by the threshold); at the last token of a chunk
+    selects the chunk's top-k, queues them `lag` chunks and evicts.
 
     Args:
       selection: the knobs.
       state: the state before the token.
-      score: [b] float32, the token's innovation score.
+      score: [b] float32, the token's score.
       f: [b, d_model], its fading token.
       position: int32 scalar, its position.
       k_ring, v_ring: [b, w, h, e], the layer's ring buffer of the last w keys/values (slot
@@ -263,8 +289,14 @@ def update(selection: Selection, state: EideticState, score, f, position, k_ring
       the next `EideticState`.
     """
     s = selection
-    state = state.replace(chunk_scores=state.chunk_scores.at[:, position % s.window].set(score),
-                          previous_f=f.astype(jnp.float32))
+    score = score.astype(jnp.float32)
+    if s.threshold is not None:
+        mean = state.score_sum / jnp.maximum(position, 1).astype(jnp.float32)
+        candidate = jnp.where(score > s.threshold * mean, score, -jnp.inf)
+    else:
+        candidate = score
+    state = state.replace(chunk_scores=state.chunk_scores.at[:, position % s.window].set(candidate),
+                          score_sum=state.score_sum + score, previous_f=f.astype(jnp.float32))
     return jax.lax.cond((position + 1) % s.window == 0,
                         lambda st: _end_chunk(s, st, position, k_ring, v_ring), lambda st: st,
                         state)
@@ -273,7 +305,8 @@ def update(selection: Selection, state: EideticState, score, f, position, k_ring
 def _end_chunk(s: Selection, state: EideticState, position, k_ring, v_ring) -> EideticState:
     scores, index = jax.lax.top_k(state.chunk_scores, s.per_chunk)  # stable, as chunk_topk
     take = lambda ring: jnp.take_along_axis(ring, index[:, :, None, None], axis=1)  # noqa: E731
-    new = Slots(positions=position + 1 - s.window + index.astype(jnp.int32), scores=scores,
+    positions = position + 1 - s.window + index.astype(jnp.int32)
+    new = Slots(positions=jnp.where(scores > -jnp.inf, positions, -1), scores=scores,
                 k=take(k_ring), v=take(v_ring))
     if s.lag > 1:
         arriving = jax.tree.map(lambda x: x[:, 0], state.pending)
