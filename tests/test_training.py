@@ -1,5 +1,5 @@
-"""Training machinery: end-to-end train + eval, exact resume, config errors, checkpoint errors,
-checkpoint readers, no cached steps.
+"""Training machinery: end-to-end train + eval, exact resume, early stopping (and its exact
+resume), config errors, checkpoint errors, checkpoint readers, no cached steps.
 
 One tiny MQAR run (2 layers, d_model 32, vocab 64, seq 32) is shared by the module; JAX compile
 time dominates, so shapes are few and runs are short.
@@ -40,6 +40,22 @@ def run(tmp_path_factory):
     """(workdir, results) of a finished tiny run, checkpoints at steps 6 and 12."""
     workdir = tmp_path_factory.mktemp("tiny")
     return workdir, training.train_and_evaluate(_tiny_config(), workdir)
+
+
+@pytest.fixture(scope="module")
+def stopped(tmp_path_factory):
+    """(workdir, results) of a tiny run stopped early by patience: evaluations at steps 2, 4, 6 (a
+    loss must fall by min_delta=10 relative to count, so none improves on step 2's), stop at 6;
+    checkpoints every 2 steps, training lines every 4 (the stop flushes steps 5-6)."""
+    workdir = tmp_path_factory.mktemp("stopped")
+    return workdir, training.train_and_evaluate(_stopping_config(), workdir)
+
+
+def _stopping_config():
+    config = _tiny_config()
+    config.update(eval_every=2, checkpoint_every=2, log_every=4)
+    config.early_stop.update(metric="loss", patience=2, min_delta=10.0)
+    return config
 
 
 def _copy(run, tmp_path):
@@ -83,9 +99,97 @@ def test_resume_is_exact(run, tmp_path):
     resumed = training.train_and_evaluate(_tiny_config(), workdir)
     jax.tree.map(np.testing.assert_array_equal, _params(workdir, STEPS), _params(run[0], STEPS))
     assert resumed["test"] == run[1]["test"]
-    drop_rate = lambda records: [{k: v for k, v in r.items() if k != "tokens_per_s"}
-                                 for r in records]
-    assert drop_rate(_records(workdir, "train")) == drop_rate(_records(run[0], "train"))
+    assert _without_rates(_records(workdir, "train")) == _without_rates(_records(run[0], "train"))
+
+
+def _without_rates(records):
+    return [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in records]
+
+
+def _all_records(workdir):
+    return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_early_stop_saves_records_and_evaluates(stopped):
+    workdir, results = stopped
+    assert results["step"] == 6 and results["stop_reason"] == "patience"
+    assert [r["step"] for r in _records(workdir, "valid")] == [2, 4, 6]
+    assert [r["step"] for r in _records(workdir, "train")] == [4, 6]
+    [stop] = _records(workdir, "stop")
+    assert stop["step"] == 6 and stop["reason"] == "patience"
+    assert "for 2 evaluations up to step 6 (patience 2)" in stop["message"]
+    assert sorted(int(p.name) for p in (workdir / "checkpoints").iterdir()) == [2, 4, 6]
+    assert [r["split"] for r in _all_records(workdir)][-3:] == ["stop", "valid_final",
+                                                                "test_final"]
+    [final] = _records(workdir, "valid_final")
+    evaluated = _records(workdir, "valid") + [final]
+    assert results["steps_to_0.9"] == final["steps_to_0.9"] == training.loop.steps_to_accuracy(
+        evaluated, 0.9)
+    assert results["valid"]["accuracy"] == final["accuracy"]
+
+
+def test_early_stop_resume_is_exact(stopped, tmp_path):
+    """Killed after the step-4 checkpoint: the resumed run restores the validation history of the
+    checkpoint, so it stops at step 6 too (without it, patience would count from step 6), with the
+    same parameters and the same metrics file."""
+    workdir = _copy(stopped, tmp_path)
+    shutil.rmtree(workdir / "checkpoints" / "6")
+    resumed = training.train_and_evaluate(_stopping_config(), workdir)
+    assert resumed["step"] == 6 and resumed["stop_reason"] == "patience"
+    jax.tree.map(np.testing.assert_array_equal, _params(workdir, 6), _params(stopped[0], 6))
+    assert resumed["test"] == stopped[1]["test"]
+    assert _without_rates(_all_records(workdir)) == _without_rates(_all_records(stopped[0]))
+
+
+def test_rerunning_a_finished_workdir_trains_no_further(run, stopped, tmp_path, capsys):
+    """Stopped early or at num_steps: no training, the reason printed, the final evaluations
+    repeated (as before early stopping existed)."""
+    for (source, results), config, reason in (
+            (run, _tiny_config(), "reached num_steps=12"),
+            (stopped, _stopping_config(), "validation loss has not improved")):
+        workdir = tmp_path / source.name
+        shutil.copytree(source, workdir)
+        before = _all_records(workdir)
+        again = training.train_and_evaluate(config, workdir)
+        printed = "".join(capsys.readouterr())
+        assert f"finished at step {results['step']} ({reason}" in printed
+        assert "not training further" in printed
+        assert (again["step"], again["stop_reason"]) == (results["step"], results["stop_reason"])
+        assert again["test"] == results["test"]
+        after = _all_records(workdir)
+        assert after[:len(before)] == before
+        assert [r["split"] for r in after[len(before):]] == ["valid_final", "test_final"]
+        assert (sorted(p.name for p in (workdir / "checkpoints").iterdir())
+                == sorted(p.name for p in (source / "checkpoints").iterdir()))
+
+
+def test_early_stop_rules():
+    """Targets stop at the first evaluation that reaches them; patience counts evaluations that do
+    not improve on the best by min_delta relative; a prefix of a history gives the decision the run
+    gave there."""
+    rule = lambda **fields: ml_collections.ConfigDict(
+        dict(dict(metric=None, target=None, patience=None, min_delta=0.0), **fields))
+    history = lambda metric, values: [{"step": 2 * (i + 1), metric: v}
+                                      for i, v in enumerate(values)]
+    decide = training.loop.early_stop_reason
+    accuracy = history("accuracy", [0.5, 0.995, 0.2])
+    assert decide(rule(), accuracy) is None
+    stop = decide(rule(metric="accuracy", target=0.99), accuracy)
+    assert stop == {"reason": "target",
+                    "message": "validation accuracy 0.995 >= target 0.99 at step 4"}
+    assert decide(rule(metric="accuracy", target=0.99), accuracy[:1]) is None
+    assert decide(rule(metric="perplexity", target=1.5),
+                  history("perplexity", [3.0, 1.5]))["reason"] == "target"
+    # best 1.0; 0.95 is not 10% better; 0.85 is (best 0.85); 0.8 and 0.77 are not: stop at step 10
+    losses = history("loss", [1.0, 0.95, 0.85, 0.8, 0.77])
+    patience = rule(metric="loss", patience=2, min_delta=0.1)
+    assert decide(patience, losses[:4]) is None
+    assert decide(patience, losses)["reason"] == "patience"
+    assert "up to step 10" in decide(patience, losses)["message"]
+    patience.min_delta = 0.0
+    assert decide(patience, losses) is None  # every evaluation improves a little
+    assert training.loop.steps_to_accuracy(accuracy, 0.9) == 4
+    assert training.loop.steps_to_accuracy(accuracy[:1], 0.9) is None
 
 
 def test_evaluate_checkpoint_matches_final_eval(run):
@@ -161,12 +265,55 @@ def test_resume_with_a_different_model_fails(run, tmp_path):
     ({"optimizer.warmup_steps": 100}, "warmup_steps=100 exceeds config.num_steps=12"),
     ({"model.n_heads": 3}, "not divisible by n_heads=3"),
     ({"data.name": "text_files"}, "config.data.path: data.name='text_files' needs"),
+    ({"early_stop.target": 0.99}, "config.early_stop.target=0.99 needs config.early_stop.metric"),
+    ({"early_stop.metric": "bleu"}, "config.early_stop.metric='bleu': allowed values are accuracy"),
+    ({"early_stop.metric": "accuracy"},
+     "set config.early_stop.target or config.early_stop.patience"),
+    ({"early_stop.metric": "accuracy", "early_stop.target": 1.5},
+     r"config.early_stop.target=1.5: must be a number in \[0, 1\] for the metric 'accuracy'"),
+    ({"early_stop.metric": "perplexity", "early_stop.target": 0.5},
+     "config.early_stop.target=0.5: must be a number >= 1 for the metric 'perplexity'"),
+    ({"early_stop.metric": "loss", "early_stop.patience": 0},
+     "config.early_stop.patience=0: must be an integer >= 1"),
+    ({"early_stop.metric": "loss", "early_stop.patience": 2, "early_stop.min_delta": -0.1},
+     "config.early_stop.min_delta=-0.1: must be a number >= 0"),
+    ({"early_stop.metric": "loss", "early_stop.patience": 2, "eval_every": 12},
+     "needs periodic validation evaluations, but config.eval_every=12 >= config.num_steps=12"),
 ])
 def test_bad_config_values_raise_clear_errors(changes, match):
     config = _tiny_config()
     config.update_from_flattened_dict(changes)
     with pytest.raises(ValueError, match=match):
         training.validate_config(config)
+
+
+def test_early_stop_on_accuracy_needs_a_synthetic_task():
+    config = ptb.get_config("bmojo")
+    config.early_stop.update(metric="accuracy", target=0.9)
+    with pytest.raises(ValueError, match="config.early_stop.metric='accuracy': only synthetic "
+                                         "tasks report accuracy, config.data.name='ptb'"):
+        training.validate_config(config)
+    config.early_stop.metric = "perplexity"
+    config.early_stop.target = 120.0
+    training.validate_config(config)
+
+
+def test_task_arguments_reach_the_generator():
+    """config.data.task.query_start reaches `mqar` (every label at >= 20); an argument the
+    generator does not take, or one the pipeline sets, is a clear error."""
+    config = _tiny_config()
+    config.data.task.query_start = 20
+    training.validate_config(config)
+    source = training.load_data(config)
+    for _, targets in [source.train, *source.eval_batches("valid", 8, 32)]:
+        assert np.all(np.nonzero(targets != data.IGNORE_INDEX)[1] >= 20)
+    for name in ("query_begin", "seed", "input_seq_len"):
+        config = _tiny_config()
+        config.data.task[name] = 3
+        with pytest.raises(ValueError, match=rf"task arguments \['{name}'\]: the synthetic task "
+                                             rf"'mqar' does not take them here; allowed: "
+                                             rf"num_kv_pairs, num_passes, power_a, query_start"):
+            training.load_data(config)
 
 
 def test_unknown_and_missing_fields_raise_clear_errors():

@@ -18,6 +18,7 @@ from a checkpoint of step s reads the same batches as an uninterrupted one, with
 
 from __future__ import annotations
 
+import inspect
 import os
 from typing import Sequence
 
@@ -87,8 +88,8 @@ class SyntheticData:
         """
         Args:
           name: a task of `SYNTHETIC_TASKS`.
-          task: keyword arguments of the generator, `vocab_size` required (e.g. num_kv_pairs);
-            the length argument is set from `seq_len`.
+          task: keyword arguments of the generator, `vocab_size` required (e.g. num_kv_pairs,
+            MQAR's query_start); the length argument, num_examples and seed are set here.
           batch_size, seq_len: b and t of the training batches.
           seed: the per-epoch permutation of the training set.
           num_train, num_eval: examples in the training set and in each evaluation split.
@@ -96,7 +97,8 @@ class SyntheticData:
             (our choice).
 
         Raises:
-          ValueError: an unknown task, no `vocab_size` in `task`, or bad task arguments.
+          ValueError: an unknown task, no `vocab_size` in `task`, an argument the generator does
+            not take (or one set here), or bad task arguments.
         """
         if name not in SYNTHETIC_TASKS:
             raise ValueError(f"synthetic task {name!r}: allowed values are "
@@ -104,6 +106,14 @@ class SyntheticData:
         if "vocab_size" not in task:
             raise ValueError(f"task={task}: the synthetic task {name!r} needs vocab_size.")
         self.generator, self.length_argument = SYNTHETIC_TASKS[name], SEQ_LEN_ARGUMENTS[name]
+        allowed = (set(inspect.signature(self.generator).parameters)
+                   - {self.length_argument, "num_examples", "seed"})
+        unknown = sorted(set(task) - allowed)
+        if unknown:
+            raise ValueError(f"task arguments {unknown}: the synthetic task {name!r} does not "
+                             f"take them here; allowed: {', '.join(sorted(allowed))} (its "
+                             f"{self.length_argument}, num_examples and seed come from seq_len, "
+                             f"num_train/num_eval and the data seed).")
         self.task, self.vocab_size = dict(task), task["vocab_size"]
         self.data_seed, self.num_train, self.num_eval = data_seed, num_train, num_eval
         self.batch_size, self.seed = batch_size, seed

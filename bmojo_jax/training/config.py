@@ -21,6 +21,8 @@ from bmojo_jax.config import PRESET_PATTERNS, ModelConfig, check_choice
 from bmojo_jax.model import LanguageModel
 
 SCHEDULES = ("cosine", "constant")
+# Early-stopping metrics of the validation evaluations: True where higher is better.
+EARLY_STOP_METRICS = {"accuracy": True, "loss": False, "perplexity": False}
 DATA_NAMES = data_lib.CORPORA + tuple(data_lib.SYNTHETIC_TASKS)
 
 
@@ -48,6 +50,15 @@ def default_config(preset: str = "bmojo") -> ml_collections.ConfigDict:
       checkpoint_every, max_to_keep: steps between checkpoints (the last step is always saved) and
         how many are kept.
       log_every: steps between training-metric lines.
+      early_stop: stopping before num_steps on the periodic validation evaluations (our choice of
+        rules; docs/design.md section 7b: train to 99% validation accuracy or a step cap).
+        metric: None (off, the default), "accuracy" (synthetic tasks; higher is better), "loss"
+        (nats) or "perplexity" (lower is better). target: stop at the first evaluation whose
+        metric reaches it (accuracy >= target, loss or perplexity <= target); None = off.
+        patience: stop when `patience` evaluations in a row have not improved on the best one by
+        more than min_delta relative (improved: accuracy > best + min_delta*|best|, loss or
+        perplexity < best - min_delta*|best|); None = off. min_delta: >= 0. A set metric needs a
+        target or a patience, and eval_every < num_steps.
       seed: model initialisation and training-batch order.
       sample: text corpora only: a sample from `prompt` printed at the end (max_new_tokens,
         temperature, top_k; top_k 0 = no truncation, temperature 0 = greedy).
@@ -77,6 +88,9 @@ def default_config(preset: str = "bmojo") -> ml_collections.ConfigDict:
     config.checkpoint_every = 200
     config.max_to_keep = 3
     config.log_every = 20
+    config.early_stop = ml_collections.ConfigDict(dict(
+        metric=config_dict.placeholder(str), target=config_dict.placeholder(float),
+        patience=config_dict.placeholder(int), min_delta=0.0))
     config.seed = 0
     config.sample = ml_collections.ConfigDict(dict(
         prompt="the", max_new_tokens=40, temperature=0.8, top_k=0))
@@ -141,10 +155,48 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     if not synthetic and config.data.task:
         raise ValueError(f"config.data.task={dict(config.data.task)}: only synthetic tasks "
                          f"({', '.join(data_lib.SYNTHETIC_TASKS)}) take task arguments.")
+    _check_early_stop(config, synthetic)
     try:
         model_config(config, config.model.vocab_size or 1)
     except ValueError as e:
         raise ValueError(f"config.model (preset {config.model_preset!r}): {e}") from e
+
+
+def _check_early_stop(config, synthetic: bool) -> None:
+    """The rules of `config.early_stop` (see `default_config`)."""
+    stop = config.early_stop
+    if stop.metric is None:
+        for name in ("target", "patience"):
+            if stop[name] is not None:
+                raise ValueError(f"config.early_stop.{name}={stop[name]!r} needs "
+                                 f"config.early_stop.metric (one of "
+                                 f"{', '.join(EARLY_STOP_METRICS)}); it is None (off).")
+    else:
+        check_choice("config.early_stop.metric", stop.metric, tuple(EARLY_STOP_METRICS))
+        if stop.metric == "accuracy" and not synthetic:
+            raise ValueError(f"config.early_stop.metric='accuracy': only synthetic tasks report "
+                             f"accuracy, config.data.name={config.data.name!r} is a corpus; use "
+                             f"'loss' or 'perplexity'.")
+        if stop.target is None and stop.patience is None:
+            raise ValueError(f"config.early_stop.metric={stop.metric!r}: set "
+                             f"config.early_stop.target or config.early_stop.patience (or both); "
+                             f"both are None, so nothing would stop the run.")
+        if config.eval_every >= config.num_steps:
+            raise ValueError(f"config.early_stop.metric={stop.metric!r} needs periodic validation "
+                             f"evaluations, but config.eval_every={config.eval_every} >= "
+                             f"config.num_steps={config.num_steps} leaves none.")
+    if stop.target is not None:
+        low, high = {"accuracy": (0, 1), "loss": (0, None), "perplexity": (1, None)}[stop.metric]
+        if (not isinstance(stop.target, (int, float)) or isinstance(stop.target, bool)
+                or stop.target < low or (high is not None and stop.target > high)):
+            allowed = f"in [{low}, {high}]" if high is not None else f">= {low}"
+            raise ValueError(f"config.early_stop.target={stop.target!r}: must be a number "
+                             f"{allowed} for the metric {stop.metric!r}.")
+    if stop.patience is not None:
+        _check_int("early_stop.patience", stop.patience, minimum=1)
+    if (not isinstance(stop.min_delta, (int, float)) or isinstance(stop.min_delta, bool)
+            or stop.min_delta < 0):
+        raise ValueError(f"config.early_stop.min_delta={stop.min_delta!r}: must be a number >= 0.")
 
 
 def _check_fields(config, schema, prefix):

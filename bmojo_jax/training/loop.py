@@ -6,16 +6,30 @@
 validation split as it goes, save orbax checkpoints, and finally evaluate on the full validation
 and test splits.
 
+A run ends at `num_steps`, or earlier when `config.early_stop` says so after a periodic
+validation evaluation (`early_stop_reason`: a target reached, or no improvement for `patience`
+evaluations). An early stop saves a checkpoint at its step and writes a "stop" record; then come
+the final evaluations, as at `num_steps`. Starting again on a finished workdir trains no further:
+it says why the run is finished and repeats the final evaluations (their records are appended
+again).
+
 Exact resume: the batch of step s is a pure function of (s, config.seed) (`lm_batch`, or a
 per-epoch permutation for synthetic tasks; `data.load_data`), and a checkpoint holds the
-parameters, the optimizer state and the step, so a run killed at any point and restarted with the
-same workdir reaches the same parameters as an uninterrupted one. Changing `num_steps` on resume
-changes the learning-rate schedule from there on.
+parameters, the optimizer state, the step and the periodic validation results so far, so a run
+killed at any point and restarted with the same workdir reaches the same parameters and the same
+early-stop decision as an uninterrupted one (the decision is recomputed from the checkpoint's
+validation results; metrics.jsonl is never read back). Changing `num_steps` on resume changes the
+learning-rate schedule from there on; changing `early_stop` re-decides over the saved results.
 
 Workdir layout:
-    checkpoints/<step>/  orbax items `params`, `opt_state`, `meta` (JSON: step, config, model)
-    metrics.jsonl        one JSON object a line: {"step", "split", ...}; on resume the lines after
-                         the restored step are dropped, so the file matches an uninterrupted run's
+    checkpoints/<step>/  orbax items `params`, `opt_state`, `meta` (JSON: step, config, model,
+                         valid_history: the periodic validation results [{"step", "loss",
+                         "perplexity", "accuracy" (synthetic)}] through that step)
+    metrics.jsonl        one JSON object a line: {"step", "split", ...}; split "train", "valid"
+                         (periodic), "stop" (an early stop: "reason" "target" or "patience",
+                         "message"), "valid_final" (with "steps_to_0.9" on synthetic tasks),
+                         "test_final". On resume the lines after the restored step are dropped,
+                         so the file matches an uninterrupted run's
     config.json          the config of the latest start, for people
 """
 
@@ -39,7 +53,7 @@ from bmojo_jax.config import check_choice
 from bmojo_jax.generation import generate
 from bmojo_jax.model import LanguageModel, count_params
 from bmojo_jax.training.checkpoints import Checkpoints, load_checkpoint
-from bmojo_jax.training.config import model_config, validate_config
+from bmojo_jax.training.config import EARLY_STOP_METRICS, model_config, validate_config
 from bmojo_jax.training.metrics import MetricsLog
 from bmojo_jax.training.steps import (evaluate_split, learning_rate_schedule, make_eval_step,
                                       make_optimizer, make_train_step)
@@ -49,10 +63,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> dict:
     """Trains and evaluates as `config` says, in `workdir`, resuming from its latest checkpoint.
 
     Prints the validation results every `eval_every` steps and the final ones; shows a progress bar
-    (loss, tokens/s, ETA).
+    (loss, tokens/s, ETA). Stops at `num_steps` or as `config.early_stop` says (module docstring);
+    on a finished workdir it trains no further, says why, and repeats the final evaluations.
 
     Returns:
-      {"step", "params": parameter count, "valid": full-split `evaluate` result, "test": same,
+      {"step": the last training step, "params": parameter count, "stop_reason": "num_steps",
+       "target" or "patience" (`early_stop_reason`), "valid": full-split `evaluate` result,
+       "test": same, "steps_to_0.9" (synthetic tasks only): the first evaluated step whose
+       validation accuracy is >= 0.9, periodic evaluations and the final one (None if none),
        "sample": generated text (text corpora only)}.
 
     Raises:
@@ -85,16 +103,29 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> dict:
         # shardings, so a run saved on one mesh shape resumes on any other.
         params, opt_state = sharding_lib.shard_tree(
             (params, make_optimizer(config).init(params)), mesh)
-        step, params, opt_state = _resume(checkpoints, params, opt_state, meta)
+        step, params, opt_state, history = _resume(checkpoints, params, opt_state, meta)
         if jax.process_index() == 0:
             (workdir / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
+        stop = _stop(config, step, history)
         tqdm.write(f"{config.model_preset} ({model_cfg.layer_mixers}): {n_params:,} parameters; "
-                   f"{config.data.name}, vocab {data.vocab_size}; starting at step {step}")
+                   f"{config.data.name}, vocab {data.vocab_size}; " +
+                   (f"starting at step {step}" if stop is None else
+                    f"finished at step {step} ({stop['message']}), not training further"))
         metrics = MetricsLog(workdir / "metrics.jsonl", keep_through_step=step)
         train_step = make_train_step(model_cfg, config, mesh)
-        bar = tqdm(total=config.num_steps, initial=step, unit="step", dynamic_ncols=True)
+        bar = tqdm(total=config.num_steps, initial=step, unit="step", dynamic_ncols=True,
+                   disable=stop is not None)
         tic, pending = time.perf_counter(), []
-        while step < config.num_steps:
+
+        def log_train():
+            nonlocal tic, pending
+            pending = jax.device_get(pending)  # waits for the steps, so the timing is true
+            record = _train_record(config, step, pending, time.perf_counter() - tic)
+            metrics.write(record)
+            bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:,.0f}")
+            tic, pending = time.perf_counter(), []
+
+        while stop is None:
             # The global batch of a step is a pure function of (step, seed) on every host; each
             # host transfers only the rows of its own devices (`sharding.global_batch`).
             batch = [np.asarray(x)[host_rows] for x in data.train_batch(step)]
@@ -104,24 +135,35 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> dict:
             step += 1
             bar.update(1)
             if step % config.log_every == 0 or step == config.num_steps:
-                pending = jax.device_get(pending)  # waits for the steps, so the timing is true
-                record = _train_record(config, step, pending, time.perf_counter() - tic)
-                metrics.write(record)
-                bar.set_postfix(loss=f"{record['loss']:.3f}",
-                                tok_s=f"{record['tokens_per_s']:,.0f}")
-                tic, pending = time.perf_counter(), []
+                log_train()
             if step % config.eval_every == 0 and step < config.num_steps:
-                _log_eval(metrics, "valid", step, eval_split(params, split="valid",
-                                                             max_batches=config.eval_batches))
-                tic = time.perf_counter()
-            if step % config.checkpoint_every == 0 or step == config.num_steps:
-                checkpoints.save(step, params, opt_state, {"step": step, **meta})
+                jax.block_until_ready(pending)  # the pending steps' time stays theirs
+                eval_tic = time.perf_counter()
+                result = eval_split(params, split="valid", max_batches=config.eval_batches)
+                _log_eval(metrics, "valid", step, result)
+                history.append({"step": step, **{k: result[k] for k in EARLY_STOP_METRICS
+                                                 if k in result}})
+                tic += time.perf_counter() - eval_tic  # the evaluation is not training time
+            stop = _stop(config, step, history)
+            if stop is not None and stop["reason"] != "num_steps":
+                if pending:
+                    log_train()
+                metrics.write({"step": step, "split": "stop", **stop})
+                tqdm.write(f"step {step}: early stop, {stop['message']}")
+            if step % config.checkpoint_every == 0 or stop is not None:
+                checkpoints.save(step, params, opt_state,
+                                 {"step": step, **meta, "valid_history": history})
         bar.close()
 
-    results = {"step": step, "params": n_params}
+    results = {"step": step, "params": n_params, "stop_reason": stop["reason"]}
     for split in ("valid", "test"):
         results[split] = eval_split(params, split=split)
-        _log_eval(metrics, f"{split}_final", step, results[split])
+        record = results[split]
+        if split == "valid" and data.with_accuracy:
+            final = {"step": step, "accuracy": results[split]["accuracy"]}
+            results["steps_to_0.9"] = steps_to_accuracy(history + [final], 0.9)
+            record = {**record, "steps_to_0.9": results["steps_to_0.9"]}
+        _log_eval(metrics, f"{split}_final", step, record)
     if isinstance(data, data_lib.TextData) and config.sample.max_new_tokens:
         prompt = data.corpus.encode(config.sample.prompt)[None]
         params = jax.device_put(params, sharding_lib.replicated(mesh))  # readable on every host
@@ -133,20 +175,82 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> dict:
     return results
 
 
+def early_stop_reason(early_stop: ml_collections.ConfigDict, history: list[dict]) -> dict | None:
+    """Why `early_stop` (the `config.early_stop` fields, see `default_config`) stops a run after
+    the periodic validation evaluations `history`, or None if it does not.
+
+    The evaluations are replayed in order and the first one that meets a rule decides, so the
+    answer for a prefix of a history is the answer the run gave when it reached that prefix.
+
+    Args:
+      early_stop: metric, target, patience, min_delta.
+      history: [{"step", metric: value, ...}] in step order, as the training loop keeps them.
+
+    Returns:
+      None (no rule met, or metric None), or {"reason": "target" | "patience", "message": the rule
+      in words, with the step of the evaluation that met it}.
+
+    Raises:
+      KeyError: a history entry lacks the metric.
+    """
+    metric = early_stop.metric
+    if metric is None:
+        return None
+    higher_is_better = EARLY_STOP_METRICS[metric]
+    best, best_step, since_best = None, None, 0
+    for entry in history:
+        value = entry[metric]
+        if early_stop.target is not None and (value >= early_stop.target if higher_is_better
+                                              else value <= early_stop.target):
+            relation = ">=" if higher_is_better else "<="
+            return {"reason": "target",
+                    "message": f"validation {metric} {value:.6g} {relation} target "
+                               f"{early_stop.target:g} at step {entry['step']}"}
+        margin = early_stop.min_delta * abs(best) if best is not None else 0.0
+        if best is None or (value > best + margin if higher_is_better else value < best - margin):
+            best, best_step, since_best = value, entry["step"], 0
+        else:
+            since_best += 1
+        if early_stop.patience is not None and since_best >= early_stop.patience:
+            return {"reason": "patience",
+                    "message": f"validation {metric} has not improved on {best:.6g} (step "
+                               f"{best_step}) by min_delta={early_stop.min_delta:g} relative for "
+                               f"{since_best} evaluations up to step {entry['step']} (patience "
+                               f"{early_stop.patience})"}
+    return None
+
+
+def steps_to_accuracy(history: list[dict], threshold: float) -> int | None:
+    """The step of the first entry of `history` ([{"step", "accuracy", ...}] in step order) whose
+    accuracy is >= `threshold`, or None."""
+    return next((entry["step"] for entry in history if entry["accuracy"] >= threshold), None)
+
+
+def _stop(config, step: int, history: list[dict]) -> dict | None:
+    """Why the run is finished at `step` after the validation results `history`: the early stop
+    (`early_stop_reason`), else {"reason": "num_steps", ...} from num_steps on, else None."""
+    stop = early_stop_reason(config.early_stop, history)
+    if stop is None and step >= config.num_steps:
+        stop = {"reason": "num_steps", "message": f"reached num_steps={config.num_steps}"}
+    return stop
+
+
 def _resume(checkpoints: Checkpoints, params, opt_state, meta: dict):
-    """(step, params, opt_state) of the latest checkpoint, or (0, params, opt_state) if none.
+    """(step, params, opt_state, valid_history) of the latest checkpoint, or (0, params,
+    opt_state, []) if none. A checkpoint saved before the history was kept gives [].
 
     Raises ValueError if the checkpoint's model config differs from `meta["model"]`."""
     step = checkpoints.latest_step()
     if step is None:
-        return 0, params, opt_state
-    saved = checkpoints.restore(step)[0]["model"]
+        return 0, params, opt_state, []
+    saved_meta = checkpoints.restore(step)[0]
+    saved = saved_meta["model"]
     changed = {k: (saved.get(k), v) for k, v in meta["model"].items() if saved.get(k) != v}
     if changed:
         raise ValueError(f"the checkpoint in {checkpoints.directory} is of a different model "
                          f"(field: (saved, now)): {changed}; use a new workdir.")
     _, params, opt_state = checkpoints.restore(step, params, opt_state)
-    return step, params, opt_state
+    return step, params, opt_state, list(saved_meta.get("valid_history", []))
 
 
 def _train_record(config, step: int, pending: list, seconds: float) -> dict:
@@ -160,7 +264,8 @@ def _train_record(config, step: int, pending: list, seconds: float) -> dict:
 
 def _log_eval(metrics: MetricsLog, split: str, step: int, result: dict) -> None:
     metrics.write({"step": step, "split": split, **result})
-    shown = ", ".join(f"{k} {v:.4g}" for k, v in result.items() if k != "tokens")
+    shown = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                      for k, v in result.items() if k != "tokens")
     tqdm.write(f"step {step} {split}: {shown}")
 
 
