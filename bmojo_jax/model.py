@@ -17,6 +17,7 @@ from flax import nnx, struct
 from bmojo_jax import ops
 from bmojo_jax.config import ModelConfig
 from bmojo_jax.layers import SSM, MemoryAttention, SwiGLU
+from bmojo_jax.layers.attention import EideticTrace
 
 
 @struct.dataclass
@@ -114,9 +115,22 @@ class LanguageModel(nnx.Module):
             this); None otherwise.
         """
         _check_scores(eidetic_scores, tokens.shape)
-        (logits, _), sown = nnx.capture(self._prefill, nnx.Intermediate)(
+        (logits, _), sown, _ = nnx.capture(self._prefill, nnx.Intermediate, EideticTrace)(
             tokens, None, context, eidetic_scores)
         return logits, _aux_loss(sown)
+
+    def eidetic_trace(self, tokens, *, eidetic_scores=None):
+        """What every `B` layer's eidetic memory did on `tokens` (a plain parallel forward):
+        {layer index: {"scores" [b, t], "memory_positions" [b, c, m] int32, "attention_mass"
+        [b, t, 3] (window, fading, eidetic)}} (see `layers.attention.EideticTrace`; the input of
+        `bmojo_jax.diagnostics`). Arguments as in `forward`."""
+        _check_scores(eidetic_scores, tokens.shape)
+        _, _, trace = nnx.capture(self._prefill, nnx.Intermediate, EideticTrace)(
+            tokens, None, None, eidetic_scores)
+        blocks = trace["blocks"] if "blocks" in trace else {}
+        return {int(i): {name: variable.get_value()[0]
+                         for name, variable in block["mixer"].items()}
+                for i, block in blocks.items()}
 
     def cross_entropy(self, tokens, targets, *, eidetic_scores=None, context=None):
         """The training objective's terms without materialising the logits
@@ -144,8 +158,8 @@ class LanguageModel(nnx.Module):
                              f"{tokens.shape}.")
         check_tokens(targets, self.config.vocab_size, name="target", unlabelled_ok=True)
         _check_scores(eidetic_scores, tokens.shape)
-        (x, _), sown = nnx.capture(self._trunk, nnx.Intermediate)(tokens, None, context,
-                                                                  eidetic_scores)
+        (x, _), sown, _ = nnx.capture(self._trunk, nnx.Intermediate, EideticTrace)(
+            tokens, None, context, eidetic_scores)
         mask = targets >= 0
         labelled = mask.sum(dtype=jnp.int32)
         weights = mask.astype(jnp.float32) / jnp.maximum(labelled, 1)
@@ -212,8 +226,8 @@ class LanguageModel(nnx.Module):
             raise ValueError(f"prompt of {tokens.shape[1]} tokens exceeds the full-attention cache "
                              f"(max_length={size}).")
         _check_scores(eidetic_scores, tokens.shape)
-        (logits, states), _ = nnx.capture(self._prefill, nnx.Intermediate)(tokens, size, None,
-                                                                           eidetic_scores)
+        (logits, states), _, _ = nnx.capture(self._prefill, nnx.Intermediate, EideticTrace)(
+            tokens, size, None, eidetic_scores)
         return logits, Cache(position=jnp.asarray(tokens.shape[1], jnp.int32), layers=states)
 
     def decode_step(self, tokens, cache: Cache, *, eidetic_scores=None):

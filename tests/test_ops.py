@@ -154,3 +154,25 @@ def test_memory_attention_prefix_keys_before_position_zero_are_invisible():
         k_fading=jnp.concatenate([junk[2], kf], axis=1),
         v_fading=jnp.concatenate([junk[3], vf], axis=1), q_start=0)
     assert_allclose(padded, plain, FWD_TOL)
+
+
+@pytest.mark.parametrize("case", ["full", "window", "fading", "bmojo"])
+def test_attention_mass_matches_reference(case):
+    """`return_mass`: the weight of each query on the window, fading and eidetic keys (xla =
+    reference; rows sum to 1; groups a case lacks get 0)."""
+    t = 13
+    spec = ATTENTION_CASES[case]
+    q, k, v, kf, vf = _attention_inputs(t)
+    kw = dict(window=spec["window"], memory_positions=_memory(t, spec["window"])
+              if spec.get("memory") else None)
+    if spec.get("fading"):
+        kw.update(k_fading=kf, v_fading=vf)
+    out, mass = ops.memory_attention(q, k, v, return_mass=True, implementation="xla", **kw)
+    ref_out, ref_mass = ops.memory_attention(q, k, v, return_mass=True,
+                                             implementation="reference", **kw)
+    assert_allclose(out, ref_out, FWD_TOL)
+    assert_allclose(mass, ref_mass, FWD_TOL)
+    assert mass.shape == (B, t, 3)
+    np.testing.assert_allclose(mass.sum(-1), 1.0, rtol=1e-5)
+    assert (not spec.get("fading") or float(mass[..., 1].max()) > 0) and (
+        spec.get("memory") or float(np.abs(mass[..., 2]).max()) == 0)

@@ -43,6 +43,14 @@ from bmojo_jax.layers.ssm import SSM, SSMState
 from bmojo_jax.ops import eidetic
 
 
+class EideticTrace(nnx.Variable):
+    """What a `B` layer records of its eidetic memory in a plain parallel forward, for
+    `LanguageModel.eidetic_trace` (sown as this variable type, captured only there):
+    "scores" [b, t] float32, "memory_positions" [b, c, m] int32 and (not with the pallas
+    implementation) "attention_mass" [b, t, 3] float32 (window, fading, eidetic; see
+    `ops.memory_attention`)."""
+
+
 @struct.dataclass
 class AttentionState:
     """A `MemoryAttention` layer's streaming state (float32, fixed size unless `A`).
@@ -195,15 +203,27 @@ class MemoryAttention(nnx.Module):
                 memory = dict(memory_positions=positions_, memory_bias=bias)
             state = state.replace(eidetic=eidetic.state_after(self.selection, scores, k, v,
                                                               f[:, -1]))
-        y = ops.memory_attention(q, keys, values, window=w,
+        implementation = self._implementation(context)
+        trace = self.selection is not None and context is None  # unless captured, unused: XLA
+        with_mass = trace and implementation != "pallas"  # removes it under jit
+        y = ops.memory_attention(q, keys, values, window=w, return_mass=with_mass,
                                  q_start=0 if context is None else context.offset,
-                                 implementation=self._implementation(context), **fading, **memory)
+                                 implementation=implementation, **fading, **memory)
+        if with_mass:
+            y, mass = y
+            self.sow(EideticTrace, "attention_mass", mass)
+        if trace:
+            self.sow(EideticTrace, "scores", scores)
+            self.sow(EideticTrace, "memory_positions", memory["memory_positions"])
         return self.wo(y.reshape(b, t, d).astype(x.dtype)), state
 
     def _implementation(self, context):
-        """The attention implementation: the config's, but `xla` under sequence parallelism
-        (the pallas kernels take no key prefix; our choice: documented, not an error)."""
-        return "xla" if context is not None and self.implementation == "pallas" else self.implementation
+        """The attention implementation: the config's, but `xla` where the pallas kernels cannot
+        serve (our choice: documented, not an error): under sequence parallelism (a key prefix)
+        and for the "learned" rule (the slots' logit bias)."""
+        pallas = self.implementation == "pallas"
+        return "xla" if pallas and (context is not None or self.rule == "learned") else (
+            self.implementation)
 
     # ------------------------------------------------------------------------- streaming
 

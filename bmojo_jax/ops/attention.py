@@ -69,7 +69,15 @@ def _masked_softmax(logits, mask):
     return jax.nn.softmax(jnp.where(mask, logits, _MASKED), axis=-1)
 
 
-def _reference(q, k, v, kf, vf, memory_positions, memory_bias, window, q_start):
+def _group_mass(weights, sizes):
+    """Attention mass per key group: weights [..., K] (unnormalised, K = sum(sizes)) ->
+    [..., 3] float32 (window, fading, eidetic) summing to 1 over the groups."""
+    bounds = np.cumsum([0] + list(sizes))
+    mass = jnp.stack([weights[..., a:z].sum(-1) for a, z in zip(bounds[:-1], bounds[1:])], -1)
+    return mass / jnp.sum(weights, axis=-1)[..., None]
+
+
+def _reference(q, k, v, kf, vf, memory_positions, memory_bias, window, q_start, return_mass):
     b, t, h, e = q.shape
     prefix = k.shape[1] - t
     window = prefix + t if window is None else window
@@ -92,7 +100,13 @@ def _reference(q, k, v, kf, vf, memory_positions, memory_bias, window, q_start):
     mask = jnp.concatenate([jnp.broadcast_to(m.reshape((-1, 1) + m.shape[-2:]),
                                              (b, 1) + m.shape[-2:]) for _, _, m in groups], -1)
     values = jnp.concatenate([vals.astype(jnp.float32) for _, vals, _ in groups], 1)
-    return jnp.einsum("bhik,bkhe->bihe", _masked_softmax(logits, mask), values)
+    probs = _masked_softmax(logits, mask)
+    out = jnp.einsum("bhik,bkhe->bihe", probs, values)
+    if not return_mass:
+        return out
+    keys = prefix + t  # per group: window, fading, eidetic
+    sizes = [keys, keys if kf is not None else 0, keys if memory_positions is not None else 0]
+    return out, jnp.mean(_group_mass(probs, sizes), axis=1)
 
 
 def _chunk_range(x, start: int, count: int):
@@ -103,7 +117,7 @@ def _chunk_range(x, start: int, count: int):
     return x[:, :, start:start + count]
 
 
-def _block_sparse(q, k, v, kf, vf, memory_positions, memory_bias, window, q_start):
+def _block_sparse(q, k, v, kf, vf, memory_positions, memory_bias, window, q_start, return_mass):
     """Layout [b, h, c, w, e] (heads outside the chunks, so both einsums are plain batched matmuls
     without transposes in between); keys of all groups concatenated into one [b, h, c, K, e] block
     and one logits matmul; the softmax normalisation is applied after the value matmul (on [.., e]
@@ -127,6 +141,7 @@ def _block_sparse(q, k, v, kf, vf, memory_positions, memory_bias, window, q_star
         keys, values = [chunked(k, 1, prefix + t)], [chunked(v, 1, prefix + t)]
         k_pos = q_start - prefix + np.arange(prefix + t)
         masks = [(q_pos[:, :, None] >= k_pos) & (k_pos >= 0)]  # [1, t, P + t]
+        sizes = [prefix + t, 0, 0]  # keys per group: window, fading, eidetic
     else:
         # (keys, values, offsets in chunks back, visible(distance)) per key group; offsets whose
         # chunks lie before the first key for every query chunk are dropped statically.
@@ -134,8 +149,8 @@ def _block_sparse(q, k, v, kf, vf, memory_positions, memory_bias, window, q_star
         if kf is not None:
             groups.append((kf, vf, (2, 1), lambda dist: (dist >= w) & (dist < 2 * w)))
         first = prefix // w  # key chunk of the first query chunk
-        keys, values, masks = [], [], []
-        for group_k, group_v, offsets, visible in groups:
+        keys, values, masks, sizes = [], [], [], [0, 0, 0]
+        for g, (group_k, group_v, offsets, visible) in enumerate(groups):
             kc, vc = chunked(group_k, first + c, w), chunked(group_v, first + c, w)
             for o in (o for o in offsets if first - o > -c):
                 keys.append(_chunk_range(kc, first - o, c))
@@ -143,6 +158,7 @@ def _block_sparse(q, k, v, kf, vf, memory_positions, memory_bias, window, q_star
                 dist = np.arange(w)[:, None] - np.arange(w)[None, :] + o * w  # [w, w], static
                 k_pos = q_pos - o * w  # [c, w]
                 masks.append(visible(dist)[None] & (k_pos >= 0)[:, None, :])
+                sizes[g] += w
     mask = jnp.concatenate(masks, -1)[None, None]  # [1, 1, c, w, K]
     if memory_positions is not None:
         slot_k = _gather_slots(k, memory_positions).astype(f32)  # [b, c, m, h, e]
@@ -152,6 +168,7 @@ def _block_sparse(q, k, v, kf, vf, memory_positions, memory_bias, window, q_star
         slots = jnp.broadcast_to((memory_positions >= 0)[:, None, :, None, :],
                                  (b, 1, c, w, memory_positions.shape[-1]))
         mask = jnp.concatenate([jnp.broadcast_to(mask, (b,) + mask.shape[1:]), slots], -1)
+        sizes[2] = memory_positions.shape[-1]
     keys = keys[0] if len(keys) == 1 else jnp.concatenate(keys, 3)  # [b, h, c, K, e]
     values = values[0] if len(values) == 1 else jnp.concatenate(values, 3)
     logits = jnp.einsum("bhcqe,bhcke->bhcqk", qc, keys)
@@ -170,11 +187,17 @@ def _block_sparse(q, k, v, kf, vf, memory_positions, memory_bias, window, q_star
     weights = jnp.exp(logits - jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True)))
     out = jnp.einsum("bhcqk,bhcke->bhcqe", weights, values)
     out = out / jnp.sum(weights, axis=-1)[..., None]
-    out = jnp.transpose(out, (0, 2, 3, 1, 4))  # [b, c, w, h, e]
-    return out.reshape(b, c * w, h, e)[:, :t]
+    out = jnp.transpose(out, (0, 2, 3, 1, 4)).reshape(b, c * w, h, e)[:, :t]  # [b, t, h, e]
+    if not return_mass:
+        return out
+    mass = jnp.mean(_group_mass(weights, sizes), axis=1)  # [b, c, w, 3]
+    return out, mass.reshape(b, c * w, 3)[:, :t]
 
 
-def _pallas(q, k, v, kf, vf, memory_positions, memory_bias, window, q_start):
+def _pallas(q, k, v, kf, vf, memory_positions, memory_bias, window, q_start, return_mass):
+    if return_mass:
+        raise ValueError("memory_attention: the pallas implementation does not return the "
+                         "attention mass; use implementation='xla' (diagnostics).")
     if memory_bias is not None:
         raise ValueError("memory_attention: the pallas implementation takes no memory_bias (the "
                          "'learned' eidetic selection); use implementation='xla'.")
@@ -214,7 +237,7 @@ _IMPLEMENTATIONS = {"reference": _reference, "xla": _block_sparse, "pallas": _pa
 
 def memory_attention(q, k, v, *, window: Optional[int] = None, k_fading=None, v_fading=None,
                      memory_positions=None, memory_bias=None, q_start=0,
-                     implementation: Optional[str] = None):
+                     return_mass: bool = False, implementation: Optional[str] = None):
     """Causal softmax attention over window, fading and eidetic keys (see module docstring).
 
     Args:
@@ -230,10 +253,13 @@ def memory_attention(q, k, v, *, window: Optional[int] = None, k_fading=None, v_
       memory_bias: float [b, P + t], a bias added to the logit of key j when it is read as an
         eidetic slot (the "learned" selection's log sigmoid(score)), or None.
       q_start: position of the first query (int, or an int32 scalar under `shard_map`).
-      implementation: None, "reference", "xla" or "pallas" (pallas: P = 0, no memory_bias).
+      return_mass: also return the attention mass of each query on each key group.
+      implementation: None, "reference", "xla" or "pallas" (pallas: P = 0, no memory_bias, no
+        mass).
 
     Returns:
-      [b, t, h, e] float32.
+      [b, t, h, e] float32; with `return_mass`, (that, mass [b, t, 3] float32: the softmax
+      weight on the window, fading and eidetic keys, averaged over heads; rows sum to 1).
 
     Raises:
       ValueError: bad shapes or window, or an unavailable implementation.
@@ -264,4 +290,5 @@ def memory_attention(q, k, v, *, window: Optional[int] = None, k_fading=None, v_
         raise ValueError(f"memory_bias must be [b, P + t] = {k.shape[:2]} with memory_positions; "
                          f"got {None if memory_bias is None else memory_bias.shape}.")
     fn = registry.pick("memory_attention", _IMPLEMENTATIONS, implementation)
-    return fn(q, k, v, k_fading, v_fading, memory_positions, memory_bias, window, q_start)
+    return fn(q, k, v, k_fading, v_fading, memory_positions, memory_bias, window, q_start,
+              return_mass)

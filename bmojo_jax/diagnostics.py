@@ -1,0 +1,132 @@
+"""Eidetic-memory diagnostics: does the selection keep the tokens a query needs, and does the layer
+read them? (docs/design.md section 7b.)
+
+Notation: b batch, t time, w window (= chunk), c chunks, m eidetic slots, r positions a query
+needs.
+
+From a `LanguageModel.eidetic_trace` (per `B` layer: the slots of every chunk and the attention
+mass of every query on window, fading and eidetic keys) and a description of the task (which
+positions are queries, which positions each query needs, which positions are context), for each
+`B` layer:
+
+  selection_recall  the fraction of (query, needed position) pairs whose position sits in the
+                    eidetic slots visible to the query's chunk when it is asked;
+  slot_precision    the fraction of occupied slots, over the chunks that hold queries, that hold
+                    context tokens (rather than filler or repeated query keys);
+  attention_mass    the mean softmax weight that queries put on window, fading and eidetic keys;
+  recall_ceiling    the best selection recall the knobs allow when every context token is needed:
+                    min(1, per_chunk x context chunks / context tokens, slots / context tokens).
+                    A chunk dense with surprising tokens contributes at most `eidetic_per_chunk`
+                    of them, whatever the rule: this is that ceiling.
+
+`mqar_needs` describes an MQAR batch (`data.mqar`: the key/value context at [0, 2 K passes), each
+query needs the key and the value of its pair, at their last occurrence in the context).
+Everything here runs on the host (numpy) on concrete arrays.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from bmojo_jax.config import ModelConfig
+
+
+def mqar_needs(inputs, targets, context_length: int):
+    """What each query of an MQAR batch needs.
+
+    Args:
+      inputs: int [b, t] tokens; targets: int [b, t], negative where unlabelled (a query is a
+        labelled position).
+      context_length: C, the tokens of the key/value context at the start (2 K for K pairs, times
+        the passes).
+
+    Returns:
+      (queries bool [b, t], needed int32 [b, t, 2] (the key's and the value's position in the
+      context, -1 where none), context bool [b, t] (positions < C)).
+
+    Raises:
+      ValueError: shapes differ, or context_length is outside [2, t].
+    """
+    inputs, targets = np.asarray(inputs), np.asarray(targets)
+    if inputs.shape != targets.shape or inputs.ndim != 2:
+        raise ValueError(f"inputs {inputs.shape} and targets {targets.shape} must be the same "
+                         f"[batch, time].")
+    b, t = inputs.shape
+    if not 2 <= context_length <= t:
+        raise ValueError(f"context_length={context_length}: must be in [2, t={t}].")
+    queries = targets >= 0
+    needed = np.full((b, t, 2), -1, np.int32)
+    for row in range(b):
+        last = {int(inputs[row, j]): j for j in range(0, context_length, 2)}  # key -> position
+        for i in np.flatnonzero(queries[row]):
+            j = last.get(int(inputs[row, i]))
+            if j is not None:
+                needed[row, i] = (j, j + 1)
+    context = np.broadcast_to(np.arange(t) < context_length, (b, t))
+    return queries, needed, context
+
+
+def recall_ceiling(config: ModelConfig, context_length: int) -> float:
+    """min(1, per_chunk x chunks spanned by the context / C, slots / C) (module docstring)."""
+    chunks = math.ceil(context_length / config.window)
+    return min(1.0, config.eidetic_per_chunk * chunks / context_length,
+               config.eidetic_slots / context_length)
+
+
+def layer_diagnostics(trace: dict, queries, needed, context, window: int) -> dict:
+    """The diagnostics of one `B` layer.
+
+    Args:
+      trace: one layer's entry of `LanguageModel.eidetic_trace`.
+      queries: bool [b, t]; needed: int [b, t, r] (-1 = none); context: bool [b, t].
+      window: the layer's window (= chunk), tokens.
+
+    Returns:
+      {"selection_recall", "slot_precision": float (NaN when nothing to measure),
+       "attention_mass": {"window", "fading", "eidetic": float} (absent without a mass)}.
+    """
+    slots = np.asarray(trace["memory_positions"])  # [b, c, m]
+    queries, needed, context = np.asarray(queries), np.asarray(needed), np.asarray(context)
+    rows, cols = np.nonzero(queries)
+    visible = slots[rows, cols // window]  # [q, m]
+    wanted = needed[rows, cols]  # [q, r]
+    present = (wanted[:, :, None] == visible[:, None, :]).any(-1)  # [q, r]
+    real = wanted >= 0
+    recall = float(present[real].mean()) if real.any() else float("nan")
+    chunks = np.unique(np.stack([rows, cols // window], 1), axis=0) if rows.size else np.zeros(
+        (0, 2), int)
+    held = slots[chunks[:, 0], chunks[:, 1]] if chunks.size else np.zeros((0, 0), int)  # [n, m]
+    occupied = held >= 0
+    in_context = np.take_along_axis(context[chunks[:, 0]], np.maximum(held, 0), axis=1) if (
+        chunks.size) else held.astype(bool)
+    precision = float(in_context[occupied].mean()) if occupied.any() else float("nan")
+    result = {"selection_recall": recall, "slot_precision": precision}
+    if "attention_mass" in trace and rows.size:
+        mass = np.asarray(trace["attention_mass"])[rows, cols].mean(0)
+        result["attention_mass"] = dict(zip(("window", "fading", "eidetic"), map(float, mass)))
+    return result
+
+
+def eidetic_diagnostics(model, inputs, targets, context_length: int, *,
+                        eidetic_scores=None) -> dict:
+    """The diagnostics of every `B` layer of `model` on an MQAR batch.
+
+    Args:
+      model: a `LanguageModel`.
+      inputs, targets: int [b, t], an MQAR batch (`data.mqar`).
+      context_length: C, as in `mqar_needs`.
+      eidetic_scores: optional oracle scores [b, t], as in `LanguageModel.forward`.
+
+    Returns:
+      {layer index: `layer_diagnostics` + "recall_ceiling"}; empty without `B` layers.
+    """
+    queries, needed, context = mqar_needs(inputs, targets, context_length)
+    trace = model.eidetic_trace(np.asarray(inputs), eidetic_scores=eidetic_scores)
+    ceiling = recall_ceiling(model.config, context_length)
+    return {layer: dict(layer_diagnostics(entry, queries, needed, context, model.config.window),
+                        recall_ceiling=ceiling) for layer, entry in trace.items()}
+
+
+__all__ = ["mqar_needs", "recall_ceiling", "layer_diagnostics", "eidetic_diagnostics"]

@@ -1,0 +1,63 @@
+"""Eidetic diagnostics: an oracle that keeps the key/value context (with score eviction: fifo
+would push it out after slots / per_chunk chunks) has recall and precision 1;
+the per-chunk cap shows as a ceiling; the random rule keeps fewer context tokens."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import bmojo_jax as bj
+from bmojo_jax import diagnostics
+from bmojo_jax.data import mqar
+
+K, T, W = 4, 48, 4  # context [0, 8) = 2 chunks; queries from 24 on (beyond window + fading)
+
+
+def _batch():
+    return mqar(64, input_seq_len=T, num_kv_pairs=K, num_examples=2, query_start=24, seed=1)
+
+
+def _model(**changes):
+    config = bj.ModelConfig.preset("bmojo", vocab_size=64, d_model=16, n_heads=2, window=W,
+                                   d_state=4, ssm_head_dim=8, n_layers=1, **changes)
+    return bj.LanguageModel(config, rngs=nnx.Rngs(0))
+
+
+def test_mqar_needs_points_at_the_pair():
+    inputs, targets = _batch()
+    queries, needed, context = diagnostics.mqar_needs(inputs, targets, 2 * K)
+    rows, cols = np.nonzero(queries)
+    assert len(rows) == 2 * K
+    keys_at = needed[rows, cols, 0]
+    np.testing.assert_array_equal(inputs[rows, keys_at], inputs[rows, cols])  # the query's key
+    np.testing.assert_array_equal(inputs[rows, keys_at + 1], targets[rows, cols])  # its value
+    assert context[:, :2 * K].all() and not context[:, 2 * K:].any()
+    with pytest.raises(ValueError, match="context_length=1"):
+        diagnostics.mqar_needs(inputs, targets, 1)
+
+
+def test_oracle_keeps_the_context_and_the_layer_reads_it():
+    inputs, targets = _batch()
+    model = _model(eidetic_per_chunk=W, eidetic_slots=2 * K, eidetic_eviction="score")
+    oracle = jnp.asarray(np.broadcast_to(np.arange(T) < 2 * K, (2, T)), jnp.float32)
+    result = diagnostics.eidetic_diagnostics(model, inputs, targets, 2 * K,
+                                             eidetic_scores=oracle)[0]
+    assert result["selection_recall"] == 1.0 and result["recall_ceiling"] == 1.0
+    assert result["slot_precision"] == 1.0
+    mass = result["attention_mass"]
+    assert mass["eidetic"] > 0 and abs(sum(mass.values()) - 1) < 1e-5
+
+
+def test_per_chunk_cap_is_the_ceiling_and_random_is_worse():
+    inputs, targets = _batch()
+    capped = _model(eidetic_per_chunk=1, eidetic_slots=4, eidetic_eviction="score")  # 1 a chunk
+    oracle = jnp.asarray(np.broadcast_to(np.arange(T) < 2 * K, (2, T)), jnp.float32)
+    result = diagnostics.eidetic_diagnostics(capped, inputs, targets, 2 * K,
+                                             eidetic_scores=oracle)[0]
+    assert result["recall_ceiling"] == 0.25
+    assert result["selection_recall"] <= 0.25
+    random = diagnostics.eidetic_diagnostics(
+        _model(eidetic_per_chunk=W, eidetic_slots=2 * K, eidetic_selection="random"), inputs,
+        targets, 2 * K)[0]
+    assert random["slot_precision"] < 1.0
