@@ -59,6 +59,10 @@ def default_config(preset: str = "bmojo") -> ml_collections.ConfigDict:
         more than min_delta relative (improved: accuracy > best + min_delta*|best|, loss or
         perplexity < best - min_delta*|best|); None = off. min_delta: >= 0. A set metric needs a
         target or a patience, and eval_every < num_steps.
+      eidetic_oracle: None, or "context": every `B` layer's eidetic selection is handed the
+        scores 1 at the synthetic task's key/value context (positions < 2 num_kv_pairs
+        num_passes; `mqar` only) and 0 elsewhere, in training and evaluation (an oracle that
+        brackets the selection rules; `LanguageModel.forward(eidetic_scores=...)`).
       seed: model initialisation and training-batch order.
       sample: text corpora only: a sample from `prompt` printed at the end (max_new_tokens,
         temperature, top_k; top_k 0 = no truncation, temperature 0 = greedy).
@@ -91,6 +95,7 @@ def default_config(preset: str = "bmojo") -> ml_collections.ConfigDict:
     config.early_stop = ml_collections.ConfigDict(dict(
         metric=config_dict.placeholder(str), target=config_dict.placeholder(float),
         patience=config_dict.placeholder(int), min_delta=0.0))
+    config.eidetic_oracle = config_dict.placeholder(str)
     config.seed = 0
     config.sample = ml_collections.ConfigDict(dict(
         prompt="the", max_new_tokens=40, temperature=0.8, top_k=0))
@@ -156,6 +161,11 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         raise ValueError(f"config.data.task={dict(config.data.task)}: only synthetic tasks "
                          f"({', '.join(data_lib.SYNTHETIC_TASKS)}) take task arguments.")
     _check_early_stop(config, synthetic)
+    if config.eidetic_oracle is not None:
+        check_choice("config.eidetic_oracle", config.eidetic_oracle, ("context",))
+        if config.data.name != "mqar":
+            raise ValueError(f"config.eidetic_oracle='context' knows the context of the 'mqar' "
+                             f"task only; config.data.name={config.data.name!r}.")
     try:
         model_config(config, config.model.vocab_size or 1)
     except ValueError as e:
@@ -230,6 +240,14 @@ def model_config(config: ml_collections.ConfigDict, vocab_size: int) -> ModelCon
     overrides = {k: v for k, v in config.model.items() if v is not None}
     overrides.setdefault("vocab_size", vocab_size)
     return ModelConfig.preset(config.model_preset, **overrides)
+
+
+def oracle_length(config: ml_collections.ConfigDict):
+    """The context length C that `config.eidetic_oracle` marks (tokens), or None when off."""
+    if config.get("eidetic_oracle") is None:  # also configs saved before the field existed
+        return None
+    task = config.data.task
+    return 2 * task.num_kv_pairs * task.get("num_passes", 1)
 
 
 def abstract_model(model_cfg: ModelConfig) -> LanguageModel:

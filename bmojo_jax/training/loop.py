@@ -53,7 +53,8 @@ from bmojo_jax.config import check_choice
 from bmojo_jax.generation import generate
 from bmojo_jax.model import LanguageModel, count_params
 from bmojo_jax.training.checkpoints import Checkpoints, load_checkpoint
-from bmojo_jax.training.config import EARLY_STOP_METRICS, model_config, validate_config
+from bmojo_jax.training.config import (EARLY_STOP_METRICS, model_config, oracle_length,
+                                       validate_config)
 from bmojo_jax.training.metrics import MetricsLog
 from bmojo_jax.training.steps import (evaluate_split, learning_rate_schedule, make_eval_step,
                                       make_optimizer, make_train_step)
@@ -94,7 +95,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> dict:
     n_params = count_params(model)
     graphdef, params = nnx.split(model, nnx.Param)
     meta = {"config": config.to_dict(), "model": dataclasses.asdict(model_cfg)}
-    eval_split = functools.partial(evaluate_split, make_eval_step(model_cfg, mesh), data=data,
+    eval_split = functools.partial(evaluate_split, make_eval_step(
+        model_cfg, mesh, oracle_length=oracle_length(config)), data=data,
                                    batch_size=config.eval_batch_size or config.batch_size,
                                    seq_len=config.data.eval_seq_len or config.data.seq_len)
 
@@ -299,7 +301,8 @@ def evaluate_checkpoint(workdir, split: str = "test", *, step: int | None = None
     meta, model_cfg, params = load_checkpoint(workdir, step)
     config = ml_collections.ConfigDict(meta["config"])
     seq_len = seq_len or config.data.eval_seq_len or config.data.seq_len
-    result = evaluate_split(make_eval_step(model_cfg), params, data_lib.load_data(config), split,
+    result = evaluate_split(make_eval_step(model_cfg, oracle_length=oracle_length(config)), params,
+                            data_lib.load_data(config), split,
                             batch_size or config.eval_batch_size or config.batch_size, seq_len,
                             max_batches)
     return {"step": meta["step"], "split": split, "seq_len": seq_len, **result}

@@ -32,7 +32,7 @@ from bmojo_jax import sequence_parallel
 from bmojo_jax import sharding as sharding_lib
 from bmojo_jax.config import ModelConfig
 from bmojo_jax.model import LanguageModel
-from bmojo_jax.training.config import abstract_model
+from bmojo_jax.training.config import abstract_model, oracle_length
 
 NO_DECAY_NAMES = ("A_log", "dt_bias", "D")
 
@@ -53,7 +53,16 @@ def token_nll(logits, targets):
     return jnp.where(mask, nll, 0.0), mask
 
 
-def lm_loss(model: LanguageModel, inputs, targets, mesh=None):
+def context_scores(inputs, length):
+    """Oracle eidetic scores: float32 [b, t], 1 at positions < length, 0 after; None if length is
+    None (see `config.eidetic_oracle`)."""
+    if length is None:
+        return None
+    return jnp.broadcast_to((jnp.arange(inputs.shape[1]) < length).astype(jnp.float32),
+                            inputs.shape)
+
+
+def lm_loss(model: LanguageModel, inputs, targets, mesh=None, eidetic_scores=None):
     """Training loss: mean cross-entropy over labelled targets plus the model's auxiliary loss (the
     already-weighted innovation losses that B'MOJO layers sow), via `LanguageModel.cross_entropy`
     (the logits are never materialised).
@@ -63,6 +72,7 @@ def lm_loss(model: LanguageModel, inputs, targets, mesh=None):
         data.IGNORE_INDEX = -100) = unlabelled.
       mesh: the training mesh, or None. When its `sequence` axis has more than one device, the
         time axis is split over it (`sequence_parallel.sequence_parallel_cross_entropy`).
+      eidetic_scores: optional oracle scores [b, t] (`LanguageModel.forward`).
 
     Returns:
       (loss, metrics): float32 scalar; {"ce", "aux_loss", "tokens"} scalars (nats, nats, count).
@@ -70,9 +80,9 @@ def lm_loss(model: LanguageModel, inputs, targets, mesh=None):
     if _sequence_parallel(mesh):
         ce, tokens, aux = sequence_parallel.sequence_parallel_cross_entropy(
             model, inputs, targets, mesh, sharding_lib.SEQUENCE_AXIS,
-            batch_axis=sharding_lib.BATCH_AXES)
+            batch_axis=sharding_lib.BATCH_AXES, eidetic_scores=eidetic_scores)
     else:
-        ce, tokens, aux = model.cross_entropy(inputs, targets)
+        ce, tokens, aux = model.cross_entropy(inputs, targets, eidetic_scores=eidetic_scores)
     return ce + aux, {"ce": ce, "aux_loss": aux, "tokens": tokens}
 
 
@@ -141,9 +151,11 @@ def make_train_step(model_cfg: ModelConfig, config: ml_collections.ConfigDict, m
     collectives (`sharding.shard_tree`, `sharding.host_batch` place the arguments).
     """
     graphdef, optimizer = nnx.graphdef(abstract_model(model_cfg)), make_optimizer(config)
+    length = oracle_length(config)
 
     def loss_fn(params, inputs, targets):
-        return lm_loss(nnx.merge(graphdef, params), inputs, targets, mesh)
+        return lm_loss(nnx.merge(graphdef, params), inputs, targets, mesh,
+                       context_scores(inputs, length))
 
     def train_step(params, opt_state, inputs, targets):
         (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, inputs, targets)
@@ -161,18 +173,21 @@ def make_train_step(model_cfg: ModelConfig, config: ml_collections.ConfigDict, m
                    out_shardings=(params_sharding, opt_sharding, sharding_lib.replicated(mesh)))
 
 
-def make_eval_step(model_cfg: ModelConfig, mesh=None):
+def make_eval_step(model_cfg: ModelConfig, mesh=None, *, oracle_length=None):
     """A jitted `(params, inputs, targets) -> {"nll_sum", "tokens", "predictions"}`: summed NLL
     (nats) and count over labelled targets, and argmax predictions int32 [b, t]. Each call returns
     a new function (see module docstring). With a `mesh`, the outputs are replicated on it
-    (readable on every host)."""
+    (readable on every host). `oracle_length`: `config.oracle_length(config)` (the eidetic
+    oracle's context length), or None."""
     graphdef = nnx.graphdef(abstract_model(model_cfg))
 
     def eval_step(params, inputs, targets):
         model = nnx.merge(graphdef, params)
+        scores = context_scores(inputs, oracle_length)
         logits = (sequence_parallel.sequence_parallel_forward(
-            model, inputs, mesh, sharding_lib.SEQUENCE_AXIS, batch_axis=sharding_lib.BATCH_AXES)
-            if _sequence_parallel(mesh) else model(inputs))
+            model, inputs, mesh, sharding_lib.SEQUENCE_AXIS, batch_axis=sharding_lib.BATCH_AXES,
+            eidetic_scores=scores) if _sequence_parallel(mesh) else
+            model(inputs, eidetic_scores=scores))
         nll, mask = token_nll(logits, targets)
         return {"nll_sum": nll.sum(), "tokens": mask.sum(),
                 "predictions": logits.argmax(-1).astype(jnp.int32)}
