@@ -68,8 +68,8 @@ def train_point(config: ml_collections.ConfigDict, run_dir) -> dict:
       `training.train_and_evaluate`'s result (without the sample) plus "wall_s" (the invocation
       that finished it: compilation, training, evaluation), "tokens_per_s" (median over the logged
       training intervals, the first one, which holds the compilation, left out), "train_s"
-      (num_steps * batch_size * seq_len / tokens_per_s: training time without compilation and
-      evaluation) and "final_train_loss" (mean cross-entropy of the last logged interval, nats).
+      (steps trained * batch_size * seq_len / tokens_per_s: training time without compilation and
+      evaluation; early stopping can end a run before num_steps) and "final_train_loss" (mean cross-entropy of the last logged interval, nats).
 
     Raises:
       ValueError: `run_dir` holds a point of another config, or files but no point.json.
@@ -101,7 +101,7 @@ def train_point(config: ml_collections.ConfigDict, run_dir) -> dict:
     rates = [r["tokens_per_s"] for r in train]
     rate = float(np.median(rates[1:] if len(rates) > 1 else rates))
     result.update(tokens_per_s=rate,
-                  train_s=config.num_steps * config.batch_size * config.data.seq_len / rate,
+                  train_s=result["step"] * config.batch_size * config.data.seq_len / rate,
                   final_train_loss=train[-1]["ce"])
     result.pop("sample", None)
     point["result"] = jsonable(result)
