@@ -8,9 +8,9 @@ A layer pattern string picks the mixer of each layer (repeated to `n_layers`):
     F  B'MOJO-F: window + fading tokens, one softmax
     B  B'MOJO:   window + fading tokens + innovation-selected eidetic tokens
 
-`ModelConfig.preset(name, **overrides)` builds the six presets of docs/design.md section 3. Every value is
-validated on construction; a bad value raises `ValueError` naming the field, the value and what is
-allowed.
+`ModelConfig.preset(name, **overrides)` builds the six presets of docs/design.md section 3. Every
+value is validated on construction; a bad value raises `ValueError` naming the field, the value
+and what is allowed.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Autoregressive generation on the streaming state (DESIGN.md section 5).
+"""Autoregressive generation on the streaming state (docs/design.md section 5).
 
 The prompt is consumed in parallel by `LanguageModel.prefill`; every new token then costs one
 `decode_step` on a fixed-size state (for all presets but full attention, whose cache is

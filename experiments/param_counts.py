@@ -1,4 +1,5 @@
-"""Prints the parameter counts of the six presets at one size (DESIGN.md section 3: fair comparisons).
+"""Prints the parameter counts of the six presets at one size (docs/design.md section 3: fair
+comparisons).
 
     python -m experiments.param_counts [--d_model=256 --n_layers=4 --vocab_size=10000]
 

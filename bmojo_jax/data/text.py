@@ -1,4 +1,4 @@
-"""Offline real-text corpora, tokenizers and language-model batches (DESIGN.md section 6).
+"""Offline real-text corpora, tokenizers and language-model batches (docs/design.md section 6).
 
 Notation: b batch, t time (tokens per window).
 

@@ -1,6 +1,7 @@
 """The canonical-form bilinear realization: the one state-space model behind the whole family.
 
-DESIGN.md section 1. A realization updates a state from inputs u_t with an input-dependent affine map
+docs/design.md section 1. A realization updates a state from inputs u_t with an input-dependent
+affine map
 
     x_t = A(u_t) x_{t-1} + B(u_t) u_t,        x_t = (s_t, xi_t)
 

@@ -1,5 +1,5 @@
 """Books: Shakespeare's 42 works and Jane Austen's 6 novels, byte-level BPE (4096), split by
-document (DESIGN.md section 6). Reports bits per byte besides perplexity.
+document (docs/design.md section 6). Reports bits per byte besides perplexity.
 
     python -m experiments.train --config=experiments/configs/books.py:bmojo --workdir=workdir/books
     python -m experiments.evaluate --workdir=workdir/books --split=test --seq_len=1024

@@ -1,7 +1,7 @@
-"""Multi-query associative recall (Zoology; DESIGN.md section 6), small scale for CPU.
+"""Multi-query associative recall (Zoology; docs/design.md section 6), small scale for CPU.
 
-Zoology's (L, K) = (128, 8) point with V = 8192 and 2 layers; the memory-budget sweeps of DESIGN.md
-section 7 vary model.window, model.d_state, model.eidetic_slots on the command line:
+Zoology's (L, K) = (128, 8) point with V = 8192 and 2 layers; the memory-budget sweeps of
+docs/design.md section 7 vary model.window, model.d_state, model.eidetic_slots on the command line:
 
     python -m experiments.train --config=experiments/configs/mqar.py:bmojo --workdir=workdir/mqar \\
         --config.model.eidetic_slots=32

@@ -8,7 +8,7 @@ The argument picks the model preset; every preset gets the same sizes, for fair 
     python -m experiments.train --config=experiments/configs/ptb.py:transformer \\
         --workdir=workdir/ptb_transformer --config.num_steps=2000
 
-External anchor (DESIGN.md section 6): Zaremba et al. 2014 LSTM test perplexity, small 114.5.
+External anchor (docs/design.md section 6): Zaremba et al. 2014 LSTM test perplexity, small 114.5.
 """
 
 from bmojo_jax.training import default_config
