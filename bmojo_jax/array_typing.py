@@ -9,6 +9,8 @@ One meaning per letter (dimension names inside the aliases):
     w  window (= chunk, tokens)              channels of the Mamba-1 scan (the Mamba paper's D)
     c  chunks = ceil(t / w)               m  eidetic slots
     k  tokens selected per chunk          V  vocab_size
+    s  keys an attention query may read: P + t (P tokens of key prefix, then the queries' own), or
+       the entries of a decode cache
 
 Index letters inside a formula or an einsum (i, j positions, q steps per chunk, ...) are local to
 the module that defines them.
@@ -21,7 +23,7 @@ Source: the notation is our choice; the alias style follows recurrentgemma's `ar
 
 from __future__ import annotations
 
-from jaxtyping import Array, Float, Int, Shaped
+from jaxtyping import Array, ArrayLike, Bool, Float, Int, Shaped
 
 # Language model.
 Tokens = Int[Array, "b t"]
@@ -30,11 +32,26 @@ Activations = Float[Array, "b t d"]
 Logits = Float[Array, "b t V"]
 HeadWeights = Float[Array, "V d"]  # LM head / tied embedding, one row per vocabulary entry
 Scalar = Float[Array, ""]
+IntScalar = Int[Array, ""]  # a count, or a token position (int32)
+
+# Decoding: one token per sequence.
+StepTokens = Int[Array, "b"]
+StepFeatures = Float[Array, "b d"]
+StepLogits = Float[Array, "b V"]
+StepScores = Float[Array, "b"]  # one innovation score per sequence
 
 # Attention and eidetic memory.
 QKV = Float[Array, "b t h e"]
+Keys = Float[Array, "b s h e"]  # keys or values
+KeyMask = Bool[Array, "*b s"]  # True where a key is visible (per sequence, or shared)
+KeyBias = Float[Array, "b s"]  # a logit bias per key
+QueryStep = Float[Array, "b h e"]  # one query per sequence (decoding)
+RingBuffer = Float[Array, "b w h e"]  # the last w keys or values, slot = position % w
+Positions = Int[ArrayLike, "*b t"]  # token positions, shared by the batch or per sequence
+AttentionMass = Float[Array, "b t 3"]  # softmax weight on the window, fading and eidetic keys
 Scores = Float[Array, "b t"]  # innovation scores
 ChunkSelections = Int[Array, "b c k"]  # positions selected per chunk
+ChunkScores = Float[Array, "b c k"]  # their scores
 MemoryPositions = Int[Array, "b c m"]  # eidetic slots per query chunk, -1 = empty
 
 # Selective SSM, Mamba-2 layout (`ops.ssd`): one scalar decay per head.

@@ -1,0 +1,140 @@
+"""Eidetic memory management: which past tokens each query chunk may read verbatim.
+
+Notation (`bmojo_jax.array_typing`): b batch, t time, w window (= chunk), c chunks = ceil(t / w),
+k tokens selected per chunk (k_e), m slots (M_max); r = m / k chunks of selections that fit the
+buffer, lag L.
+
+B'MOJO (docs/design.md section 2, item 5; the exact recipe is our choice) keeps a token verbatim
+when its innovation score is high:
+  1. per chunk, select the k positions with the largest score (`chunk_topk`); ties go to the earlier
+     position (`lax.top_k` is stable); padding positions (t not a multiple of w) are never selected;
+  2. tokens selected in chunk j become visible to queries of chunks c >= j + L (L >= 1 keeps the
+     selection causal: a chunk's top-k depends on all of its tokens; L = 2 keeps eidetic tokens out
+     of the query's window);
+  3. the buffer holds m slots, evicting by
+       fifo   the newest r chunks' selections: chunks c-L-r+1 .. c-L;
+       score  a running top-m by score over every selection of chunks <= c-L (keeps surprising
+              tokens from the start of a long context; ties go to the earlier selection).
+The result is `memory_positions` [b, c, m] int32 with -1 for an empty slot: static shapes, no
+gradient (selection is discrete). A query never reads its own chunk's selections, so the query token
+itself is never among its eidetic keys.
+
+Implementations (docs/design.md section 4), one module each:
+    reference  `reference`: rebuilds every chunk's buffer from all past selections (obviously
+               correct, O(c^2)).
+    xla        `xla`: slides (fifo) or scans (score) over chunks, O(c).
+There is no kernel: selection is cheap integer bookkeeping, so `pallas` (the model-wide setting)
+runs the `xla` one. This module checks the knobs and computes each chunk's top-k (`chunk_topk`);
+the implementations turn those into the slots of every chunk. Streaming (one token at a time):
+`streaming`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+
+from bmojo_jax import array_typing as at
+from bmojo_jax.ops import registry
+from bmojo_jax.ops.eidetic import reference, xla
+
+_SELECT_EIDETIC = {"reference": reference.select, "xla": xla.select, "pallas": xla.select}
+IMPLEMENTATIONS = tuple(_SELECT_EIDETIC)
+
+
+def chunk_topk(scores: at.Scores, window: int, k: int) -> tuple[at.ChunkSelections,
+                                                                 at.ChunkScores]:
+    """Top-k positions of each chunk of `window` tokens.
+
+    Args:
+      scores: [b, t] float innovation scores.
+      window: chunk length w (tokens).
+      k: positions selected per chunk.
+
+    Returns:
+      positions [b, c, k] int32 (-1 where the chunk has fewer than k real tokens) and their scores
+      [b, c, k] float32 (-inf there).
+    """
+    b, t = scores.shape
+    c = -(-t // window)
+    padded = jnp.pad(scores.astype(jnp.float32), [(0, 0), (0, c * window - t)],
+                     constant_values=-jnp.inf)
+    values, index = jax.lax.top_k(padded.reshape(b, c, window), k)
+    positions = index + (jnp.arange(c) * window)[None, :, None]
+    return jnp.where(values > -jnp.inf, positions, -1).astype(jnp.int32), values
+
+
+def select_eidetic(scores: at.Scores, *, window: int, per_chunk: int, slots: int, lag: int = 2,
+                   eviction: str = "fifo", implementation: Optional[str] = None
+                   ) -> at.MemoryPositions:
+    """Eidetic slot positions visible to each query chunk (see module docstring).
+
+    Args:
+      scores: [b, t] innovation scores (no gradient flows through the selection).
+      window: chunk length w (tokens).
+      per_chunk: k, positions selected per chunk (1 <= k <= w).
+      slots: m, buffer size, a positive multiple of k.
+      lag: chunks between selection and visibility (>= 1).
+      eviction: "fifo" or "score".
+      implementation: None (the backend's default), or one of IMPLEMENTATIONS: "reference",
+        "xla", "pallas" (= "xla").
+
+    Returns:
+      memory_positions [b, c, m] int32, -1 for an empty slot. Within a row positions are distinct;
+      the order is not meaningful.
+
+    Raises:
+      ValueError: a bad knob value, naming it and what is allowed; an unavailable implementation.
+    """
+    if not 1 <= per_chunk <= window:
+        raise ValueError(f"per_chunk={per_chunk}: must be in [1, window={window}].")
+    if slots < per_chunk or slots % per_chunk:
+        raise ValueError(f"slots={slots}: must be a positive multiple of per_chunk={per_chunk}.")
+    if lag < 1:
+        raise ValueError(f"lag={lag}: must be >= 1 (a chunk's selection depends on all its "
+                         f"tokens).")
+    if eviction not in ("fifo", "score"):
+        raise ValueError(f"eviction={eviction!r}: allowed values are 'fifo', 'score'.")
+    fn = registry.pick("select_eidetic", _SELECT_EIDETIC, implementation)
+    positions, values = chunk_topk(jax.lax.stop_gradient(scores), window, per_chunk)
+    return fn(positions, values, slots, lag, eviction)
+
+
+@dataclasses.dataclass(frozen=True)
+class Selection:
+    """The knobs of the selection (see module docstring): window w (= chunk, tokens), per_chunk k,
+    slots m, lag L (chunks), eviction "fifo" | "score", implementation of `select_eidetic`, and
+    threshold: None, or a factor c > 0: a token is a candidate only when its score exceeds c times
+    the mean score of all tokens before it (a causal running mean, the first token's being 0; HAM's
+    rule of growing the memory on a large prediction error, our choice of normalisation)."""
+
+    window: int
+    per_chunk: int
+    slots: int
+    lag: int = 2
+    eviction: str = "fifo"
+    implementation: Optional[str] = None
+    threshold: Optional[float] = None
+
+    def gate(self, scores: at.Scores) -> at.Scores:
+        """Candidates' scores: [b, t] -> [b, t] float32, -inf where the threshold rejects."""
+        scores = scores.astype(jnp.float32)
+        if self.threshold is None:
+            return scores
+        t = scores.shape[1]
+        before = jnp.cumsum(scores, axis=1) - scores  # sum of the scores before each token
+        mean = before / jnp.maximum(jnp.arange(t), 1)
+        return jnp.where(scores > self.threshold * mean, scores, -jnp.inf)
+
+    def select(self, scores: at.Scores) -> at.MemoryPositions:
+        """The slots of every chunk: scores [b, t] -> memory_positions [b, c, m] int32.
+
+        Raises:
+          ValueError: a bad knob value (`select_eidetic`).
+        """
+        return select_eidetic(self.gate(scores), window=self.window, per_chunk=self.per_chunk,
+                              slots=self.slots, lag=self.lag, eviction=self.eviction,
+                              implementation=self.implementation)

@@ -1,0 +1,84 @@
+"""`ops.select_eidetic` and `ops.chunk_topk`: every implementation against the reference, and no
+slot is visible before its selection.
+
+One test class, parametrised over the implementations (`eidetic.IMPLEMENTATIONS`; `pallas` runs the
+`xla` one) where they are compared, over both evictions and buffer sizes / lags (one chunk's
+selections at lag 1, three chunks' at lag 2, four at lag 3). T = 53 tokens in chunks of W = 5: the
+last chunk is partial. The streaming state (`eidetic.update` after `eidetic.state_after`) is checked
+against the parallel selection through the model: tests/test_decoding.py.
+"""
+
+import jax
+import numpy as np
+import pytest
+
+from bmojo_jax import ops
+from bmojo_jax.ops import eidetic
+
+T, W, K = 53, 5, 2
+COMPARED = [i for i in eidetic.IMPLEMENTATIONS if i != "reference"]
+
+
+def _scores(seed=0, b=3):
+    return jax.random.normal(jax.random.PRNGKey(seed), (b, T))
+
+
+class TestSelectEidetic:
+
+    @pytest.mark.parametrize("eviction", ["fifo", "score"])
+    @pytest.mark.parametrize("slots,lag", [(2, 1), (6, 2), (8, 3)])
+    @pytest.mark.parametrize("implementation", COMPARED)
+    def test_matches_reference(self, implementation, eviction, slots, lag):
+        kw = dict(window=W, per_chunk=K, slots=slots, lag=lag, eviction=eviction)
+        out = ops.select_eidetic(_scores(), implementation=implementation, **kw)
+        ref = ops.select_eidetic(_scores(), implementation="reference", **kw)
+        assert out.shape == (3, -(-T // W), slots) and out.dtype == np.int32
+        np.testing.assert_array_equal(np.sort(out, -1), np.sort(ref, -1))
+
+    @pytest.mark.parametrize("eviction", ["fifo", "score"])
+    def test_no_slot_visible_before_selection(self, eviction):
+        lag, slots = 2, 6
+        scores = _scores(seed=1)
+        memory = np.asarray(ops.select_eidetic(scores, window=W, per_chunk=K, slots=slots,
+                                               lag=lag, eviction=eviction))
+        selected, _ = ops.chunk_topk(scores, W, K)
+        selected = np.asarray(selected)
+        for b in range(memory.shape[0]):
+            for chunk in range(memory.shape[1]):
+                row = memory[b, chunk][memory[b, chunk] >= 0]
+                assert len(set(row)) == len(row)
+                visible_chunks = max(0, chunk - lag + 1)
+                assert len(row) == min(slots, K * visible_chunks)
+                for p in row:
+                    assert p // W <= chunk - lag, (b, chunk, p)  # selected >= `lag` chunks ago
+                    assert p in selected[b, p // W]  # and really selected in its own chunk
+                    assert p < T  # never padding
+
+    def test_score_eviction_keeps_the_most_surprising(self):
+        scores = _scores(seed=2, b=1)
+        memory = np.asarray(ops.select_eidetic(scores, window=W, per_chunk=K, slots=4, lag=1,
+                                               eviction="score"))
+        selected, values = ops.chunk_topk(scores, W, K)
+        last = memory.shape[1] - 1
+        candidates = np.asarray(selected)[0, :last].ravel()
+        best = candidates[np.argsort(-np.asarray(values)[0, :last].ravel())[:4]]
+        np.testing.assert_array_equal(np.sort(memory[0, last]), np.sort(best))
+
+    def test_padding_is_never_selected(self):
+        positions, values = ops.chunk_topk(_scores()[:, :7], window=5, k=3)
+        assert np.all(np.asarray(positions)[:, 1, 2] == -1)  # the last chunk has 2 real tokens
+        assert np.all(np.asarray(positions) < 7)
+
+    @pytest.mark.parametrize("kw,match", [
+        (dict(per_chunk=0), "per_chunk=0"),
+        (dict(per_chunk=6), "per_chunk=6"),
+        (dict(slots=3), "slots=3"),
+        (dict(lag=0), "lag=0"),
+        (dict(eviction="lru"), "eviction='lru'"),
+        (dict(implementation="nope"), "implementation='nope'"),
+    ])
+    def test_bad_knobs(self, kw, match):
+        args = dict(window=W, per_chunk=K, slots=4, lag=2, eviction="fifo")
+        args.update(kw)
+        with pytest.raises(ValueError, match=match):
+            ops.select_eidetic(_scores(), **args)

@@ -1,0 +1,177 @@
+"""The eidetic selection one token at a time, for decoding (docs/design.md section 5).
+
+Notation as in `api` (b batch, t time, w window, k per chunk, m slots, lag L) and h heads,
+e head_dim, d d_model. `EideticState` is `select_eidetic`'s bookkeeping for one `B` layer, of fixed
+size: `init_state` (empty), `state_after` (after a parallel pass over a prompt, from its scores)
+and `update` (one decoded token). `update` after `state_after` reproduces `select_eidetic`'s rows,
+and the slots carry their keys and values, so decoding never re-reads the prompt (tests: decode ==
+forward, tests/test_decoding.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+from bmojo_jax import array_typing as at
+from bmojo_jax.ops.eidetic.api import Selection, chunk_topk
+
+
+@struct.dataclass
+class Slots:
+    """Eidetic entries: positions int32 [*s] (-1 = empty), scores float32 [*s] (-inf = empty),
+    keys and values float32 [*s, h, e] (RoPE at their positions)."""
+
+    positions: jax.Array
+    scores: jax.Array
+    k: jax.Array
+    v: jax.Array
+
+    @classmethod
+    def empty(cls, shape, heads: int, head_dim: int) -> "Slots":
+        """Empty entries of shape `shape` (a tuple, e.g. (b, m))."""
+        return cls(positions=jnp.full(shape, -1, jnp.int32),
+                   scores=jnp.full(shape, -jnp.inf, jnp.float32),
+                   k=jnp.zeros(shape + (heads, head_dim), jnp.float32),
+                   v=jnp.zeros(shape + (heads, head_dim), jnp.float32))
+
+    @classmethod
+    def gather(cls, positions, scores: at.Scores, k: at.QKV, v: at.QKV) -> "Slots":
+        """Entries at `positions` int [b, *s] (-1 = empty) of scores [b, t] and k, v
+        [b, t, h, e]."""
+        take = jax.vmap(lambda x, p: x[p])
+        index = jnp.maximum(positions, 0)
+        return cls(positions=positions,
+                   scores=jnp.where(positions >= 0, take(scores, index), -jnp.inf),
+                   k=take(k, index).astype(jnp.float32), v=take(v, index).astype(jnp.float32))
+
+
+@struct.dataclass
+class EideticState:
+    """A `B` layer's eidetic streaming state (fixed size).
+
+    memory: `Slots` [b, m], the slots visible to the current chunk (fifo: oldest first).
+    pending: `Slots` [b, L - 1, k], selections of the last L - 1 chunks, not yet visible (oldest
+      first).
+    chunk_scores: float32 [b, w], candidates' scores of the current chunk's tokens so far (slot
+      = position % w; -inf where not yet seen or rejected by the threshold).
+    score_sum: float32 [b], the sum of all scores so far (the threshold's running mean).
+    previous_f: float32 [b, d_model], the last fading token (the next score's prediction input).
+    """
+
+    memory: Slots
+    pending: Slots
+    chunk_scores: jax.Array
+    score_sum: jax.Array
+    previous_f: jax.Array
+
+
+def init_state(selection: Selection, batch_size: int, heads: int, head_dim: int,
+               d_model: int) -> EideticState:
+    """The empty state before the first token (float32 keys and values of `heads` x `head_dim`,
+    a fading token of d_model features)."""
+    s = selection
+    return EideticState(
+        memory=Slots.empty((batch_size, s.slots), heads, head_dim),
+        pending=Slots.empty((batch_size, s.lag - 1, s.per_chunk), heads, head_dim),
+        chunk_scores=jnp.full((batch_size, s.window), -jnp.inf, jnp.float32),
+        score_sum=jnp.zeros((batch_size,), jnp.float32),
+        previous_f=jnp.zeros((batch_size, d_model), jnp.float32))
+
+
+def state_after(selection: Selection, scores: at.Scores, k: at.QKV, v: at.QKV,
+                previous_f: at.StepFeatures) -> EideticState:
+    """The state after a parallel pass over t tokens.
+
+    Args:
+      selection: the knobs.
+      scores: [b, t] innovation scores of the tokens.
+      k, v: [b, t, h, e] their keys (RoPE applied) and values.
+      previous_f: [b, d_model] the last fading token.
+
+    Returns:
+      the `EideticState` before token t.
+    """
+    s = selection
+    b, t = scores.shape
+    current = t // s.window  # the chunk of the next token
+    gated = s.gate(scores)
+    padded = jnp.pad(gated, [(0, 0), (0, (current + 1) * s.window - t)], constant_values=-jnp.inf)
+    selected, _ = chunk_topk(padded, s.window, s.per_chunk)  # [b, c + 1, k]
+
+    def chunks(first, last):  # the selections of chunks first..last, -1 for chunks < 0
+        index = np.arange(first, last + 1)
+        return jnp.where((index >= 0)[None, :, None], selected[:, np.maximum(index, 0)], -1)
+
+    if s.eviction == "fifo":  # the newest m / k chunks' selections, oldest first (as `update`)
+        memory = chunks(current - s.lag - s.slots // s.per_chunk + 1, current - s.lag)
+        memory = memory.reshape(b, s.slots)
+    else:
+        memory = dataclasses.replace(s, threshold=None).select(padded)[:, current]  # [b, m]
+    pending = chunks(current - s.lag + 1, current - 1)  # selected, not yet visible
+    return EideticState(memory=Slots.gather(memory, gated, k, v),
+                        pending=Slots.gather(pending, gated, k, v),
+                        chunk_scores=padded[:, current * s.window:],
+                        score_sum=jnp.sum(scores.astype(jnp.float32), axis=1),
+                        previous_f=previous_f.astype(jnp.float32))
+
+
+def update(selection: Selection, state: EideticState, score: at.StepScores, f: at.StepFeatures,
+           position: at.IntScalar, k_ring: at.RingBuffer, v_ring: at.RingBuffer
+           ) -> EideticState:
+    """One decoded token: records its score (gated by the threshold); at the last token of a chunk
+    selects the chunk's top-k, queues them `lag` chunks and evicts.
+
+    Args:
+      selection: the knobs.
+      state: the state before the token.
+      score: [b] float32, the token's score.
+      f: [b, d_model], its fading token.
+      position: int32 scalar, its position.
+      k_ring, v_ring: [b, w, h, e], the layer's ring buffer of the last w keys/values (slot
+        = position % w), already holding this token.
+
+    Returns:
+      the next `EideticState`.
+    """
+    s = selection
+    score = score.astype(jnp.float32)
+    if s.threshold is not None:
+        mean = state.score_sum / jnp.maximum(position, 1).astype(jnp.float32)
+        candidate = jnp.where(score > s.threshold * mean, score, -jnp.inf)
+    else:
+        candidate = score
+    state = state.replace(chunk_scores=state.chunk_scores.at[:, position % s.window].set(candidate),
+                          score_sum=state.score_sum + score, previous_f=f.astype(jnp.float32))
+    return jax.lax.cond((position + 1) % s.window == 0,
+                        lambda st: _end_chunk(s, st, position, k_ring, v_ring), lambda st: st,
+                        state)
+
+
+def _end_chunk(s: Selection, state: EideticState, position, k_ring, v_ring) -> EideticState:
+    """The last token of a chunk: its top-k join the pending queue; the oldest pending chunk's
+    selections arrive in memory (lag 1: the new ones directly), evicting by s.eviction."""
+    scores, index = jax.lax.top_k(state.chunk_scores, s.per_chunk)  # stable, as chunk_topk
+    take = lambda ring: jnp.take_along_axis(ring, index[:, :, None, None], axis=1)  # noqa: E731
+    positions = position + 1 - s.window + index.astype(jnp.int32)
+    new = Slots(positions=jnp.where(scores > -jnp.inf, positions, -1), scores=scores,
+                k=take(k_ring), v=take(v_ring))
+    if s.lag > 1:
+        arriving = jax.tree.map(lambda x: x[:, 0], state.pending)
+        pending = jax.tree.map(lambda old, x: jnp.concatenate([old[:, 1:], x[:, None]], axis=1),
+                               state.pending, new)
+    else:
+        arriving, pending = new, state.pending
+    merged = jax.tree.map(lambda old, x: jnp.concatenate([old, x], axis=1), state.memory, arriving)
+    if s.eviction == "fifo":  # slots are kept oldest first, in groups of k
+        memory = jax.tree.map(lambda x: x[:, s.per_chunk:], merged)
+    else:  # running top-m by score, ties to the older entry
+        _, order = jax.lax.top_k(merged.scores, s.slots)
+        memory = jax.tree.map(lambda x: jnp.take_along_axis(
+            x, order.reshape(order.shape + (1,) * (x.ndim - 2)), axis=1), merged)
+    return state.replace(memory=memory, pending=pending,
+                         chunk_scores=jnp.full_like(state.chunk_scores, -jnp.inf))
