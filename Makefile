@@ -29,7 +29,7 @@ data: $(DATA)
 # so a failed download degrades to skips instead of failing the suite.
 test: $(STAMP)
 	$(MAKE) data || echo "WARNING: 'make data' failed; the real-text tests will be skipped."
-	$(PY) -m pytest -n 2 tests
+	$(PY) -m pytest -n 2
 
 # The main job: B'MOJO on Penn Treebank (word level), ~5 minutes on 2 CPU cores. Prints validation
 # perplexity as it goes, then test perplexity and a sample. Re-running resumes from workdir/.

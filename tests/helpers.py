@@ -15,10 +15,33 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+import bmojo_jax as bj
+
+# The tiny model of the model-level suites (test_model, test_decoding, test_pallas): T tokens span
+# 8 chunks of WINDOW tokens (the last partial), so eidetic slots get used.
+T, WINDOW, VOCAB = 29, 4, 50
+SMALL = dict(vocab_size=VOCAB, d_model=16, n_heads=2, window=WINDOW, d_state=4, ssm_head_dim=8,
+             chunk_size=8, eidetic_per_chunk=1, eidetic_slots=3)
+
 
 def keys(n: int, seed: int = 0):
     """n PRNG keys from `seed` (data of a test: fixed seeds keep failures reproducible)."""
     return jax.random.split(jax.random.PRNGKey(seed), n)
+
+
+def config(preset: str, **overrides) -> bj.ModelConfig:
+    """The `preset`'s config at the SMALL sizes (no eidetic slots for "bmojo_f"), then
+    `overrides`."""
+    values = dict(SMALL)
+    if preset == "bmojo_f":
+        values.update(eidetic_per_chunk=0, eidetic_slots=0)
+    values.update(overrides)
+    return bj.ModelConfig.preset(preset, **values)
+
+
+def tokens(seed: int = 0, t: int = T):
+    """int32 [2, t] random token ids in [0, VOCAB)."""
+    return jax.random.randint(jax.random.PRNGKey(seed), (2, t), 0, VOCAB)
 
 
 def vjp_all(fn: Callable, args: Sequence, seed: int = 7):

@@ -8,7 +8,7 @@ import pytest
 from flax import nnx
 
 import bmojo_jax as bj
-from tests.test_model import SMALL, T, VOCAB, config, tokens
+from tests.helpers import T, VOCAB, config, tokens
 
 VARIANTS = {name: {} for name in bj.PRESETS}
 VARIANTS.update({

@@ -7,22 +7,7 @@ import pytest
 from flax import nnx
 
 import bmojo_jax as bj
-
-T, WINDOW, VOCAB = 29, 4, 50  # T spans 8 chunks (the last partial), so eidetic slots get used
-SMALL = dict(vocab_size=VOCAB, d_model=16, n_heads=2, window=WINDOW, d_state=4, ssm_head_dim=8,
-             chunk_size=8, eidetic_per_chunk=1, eidetic_slots=3)
-
-
-def config(preset, **overrides):
-    values = dict(SMALL)
-    if preset == "bmojo_f":
-        values.update(eidetic_per_chunk=0, eidetic_slots=0)
-    values.update(overrides)
-    return bj.ModelConfig.preset(preset, **values)
-
-
-def tokens(seed=0, t=T):
-    return jax.random.randint(jax.random.PRNGKey(seed), (2, t), 0, VOCAB)
+from tests.helpers import T, VOCAB, WINDOW, config, tokens
 
 
 @pytest.fixture(scope="module")

@@ -13,6 +13,7 @@ from flax import nnx
 
 import bmojo_jax as bj
 from pallas_kernels import config as cfg
+from tests import helpers
 
 
 def test_interpret_only_on_cpu():
@@ -37,14 +38,10 @@ def test_block_size_validation():
 def test_model_pallas_matches_xla(ssm_kind):
     """The `bmojo` preset (attention kernels, scan kernel, eidetic slots): same loss, logits and
     parameter gradients with implementation="pallas" as with "xla"."""
-    t, vocab = 29, 50
-    small = dict(vocab_size=vocab, d_model=16, n_heads=2, window=4, d_state=4, ssm_head_dim=8,
-                 chunk_size=8, eidetic_per_chunk=1, eidetic_slots=3)
-    x, y = (jax.random.randint(jax.random.PRNGKey(s), (2, t), 0, vocab) for s in (4, 5))
+    x, y = helpers.tokens(4), helpers.tokens(5)
 
     def run(implementation):
-        config = bj.ModelConfig.preset("bmojo", implementation=implementation,
-                                       ssm_kind=ssm_kind, **small)
+        config = helpers.config("bmojo", implementation=implementation, ssm_kind=ssm_kind)
         model = bj.LanguageModel(config, rngs=nnx.Rngs(7))
 
         @nnx.jit
