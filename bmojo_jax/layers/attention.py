@@ -37,6 +37,7 @@ from flax import nnx
 
 from flax import struct
 
+from bmojo_jax import array_typing as at
 from bmojo_jax import ops
 from bmojo_jax.config import ModelConfig
 from bmojo_jax.layers.ssm import SSM, SSMState
@@ -145,11 +146,12 @@ class MemoryAttention(nnx.Module):
         (how its scores get gradients), else None."""
         return jax.nn.log_sigmoid(scores) if self.rule == "learned" and not oracle else None
 
-    def __call__(self, x):
+    def __call__(self, x: at.Activations) -> at.Activations:
         """x: [b, t, d_model] -> [b, t, d_model] (dtype of x)."""
         return self.prefill(x)[0]
 
-    def prefill(self, x, max_length=None, context=None, eidetic_scores=None):
+    def prefill(self, x: at.Activations, max_length: int | None = None, context=None,
+                eidetic_scores: at.Scores | None = None) -> tuple[at.Activations, AttentionState]:
         """Parallel forward over x [b, t, d_model] that also returns the streaming state after the
         last token (`AttentionState`; `max_length` sizes a full-attention cache, default t).
 
@@ -230,7 +232,7 @@ class MemoryAttention(nnx.Module):
     def _cache_length(self, max_length):
         return self.window if self.window is not None else max_length
 
-    def init_state(self, batch_size: int, max_length=None) -> AttentionState:
+    def init_state(self, batch_size: int, max_length: int | None = None) -> AttentionState:
         """Empty streaming state (see `AttentionState`).
 
         Raises:
@@ -253,7 +255,8 @@ class MemoryAttention(nnx.Module):
                                                              self.n_heads, e, d))
         return state
 
-    def step(self, x, state: AttentionState, position, eidetic_scores=None):
+    def step(self, x: at.StepFeatures, state: AttentionState, position: at.IntScalar,
+             eidetic_scores: at.StepScores | None = None) -> tuple[at.StepFeatures, AttentionState]:
         """One token x [b, d_model] at `position` (int32 scalar) -> (y [b, d_model], next state).
         `eidetic_scores`: float [b], the oracle's score of this token (as in `prefill`), or None."""
         b, d = x.shape

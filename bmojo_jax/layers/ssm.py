@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
+from bmojo_jax import array_typing as at
 from bmojo_jax import ops
 
 
@@ -81,7 +82,7 @@ class SSM(nnx.Module):
         self.D = nnx.Param(jnp.ones((inner,), jnp.float32))
         self.out_proj = nnx.Linear(inner, d_model, use_bias=False, dtype=dtype, rngs=rngs)
 
-    def init_state(self, batch_size: int, max_length=None) -> SSMState:
+    def init_state(self, batch_size: int, max_length: int | None = None) -> SSMState:
         """Zero recurrent state for `batch_size` sequences (float32). `max_length` is unused (a
         fixed-size state), accepted for the mixers' common interface."""
         h = ((batch_size, self.n_heads, self.inner // self.n_heads, self.d_state)
@@ -90,11 +91,12 @@ class SSM(nnx.Module):
         return SSMState(conv=jnp.zeros((batch_size, conv[0] - 1, conv[2]), jnp.float32),
                         ssm=jnp.zeros(h, jnp.float32))
 
-    def __call__(self, x):
+    def __call__(self, x: at.Activations) -> at.Activations:
         """x: [b, t, d_model] -> [b, t, d_model] (dtype of x)."""
         return self.prefill(x)[0]
 
-    def prefill(self, x, max_length=None, context=None):
+    def prefill(self, x: at.Activations, max_length: int | None = None,
+                context=None) -> tuple[at.Activations, SSMState]:
         """x: [b, t, d_model] -> (y [b, t, d_model], the `SSMState` after the last token).
 
         `context`: a `SequenceContext` when x is one shard of a longer sequence (see module
@@ -128,7 +130,8 @@ class SSM(nnx.Module):
             out = out + padded[:, i:i + t] * kernel[i]
         return out
 
-    def step(self, x, state: SSMState, position=None):
+    def step(self, x: at.StepFeatures, state: SSMState, position: at.IntScalar | None = None
+             ) -> tuple[at.StepFeatures, SSMState]:
         """One token: x [b, d_model], state -> (y [b, d_model], next state). `position` is unused
         (the SSM is position-free), accepted for the mixers' common interface."""
         z, xbc, dt = jnp.split(self.in_proj(x)[:, None], self.splits, axis=-1)
