@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx, struct
 
+from bmojo_jax import array_typing as at
 from bmojo_jax import ops
 from bmojo_jax.config import ModelConfig
 from bmojo_jax.layers import SSM, MemoryAttention, SwiGLU
@@ -91,7 +92,8 @@ class LanguageModel(nnx.Module):
         self.head = None if config.tie_embeddings else nnx.Linear(
             config.d_model, config.vocab_size, use_bias=False, dtype=dtype, rngs=rngs)
 
-    def __call__(self, tokens, *, eidetic_scores=None):
+    def __call__(self, tokens: at.Tokens, *,
+                 eidetic_scores: at.Scores | None = None) -> at.Logits:
         """tokens: int [batch, time] in [0, vocab_size) -> float32 logits [batch, time, vocab_size].
         `eidetic_scores`: see `forward`.
 
@@ -100,7 +102,8 @@ class LanguageModel(nnx.Module):
         """
         return self.forward(tokens, eidetic_scores=eidetic_scores)[0]
 
-    def forward(self, tokens, *, eidetic_scores=None, context=None):
+    def forward(self, tokens: at.Tokens, *, eidetic_scores: at.Scores | None = None,
+                context=None) -> tuple[at.Logits, at.Scalar]:
         """Logits [batch, time, vocab_size] float32 and the auxiliary loss (float32 scalar: the sum
         of the already-weighted `innovation_loss`es sown by B'MOJO layers; 0 without them).
 
@@ -119,7 +122,8 @@ class LanguageModel(nnx.Module):
             tokens, None, context, eidetic_scores)
         return logits, _aux_loss(sown)
 
-    def eidetic_trace(self, tokens, *, eidetic_scores=None):
+    def eidetic_trace(self, tokens: at.Tokens, *, eidetic_scores: at.Scores | None = None
+                      ) -> dict[int, dict[str, jax.Array]]:
         """What every `B` layer's eidetic memory did on `tokens` (a plain parallel forward):
         {layer index: {"scores" [b, t], "memory_positions" [b, c, m] int32, "attention_mass"
         [b, t, 3] (window, fading, eidetic)}} (see `layers.attention.EideticTrace`; the input of
@@ -132,7 +136,9 @@ class LanguageModel(nnx.Module):
                          for name, variable in block["mixer"].items()}
                 for i, block in blocks.items()}
 
-    def cross_entropy(self, tokens, targets, *, eidetic_scores=None, context=None):
+    def cross_entropy(self, tokens: at.Tokens, targets: at.Tokens, *,
+                      eidetic_scores: at.Scores | None = None, context=None
+                      ) -> tuple[at.Scalar, at.IntScalar, at.Scalar]:
         """The training objective's terms without materialising the logits
         (`ops.linear_cross_entropy`: the `xla` implementation unless config.implementation is
         "reference"; our choice, for speed and memory). The head is computed in float32 even for
@@ -206,7 +212,8 @@ class LanguageModel(nnx.Module):
                      layers=tuple(block.mixer.init_state(batch_size, max_length)
                                   for block in self.blocks))
 
-    def prefill(self, tokens, cache: Cache, *, eidetic_scores=None):
+    def prefill(self, tokens: at.Tokens, cache: Cache, *,
+                eidetic_scores: at.Scores | None = None) -> tuple[at.Logits, Cache]:
         """Consumes a prompt in parallel: tokens int [batch, time] and an empty cache (from
         `init_cache`) -> (logits [batch, time, vocab_size] float32, the cache after the prompt).
         `eidetic_scores`: as in `forward`.
@@ -230,7 +237,8 @@ class LanguageModel(nnx.Module):
             tokens, size, None, eidetic_scores)
         return logits, Cache(position=jnp.asarray(tokens.shape[1], jnp.int32), layers=states)
 
-    def decode_step(self, tokens, cache: Cache, *, eidetic_scores=None):
+    def decode_step(self, tokens: at.StepTokens, cache: Cache, *,
+                    eidetic_scores: at.StepScores | None = None) -> tuple[at.StepLogits, Cache]:
         """One token per sequence: tokens int32 [batch] -> (logits [batch, vocab_size] float32,
         the updated cache). Reproduces the parallel forward's logits at that position.
         `eidetic_scores`: float [batch], this token's oracle score (as in `forward`), or None."""
