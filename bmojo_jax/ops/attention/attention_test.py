@@ -1,14 +1,15 @@
 """`ops.memory_attention`, `ops.attend_one`, `ops.rope`, and the Pallas attention kernels.
 
-One test class. `test_matches_reference` runs every implementation against the float32 reference
-(outputs, and the VJP of one random cotangent w.r.t. q, k, v and the fading keys/values) on the
-key groups (full, window, window longer than t, fading, B'MOJO) at odd lengths (t = 13, 37: not a
-multiple of the window or the tiles). `xla` runs on every case; the Pallas kernels, in interpret
-mode on CPU (seconds per case), on the cases that cover their paths, with the CPU default tiles
-(`pallas`) or smaller ones (`pallas_small_tiles`: several query and key blocks, a slot axis padded
-to a multiple). The other tests check the properties of the op (special cases, causality, a key
-prefix, the attention mass, the slots' logit bias, errors) and of the kernels (the key blocks
-their loops visit, lowering for TPU and GPU).
+One test class for `memory_attention`. `test_matches_reference` runs every implementation against
+the float32 reference (outputs, and the VJP of one random cotangent w.r.t. q, k, v and the fading
+keys/values) on the key groups (full, window, window longer than t, fading, B'MOJO) at lengths
+that are no multiple of the tiles (t = 13, 37, 40) nor, but for t = 40, of the window. `xla` runs
+on every case; the Pallas kernels, in interpret mode on CPU (seconds per case), on the cases that
+cover their paths, with the CPU default tiles (`pallas`) or smaller ones (`pallas_small_tiles`:
+several query and key blocks, a slot axis padded to a multiple). The other tests check the
+properties of the op (special cases, causality, a key prefix, the attention mass, the slots' logit
+bias, errors) and of the kernels (the key blocks their loops visit, lowering for TPU and GPU).
+After the class: `attend_one` (= the last row of the parallel attention) and `rope`.
 """
 
 import functools
