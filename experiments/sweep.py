@@ -11,7 +11,10 @@ and, once finished, writes OUT/<point>.json: the point, its config, the result o
 point's JSON is committed to git as it lands (long sweeps on a machine that may stop: nothing
 finished is lost). `--summary` prints, per argument, the best learning rate (by the mean final
 validation accuracy over seeds, or the lowest validation loss for text) and the mean +- std over
-seeds at that rate (`summarize`).
+seeds at that rate (`summarize`); with `--markdown=PATH` it writes that as a table, with the
+eidetic diagnostics (`bmojo_jax.diagnostics`: selection recall, slot precision, attention mass on
+the slots) of every MQAR point that has `B` layers, measured on its final checkpoint (in ROOT) and
+one validation batch.
 
 Points run in the order given; several sweeps can run side by side on one machine (e.g. pinned
 to one core each with `taskset -c N`).
@@ -30,6 +33,8 @@ from pathlib import Path
 import numpy as np
 from absl import app, flags
 
+from bmojo_jax import data as data_lib
+from bmojo_jax import diagnostics, training
 from benchmarks import harness
 from experiments.reproduce import runner
 
@@ -43,6 +48,7 @@ flags.DEFINE_string("root", None, "Directory of the points' workdirs.", required
 flags.DEFINE_string("out", None, "Directory of the points' JSON results (default ROOT/points).")
 flags.DEFINE_bool("commit", False, "git-commit each point's JSON as it lands.")
 flags.DEFINE_bool("summary", False, "Only print the summary of the finished points in OUT.")
+flags.DEFINE_string("markdown", None, "With --summary: also write the summary table here.")
 
 
 def load_config_module(path: str):
@@ -145,13 +151,55 @@ def summarize(records: list[dict]) -> dict:
     return summary
 
 
+def point_diagnostics(workdir: Path):
+    """The eidetic diagnostics of a finished MQAR point's final checkpoint on its first validation
+    batch, averaged over its `B` layers; None when it has none (or is not MQAR)."""
+    model, config, _ = training.load_model(workdir)
+    if config.data.name != "mqar" or "B" not in model.config.layer_mixers:
+        return None
+    data = data_lib.load_data(config)
+    inputs, targets = data.eval_batches("valid", config.batch_size, config.data.seq_len)[0]
+    task = config.data.task
+    length = 2 * task.num_kv_pairs * task.get("num_passes", 1)
+    scores = training.context_scores(np.asarray(inputs), training.oracle_length(config))
+    layers = diagnostics.eidetic_diagnostics(model, inputs, targets, length, eidetic_scores=scores)
+    mean = lambda key: float(np.mean([d[key] for d in layers.values()]))  # noqa: E731
+    return dict(selection_recall=mean("selection_recall"), slot_precision=mean("slot_precision"),
+                eidetic_mass=float(np.mean([d["attention_mass"]["eidetic"]
+                                            for d in layers.values()])),
+                recall_ceiling=mean("recall_ceiling"))
+
+
+def markdown(summary: dict, records: list[dict], root: Path) -> str:
+    """The summary as a markdown table (diagnostics of the best learning rate's first seed)."""
+    lines = ["| config | best lr | valid accuracy (mean +- std) | seeds | steps | steps to 90% | "
+             "selection recall | slot precision | attention on slots | lr grid (mean) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for arg, row in summary.items():
+        point = point_name(arg, row["lr"], row["seeds"][0])
+        diag = point_diagnostics(root / point) if (root / point / "checkpoints").is_dir() else None
+        cells = ("-", "-", "-") if diag is None else (
+            f"{diag['selection_recall']:.2f} (ceiling {diag['recall_ceiling']:.2f})",
+            f"{diag['slot_precision']:.2f}", f"{diag['eidetic_mass']:.2f}")
+        grid = ", ".join(f"{lr:g}: {v:.3f}" for lr, v in row["by_lr"].items())
+        lines.append(f"| {arg} | {row['lr']:g} | {row['mean']:.4f} +- {row['std']:.4f} | "
+                     f"{len(row['seeds'])} | {', '.join(map(str, row['steps']))} | "
+                     f"{', '.join(str(s) for s in row['steps_to_0.9'])} | {' | '.join(cells)} | "
+                     f"{grid} |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv):
     del argv
     root = Path(FLAGS.root)
     out = Path(FLAGS.out) if FLAGS.out else root / "points"
     if FLAGS.summary:
-        records = [json.loads(p.read_text()) for p in sorted(out.glob("*.json"))]
-        print(json.dumps(summarize([r for r in records if r["arg"] in FLAGS.args]), indent=1))
+        records = [r for r in (json.loads(p.read_text()) for p in sorted(out.glob("*.json")))
+                   if r["arg"] in FLAGS.args]
+        summary = summarize(records)
+        print(json.dumps(summary, indent=1))
+        if FLAGS.markdown:
+            Path(FLAGS.markdown).write_text(markdown(summary, records, root))
         return
     try:
         module = load_config_module(FLAGS.config)

@@ -15,14 +15,15 @@ from bmojo_jax.data import load_data
 from bmojo_jax.training.checkpoints import (CheckpointError, Checkpoints, load_checkpoint,
                                             load_model)
 from bmojo_jax.training.config import (abstract_model, default_config, model_config,
-                                       validate_config)
+                                       oracle_length, validate_config)
 from bmojo_jax.training.loop import evaluate_checkpoint, train_and_evaluate
-from bmojo_jax.training.steps import (compiler_options, evaluate, evaluate_split,
+from bmojo_jax.training.steps import (compiler_options, context_scores, evaluate, evaluate_split,
                                       learning_rate_schedule, lm_loss, make_eval_step,
                                       make_optimizer, make_train_step, token_nll,
                                       weight_decay_mask)
 
-__all__ = ["default_config", "validate_config", "model_config", "abstract_model", "load_data",
+__all__ = ["default_config", "validate_config", "model_config", "abstract_model", "oracle_length",
+           "context_scores", "load_data",
            "lm_loss", "compiler_options", "token_nll", "learning_rate_schedule",
            "weight_decay_mask", "make_optimizer", "make_train_step", "make_eval_step", "evaluate",
            "evaluate_split", "Checkpoints", "CheckpointError", "train_and_evaluate",
