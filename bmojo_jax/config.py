@@ -168,9 +168,12 @@ class ModelConfig:
         if self.eidetic_per_chunk and self.eidetic_slots % self.eidetic_per_chunk:
             raise ValueError(f"ModelConfig.eidetic_slots={self.eidetic_slots} must be a multiple of "
                              f"eidetic_per_chunk={self.eidetic_per_chunk}.")
-        if self.innovation_loss_weight < 0:
-            raise ValueError(f"ModelConfig.innovation_loss_weight={self.innovation_loss_weight}: "
-                             f"must be >= 0.")
+        for name, low in (("innovation_loss_weight", 0.0), ("rope_base", 1.0)):
+            value = getattr(self, name)
+            if (not isinstance(value, (int, float)) or isinstance(value, bool)
+                    or not low <= value < float("inf")):  # also rejects NaN
+                raise ValueError(f"ModelConfig.{name}={value!r}: must be a finite number >= "
+                                 f"{low:g}.")
 
     @classmethod
     def preset(cls, name: str, **overrides) -> "ModelConfig":

@@ -47,6 +47,10 @@ def _generate(graphdef, state, prompt, key, *, max_new_tokens, temperature, top_
     return jnp.concatenate([first[:, None], rest.T], axis=1)
 
 
+def _is_int(x) -> bool:
+    return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
+
+
 def generate(model: LanguageModel, prompt, max_new_tokens: int, *, temperature: float = 1.0,
              top_k: Optional[int] = None, seed: int = 0) -> np.ndarray:
     """Continues a prompt by sampling.
@@ -63,16 +67,18 @@ def generate(model: LanguageModel, prompt, max_new_tokens: int, *, temperature: 
       int32 [batch, max_new_tokens]: the new tokens (the prompt is not repeated).
 
     Raises:
-      ValueError: bad prompt ids or shape, max_new_tokens < 1, temperature < 0, or top_k < 1.
+      ValueError: bad prompt ids or shape, max_new_tokens not an integer >= 1, temperature not a
+        finite number >= 0, or top_k not an integer >= 1.
     """
     prompt = jnp.asarray(prompt)
     check_tokens(prompt, model.config.vocab_size)
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens={max_new_tokens}: must be >= 1.")
-    if temperature < 0:
-        raise ValueError(f"temperature={temperature}: must be > 0, or 0 for greedy decoding.")
-    if top_k is not None and top_k < 1:
-        raise ValueError(f"top_k={top_k}: must be >= 1, or None for no truncation.")
+    if not _is_int(max_new_tokens) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens={max_new_tokens!r}: must be an integer >= 1.")
+    if not isinstance(temperature, (int, float)) or not 0 <= temperature < float("inf"):
+        raise ValueError(f"temperature={temperature!r}: must be a finite number > 0, or 0 for "
+                         f"greedy decoding.")
+    if top_k is not None and (not _is_int(top_k) or top_k < 1):
+        raise ValueError(f"top_k={top_k!r}: must be an integer >= 1, or None for no truncation.")
     graphdef, state = nnx.split(model)
     tokens = _generate(graphdef, state, prompt.astype(jnp.int32), jax.random.PRNGKey(seed),
                        max_new_tokens=max_new_tokens, temperature=float(temperature), top_k=top_k)

@@ -17,6 +17,12 @@ from bmojo_jax import ModelConfig
     (dict(eidetic_eviction="lru"), "eidetic_eviction='lru'"),
     (dict(d_model=96, n_heads=32), "head_dim = d_model // n_heads = 3 must be even"),
     (dict(innovation_loss_weight=-1.0), "innovation_loss_weight"),
+    (dict(innovation_loss_weight=float("nan")), "innovation_loss_weight=nan"),
+    (dict(rope_base=0.0), "rope_base=0.0: must be a finite number >= 1"),
+    (dict(rope_base=-5.0), "rope_base=-5.0"),
+    (dict(eidetic_selection="oracle"), "eidetic_selection='oracle'"),
+    (dict(eidetic_threshold=0.0), "eidetic_threshold=0.0"),
+    (dict(eidetic_per_chunk=4, eidetic_slots=0), "eidetic_slots=0 must be a positive multiple"),
     (dict(n_layers=0), "n_layers=0"),
 ])
 def test_bad_values(overrides, match):
