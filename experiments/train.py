@@ -29,7 +29,8 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint file at INFO
     try:
         training.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-    except (ValueError, FileNotFoundError, training.CheckpointError) as e:  # no traceback
+    except (ValueError, FileNotFoundError, training.CheckpointError,
+            training.TrainingDiverged) as e:  # no traceback
         sys.exit(f"error: {e}")
 
 

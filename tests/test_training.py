@@ -411,3 +411,18 @@ def test_command_line_train_then_evaluate(tmp_path):
     assert evaluated.returncode == 0, evaluated.stderr
     result = json.loads(evaluated.stdout.strip().splitlines()[-1])
     assert result["step"] == 4 and 0 <= result["accuracy"] <= 1
+
+
+def test_divergence_stops_before_a_nan_checkpoint(run, tmp_path):
+    """A finished run continued at a huge learning rate goes NaN: training stops with a clear
+    TrainingDiverged, the good checkpoints stay, and no NaN line reaches metrics.jsonl."""
+    workdir = _copy(run, tmp_path)
+    config = _tiny_config()
+    config.num_steps, config.optimizer.lr = 2 * STEPS, 1e6
+    with pytest.raises(training.TrainingDiverged, match=r"diverged at step .*step 12, is kept"):
+        training.train_and_evaluate(config, workdir)
+    assert training.load_checkpoint(workdir)[0]["step"] == STEPS
+    assert all(math.isfinite(r["loss"]) for r in _records(workdir, "train"))
+    with pytest.raises(ValueError, match="config.optimizer.lr=inf"):
+        config.optimizer.lr = float("inf")
+        training.validate_config(config)

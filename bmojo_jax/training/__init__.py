@@ -16,7 +16,7 @@ from bmojo_jax.training.checkpoints import (CheckpointError, Checkpoints, load_c
                                             load_model)
 from bmojo_jax.training.config import (abstract_model, default_config, model_config,
                                        oracle_length, validate_config)
-from bmojo_jax.training.loop import evaluate_checkpoint, train_and_evaluate
+from bmojo_jax.training.loop import TrainingDiverged, evaluate_checkpoint, train_and_evaluate
 from bmojo_jax.training.steps import (compiler_options, context_scores, evaluate, evaluate_split,
                                       learning_rate_schedule, lm_loss, make_eval_step,
                                       make_optimizer, make_train_step, token_nll,
@@ -27,4 +27,4 @@ __all__ = ["default_config", "validate_config", "model_config", "abstract_model"
            "lm_loss", "compiler_options", "token_nll", "learning_rate_schedule",
            "weight_decay_mask", "make_optimizer", "make_train_step", "make_eval_step", "evaluate",
            "evaluate_split", "Checkpoints", "CheckpointError", "train_and_evaluate",
-           "load_checkpoint", "load_model", "evaluate_checkpoint"]
+           "load_checkpoint", "load_model", "evaluate_checkpoint", "TrainingDiverged"]

@@ -132,7 +132,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         if _get(config, name) is not None:
             _check_int(name, _get(config, name), minimum=1)
     for names, ok, rule in ((("optimizer.lr", "optimizer.eps", "optimizer.clip_norm"),
-                             lambda x: x > 0, "> 0"),
+                             lambda x: 0 < x < float("inf"), "> 0, finite"),
                             (("optimizer.weight_decay", "sample.temperature"),
                              lambda x: x >= 0, ">= 0"),
                             (("optimizer.b1", "optimizer.b2"), lambda x: 0 <= x < 1, "in [0, 1)"),

@@ -122,6 +122,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> dict:
         def log_train():
             nonlocal tic, pending
             pending = jax.device_get(pending)  # waits for the steps, so the timing is true
+            _check_finite(pending, step, checkpoints.latest_step(), config)
             record = _train_record(config, step, pending, time.perf_counter() - tic)
             metrics.write(record)
             bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:,.0f}")
@@ -153,6 +154,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> dict:
                 metrics.write({"step": step, "split": "stop", **stop})
                 tqdm.write(f"step {step}: early stop, {stop['message']}")
             if step % config.checkpoint_every == 0 or stop is not None:
+                # never a diverged state over a good checkpoint (max_to_keep would rotate it away)
+                _check_finite(jax.device_get(pending), step, checkpoints.latest_step(), config)
                 checkpoints.save(step, params, opt_state,
                                  {"step": step, **meta, "valid_history": history})
         bar.close()
@@ -253,6 +256,26 @@ def _resume(checkpoints: Checkpoints, params, opt_state, meta: dict):
                          f"(field: (saved, now)): {changed}; use a new workdir.")
     _, params, opt_state = checkpoints.restore(step, params, opt_state)
     return step, params, opt_state, list(saved_meta.get("valid_history", []))
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss or the gradient norm of a training step was not finite (NaN or inf)."""
+
+
+def _check_finite(pending: list, step: int, last_checkpoint, config) -> None:
+    """Raises `TrainingDiverged` when a fetched step metric of the `len(pending)` steps ending at
+    `step` is not finite; nothing of it has been saved then."""
+    for offset, m in enumerate(pending):
+        if not (np.isfinite(m["loss"]) and np.isfinite(m["grad_norm"])):
+            at = step - len(pending) + offset + 1
+            kept = ("no checkpoint was written" if last_checkpoint is None else
+                    f"the last checkpoint, step {last_checkpoint}, is kept and nothing after it "
+                    f"was saved")
+            raise TrainingDiverged(
+                f"training diverged at step {at}: loss {float(m['loss'])}, gradient norm "
+                f"{float(m['grad_norm'])}; {kept}. Lower config.optimizer.lr (now "
+                f"{config.optimizer.lr}) or raise config.optimizer.warmup_steps (now "
+                f"{config.optimizer.warmup_steps}), then rerun the command to resume.")
 
 
 def _train_record(config, step: int, pending: list, seconds: float) -> dict:
