@@ -37,9 +37,12 @@ def test_mqar_needs_points_at_the_pair():
         diagnostics.mqar_needs(inputs, targets, 1)
 
 
-def test_oracle_keeps_the_context_and_the_layer_reads_it():
+@pytest.mark.parametrize("rule", ["fading", "threshold"])
+def test_oracle_keeps_the_context_and_the_layer_reads_it(rule):
+    """Also under the threshold rule: oracle scores are taken as they are (no gate)."""
     inputs, targets = _batch()
-    model = _model(eidetic_per_chunk=W, eidetic_slots=2 * K, eidetic_eviction="score")
+    model = _model(eidetic_per_chunk=W, eidetic_slots=2 * K, eidetic_eviction="score",
+                   eidetic_selection=rule, eidetic_threshold=4.0)
     oracle = jnp.asarray(np.broadcast_to(np.arange(T) < 2 * K, (2, T)), jnp.float32)
     result = diagnostics.eidetic_diagnostics(model, inputs, targets, 2 * K,
                                              eidetic_scores=oracle)[0]

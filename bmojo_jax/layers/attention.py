@@ -30,12 +30,12 @@ the all-gathered scores and fetches the keys of slots held by earlier shards
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
-
-from flax import struct
+from flax import nnx, struct
 
 from bmojo_jax import array_typing as at
 from bmojo_jax import ops
@@ -141,6 +141,10 @@ class MemoryAttention(nnx.Module):
             return jnp.broadcast_to(draw(jnp.asarray(positions)), x.shape[:2])
         return self._innovation(x, previous_f)
 
+    def _selection(self, oracle: bool):
+        """The selection knobs; oracle scores are taken as they are (no threshold gate)."""
+        return dataclasses.replace(self.selection, threshold=None) if oracle else self.selection
+
     def _slot_bias(self, scores, oracle: bool):
         """Logit bias of each key as an eidetic slot: log sigmoid(score) for the "learned" rule
         (how its scores get gradients), else None."""
@@ -189,12 +193,13 @@ class MemoryAttention(nnx.Module):
                 self.sow(nnx.Intermediate, "innovation_loss", self.loss_weight * loss)
             if eidetic_scores is not None:
                 scores = eidetic_scores.astype(jnp.float32)
+            selection = self._selection(eidetic_scores is not None)
             bias = self._slot_bias(scores, eidetic_scores is not None)
             if context is None:
-                memory = dict(memory_positions=self.selection.select(scores), memory_bias=bias)
+                memory = dict(memory_positions=selection.select(scores), memory_bias=bias)
             else:
                 positions_, remote_k, remote_v, remote_scores = context.eidetic_keys(
-                    self.selection, scores, k, v, before=2 * w)
+                    selection, scores, k, v, before=2 * w)
                 keys = jnp.concatenate([remote_k, keys], axis=1)
                 values = jnp.concatenate([remote_v, values], axis=1)
                 fading = {name: jnp.concatenate([jnp.zeros_like(remote_k), a], axis=1)
@@ -203,7 +208,7 @@ class MemoryAttention(nnx.Module):
                     bias = self._slot_bias(jnp.concatenate([remote_scores, extend(scores)], 1),
                                            oracle=False)
                 memory = dict(memory_positions=positions_, memory_bias=bias)
-            state = state.replace(eidetic=eidetic.state_after(self.selection, scores, k, v,
+            state = state.replace(eidetic=eidetic.state_after(selection, scores, k, v,
                                                               f[:, -1]))
         implementation = self._implementation(context)
         trace = self.selection is not None and context is None  # unless captured, unused: XLA
@@ -294,8 +299,9 @@ class MemoryAttention(nnx.Module):
             score = self._scores(x[:, None], state.eidetic.previous_f[:, None], pos)[:, 0]
             if eidetic_scores is not None:
                 score = eidetic_scores.astype(jnp.float32)
-            state = state.replace(eidetic=eidetic.update(self.selection, state.eidetic, score, f,
-                                                         position, state.k, state.v))
+            state = state.replace(eidetic=eidetic.update(
+                self._selection(eidetic_scores is not None), state.eidetic, score, f, position,
+                state.k, state.v))
         return self.wo(y.reshape(b, d).astype(x.dtype)), state
 
 
