@@ -64,3 +64,4 @@ def test_per_chunk_cap_is_the_ceiling_and_random_is_worse():
         _model(eidetic_per_chunk=W, eidetic_slots=2 * K, eidetic_selection="random"), inputs,
         targets, 2 * K)[0]
     assert random["slot_precision"] < 1.0
+

@@ -213,9 +213,13 @@ class MemoryAttention(nnx.Module):
         implementation = self._implementation(context)
         trace = self.selection is not None and context is None  # unless captured, unused: XLA
         with_mass = trace and implementation != "pallas"  # removes it under jit
+        # At most one window of tokens: every key is in every query's window, the fading band
+        # (w back) and the slots (lag >= 1 chunk back) are empty, so the op runs full causal
+        # attention and memory follows the input, not the window (our choice of where to cut).
+        reads = {} if context is None and t <= w else dict(**fading, **memory)
         y = ops.memory_attention(q, keys, values, window=w, return_mass=with_mass,
                                  q_start=0 if context is None else context.offset,
-                                 implementation=implementation, **fading, **memory)
+                                 implementation=implementation, **reads)
         if with_mass:
             y, mass = y
             self.sow(EideticTrace, "attention_mass", mass)
