@@ -24,7 +24,7 @@ IMPLEMENTATIONS = (None, "reference", "xla", "pallas")
 SCAN_IMPLEMENTATIONS = IMPLEMENTATIONS + ("associative",)
 EVICTIONS = ("fifo", "score")
 PREDICTORS = ("identity", "linear")
-SELECTIONS = ("fading", "threshold", "learned", "random")
+SELECTIONS = ("fading", "state", "threshold", "learned", "random")
 DTYPES = ("float32", "bfloat16")
 
 PRESET_PATTERNS = {
@@ -69,7 +69,10 @@ class ModelConfig:
       eidetic_eviction: "fifo" (keep the newest) or "score" (running top-M by innovation score).
       eidetic_selection: the rule that scores tokens for the eidetic memory (docs/design.md
         section 2; `B` only; our choices): "fading" (innovation against the fading state, the
-        paper's test), "threshold" (the same score, and a token is kept only when it exceeds
+        paper's test), "state" (innovation against the whole state: the minimum of that and the
+        squared distance of X_t to the tokens the state holds verbatim, the window before it and
+        the eidetic slots, so a repeated token does not take a slot again; not under sequence
+        parallelism), "threshold" (the same score, and a token is kept only when it exceeds
         `eidetic_threshold` times the mean score of the tokens before it: HAM's growth rule),
         "learned" (a linear score of X_t, trained by the language-modelling loss through the
         attention logit of the slot that holds the token, + log sigmoid(score)), "random" (a

@@ -19,6 +19,8 @@ VARIANTS.update({
     "bmojo-threshold-score": dict(eidetic_selection="threshold", eidetic_threshold=1.0,
                                   eidetic_eviction="score"),
     "bmojo-learned": dict(eidetic_selection="learned"),
+    "bmojo-state": dict(eidetic_selection="state"),
+    "bmojo-state-score": dict(eidetic_selection="state", eidetic_eviction="score"),
     "bmojo-random": dict(eidetic_selection="random", eidetic_seed=3),
 })
 PREFIX = 13  # not a multiple of the window

@@ -44,6 +44,9 @@ from bmojo_jax.layers.ssm import SSM, SSMState
 from bmojo_jax.ops import eidetic
 
 
+INNOVATION_RULES = ("fading", "state", "threshold")  # the rules whose scores read the predictor
+
+
 class EideticTrace(nnx.Variable):
     """What a `B` layer records of its eidetic memory in a plain parallel forward, for
     `LanguageModel.eidetic_trace` (sown as this variable type, captured only there):
@@ -86,8 +89,8 @@ class MemoryAttention(nnx.Module):
             window=config.window, per_chunk=config.eidetic_per_chunk, slots=config.eidetic_slots,
             lag=config.eidetic_lag, eviction=config.eidetic_eviction,
             implementation=config.implementation,
-            threshold=config.eidetic_threshold if config.eidetic_selection == "threshold" else None
-        ) if letter == "B" and config.eidetic_per_chunk > 0 else None
+            threshold=config.eidetic_threshold if config.eidetic_selection == "threshold" else None,
+            whole_state=config.eidetic_selection == "state") if letter == "B" and config.eidetic_per_chunk > 0 else None
         self.rule = config.eidetic_selection
         self.seed = config.eidetic_seed
 
@@ -104,7 +107,7 @@ class MemoryAttention(nnx.Module):
         untied = has_fading and not config.tie_fading_kv
         self.wk_fading = linear() if untied else None
         self.wv_fading = linear() if untied else None
-        innovation = self.selection is not None and self.rule in ("fading", "threshold")
+        innovation = self.selection is not None and self.rule in INNOVATION_RULES
         self.predictor = linear() if innovation and config.innovation_predictor == "linear" else None
         self.scorer = nnx.Linear(d, 1, use_bias=False, dtype=jnp.float32, rngs=rngs) if (
             self.selection is not None and self.rule == "learned") else None
@@ -142,8 +145,10 @@ class MemoryAttention(nnx.Module):
         return self._innovation(x, previous_f)
 
     def _selection(self, oracle: bool):
-        """The selection knobs; oracle scores are taken as they are (no threshold gate)."""
-        return dataclasses.replace(self.selection, threshold=None) if oracle else self.selection
+        """The selection knobs; oracle scores are taken as they are (no threshold gate, no
+        whole-state minimum)."""
+        return dataclasses.replace(self.selection, threshold=None, whole_state=False) if (
+            oracle) else self.selection
 
     def _slot_bias(self, scores, oracle: bool):
         """Logit bias of each key as an eidetic slot: log sigmoid(score) for the "learned" rule
@@ -188,7 +193,7 @@ class MemoryAttention(nnx.Module):
         if self.selection is not None:
             before = jnp.zeros_like(f[:, :1]) if context is None else context.left(f, 1)
             scores = self._scores(x, jnp.concatenate([before, f[:, :-1]], axis=1), positions)
-            if self.rule in ("fading", "threshold"):  # the innovation predictor's loss
+            if self.rule in INNOVATION_RULES:  # the innovation predictor's loss
                 loss = jnp.mean(scores) if context is None else context.mean(jnp.mean(scores))
                 self.sow(nnx.Intermediate, "innovation_loss", self.loss_weight * loss)
             if eidetic_scores is not None:
@@ -196,7 +201,12 @@ class MemoryAttention(nnx.Module):
             selection = self._selection(eidetic_scores is not None)
             bias = self._slot_bias(scores, eidetic_scores is not None)
             if context is None:
-                memory = dict(memory_positions=selection.select(scores), memory_bias=bias)
+                slots, scores = selection.select_with_tokens(scores, x)
+                memory = dict(memory_positions=slots, memory_bias=bias)
+            elif selection.whole_state:
+                raise ValueError("eidetic_selection='state' does not run under sequence "
+                                 "parallelism (its selection is sequential over the whole "
+                                 "sequence); use another rule or one shard.")
             else:
                 positions_, remote_k, remote_v, remote_scores = context.eidetic_keys(
                     selection, scores, k, v, before=2 * w)
@@ -209,7 +219,7 @@ class MemoryAttention(nnx.Module):
                                            oracle=False)
                 memory = dict(memory_positions=positions_, memory_bias=bias)
             state = state.replace(eidetic=eidetic.state_after(selection, scores, k, v,
-                                                              f[:, -1]))
+                                                              f[:, -1], x))
         implementation = self._implementation(context)
         trace = self.selection is not None and context is None  # unless captured, unused: XLA
         with_mass = trace and implementation != "pallas"  # removes it under jit
@@ -305,7 +315,7 @@ class MemoryAttention(nnx.Module):
                 score = eidetic_scores.astype(jnp.float32)
             state = state.replace(eidetic=eidetic.update(
                 self._selection(eidetic_scores is not None), state.eidetic, score, f, position,
-                state.k, state.v))
+                state.k, state.v, x))
         return self.wo(y.reshape(b, d).astype(x.dtype)), state
 
 

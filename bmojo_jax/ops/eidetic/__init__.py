@@ -10,8 +10,9 @@ One folder per op (docs/design.md section 4; layout as in `bmojo_jax.ops.ssm`):
     eidetic_test.py  the implementations against the reference, causality, argument checks.
 """
 
-from bmojo_jax.ops.eidetic.api import IMPLEMENTATIONS, Selection, chunk_topk, select_eidetic
+from bmojo_jax.ops.eidetic.api import (IMPLEMENTATIONS, Selection, chunk_topk, select_eidetic,
+                                       select_whole_state)
 from bmojo_jax.ops.eidetic.streaming import EideticState, Slots, init_state, state_after, update
 
-__all__ = ["IMPLEMENTATIONS", "Selection", "chunk_topk", "select_eidetic", "EideticState", "Slots",
-           "init_state", "state_after", "update"]
+__all__ = ["IMPLEMENTATIONS", "Selection", "chunk_topk", "select_eidetic", "select_whole_state",
+           "EideticState", "Slots", "init_state", "state_after", "update"]

@@ -42,6 +42,8 @@ from bmojo_jax.ops import registry
 from bmojo_jax.ops.eidetic import reference, xla
 
 _SELECT_EIDETIC = {"reference": reference.select, "xla": xla.select, "pallas": xla.select}
+_SELECT_WHOLE_STATE = {"reference": reference.select_whole_state, "xla": xla.select_whole_state,
+                       "pallas": xla.select_whole_state}
 IMPLEMENTATIONS = tuple(_SELECT_EIDETIC)
 
 
@@ -89,6 +91,13 @@ def select_eidetic(scores: at.Scores, *, window: int, per_chunk: int, slots: int
     Raises:
       ValueError: a bad knob value, naming it and what is allowed; an unavailable implementation.
     """
+    _check_knobs(window, per_chunk, slots, lag, eviction)
+    fn = registry.pick("select_eidetic", _SELECT_EIDETIC, implementation)
+    positions, values = chunk_topk(jax.lax.stop_gradient(scores), window, per_chunk)
+    return fn(positions, values, slots, lag, eviction)
+
+
+def _check_knobs(window, per_chunk, slots, lag, eviction) -> None:
     if not 1 <= per_chunk <= window:
         raise ValueError(f"per_chunk={per_chunk}: must be in [1, window={window}].")
     if slots < per_chunk or slots % per_chunk:
@@ -98,9 +107,36 @@ def select_eidetic(scores: at.Scores, *, window: int, per_chunk: int, slots: int
                          f"tokens).")
     if eviction not in ("fifo", "score"):
         raise ValueError(f"eviction={eviction!r}: allowed values are 'fifo', 'score'.")
-    fn = registry.pick("select_eidetic", _SELECT_EIDETIC, implementation)
-    positions, values = chunk_topk(jax.lax.stop_gradient(scores), window, per_chunk)
-    return fn(positions, values, slots, lag, eviction)
+
+
+def select_whole_state(innovation: at.Scores, x: at.Activations, *, window: int,
+                       per_chunk: int, slots: int, lag: int = 2, eviction: str = "fifo",
+                       implementation: Optional[str] = None
+                       ) -> tuple[at.MemoryPositions, at.Scores]:
+    """The "state" selection rule (`ModelConfig.eidetic_selection`; our choice): innovation
+    against the whole state. A token's score is
+        s_t = min(innovation_t, min_{j in H_t} ||x_t - x_j||^2),
+    H_t = the tokens the state holds verbatim when t arrives: the w tokens before it and the
+    eidetic slots of its chunk. A token already held (a repeated query key) is predictable and
+    does not take a slot again. The slots depend on earlier selections, so the chunks are
+    selected one after the other (a scan), with the same top-k, lag and eviction as
+    `select_eidetic`.
+
+    Args:
+      innovation: [b, t] innovation scores against the fading state.
+      x: [b, t, d] the tokens (the layer's input); no gradient flows.
+      window, per_chunk, slots, lag, eviction, implementation: as `select_eidetic`.
+
+    Returns:
+      (memory_positions [b, c, m] int32, -1 = empty; scores [b, t] float32, the s_t above).
+
+    Raises:
+      ValueError: as `select_eidetic`.
+    """
+    _check_knobs(window, per_chunk, slots, lag, eviction)
+    fn = registry.pick("select_eidetic", _SELECT_WHOLE_STATE, implementation)
+    innovation, x = (jax.lax.stop_gradient(a).astype(jnp.float32) for a in (innovation, x))
+    return fn(innovation, x, window, per_chunk, slots, lag, eviction)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,7 +145,9 @@ class Selection:
     slots m, lag L (chunks), eviction "fifo" | "score", implementation of `select_eidetic`, and
     threshold: None, or a factor c > 0: a token is a candidate only when its score exceeds c times
     the mean score of all tokens before it (a causal running mean, the first token's being 0; HAM's
-    rule of growing the memory on a large prediction error, our choice of normalisation)."""
+    rule of growing the memory on a large prediction error, our choice of normalisation);
+    whole_state: the "state" rule (`select_whole_state`): the scores also read the tokens the
+    state holds, so the selection needs the tokens (`select_with_tokens`)."""
 
     window: int
     per_chunk: int
@@ -118,6 +156,7 @@ class Selection:
     eviction: str = "fifo"
     implementation: Optional[str] = None
     threshold: Optional[float] = None
+    whole_state: bool = False
 
     def gate(self, scores: at.Scores) -> at.Scores:
         """Candidates' scores: [b, t] -> [b, t] float32, -inf where the threshold rejects."""
@@ -138,3 +177,14 @@ class Selection:
         return select_eidetic(self.gate(scores), window=self.window, per_chunk=self.per_chunk,
                               slots=self.slots, lag=self.lag, eviction=self.eviction,
                               implementation=self.implementation)
+
+    def select_with_tokens(self, scores: at.Scores, x: at.Activations
+                           ) -> tuple[at.MemoryPositions, at.Scores]:
+        """(slots of every chunk [b, c, m], scores [b, t]): `select_whole_state` and its final
+        scores for the "state" rule, else `select` and the scores as given. x: [b, t, d] the
+        layer's tokens."""
+        if not self.whole_state:
+            return self.select(scores), scores
+        return select_whole_state(scores, x, window=self.window, per_chunk=self.per_chunk,
+                                  slots=self.slots, lag=self.lag, eviction=self.eviction,
+                                  implementation=self.implementation)

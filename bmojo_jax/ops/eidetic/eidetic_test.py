@@ -9,6 +9,7 @@ against the parallel selection through the model: tests/test_decoding.py.
 """
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -82,3 +83,39 @@ class TestSelectEidetic:
         args.update(kw)
         with pytest.raises(ValueError, match=match):
             ops.select_eidetic(_scores(), **args)
+
+
+class TestSelectWholeState:
+    """The "state" rule: xla = the chunk-by-chunk reference; a token the state already holds
+    verbatim scores 0 and does not take a slot again."""
+
+    @pytest.mark.parametrize("eviction", ["fifo", "score"])
+    @pytest.mark.parametrize("slots,lag", [(2, 1), (6, 2)])
+    def test_matches_reference(self, eviction, slots, lag):
+        x = jax.random.normal(jax.random.PRNGKey(4), (3, T, 5))
+        x = x.at[:, 20].set(x[:, 3])  # a repeat of a token held in a slot by then, perhaps
+        kw = dict(window=W, per_chunk=K, slots=slots, lag=lag, eviction=eviction)
+        rows, scores = ops.select_whole_state(_scores(), x, implementation="xla", **kw)
+        ref_rows, ref_scores = ops.select_whole_state(_scores(), x, implementation="reference",
+                                                      **kw)
+        np.testing.assert_allclose(scores, ref_scores, rtol=1e-5, atol=1e-5)
+        np.testing.assert_array_equal(np.sort(rows, -1), np.sort(ref_rows, -1))
+        assert rows.shape == (3, -(-T // W), slots)
+
+    def test_a_held_token_is_predictable(self):
+        """A token equal to one in its window, or in a slot of its chunk, scores 0 and is not
+        selected; with x far apart the scores are the innovation's."""
+        x = 100.0 * jax.random.normal(jax.random.PRNGKey(5), (1, T, 5))
+        innovation = jnp.full((1, T), 1.0)
+        rows, scores = ops.select_whole_state(innovation, x, window=W, per_chunk=1, slots=4,
+                                              lag=1, eviction="score")
+        np.testing.assert_allclose(scores, innovation)  # nothing near: the innovation
+        repeat = x.at[0, W + 1].set(x[0, W])  # the token before it, in its window
+        rows, scores = ops.select_whole_state(innovation, repeat, window=W, per_chunk=1,
+                                              slots=4, lag=1, eviction="score")
+        assert float(scores[0, W + 1]) == 0.0
+        held = int(rows[0, 2][0])  # a slot of chunk 2 (selected in chunk 0 or 1)
+        repeat = x.at[0, 2 * W + 3].set(x[0, held])
+        _, scores = ops.select_whole_state(innovation, repeat, window=W, per_chunk=1, slots=4,
+                                           lag=1, eviction="score")
+        assert float(scores[0, 2 * W + 3]) == 0.0
