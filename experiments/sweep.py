@@ -22,6 +22,7 @@ to one core each with `taskset -c N`).
 
 from __future__ import annotations
 
+import ast
 import importlib.util
 import itertools
 import json
@@ -44,6 +45,9 @@ flags.DEFINE_list("args", None, "Arguments of get_config (presets), comma-separa
                   required=True)
 flags.DEFINE_list("lrs", None, "Learning rates (optimizer.lr); default: the config's.")
 flags.DEFINE_list("seeds", ["0"], "Seeds (config.seed: initialisation and batch order).")
+flags.DEFINE_list("set", [], "Config overrides FIELD=VALUE (dotted fields, Python literals), "
+                  "e.g. num_steps=12000,data.num_train=32768; they are part of each point's "
+                  "config (a workdir holding another config is refused).")
 flags.DEFINE_string("root", None, "Directory of the points' workdirs.", required=True)
 flags.DEFINE_string("out", None, "Directory of the points' JSON results (default ROOT/points).")
 flags.DEFINE_bool("commit", False, "git-commit each point's JSON as it lands.")
@@ -71,9 +75,37 @@ def point_name(arg: str, lr: float, seed: int) -> str:
     return f"{arg}-lr{lr:g}-s{seed}"
 
 
-def run_point(module, arg: str, lr, seed: int, root: Path, out: Path, commit: bool) -> dict:
+def apply_overrides(config, overrides: list[str]):
+    """config with FIELD=VALUE overrides applied (dotted fields; VALUE a Python literal, or a
+    string).
+
+    Raises:
+      ValueError: an override without "=", or a field the config does not have.
+    """
+    for item in overrides:
+        field, sep, text = item.partition("=")
+        if not sep:
+            raise ValueError(f"--set {item!r}: must be FIELD=VALUE.")
+        try:
+            value = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            value = text
+        *parents, name = field.split(".")
+        node = config
+        for key in parents:
+            node = node[key] if key in node else None
+            if node is None:
+                raise ValueError(f"--set {item!r}: the config has no field {field!r}.")
+        if name not in node:
+            raise ValueError(f"--set {item!r}: the config has no field {field!r}.")
+        node[name] = value
+    return config
+
+
+def run_point(module, arg: str, lr, seed: int, root: Path, out: Path, commit: bool,
+              overrides: list[str] = ()) -> dict:
     """Trains (or collects) one point and writes OUT/<point>.json (see module docstring)."""
-    config = module.get_config(arg)
+    config = apply_overrides(module.get_config(arg), list(overrides))
     if lr is not None:
         config.optimizer.lr = lr
     config.seed = seed
@@ -205,10 +237,11 @@ def main(argv):
         module = load_config_module(FLAGS.config)
         lrs = [None] if not FLAGS.lrs else [float(x) for x in FLAGS.lrs]
         seeds = [int(x) for x in FLAGS.seeds]
+        apply_overrides(module.get_config(FLAGS.args[0]), FLAGS.set)  # fail before training
     except ValueError as e:
         sys.exit(f"Error: {e}")
     for arg, lr, seed in itertools.product(FLAGS.args, lrs, seeds):
-        record = run_point(module, arg, lr, seed, root, out, FLAGS.commit)
+        record = run_point(module, arg, lr, seed, root, out, FLAGS.commit, FLAGS.set)
         print(f"[sweep] {record['point']}: {_headline(record['result'])}", flush=True)
 
 
