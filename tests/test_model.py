@@ -150,7 +150,7 @@ def test_match_d_ff_is_closest():
     assert bj.param_count(matched) == bj.count_params(bj.LanguageModel(matched, rngs=nnx.Rngs(0)))
 
 
-@pytest.mark.parametrize("preset", ["bmojo", "bmojo_f"])
+@pytest.mark.parametrize("preset", ["bmojo"])
 def test_short_input_memory_follows_the_input_not_the_window(preset):
     """A window of 65,536 tokens on a 40-token input compiles to small buffers (the time axis
     used to be padded to the window: ~17 GB at d_model 512), with the same logits."""

@@ -89,8 +89,7 @@ class TestSelectWholeState:
     """The "state" rule: xla = the chunk-by-chunk reference; a token the state already holds
     verbatim scores 0 and does not take a slot again."""
 
-    @pytest.mark.parametrize("eviction", ["fifo", "score"])
-    @pytest.mark.parametrize("slots,lag", [(2, 1), (6, 2)])
+    @pytest.mark.parametrize("eviction,slots,lag", [("fifo", 6, 2), ("score", 2, 1)])
     def test_matches_reference(self, eviction, slots, lag):
         x = jax.random.normal(jax.random.PRNGKey(4), (3, T, 5))
         x = x.at[:, 20].set(x[:, 3])  # a repeat of a token held in a slot by then, perhaps
