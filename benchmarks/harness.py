@@ -273,7 +273,8 @@ def output_prefix(stem: str, *, out_dir=None, out=None, name: Optional[str] = No
 
 
 def write_report(prefix, record: Mapping, markdown: Optional[str] = None) -> None:
-    """Writes PREFIX.json (`record`, indented) and PREFIX.md (`markdown`, when given; also printed).
+    """Writes <prefix>.json (`record`, indented) and <prefix>.md (`markdown`, when given; also
+    printed).
 
     Raises:
       TypeError: `record` is not JSON-serialisable.
