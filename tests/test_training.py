@@ -23,6 +23,7 @@ import pytest
 from flax import nnx
 
 from bmojo_jax import LanguageModel, data, training
+from bmojo_jax import config as bj_config
 from experiments.configs import books, mqar, ptb, tiny
 
 STEPS, EVERY = 12, 6
@@ -426,3 +427,15 @@ def test_divergence_stops_before_a_nan_checkpoint(run, tmp_path):
     with pytest.raises(ValueError, match="config.optimizer.lr=inf"):
         config.optimizer.lr = float("inf")
         training.validate_config(config)
+
+
+def test_mqar_far_config_accepts_every_rule():
+    """Every argument of experiments/configs/mqar_far.py is a valid training config (the rules
+    of ModelConfig.eidetic_selection and the oracle), and a bad one names the choices."""
+    from experiments.configs import mqar_far
+    for arg in ["transformer", "swa", "mamba", "bmojo_f", "bmojo"] + [
+            f"bmojo_{rule}" for rule in mqar_far.RULES]:
+        training.validate_config(mqar_far.get_config(arg))
+    assert set(mqar_far.RULES) - {"oracle"} == set(bj_config.SELECTIONS)
+    with pytest.raises(ValueError, match="bmojo_oracle"):
+        mqar_far.get_config("bmojo_lru")

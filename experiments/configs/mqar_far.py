@@ -6,7 +6,7 @@ a fading state or the eidetic memory can answer.
         --workdir=workdir/mqar_far/transformer --config.optimizer.lr=3e-3
 
 The argument is a preset (transformer, swa, mamba, hybrid, bmojo_f, bmojo) or a B'MOJO variant
-`bmojo_<rule>` with rule one of the `ModelConfig.eidetic_selection` rules (fading, threshold,
+`bmojo_<rule>` with rule one of the `ModelConfig.eidetic_selection` rules (fading, state, threshold,
 learned, random) or `oracle` (`config.eidetic_oracle='context'`).
 
 Sizes (our choice: the smallest at which the families separate and 2 CPU cores train a point in
@@ -19,7 +19,7 @@ num_steps.
 
 from bmojo_jax.training import default_config
 
-RULES = ("fading", "threshold", "learned", "random", "oracle")
+RULES = ("fading", "state", "threshold", "learned", "random", "oracle")
 
 
 def get_config(arg: str = "bmojo"):
