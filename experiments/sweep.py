@@ -191,10 +191,10 @@ def point_diagnostics(workdir: Path):
         return None
     data = data_lib.load_data(config)
     inputs, targets = data.eval_batches("valid", config.batch_size, config.data.seq_len)[0]
-    task = config.data.task
-    length = 2 * task.num_kv_pairs * task.get("num_passes", 1)
     scores = training.context_scores(np.asarray(inputs), training.oracle_length(config))
-    layers = diagnostics.eidetic_diagnostics(model, inputs, targets, length, eidetic_scores=scores)
+    layers = diagnostics.eidetic_diagnostics(model, inputs, targets,
+                                             training.context_length(config),
+                                             eidetic_scores=scores)
     mean = lambda key: float(np.mean([d[key] for d in layers.values()]))  # noqa: E731
     return dict(selection_recall=mean("selection_recall"), slot_precision=mean("slot_precision"),
                 eidetic_mass=float(np.mean([d["attention_mass"]["eidetic"]

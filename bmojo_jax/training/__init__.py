@@ -14,8 +14,8 @@ The data sources live in `bmojo_jax.data` (`load_data`, re-exported here).
 from bmojo_jax.data import load_data
 from bmojo_jax.training.checkpoints import (CheckpointError, Checkpoints, load_checkpoint,
                                             load_model)
-from bmojo_jax.training.config import (abstract_model, default_config, model_config,
-                                       oracle_length, validate_config)
+from bmojo_jax.training.config import (abstract_model, context_length, default_config,
+                                       model_config, oracle_length, validate_config)
 from bmojo_jax.training.loop import TrainingDiverged, evaluate_checkpoint, train_and_evaluate
 from bmojo_jax.training.steps import (compiler_options, context_scores, evaluate, evaluate_split,
                                       learning_rate_schedule, lm_loss, make_eval_step,
@@ -23,7 +23,7 @@ from bmojo_jax.training.steps import (compiler_options, context_scores, evaluate
                                       weight_decay_mask)
 
 __all__ = ["default_config", "validate_config", "model_config", "abstract_model", "oracle_length",
-           "context_scores", "load_data",
+           "context_length", "context_scores", "load_data",
            "lm_loss", "compiler_options", "token_nll", "learning_rate_schedule",
            "weight_decay_mask", "make_optimizer", "make_train_step", "make_eval_step", "evaluate",
            "evaluate_split", "Checkpoints", "CheckpointError", "train_and_evaluate",

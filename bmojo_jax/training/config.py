@@ -246,6 +246,11 @@ def oracle_length(config: ml_collections.ConfigDict):
     """The context length C that `config.eidetic_oracle` marks (tokens), or None when off."""
     if config.get("eidetic_oracle") is None:  # also configs saved before the field existed
         return None
+    return context_length(config)
+
+
+def context_length(config: ml_collections.ConfigDict) -> int:
+    """The key/value context of an `mqar` config: 2 num_kv_pairs num_passes tokens at the start."""
     task = config.data.task
     return 2 * task.num_kv_pairs * task.get("num_passes", 1)
 
