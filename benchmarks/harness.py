@@ -22,7 +22,6 @@ import json
 import os
 import platform
 import shlex
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -31,8 +30,9 @@ from typing import Callable, Hashable, Mapping, NamedTuple, Optional
 import jax
 import numpy as np
 
+from bmojo_jax.provenance import git_commit  # re-exported: the commit of every output
+
 RUNS = Path("runs")  # default root of the outputs, relative to the current directory
-REPOSITORY = Path(__file__).resolve().parents[1]
 OUT_DIR_HELP = ("Output directory (default: a new runs/NAME-YYYYmmdd-HHMMSS/; only an explicit "
                 "--out_dir=results writes the committed results).")
 
@@ -181,20 +181,6 @@ def load_average() -> str:
         return " ".join(f"{x:.2f}" for x in os.getloadavg())
     except OSError:
         return "n/a"
-
-
-def git_commit() -> str:
-    """HEAD of the repository holding this code, "+dirty" when tracked files differ from it;
-    "unknown" outside a git checkout."""
-    def git(*args):
-        return subprocess.run(["git", *args], cwd=REPOSITORY, capture_output=True, text=True,
-                              check=True, timeout=30).stdout.strip()
-    try:
-        commit = git("rev-parse", "HEAD")
-        return commit + ("+dirty" if git("status", "--porcelain", "--untracked-files=no")
-                         else "")
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
 
 
 def command_line(module: str, argv: Optional[list] = None) -> str:
