@@ -19,6 +19,12 @@ positions are queries, which positions each query needs, which positions are con
                     A chunk dense with surprising tokens contributes at most `eidetic_per_chunk`
                     of them, whatever the rule: this is that ceiling.
 
+One model-level test separates selection from use: `accuracy_by_selection` scores the same trained
+model twice, with its own selection rule and with the oracle's scores (the key/value context) handed
+in. A model trained with its own rule that stays low under the oracle never learned to read the
+slots; a model trained with the oracle that stays high under its own rule shows that rule's
+selections are good enough to use.
+
 `mqar_needs` describes an MQAR batch (`data.mqar`: the key/value context at [0, 2 K passes), each
 query needs the key and the value of its pair, at their last occurrence in the context).
 Everything here runs on the host (numpy) on concrete arrays.
@@ -28,7 +34,9 @@ from __future__ import annotations
 
 import math
 
+import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from bmojo_jax.config import ModelConfig
 
@@ -129,4 +137,33 @@ def eidetic_diagnostics(model, inputs, targets, context_length: int, *,
                         recall_ceiling=ceiling) for layer, entry in trace.items()}
 
 
-__all__ = ["mqar_needs", "recall_ceiling", "layer_diagnostics", "eidetic_diagnostics"]
+def accuracy_by_selection(model, batches, context_length: int) -> dict:
+    """Accuracy of `model` on MQAR batches with its own selection rule and with the oracle's.
+
+    Args:
+      model: a `LanguageModel` with `B` layers.
+      batches: [(inputs, targets)], int [b, t] each, targets negative where unlabelled.
+      context_length: C: the oracle scores are 1 at positions < C, 0 after (as in
+        `training.context_scores`).
+
+    Returns:
+      {"own": accuracy with the model's `eidetic_selection`, "oracle": accuracy with the oracle
+      scores handed in}: fractions of the labelled positions whose argmax is the target.
+    """
+    forward = nnx.jit(lambda m, x, s: m(x, eidetic_scores=s))
+    hits = {"own": 0, "oracle": 0}
+    labelled = 0
+    for inputs, targets in batches:
+        inputs, targets = np.asarray(inputs), np.asarray(targets)
+        oracle = jnp.asarray(np.broadcast_to(np.arange(inputs.shape[1]) < context_length,
+                                             inputs.shape), jnp.float32)
+        mask = targets >= 0
+        labelled += int(mask.sum())
+        for name, scores in (("own", None), ("oracle", oracle)):
+            predicted = np.argmax(np.asarray(forward(model, jnp.asarray(inputs), scores)), -1)
+            hits[name] += int(((predicted == targets) & mask).sum())
+    return {name: hit / max(labelled, 1) for name, hit in hits.items()}
+
+
+__all__ = ["mqar_needs", "recall_ceiling", "layer_diagnostics", "eidetic_diagnostics",
+           "accuracy_by_selection"]
