@@ -1,0 +1,436 @@
+"""Long-context evaluation of trained checkpoints (docs/design.md section 7d), offline, on real
+text:
+
+* passkey retrieval (Mohtashami and Jaggi 2023) and multi-key needle in a haystack (RULER's
+  MK-NIAH): accuracy by context length and needle depth, greedy decoding through
+  `bmojo_jax.generate` (parallel prefill of the prompt, then decode steps on the fixed-size
+  streaming state);
+* perplexity against context length on the longest held-out documents, scoring the last
+  `score_tokens` of every window so that every length is scored on the same tokens.
+
+The prompts and windows are the pure, seeded functions of `bmojo_jax.data.long_context`.
+
+    python -m experiments.long_context --workdir=workdir/austen_bmojo
+    python -m experiments.long_context --workdir=workdir/austen_bmojo,workdir/austen_transformer \\
+        --lengths=256,1024,4096,16384 --depths=0,0.5,1 --examples=8 --out_dir=results
+
+Writes OUT/long_context.md (tables, method, command, commit, machine), .json (every number, every
+continuation the models wrote) and .png (accuracy heatmaps, length x depth; perplexity against
+length). OUT is a new runs/long_context-<timestamp>/ unless --out_dir is given; only an explicit
+--out_dir=results writes the committed results.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+from absl import app, flags, logging
+from flax import nnx
+
+import bmojo_jax
+from benchmarks import decoding, harness
+from bmojo_jax import data as data_lib
+from bmojo_jax import training
+from bmojo_jax.data import long_context as lc
+from experiments import plotting
+
+NAME = "long_context"
+TASKS = ("passkey", "needle", "perplexity")
+RETRIEVAL = {"passkey": "passkey retrieval", "needle": "multi-key needle in a haystack"}
+FILLERS = ("test", "austen", "shakespeare")
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """What the suite runs (the flags of the same names).
+
+    lengths: context lengths in tokens (None: T x 1, 2, 4, ..., 64 for the models' training
+      context T). depths: needle depths in [0, 1]. examples: prompts per (length, depth) cell.
+    tasks: a subset of TASKS. num_needles: needles per multi-key prompt (one asked).
+    filler: "test" (the held-out test split of the model's corpus) or "austen" / "shakespeare"
+      (every document of that corpus, in the model's tokenizer; it may overlap training text).
+    score_tokens: targets scored at the end of each perplexity window (None: T // 2).
+    windows: perplexity windows (the most; fewer if the documents run out).
+    batch_size: sequences per compiled call. seed: the prompts' seed.
+    """
+
+    lengths: Optional[tuple] = None
+    depths: tuple = (0.0, 0.25, 0.5, 0.75, 1.0)
+    examples: int = 8
+    tasks: tuple = TASKS
+    num_needles: int = 4
+    filler: str = "test"
+    score_tokens: Optional[int] = None
+    windows: int = 16
+    batch_size: int = 4
+    seed: int = 0
+
+
+def check_settings(s: Settings) -> None:
+    """Raises ValueError naming the first bad setting, what it was and what is allowed."""
+    def require(ok, message):
+        if not ok:
+            raise ValueError(message)
+
+    def integer(x):
+        return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
+
+    require(s.lengths is None or (len(s.lengths) >= 1 and all(integer(n) and n >= 1
+                                                              for n in s.lengths)),
+            f"--lengths={s.lengths}: must be positive integers (tokens).")
+    require(len(s.depths) >= 1 and all(isinstance(d, (int, float)) and 0 <= d <= 1
+                                       for d in s.depths),
+            f"--depths={s.depths}: must be numbers in [0, 1].")
+    require(len(s.tasks) >= 1 and set(s.tasks) <= set(TASKS),
+            f"--tasks={','.join(s.tasks)}: allowed values are {', '.join(TASKS)}.")
+    require(s.filler in FILLERS, f"--filler={s.filler}: allowed values are {', '.join(FILLERS)}.")
+    for name in ("examples", "num_needles", "windows", "batch_size"):
+        require(integer(getattr(s, name)) and getattr(s, name) >= 1,
+                f"--{name}={getattr(s, name)}: must be an integer >= 1.")
+    require(s.score_tokens is None or (integer(s.score_tokens) and s.score_tokens >= 1),
+            f"--score_tokens={s.score_tokens}: must be an integer >= 1.")
+    require(integer(s.seed) and s.seed >= 0, f"--seed={s.seed}: must be an integer >= 0.")
+
+
+# --------------------------------------------------------------------------------------------------
+# One model
+# --------------------------------------------------------------------------------------------------
+
+
+def load(workdir):
+    """(model, training config, step, corpus) of the latest checkpoint of a workdir trained on a
+    text corpus (the corpus loaded and tokenized as in training).
+
+    Raises:
+      ValueError: the workdir was trained on a synthetic task; FileNotFoundError,
+        training.CheckpointError, data.MissingDataError: as `training.load_model`, `load_data`.
+    """
+    model, config, step = training.load_model(workdir)
+    source = data_lib.load_data(config)
+    if not isinstance(source, data_lib.TextData):
+        raise ValueError(f"--workdir={workdir}: trained on the synthetic task "
+                         f"{config.data.name!r}; the long-context suite needs a text corpus.")
+    return model, config, step, source.corpus
+
+
+def filler_stream(corpus: data_lib.Corpus, filler: str) -> np.ndarray:
+    """int32 [N]: the corpus's test split ("test"), or every document of the Austen or
+    Shakespeare corpus (sorted by name) in the corpus's tokenizer."""
+    if filler == "test":
+        return corpus.test
+    documents = (data_lib.austen_documents() if filler == "austen"
+                 else data_lib.shakespeare_documents())
+    return np.concatenate([corpus.encode(documents[name]) for name in sorted(documents)])
+
+
+def _batches(rows: np.ndarray, batch_size: int, pad_value: int):
+    """Row blocks of `batch_size` rows, the last padded with rows of `pad_value` (one compiled
+    shape per length)."""
+    pad = -len(rows) % batch_size
+    rows = np.concatenate([rows, np.full((pad, *rows.shape[1:]), pad_value, rows.dtype)])
+    return [rows[i:i + batch_size] for i in range(0, len(rows), batch_size)]
+
+
+def retrieval(model, corpus, task: str, length: int, filler: np.ndarray, s: Settings) -> dict:
+    """Greedy answers to the prompts of one task at one length, every depth of `s.depths`.
+
+    Returns:
+      {"accuracy": {depth: fraction of `s.examples` rows answered exactly}, "continuations" and
+      "answers": {depth: [per row: the decoded continuation, the expected digits]}, "seconds"}
+      (prefill + decoding, compilation included), or {"skipped": reason} when the prompts cannot
+      be built (the length leaves no room for filler, or the tokenizer cannot write the prompt).
+    """
+    try:
+        batches = [lc.passkey(corpus, filler, length, d, s.examples, seed=s.seed)
+                   if task == "passkey" else
+                   lc.multikey_needle(corpus, filler, length, d, s.examples, seed=s.seed,
+                                      num_needles=s.num_needles) for d in s.depths]
+    except ValueError as error:
+        return {"skipped": str(error)}
+    inputs = np.concatenate([b.inputs for b in batches])
+    answers = [a for b in batches for a in b.answers]
+    # one token per character of " " + the answer: room for any tokenization of its digits
+    new_tokens = max(len(a) for a in answers) + 1
+    tic = time.perf_counter()
+    generated = np.concatenate([
+        bmojo_jax.generate(model, rows, new_tokens, temperature=0)
+        for rows in _batches(inputs, s.batch_size, 0)])[:len(inputs)]
+    seconds = time.perf_counter() - tic
+    texts = [corpus.decode(g) for g in generated]
+    correct = [lc.answer_correct(t, a) for t, a in zip(texts, answers)]
+    n = s.examples
+    return {"accuracy": {str(d): float(np.mean(correct[i * n:(i + 1) * n]))
+                         for i, d in enumerate(s.depths)},
+            "continuations": {str(d): texts[i * n:(i + 1) * n] for i, d in enumerate(s.depths)},
+            "answers": {str(d): answers[i * n:(i + 1) * n] for i, d in enumerate(s.depths)},
+            "seconds": seconds}
+
+
+def perplexity(model, corpus, lengths: Sequence[int], score_tokens: int, s: Settings) -> dict:
+    """Test perplexity at every context length on the same scored tokens (`lc.scoring_ends`,
+    `lc.scored_windows`), through the library's evaluation step.
+
+    Returns:
+      {"windows", "scored_tokens", "documents": token counts of the documents used, "by_length":
+      {length: {"loss" (nats/token), "perplexity", "tokens", "seconds"}}}.
+    """
+    starts = corpus.doc_starts["test"]
+    ends = lc.scoring_ends(starts, len(corpus.test), max(lengths), score_tokens, s.windows)
+    stops = np.append(starts[1:], len(corpus.test))
+    used = sorted({int(np.searchsorted(starts, e, side="right") - 1) for e in ends})
+    eval_step = training.make_eval_step(model.config)
+    params = nnx.state(model, nnx.Param)
+    out = {}
+    for length in lengths:
+        inputs, targets = lc.scored_windows(corpus.test, ends, length, score_tokens)
+        batches = list(zip(_batches(inputs, s.batch_size, 0),
+                           _batches(targets, s.batch_size, data_lib.IGNORE_INDEX)))
+        tic = time.perf_counter()
+        result = training.evaluate(eval_step, params, batches)
+        out[str(length)] = dict(result, seconds=time.perf_counter() - tic)
+        print(f"[{NAME}] perplexity at {length} tokens: {result['perplexity']:.2f}", flush=True)
+    return dict(windows=len(ends), scored_tokens=len(ends) * score_tokens,
+                documents=[int(stops[d] - starts[d]) for d in used], by_length=out)
+
+
+def evaluate_model(workdir, s: Settings) -> dict:
+    """Every task of `s` on the latest checkpoint of `workdir` (see the module docstring)."""
+    model, config, step, corpus = load(workdir)
+    t = int(config.data.seq_len)
+    lengths = list(s.lengths or [t * 2 ** i for i in range(7)])
+    score_tokens = s.score_tokens or max(1, t // 2)
+    if score_tokens > min(lengths):
+        raise ValueError(f"--score_tokens={score_tokens}: must be at most the shortest length "
+                         f"{min(lengths)} (default: half the training context {t}).")
+    record = dict(workdir=str(workdir), preset=config.model_preset,
+                  layer_mixers=model.config.layer_mixers, window=model.config.window,
+                  eidetic_slots=model.config.eidetic_slots, params=bmojo_jax.count_params(model),
+                  step=int(step), train_seq_len=t, corpus=config.data.name,
+                  vocab_size=corpus.vocab_size, lengths=lengths, score_tokens=score_tokens,
+                  state_bytes={str(n): decoding.state_bytes(model.config, 1, n)
+                               for n in lengths})
+    retrieval_tasks = [task for task in s.tasks if task in RETRIEVAL]
+    filler = filler_stream(corpus, s.filler) if retrieval_tasks else None
+    for task in retrieval_tasks:
+        record[task] = {}
+        for length in lengths:
+            cell = retrieval(model, corpus, task, length, filler, s)
+            record[task][str(length)] = cell
+            summary = (f"skipped: {cell['skipped']}" if "skipped" in cell else
+                       f"accuracy {np.mean(list(cell['accuracy'].values())):.2f}")
+            print(f"[{NAME}] {workdir} {task} at {length} tokens: {summary}", flush=True)
+    if "perplexity" in s.tasks:
+        record["perplexity"] = perplexity(model, corpus, lengths, score_tokens, s)
+    return record
+
+
+# --------------------------------------------------------------------------------------------------
+# The report
+# --------------------------------------------------------------------------------------------------
+
+
+def _accuracy_grid(record: dict, task: str, depths) -> np.ndarray:
+    """float [lengths, depths] accuracy in [0, 1], NaN where a length was skipped."""
+    return np.array([[record[task][str(n)]["accuracy"][str(d)]
+                      if "accuracy" in record[task][str(n)] else np.nan for d in depths]
+                     for n in record["lengths"]])
+
+
+def markdown(record: dict) -> str:
+    """The tables of every model and the method, from the record."""
+    s = record["settings"]
+    depths = s["depths"]
+    lines = [f"# Long-context evaluation: passkey, multi-key needle, perplexity against context "
+             f"length\n", *harness.provenance_lines(record),
+             f"Wall time {record['wall_seconds'] / 60:.1f} min; raw numbers and every continuation "
+             f"the models wrote: `{NAME}.json`\n"]
+    for m in record["models"]:
+        t = m["train_seq_len"]
+        lines += [f"## {m['workdir']}\n",
+                  f"Preset `{m['preset']}` (layers `{m['layer_mixers']}`, window {m['window']}, "
+                  f"{m['eidetic_slots']} eidetic slots), {m['params']:,} parameters, trained on "
+                  f"`{m['corpus']}` (vocabulary {m['vocab_size']:,}) at context T = {t} tokens for "
+                  f"{m['step']:,} steps.\n"]
+        for task, title in RETRIEVAL.items():
+            if task not in m:
+                continue
+            grid = _accuracy_grid(m, task, depths)
+            lines += [f"**{title[0].upper() + title[1:]}**: accuracy (%) of {s['examples']} "
+                      f"prompts per cell, by context length (tokens) and depth of the asked "
+                      f"needle.\n",
+                      "| length | x T | " + " | ".join(f"depth {d:g}" for d in depths) +
+                      " | mean |", "|---:|---:|" + "---:|" * (len(depths) + 1)]
+            for n, row in zip(m["lengths"], grid):
+                cells = ["—" if np.isnan(a) else f"{100 * a:.0f}" for a in row]
+                mean = "—" if np.isnan(row).all() else f"{100 * np.nanmean(row):.0f}"
+                lines.append(f"| {n:,} | {n / t:g} | " + " | ".join(cells) + f" | {mean} |")
+            reasons = sorted({c["skipped"] for c in m[task].values() if "skipped" in c})
+            lines += [""] + [f"— not run: {r}" for r in reasons] + ([""] if reasons else [])
+        if "perplexity" in m:
+            p = m["perplexity"]
+            documents = ", ".join(f"{d:,}" for d in p["documents"])
+            lines += [f"**Perplexity** on the same {p['scored_tokens']:,} test tokens at every "
+                      f"length: the last {m['score_tokens']} targets of each of {p['windows']} "
+                      f"windows, from the longest held-out documents ({documents} tokens). "
+                      f"State: the decoding state of one sequence at that length.\n",
+                      "| length | x T | perplexity | loss (nats/token) | state (MiB) |",
+                      "|---:|---:|---:|---:|---:|"]
+            for n in m["lengths"]:
+                r = p["by_length"][str(n)]
+                lines.append(f"| {n:,} | {n / t:g} | {r['perplexity']:.2f} | {r['loss']:.4f} | "
+                             f"{m['state_bytes'][str(n)] / 2 ** 20:.2f} |")
+            lines.append("")
+    lines += [
+        "## Method\n",
+        f"Prompts (`bmojo_jax.data.long_context`; seed {s['seed']}): prefix, filler, needle(s), "
+        f"filler, question, each tokenized separately and concatenated to exactly the stated "
+        f"length. The filler is a contiguous run of real text: "
+        + ("the held-out test split of the model's corpus" if s["filler"] == "test" else
+           f"every document of `{s['filler']}` (it may overlap the training text)")
+        + ", from a random offset. Passkey: Mohtashami and Jaggi's prompt with a random 5-digit "
+        f"key. Needle: RULER's multi-key template, {s['num_needles']} needles (word key, 7-digit "
+        f"value), the asked one at the stated depth (the fraction of filler tokens before it), the "
+        f"others at random depths. Prompt i has the same key(s) and relative filler offset at "
+        f"every length and depth. Answers: greedy decoding with `bmojo_jax.generate` (parallel "
+        f"prefill, then decode steps on the fixed-size state of every model but full attention, "
+        f"whose KV cache grows with the length); a prompt counts as answered when the "
+        f"continuation's leading digits equal the key exactly. Perplexity: windows of L tokens "
+        f"ending at the same positions for every L, inside one document, each run from an empty "
+        f"state; only the last tokens of each window are scored, so every length is scored on "
+        f"the same tokens and differences come from the context alone. RoPE positions continue "
+        f"past the training context (no interpolation). Times include compilation.",
+        "", f"![{NAME}]({NAME}.png)", ""]
+    return "\n".join(lines)
+
+
+def plot(record: dict, path) -> None:
+    """Per model, an accuracy heatmap (length x depth) for each retrieval task; perplexity
+    against length for every model on one axis."""
+    plt = plotting.pyplot()
+    models, depths = record["models"], record["settings"]["depths"]
+    tasks = [task for task in RETRIEVAL if any(task in m for m in models)]
+    with_ppl = any("perplexity" in m for m in models)
+    columns = len(tasks) + with_ppl
+    fig = plt.figure(figsize=(4.6 * columns, 0.4 + 3.4 * len(models)))
+    grid = fig.add_gridspec(len(models), columns)
+    for row, m in enumerate(models):
+        for col, task in enumerate(tasks):
+            ax = fig.add_subplot(grid[row, col])
+            if task not in m:
+                ax.axis("off")
+                continue
+            acc = 100 * _accuracy_grid(m, task, depths)
+            image = ax.imshow(np.ma.masked_invalid(acc), vmin=0, vmax=100, cmap="viridis",
+                              aspect="auto")
+            for (i, j), a in np.ndenumerate(acc):
+                ax.text(j, i, "—" if np.isnan(a) else f"{a:.0f}", ha="center", va="center",
+                        color="white" if np.isnan(a) or a < 60 else "black", fontsize=8)
+            ax.set_xticks(range(len(depths)), [f"{d:g}" for d in depths])
+            ax.set_yticks(range(len(m["lengths"])), [f"{n:,}" for n in m["lengths"]])
+            ax.set_xlabel("depth of the asked needle (fraction of the filler)")
+            ax.set_ylabel("context length (tokens)")
+            ax.set_title(f"{Path(m['workdir']).name}: {task} accuracy (%)", fontsize=9)
+            fig.colorbar(image, ax=ax, fraction=0.046)
+    if with_ppl:
+        ax = fig.add_subplot(grid[:, -1])
+        for m in models:
+            if "perplexity" in m:
+                by = m["perplexity"]["by_length"]
+                ax.plot(m["lengths"], [by[str(n)]["perplexity"] for n in m["lengths"]],
+                        marker="o", label=f"{Path(m['workdir']).name} (T = {m['train_seq_len']})")
+                ax.axvline(m["train_seq_len"], color="gray", ls="--", lw=1)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("context length (tokens); dashed: training context T")
+        ax.set_ylabel("test perplexity of the same scored tokens")
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=8)
+    plotting.save(fig, path)
+
+
+def run(settings: Settings, workdirs: Sequence, out_dir=None, command: Optional[str] = None
+        ) -> dict:
+    """Evaluates every workdir and writes OUT/long_context.{md,json,png}.
+
+    Args:
+      settings: a `Settings`.
+      workdirs: training workdirs (checkpoints of models trained on text corpora).
+      out_dir: where the files go (created); None: a new runs/long_context-<timestamp>/.
+      command: the command line to record (None: this process's `python -m
+        experiments.long_context` command).
+
+    Returns:
+      The JSON object written.
+
+    Raises:
+      ValueError: bad settings or a workdir not trained on text; FileNotFoundError,
+        training.CheckpointError: unreadable workdirs.
+    """
+    check_settings(settings)
+    if not workdirs:
+        raise ValueError("--workdir: give at least one training workdir.")
+    meta = harness.provenance(command or harness.command_line(f"experiments.{NAME}"))
+    tic = time.perf_counter()
+    models = [evaluate_model(w, settings) for w in workdirs]
+    record = dict(**meta, settings=dataclasses.asdict(settings), models=models,
+                  wall_seconds=time.perf_counter() - tic)
+    prefix = harness.output_prefix(NAME, out_dir=out_dir)  # created once there is a result
+    plot(record, f"{prefix}.png")
+    harness.write_report(prefix, record, markdown(record))
+    return record
+
+
+# --------------------------------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------------------------------
+
+_WORKDIR = flags.DEFINE_list("workdir", None, "Training workdirs (comma-separated) of models "
+                             "trained on a text corpus.")
+_LENGTHS = flags.DEFINE_list("lengths", None, "Context lengths in tokens (default: T x 1, 2, 4, "
+                             "..., 64 for the training context T).")
+_DEPTHS = flags.DEFINE_list("depths", ["0", "0.25", "0.5", "0.75", "1"], "Needle depths in [0, 1] "
+                            "(the fraction of the filler before the asked needle).")
+_EXAMPLES = flags.DEFINE_integer("examples", 8, "Prompts per (length, depth) cell.")
+_TASKS = flags.DEFINE_list("tasks", list(TASKS), f"Tasks: {', '.join(TASKS)}.")
+_NUM_NEEDLES = flags.DEFINE_integer("num_needles", 4, "Needles per multi-key prompt.")
+_FILLER = flags.DEFINE_enum("filler", "test", FILLERS, "Filler text: the model's held-out test "
+                            "split, or all of Austen's or Shakespeare's text.")
+_SCORE_TOKENS = flags.DEFINE_integer("score_tokens", None, "Targets scored at the end of each "
+                                     "perplexity window (default: half the training context).")
+_WINDOWS = flags.DEFINE_integer("windows", 16, "Perplexity windows.")
+_BATCH_SIZE = flags.DEFINE_integer("batch_size", 4, "Sequences per compiled call.")
+_SEED = flags.DEFINE_integer("seed", 0, "Seed of the prompts.")
+_OUT_DIR = flags.DEFINE_string("out_dir", None, harness.OUT_DIR_HELP)
+flags.mark_flag_as_required("workdir")
+
+
+def _numbers(flag: str, values: Sequence[str], kind):
+    try:
+        return tuple(kind(v) for v in values)
+    except ValueError:
+        sys.exit(f"error: --{flag}={','.join(values)}: each value must be "
+                 f"{'an integer' if kind is int else 'a number'}.")
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint file at INFO
+    settings = Settings(
+        lengths=_numbers("lengths", _LENGTHS.value, int) if _LENGTHS.value else None,
+        depths=_numbers("depths", _DEPTHS.value, float), examples=_EXAMPLES.value,
+        tasks=tuple(_TASKS.value), num_needles=_NUM_NEEDLES.value, filler=_FILLER.value,
+        score_tokens=_SCORE_TOKENS.value, windows=_WINDOWS.value, batch_size=_BATCH_SIZE.value,
+        seed=_SEED.value)
+    try:
+        run(settings, _WORKDIR.value, _OUT_DIR.value)
+    except (ValueError, FileNotFoundError, training.CheckpointError) as e:  # no traceback
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    app.run(main)

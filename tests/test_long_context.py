@@ -1,0 +1,201 @@
+"""Long-context evaluation: the prompt and window generators of `bmojo_jax.data.long_context`
+(needles at the stated depth and span, exact lengths, determinism by seed, the same scored tokens
+at every length, clear errors), and one end-to-end run of `experiments.long_context` on a tiny
+model trained for two steps on a small text corpus."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from bmojo_jax import data, training
+from bmojo_jax.data import long_context as lc
+from experiments import long_context as runner
+from experiments.configs import tiny
+
+TINY = Path(__file__).parent / "data" / "tiny_corpus"
+
+
+@pytest.fixture(scope="module")
+def documents(tmp_path_factory):
+    """A directory of 6 documents, each the tiny corpus's texts rotated and repeated twice."""
+    texts = [p.read_text(encoding="utf-8") for p in sorted(TINY.glob("*.txt"))]
+    root = tmp_path_factory.mktemp("documents")
+    for i in range(len(texts)):
+        (root / f"{i}.txt").write_text("".join(texts[i:] + texts[:i]) * 2, encoding="utf-8")
+    return root
+
+
+@pytest.fixture(scope="module")
+def corpus(documents, tmp_path_factory):
+    """The documents with a byte-level BPE of 300 tokens (the tokenizer cached in a tmp dir)."""
+    return data.load_corpus("text_files", path=documents, vocab_size=300,
+                            cache_dir=tmp_path_factory.mktemp("cache"))
+
+
+def test_passkey_prompt_layout(corpus):
+    """Exact length; the prefix, the needle (with the key, at the stated depth) and the question
+    sit where stated; the answer is the key."""
+    for length, depth in [(300, 0.0), (300, 1.0), (457, 0.3), (600, 0.5)]:
+        batch = lc.passkey(corpus, corpus.train, length, depth, 3, seed=5)
+        assert batch.inputs.shape == (3, length) and batch.inputs.dtype == np.int32
+        assert batch.needle_spans.shape == (3, 1, 2) and batch.depth == depth
+        prefix, question = (len(corpus.encode(s)) for s in (lc.PASSKEY_PREFIX,
+                                                            lc.PASSKEY_QUESTION))
+        for row, key, (start, stop), realized in zip(batch.inputs, batch.answers,
+                                                     batch.needle_spans[:, 0],
+                                                     batch.needle_depths[:, 0]):
+            assert len(key) == 5 and key.isdigit()
+            assert corpus.decode(row[start:stop]) == lc.PASSKEY_NEEDLE.format(key=key)
+            assert corpus.decode(row[:prefix]) == lc.PASSKEY_PREFIX
+            assert corpus.decode(row[-question:]) == lc.PASSKEY_QUESTION
+            n_filler = length - prefix - question - (stop - start)
+            assert start - prefix == np.floor(depth * n_filler + 0.5)
+            assert realized == pytest.approx((start - prefix) / n_filler)
+            assert abs(realized - depth) <= 0.5 / n_filler + 1e-12
+        if depth == 0.0:
+            assert (batch.needle_spans[:, 0, 0] == prefix).all()
+        if depth == 1.0:
+            assert (batch.needle_spans[:, 0, 1] == length - question).all()
+
+
+def test_multikey_needles_are_distinct_and_the_asked_one_is_at_depth(corpus):
+    batch = lc.multikey_needle(corpus, corpus.train, 700, 0.75, 4, seed=2, num_needles=3)
+    assert batch.inputs.shape == (4, 700) and batch.needle_spans.shape == (4, 3, 2)
+    prefix = len(corpus.encode(lc.NEEDLE_PREFIX))
+    for row, answer, spans, depths in zip(batch.inputs, batch.answers, batch.needle_spans,
+                                          batch.needle_depths):
+        order = np.argsort(spans[:, 0])
+        assert (spans[order][1:, 0] >= spans[order][:-1, 1]).all()  # no overlap
+        texts = [corpus.decode(row[a:b]) for a, b in spans]
+        keys = [t.split(" for ")[1].split(" is:")[0] for t in texts]
+        values = [t.split(": ")[1].rstrip(".\n") for t in texts]
+        assert texts == [lc.NEEDLE_TEXT.format(key=k, value=v) for k, v in zip(keys, values)]
+        assert len(set(keys)) == 3 and len(set(values)) == 3 and set(keys) <= set(lc.NEEDLE_KEYS)
+        assert answer == values[0] and len(answer) == 7
+        question = lc.NEEDLE_QUESTION.format(key=keys[0])
+        assert corpus.decode(row).endswith(question)
+        n_filler = 700 - prefix - sum(b - a for a, b in spans) - len(corpus.encode(question))
+        assert abs(depths[0] - 0.75) <= 0.5 / n_filler + 1e-12
+        filler_before = spans[0, 0] - prefix - sum(b - a for a, b in spans if b <= spans[0, 0])
+        assert filler_before == np.floor(0.75 * n_filler + 0.5)
+
+
+def test_prompts_are_a_function_of_the_seed_and_paired_across_cells(corpus):
+    a = lc.passkey(corpus, corpus.train, 400, 0.5, 4, seed=3)
+    b = lc.passkey(corpus, corpus.train, 400, 0.5, 4, seed=3)
+    np.testing.assert_array_equal(a.inputs, b.inputs)
+    assert a.answers == b.answers
+    c = lc.passkey(corpus, corpus.train, 400, 0.5, 4, seed=4)
+    assert c.answers != a.answers and not np.array_equal(c.inputs, a.inputs)
+    assert len(set(a.answers)) > 1  # rows differ
+    for length, depth in [(300, 0.5), (400, 0.0), (600, 1.0)]:  # same keys in every cell
+        assert lc.passkey(corpus, corpus.train, length, depth, 4, seed=3).answers == a.answers
+    n1 = lc.multikey_needle(corpus, corpus.train, 500, 0.2, 2, seed=1, num_needles=2)
+    n2 = lc.multikey_needle(corpus, corpus.train, 700, 0.9, 2, seed=1, num_needles=2)
+    assert n1.answers == n2.answers
+
+
+def test_generator_errors_are_clear(corpus):
+    with pytest.raises(ValueError, match="length=50 leaves no room for filler"):
+        lc.passkey(corpus, corpus.train, 50, 0.5, 1)
+    with pytest.raises(ValueError, match="the filler holds 10 tokens"):
+        lc.passkey(corpus, corpus.train[:10], 400, 0.5, 1)
+    with pytest.raises(ValueError, match=r"depth=1.5: must be a number in \[0, 1\]"):
+        lc.passkey(corpus, corpus.train, 400, 1.5, 1)
+    with pytest.raises(ValueError, match="num_examples=0"):
+        lc.passkey(corpus, corpus.train, 400, 0.5, 0)
+    with pytest.raises(ValueError, match="num_needles=99"):
+        lc.multikey_needle(corpus, corpus.train, 400, 0.5, 1, num_needles=99)
+    with pytest.raises(ValueError, match="filler must be a 1-D integer token stream"):
+        lc.passkey(corpus, np.zeros((2, 5), np.int32), 400, 0.5, 1)
+    words = data.WordTokenizer.from_text("the pass key is\n")  # PTB-like: no digits, no "?"
+    with pytest.raises(ValueError, match="cannot write .* exactly .* lossless tokenizer"):
+        lc.passkey(words, np.zeros(1000, np.int32), 400, 0.5, 1)
+
+
+def test_answer_correct():
+    assert lc.answer_correct(" 71432. Remember", "71432")
+    assert lc.answer_correct("71432", "71432")
+    assert lc.answer_correct("\n71432<|endoftext|>", "71432")
+    for wrong in (" 7143", " 714320", " the 71432", "", " 71433"):
+        assert not lc.answer_correct(wrong, "71432")
+
+
+def test_perplexity_windows_score_the_same_tokens_at_every_length():
+    tokens = np.arange(1000, dtype=np.int32) + 7
+    starts = np.array([0, 100, 700])  # documents of 100, 600 and 300 tokens
+    ends = lc.scoring_ends(starts, 1000, 256, 64, num_windows=10)
+    # longest document first ([100, 700): ends 356, 420, ... < 700), then [700, 1000)
+    np.testing.assert_array_equal(ends, [356, 420, 484, 548, 612, 676, 956])
+    scored = None
+    for length in (64, 128, 256):
+        inputs, targets = lc.scored_windows(tokens, ends, length, 64)
+        assert inputs.shape == targets.shape == (7, length)
+        assert (targets[:, :length - 64] == data.IGNORE_INDEX).all()
+        np.testing.assert_array_equal(targets[:, :-1][targets[:, :-1] >= 0],
+                                      inputs[:, 1:][targets[:, :-1] >= 0])  # next tokens
+        np.testing.assert_array_equal(inputs[:, -1], tokens[ends - 1])
+        if scored is None:
+            scored = targets[:, -64:]
+        np.testing.assert_array_equal(targets[:, -64:], scored)
+    doc = np.searchsorted(starts, ends, side="right") - 1
+    assert (ends - 256 >= starts[doc]).all()  # the longest window stays in its document
+    np.testing.assert_array_equal(lc.scoring_ends(starts, 1000, 256, 64, 3), ends[:3])
+    with pytest.raises(ValueError, match="no document holds max_length \\+ 1 = 601 tokens"):
+        lc.scoring_ends(starts, 1000, 600, 64, 4)
+    with pytest.raises(ValueError, match="score_tokens=65: must be an integer in \\[1, length"):
+        lc.scored_windows(tokens, ends, 64, 65)
+    with pytest.raises(ValueError, match="doc_starts must be"):
+        lc.scoring_ends(np.array([5, 10]), 1000, 64, 8, 1)
+
+
+def test_settings_errors_are_clear():
+    with pytest.raises(ValueError, match="--tasks=passkey,copy: allowed values"):
+        runner.check_settings(runner.Settings(tasks=("passkey", "copy")))
+    with pytest.raises(ValueError, match=r"--depths=\(0.5, 2.0\): must be numbers in \[0, 1\]"):
+        runner.check_settings(runner.Settings(depths=(0.5, 2.0)))
+    with pytest.raises(ValueError, match="--lengths=\\(0,\\): must be positive integers"):
+        runner.check_settings(runner.Settings(lengths=(0,)))
+    with pytest.raises(ValueError, match="--examples=0: must be an integer >= 1"):
+        runner.check_settings(runner.Settings(examples=0))
+
+
+@pytest.mark.slow
+def test_runner_end_to_end(documents, tmp_path, monkeypatch):
+    """Train a tiny B'MOJO for 2 steps on the documents, then run the suite into a tmp dir."""
+    monkeypatch.setenv(data.text.CACHE_ENV, str(tmp_path / "cache"))
+    config = tiny.get_config("bmojo")
+    config.data.update(name="text_files", path=str(documents), seq_len=32, bpe_vocab_size=300)
+    config.data.task = {}
+    config.update(num_steps=2, eval_every=2, checkpoint_every=2, log_every=1)
+    config.optimizer.warmup_steps = 1
+    config.sample.max_new_tokens = 0
+    workdir = tmp_path / "run"
+    training.train_and_evaluate(config, workdir)
+
+    settings = runner.Settings(lengths=(320, 480), depths=(0.0, 1.0), examples=2, num_needles=2,
+                               windows=3, score_tokens=16, batch_size=4)
+    out = tmp_path / "out"
+    record = runner.run(settings, [workdir], out_dir=out, command="python -m test")
+    assert sorted(p.name for p in out.iterdir()) == [
+        "long_context.json", "long_context.md", "long_context.png"]
+    assert json.loads((out / "long_context.json").read_text()) == json.loads(json.dumps(record))
+    (model,) = record["models"]
+    assert model["train_seq_len"] == 32 and model["step"] == 2 and model["lengths"] == [320, 480]
+    for task in ("passkey", "needle"):
+        for length in ("320", "480"):
+            cell = model[task][length]
+            assert set(cell["accuracy"]) == {"0.0", "1.0"}
+            for depth, accuracy in cell["accuracy"].items():
+                right = [lc.answer_correct(t, a) for t, a in zip(cell["continuations"][depth],
+                                                                 cell["answers"][depth])]
+                assert len(right) == 2 and accuracy == np.mean(right)
+    by_length = model["perplexity"]["by_length"]
+    assert model["perplexity"]["windows"] == 3
+    assert by_length["320"]["tokens"] == by_length["480"]["tokens"] == 3 * 16
+    assert all(np.isfinite(r["perplexity"]) and r["perplexity"] > 1 for r in by_length.values())
+    assert model["state_bytes"]["320"] == model["state_bytes"]["480"]  # B'MOJO: constant state
+    text = (out / "long_context.md").read_text()
+    assert "Command: `python -m test`" in text and "| 480 | 15 |" in text
