@@ -1,5 +1,6 @@
 """Samples text from a checkpoint of a training workdir, on the fixed-size streaming state
-(`bmojo_jax.generate`: parallel prefill of the prompt, then one decode step per token).
+(`generation.generate_text`: parallel prefill of the prompt, then one decode step per token; it
+warns about prompt words outside the vocabulary and stops at the end-of-text token).
 
     python -m experiments.generate --workdir=workdir/ptb_bmojo --prompt="the company said" \\
         --max_new_tokens=50 --temperature=0.8 --top_k=40 --seed=0
@@ -7,12 +8,11 @@
 
 import sys
 
-import numpy as np
 from absl import app, flags, logging
 
-import bmojo_jax
 from bmojo_jax import data as data_lib
 from bmojo_jax import training
+from bmojo_jax.generation import generate_text
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir holding checkpoints/.")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
@@ -21,6 +21,8 @@ _MAX_NEW_TOKENS = flags.DEFINE_integer("max_new_tokens", 50, "Tokens to generate
 _TEMPERATURE = flags.DEFINE_float("temperature", 0.8, "Softmax temperature; 0 = greedy.")
 _TOP_K = flags.DEFINE_integer("top_k", 40, "Sample among the k most likely tokens (0: all).")
 _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
+_STOP_AT_EOS = flags.DEFINE_bool("stop_at_eos", True, "Stop at the first end-of-text token (PTB: "
+                                 "end of line).")
 flags.mark_flag_as_required("workdir")
 
 
@@ -33,13 +35,12 @@ def main(argv):
         data = data_lib.load_data(config)
         if not isinstance(data, data_lib.TextData):
             raise ValueError("generate needs a checkpoint trained on a text corpus.")
-        prompt = data.corpus.encode(_PROMPT.value)[None]
-        new = bmojo_jax.generate(model, prompt, _MAX_NEW_TOKENS.value,
-                                 temperature=_TEMPERATURE.value, top_k=_TOP_K.value or None,
-                                 seed=_SEED.value)
+        text = generate_text(model, data.corpus.tokenizer, _PROMPT.value, _MAX_NEW_TOKENS.value,
+                             temperature=_TEMPERATURE.value, top_k=_TOP_K.value,
+                             seed=_SEED.value, stop_at_eos=_STOP_AT_EOS.value)
     except (ValueError, FileNotFoundError, training.CheckpointError) as e:
         sys.exit(f"error: {e}")
-    print(data.corpus.decode(np.concatenate([prompt[0], new[0]])))
+    print(text)
 
 
 if __name__ == "__main__":
