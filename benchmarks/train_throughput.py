@@ -1,6 +1,7 @@
 """Training throughput, memory and model FLOPs utilisation vs context length, for every preset.
 
     python -m benchmarks.train_throughput [--presets=transformer,bmojo] [--contexts=512,...,8192]
+        [--selections=fading,state,...] [--baseline=transformer]
         [--rounds=3] [--tokens_per_step=8192] [--match_params=true]
         [--growth_contexts=1024,...,8192] [--rss=true] [--out_dir=DIR | --out=PATH_PREFIX]
 
@@ -10,7 +11,10 @@ function (parameters and optimizer state donated). All presets share one paramet
 preset's d_ff is set so that its non-embedding parameters match the `transformer`'s at the same
 d_model and n_layers (`--match_params`, default; the d_ff used is in the table). For each preset
 and context length T the batch is tokens_per_step // T sequences, so every step trains on the same
-number of tokens. The variants are timed with `benchmarks.harness`: compiled once
+number of tokens. With `--selections`, every preset that has `B` layers is measured once per
+eidetic selection rule (`ModelConfig.eidetic_selection`), as variants named `PRESET/RULE`, e.g.
+`--presets=bmojo --selections=fading,state,threshold,learned,random --baseline=bmojo/fading` for
+the cost of each rule against the default. The variants are timed with `benchmarks.harness`: compiled once
 (`jit(...).lower(...).compile()`), warmed up, then run interleaved in rounds in this one process;
 we report the median and the spread (min, max) over rounds.
 
@@ -57,6 +61,9 @@ from experiments import plotting
 
 flags.DEFINE_list("presets", list(bj.PRESETS), "Presets to measure.")
 flags.DEFINE_list("contexts", ["512", "1024", "2048", "4096", "8192"], "Context lengths (tokens).")
+flags.DEFINE_list("selections", [], "Eidetic selection rules: each preset with B layers is "
+                  "measured once per rule, as the variant PRESET/RULE (empty: the preset's own).")
+flags.DEFINE_string("baseline", "transformer", "The variant the tokens/s ratio column divides by.")
 flags.DEFINE_integer("tokens_per_step", 8192, "Tokens per training step (batch = this // context).")
 flags.DEFINE_integer("rounds", 3, "Interleaved timing rounds.")
 flags.DEFINE_integer("d_model", 256, "Model width.")
@@ -85,19 +92,33 @@ FLAGS = flags.FLAGS
 # ------------------------------------------------------------------------------ model and step
 
 
+def variant_names() -> list[str]:
+    """The measured variants: each preset, or with --selections each `PRESET/RULE` for the presets
+    with `B` layers (the others once)."""
+    names = []
+    for preset in FLAGS.presets:
+        has_b = "B" in bj.ModelConfig.preset(preset).layer_mixers
+        names += [f"{preset}/{rule}" for rule in FLAGS.selections] if has_b and FLAGS.selections \
+            else [preset]
+    return names
+
+
 @functools.lru_cache(maxsize=None)
-def model_config(preset: str) -> bj.ModelConfig:
-    """The preset at the flags' size; with --match_params, its d_ff set so that its non-embedding
-    parameter count matches the `transformer`'s at that size (`bj.match_d_ff`). Cached: matching
-    builds a few abstract models, and the growth sweep asks again per context."""
-    def at_size(name):
+def model_config(variant: str) -> bj.ModelConfig:
+    """The variant (`PRESET` or `PRESET/RULE`) at the flags' size; with --match_params, its d_ff set
+    so that its non-embedding parameter count matches the `transformer`'s at that size
+    (`bj.match_d_ff`; the rule changes no parameter count). Cached: matching builds a few abstract
+    models, and the growth sweep asks again per context."""
+    def at_size(name, **overrides):
         return bj.ModelConfig.preset(name, d_model=FLAGS.d_model, n_layers=FLAGS.n_layers,
                                      n_heads=FLAGS.n_heads, window=FLAGS.window,
                                      vocab_size=FLAGS.vocab_size,
-                                     implementation=FLAGS.implementation)
+                                     implementation=FLAGS.implementation, **overrides)
+    preset, _, rule = variant.partition("/")
+    config = at_size(preset, **({"eidetic_selection": rule} if rule else {}))
     if not FLAGS.match_params:
-        return at_size(preset)
-    return bj.match_d_ff(at_size(preset), bj.param_count(at_size("transformer"), embedding=False))
+        return config
+    return bj.match_d_ff(config, bj.param_count(at_size("transformer"), embedding=False))
 
 
 def xla_flops(compiled) -> float:
@@ -238,7 +259,7 @@ def main(argv):
     started = time.time()
     load_before = harness.load_average()
     variants, params = {}, {}
-    for preset in FLAGS.presets:
+    for preset in variant_names():
         config = model_config(preset)
         for context in contexts:
             batch = max(FLAGS.tokens_per_step // context, 1)
@@ -281,9 +302,9 @@ def main(argv):
             xla_gflop_per_step=variant["xla_flops"] / 1e9,
             mfu=variant["model_flops"] / step.median / peak_flops,
             hfu=variant["xla_flops"] / step.median / peak_flops))
-    base = {r["context"]: r["tokens_per_s"] for r in rows if r["preset"] == "transformer"}
+    base = {r["context"]: r["tokens_per_s"] for r in rows if r["preset"] == FLAGS.baseline}
     for r in rows:
-        r["vs_transformer"] = r["tokens_per_s"] / base[r["context"]] if r["context"] in base \
+        r["vs_baseline"] = r["tokens_per_s"] / base[r["context"]] if r["context"] in base \
             else None
     del variants  # free the compiled executables and buffers before the subprocesses
 
@@ -296,7 +317,7 @@ def main(argv):
                   flush=True)
 
     growth = []
-    for preset in FLAGS.presets if FLAGS.growth_contexts else []:
+    for preset in variant_names() if FLAGS.growth_contexts else []:
         for context in [int(c) for c in FLAGS.growth_contexts]:
             compiled, state = compile_step(model_config(preset), 1, context)
             growth.append(dict(preset=preset, context=context, batch=1,
@@ -307,12 +328,12 @@ def main(argv):
     meta.update(
         load_average_before=load_before, load_average_after=load_after,
         peak_gflops_median=peak_flops / 1e9, peak_gflops_rounds=[p / 1e9 for p in peaks],
-        wall_s=time.time() - started,
+        wall_s=time.time() - started, baseline=FLAGS.baseline,
         flops_note="model FLOPs analytic (useful matmul work, training = 3 x forward); "
                    "XLA FLOPs from compiled.cost_analysis()['flops']")
     harness.write_report(prefix, dict(meta, rows=rows, growth=growth),
                          markdown(meta, rows, growth))
-    plot(rows, f"{prefix}.png")
+    plot(rows, f"{prefix}.png", FLAGS.baseline)
 
 
 def markdown(meta, rows, growth) -> str:
@@ -328,11 +349,12 @@ def markdown(meta, rows, growth) -> str:
         f"{meta['peak_gflops_median']:.1f} GFLOP/s; wall time {meta['wall_s'] / 60:.1f} min\n",
         "Tokens/s: median over rounds (min-max in brackets). Memory: compiled temp + argument + "
         "output. MFU: analytic model FLOPs / time / matmul peak; HFU: XLA-counted FLOPs instead.\n",
-        "| preset | params | d_ff | context | batch | tokens/s | vs transformer | compiled MiB | "
+        f"| preset | params | d_ff | context | batch | tokens/s | vs {meta['baseline']} | "
+        "compiled MiB | "
         "peak RSS MiB | model GFLOP/step | XLA GFLOP/step | MFU | HFU |",
         "|---|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
-        ratio = f"{r['vs_transformer']:.2f}x" if r["vs_transformer"] else "-"
+        ratio = f"{r['vs_baseline']:.2f}x" if r["vs_baseline"] else "-"
         rss = r.get("peak_rss_bytes")
         rss = f"{rss / mib:.0f}" if rss is not None and np.isfinite(rss) else "-"
         lines.append(
@@ -354,12 +376,12 @@ def markdown(meta, rows, growth) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(rows, path):
-    """Tokens/s, ratio to transformer, compiled memory and MFU vs context (OUT.json's rows)."""
+def plot(rows, path, baseline: str):
+    """Tokens/s, ratio to the baseline, compiled memory and MFU vs context (OUT.json's rows)."""
     plt = plotting.pyplot()
     fig, axes = plt.subplots(2, 2, figsize=(11, 8))
     panels = [(axes[0, 0], lambda r: r["tokens_per_s"], "training tokens/s (median)"),
-              (axes[0, 1], lambda r: r["vs_transformer"] or np.nan, "tokens/s vs transformer"),
+              (axes[0, 1], lambda r: r["vs_baseline"] or np.nan, f"tokens/s vs {baseline}"),
               (axes[1, 0], lambda r: r["memory"]["total"] / 2**20,
                "compiled memory, fixed tokens/step (MiB)"),
               (axes[1, 1], lambda r: 100 * r["mfu"], "MFU (%)")]
