@@ -1,20 +1,35 @@
-"""Sweeps: one config file over its arguments (presets), learning rates and seeds.
+"""Sweeps: one config file over its arguments (presets), learning rates, seeds and any other
+config fields, from one command.
 
+    python -m experiments.sweep --config=experiments/configs/mqar.py:bmojo \\
+        --sweep="seed=0,1,2;optimizer.lr=1e-3,3e-3"
     python -m experiments.sweep --config=experiments/configs/mqar_far.py \\
         --args=transformer,swa,bmojo_oracle --lrs=1e-3,3e-3,1e-2 --seeds=0 \\
         --root=workdir/sweeps/mqar_far --out=runs/mqar_far
 
-Every point (argument, learning rate, seed) trains in its own workdir ROOT/<point> (a rerun of the
-same command resumes unfinished points and collects finished ones: `reproduce.runner.train_point`)
-and, once finished, writes OUT/<point>.json: the point, its config, the result of
-`training.train_and_evaluate`, the git commit, the machine and the command. With `--commit`, each
-point's JSON is committed to git as it lands (long sweeps on a machine that may stop: nothing
-finished is lost). `--summary` prints, per argument, the best learning rate (by the mean final
-validation accuracy over seeds, or the lowest validation loss for text) and the mean +- std over
-seeds at that rate (`summarize`); with `--markdown=PATH` it writes that as a table, with the
-eidetic diagnostics (`bmojo_jax.diagnostics`: selection recall, slot precision, attention mass on
-the slots) of every MQAR point that has `B` layers, measured on its final checkpoint (in ROOT) and
-one validation batch.
+The grid is the product of the arguments of get_config (`--args`, or the ARG of --config=PATH:ARG)
+and the values of `--sweep` ("FIELD=V1,V2;FIELD=V1,..."; dotted config fields, Python literals),
+where `seed` and `optimizer.lr` are the same axes as `--seeds` and `--lrs`. `--set FIELD=VALUE`
+fixes a field for every point. Every field is checked before anything trains (an unknown one gets
+"did you mean"), and so is every point's config.
+
+Every point trains in its own workdir ROOT/<point> (default ROOT: runs/sweeps/<config file
+stem>); a rerun of the same command resumes unfinished points and collects finished ones
+(`reproduce.runner.train_point`). Points are named <arg>-lr<lr>-s<seed>, followed by
+-<field>=<value> for every other `--sweep` field. Once finished, a point writes OUT/<point>.json:
+the point, its config, the result of `training.train_and_evaluate`, the git commit, the machine
+and the command (and "fields", the other `--sweep` fields, when there are any). With `--commit`,
+each point's JSON is committed to git as it lands (long sweeps on a machine that may stop: nothing
+finished is lost).
+
+The aggregated table (`summarize`, `markdown`): per argument (and values of the other fields),
+the best learning rate (by the mean final validation accuracy over seeds, or the lowest mean
+validation loss for text) and the mean +- std over seeds at that rate, with the eidetic
+diagnostics (`bmojo_jax.diagnostics`: selection recall, slot precision, attention mass on the
+slots) of every MQAR point that has `B` layers, measured on its final checkpoint (in ROOT) and one
+validation batch. A sweep writes it at the end to `--markdown` (default OUT/summary.md) and prints
+it; `--summary` only summarizes the finished points in OUT (JSON on stdout; the table with
+`--markdown=PATH`).
 
 Points run in the order given; several sweeps can run side by side on one machine (e.g. pinned
 to one core each with `taskset -c N`).
@@ -23,7 +38,7 @@ to one core each with `taskset -c N`).
 from __future__ import annotations
 
 import ast
-import importlib.util
+import copy
 import itertools
 import json
 import subprocess
@@ -32,47 +47,75 @@ import time
 from pathlib import Path
 
 import numpy as np
-from absl import app, flags
+from absl import app, flags, logging
 
 from bmojo_jax import data as data_lib
 from bmojo_jax import diagnostics, training
 from benchmarks import harness
+from experiments.config_fields import load_config_module, unknown_field
 from experiments.reproduce import runner
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("config", None, "A config file with get_config(arg).", required=True)
-flags.DEFINE_list("args", None, "Arguments of get_config (presets), comma-separated.",
-                  required=True)
+flags.DEFINE_string("config", None, "A config file with get_config(arg): PATH, or PATH:ARG for "
+                    "one argument.", required=True)
+flags.DEFINE_list("args", None, "Arguments of get_config (presets), comma-separated (or the ARG "
+                  "of --config=PATH:ARG).")
 flags.DEFINE_list("lrs", None, "Learning rates (optimizer.lr); default: the config's.")
 flags.DEFINE_list("seeds", ["0"], "Seeds (config.seed: initialisation and batch order).")
+flags.DEFINE_string("sweep", None, "The grid: FIELD=V1,V2;FIELD=V1,... over dotted config fields "
+                    "(Python literals), e.g. \"seed=0,1,2;optimizer.lr=1e-3,3e-3\"; seed and "
+                    "optimizer.lr replace --seeds and --lrs.")
 flags.DEFINE_list("set", [], "Config overrides FIELD=VALUE (dotted fields, Python literals), "
                   "e.g. num_steps=12000,data.num_train=32768; they are part of each point's "
                   "config (a workdir holding another config is refused).")
-flags.DEFINE_string("root", None, "Directory of the points' workdirs.", required=True)
+flags.DEFINE_string("root", None, "Directory of the points' workdirs (default "
+                    "runs/sweeps/<config file stem>).")
 flags.DEFINE_string("out", None, "Directory of the points' JSON results (default ROOT/points).")
 flags.DEFINE_bool("commit", False, "git-commit each point's JSON as it lands.")
 flags.DEFINE_bool("summary", False, "Only print the summary of the finished points in OUT.")
-flags.DEFINE_string("markdown", None, "With --summary: also write the summary table here.")
+flags.DEFINE_string("markdown", None, "The aggregated table's path (default: OUT/summary.md at "
+                    "the end of a sweep; with --summary: only when given).")
 
 
-def load_config_module(path: str):
-    """The module of a config file (its `get_config`).
+def point_name(arg: str, lr: float, seed: int, fields: dict | None = None) -> str:
+    """<arg>-lr<lr>-s<seed>, then -<field>=<value> for each of `fields` (the other swept
+    fields; a "/" in a value becomes "_")."""
+    extra = "".join(f"-{field}={_text(value)}".replace("/", "_")
+                    for field, value in (fields or {}).items())
+    return f"{arg}-lr{lr:g}-s{seed}{extra}"
+
+
+def _text(value) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def _literal(text: str):
+    """A Python literal, or the text itself (a string)."""
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def set_field(config, field: str, value, source: str) -> None:
+    """config.<field> = value for a dotted field.
 
     Raises:
-      ValueError: no such file, or no get_config in it.
+      ValueError: no such field ("did you mean"), or a value of the wrong type; the message
+        starts with `source` (e.g. "--set 'num_steps=x'").
     """
-    if not Path(path).is_file():
-        raise ValueError(f"--config={path}: no such file.")
-    spec = importlib.util.spec_from_file_location(Path(path).stem, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    if not hasattr(module, "get_config"):
-        raise ValueError(f"--config={path}: defines no get_config(arg).")
-    return module
-
-
-def point_name(arg: str, lr: float, seed: int) -> str:
-    return f"{arg}-lr{lr:g}-s{seed}"
+    message = unknown_field(config, field)
+    if message:
+        raise ValueError(f"{source}: {message}")
+    *parents, name = field.split(".")
+    node = config
+    for key in parents:
+        node = node[key]
+    try:
+        node[name] = value
+    except TypeError as e:
+        raise ValueError(f"{source}: {value!r} does not fit config.{field} "
+                         f"({node.get_type(name).__name__}): {e}") from None
 
 
 def apply_overrides(config, overrides: list[str]):
@@ -80,36 +123,83 @@ def apply_overrides(config, overrides: list[str]):
     string).
 
     Raises:
-      ValueError: an override without "=", or a field the config does not have.
+      ValueError: an override without "=", a field the config does not have, or a value of the
+        wrong type.
     """
     for item in overrides:
         field, sep, text = item.partition("=")
         if not sep:
             raise ValueError(f"--set {item!r}: must be FIELD=VALUE.")
-        try:
-            value = ast.literal_eval(text)
-        except (ValueError, SyntaxError):
-            value = text
-        *parents, name = field.split(".")
-        node = config
-        for key in parents:
-            node = node[key] if key in node else None
-            if node is None:
-                raise ValueError(f"--set {item!r}: the config has no field {field!r}.")
-        if name not in node:
-            raise ValueError(f"--set {item!r}: the config has no field {field!r}.")
-        node[name] = value
+        set_field(config, field, _literal(text), f"--set {item!r}")
     return config
 
 
-def run_point(module, arg: str, lr, seed: int, root: Path, out: Path, commit: bool,
-              overrides: list[str] = ()) -> dict:
-    """Trains (or collects) one point and writes OUT/<point>.json (see module docstring)."""
+def parse_sweep(text: str | None) -> dict:
+    """{field: [values]} of a --sweep value "FIELD=V1,V2;FIELD=V1,..." (values Python literals,
+    or strings), in the order given; {} for None or "".
+
+    Raises:
+      ValueError: a part without "=" or without values, or a field given twice.
+    """
+    grid = {}
+    for part in filter(None, (p.strip() for p in (text or "").split(";"))):
+        field, sep, values = part.partition("=")
+        field = field.strip()
+        values = [v.strip() for v in values.split(",") if v.strip()]
+        if not sep or not field or not values:
+            raise ValueError(f"--sweep: {part!r} must be FIELD=V1,V2,... (parts separated by ';').")
+        if field in grid:
+            raise ValueError(f"--sweep: the field {field!r} is given twice.")
+        grid[field] = [_literal(v) for v in values]
+    return grid
+
+
+def grid_points(args, lrs, seeds, fields: dict):
+    """The points (arg, lr, seed, {field: value}) of a grid in sweep order: arguments, the other
+    fields' values ({field: [values]}), learning rates ([None]: the config's), then seeds (the
+    seeds of one setting run one after another)."""
+    names = list(fields)
+    for arg, *values in itertools.product(args, *fields.values()):
+        for lr, seed in itertools.product(lrs, seeds):
+            yield arg, lr, seed, dict(zip(names, values))
+
+
+def point_config(module, arg: str, lr, seed: int, overrides=(), fields: dict | None = None):
+    """(point name, training config) of a point: get_config(arg), the --set `overrides`, the
+    other swept `fields`, the learning rate (None: the config's) and the seed.
+
+    Raises:
+      ValueError: an override or swept value that does not fit the config.
+    """
+    fields = fields or {}
     config = apply_overrides(module.get_config(arg), list(overrides))
+    for field, value in fields.items():
+        set_field(config, field, copy.deepcopy(value), f"--sweep {field}={value!r}")
     if lr is not None:
-        config.optimizer.lr = lr
-    config.seed = seed
-    name = point_name(arg, config.optimizer.lr, seed)
+        set_field(config, "optimizer.lr", lr, f"learning rate {lr!r}")
+    set_field(config, "seed", seed, f"seed {seed!r}")
+    return point_name(arg, config.optimizer.lr, seed, fields), config
+
+
+def check_points(module, points, overrides) -> None:
+    """Builds and validates every point's config (`point_config`, `training.validate_config`)
+    before anything trains.
+
+    Raises:
+      ValueError: the first bad point (its name and the field).
+    """
+    for arg, lr, seed, fields in points:
+        name, config = point_config(module, arg, lr, seed, overrides, fields)
+        try:
+            training.validate_config(config)
+        except ValueError as e:
+            raise ValueError(f"point {name}: {e}") from None
+
+
+def run_point(module, arg: str, lr, seed: int, root: Path, out: Path, commit: bool,
+              overrides: list[str] = (), fields: dict | None = None) -> dict:
+    """Trains (or collects) one point and writes OUT/<point>.json (see module docstring)."""
+    name, config = point_config(module, arg, lr, seed, overrides, fields)
     tic = time.time()
     result = runner.train_point(config, root / name)
     record = dict(point=name, arg=arg, lr=config.optimizer.lr, seed=seed,
@@ -118,6 +208,8 @@ def run_point(module, arg: str, lr, seed: int, root: Path, out: Path, commit: bo
                   command=harness.command_line("experiments.sweep"),
                   finished_utc=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                   collect_s=time.time() - tic)
+    if fields:
+        record["fields"] = runner.jsonable(fields)
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"{name}.json"
     path.write_text(json.dumps(record, indent=1) + "\n")
@@ -146,20 +238,30 @@ def _commit(path: Path, message: str, attempts: int = 20) -> None:
     print(f"[sweep] could not commit {path} (git busy?); it is on disk", file=sys.stderr)
 
 
+def setting_label(arg: str, fields: dict | None) -> str:
+    """The name of a setting (the points that differ only in lr and seed): "<arg>" or
+    "<arg> field=value ..."."""
+    return " ".join([arg] + [f"{k}={_text(v)}" for k, v in (fields or {}).items()])
+
+
 def summarize(records: list[dict]) -> dict:
-    """Per argument: the best learning rate and the mean +- std over its seeds.
+    """Per setting (argument and the other swept fields): the best learning rate and the mean +-
+    std over its seeds.
 
     The best rate has the highest mean final validation accuracy (synthetic tasks; ties: fewer
-    steps) or the lowest mean validation loss (text).
+    steps) or the lowest mean validation loss (text). std is the population standard deviation
+    (ddof 0; 0 for one seed).
 
     Returns:
-      {arg: {"lr", "seeds", "metric", "mean", "std", "steps_to_0.9" (list, None = never),
-             "steps", "by_lr": {lr: mean}}}.
+      {setting_label: {"arg", "fields", "lr", "seeds", "points" (their names), "metric", "mean",
+       "std", "steps_to_0.9" (list, None = never), "steps", "by_lr": {lr: mean}}}, in the order
+      of the records' first appearance.
     """
+    groups = {}
+    for r in records:
+        groups.setdefault(setting_label(r["arg"], r.get("fields")), []).append(r)
     summary = {}
-    for arg, group in itertools.groupby(sorted(records, key=lambda r: r["arg"]),
-                                        key=lambda r: r["arg"]):
-        group = list(group)
+    for label, group in groups.items():
         accuracy = "accuracy" in group[0]["result"]["valid"]
         metric = "accuracy" if accuracy else "loss"
         by_lr = {}
@@ -173,9 +275,10 @@ def summarize(records: list[dict]) -> dict:
 
         best = max(by_lr, key=score)
         values = [r["result"]["valid"][metric] for r in by_lr[best]]
-        summary[arg] = dict(
-            lr=best, seeds=[r["seed"] for r in by_lr[best]], metric=metric,
-            mean=float(np.mean(values)), std=float(np.std(values)),
+        summary[label] = dict(
+            arg=group[0]["arg"], fields=group[0].get("fields", {}), lr=best,
+            seeds=[r["seed"] for r in by_lr[best]], points=[r["point"] for r in by_lr[best]],
+            metric=metric, mean=float(np.mean(values)), std=float(np.std(values)),
             steps=[r["result"]["step"] for r in by_lr[best]],
             **{"steps_to_0.9": [r["result"].get("steps_to_0.9") for r in by_lr[best]]},
             by_lr={lr: float(np.mean([r["result"]["valid"][metric] for r in rs]))
@@ -202,47 +305,97 @@ def point_diagnostics(workdir: Path):
                 recall_ceiling=mean("recall_ceiling"))
 
 
-def markdown(summary: dict, records: list[dict], root: Path) -> str:
-    """The summary as a markdown table (diagnostics of the best learning rate's first seed)."""
-    lines = ["| config | best lr | valid accuracy (mean +- std) | seeds | steps | steps to 90% | "
+def markdown(summary: dict, root: Path) -> str:
+    """The summary as a markdown table and its caption (diagnostics of the best learning rate's
+    first seed, from its workdir under `root`)."""
+    metric = next(iter(summary.values()))["metric"] if summary else "accuracy"
+    lines = [f"| config | best lr | valid {metric} (mean +- std) | seeds | steps | steps to 90% | "
              "selection recall | slot precision | attention on slots | lr grid (mean) |",
              "|---|---|---|---|---|---|---|---|---|---|"]
-    for arg, row in summary.items():
-        point = point_name(arg, row["lr"], row["seeds"][0])
-        diag = point_diagnostics(root / point) if (root / point / "checkpoints").is_dir() else None
+    for label, row in summary.items():
+        workdir = root / row["points"][0]
+        diag = point_diagnostics(workdir) if (workdir / "checkpoints").is_dir() else None
         cells = ("-", "-", "-") if diag is None else (
             f"{diag['selection_recall']:.2f} (ceiling {diag['recall_ceiling']:.2f})",
             f"{diag['slot_precision']:.2f}", f"{diag['eidetic_mass']:.2f}")
         grid = ", ".join(f"{lr:g}: {v:.3f}" for lr, v in row["by_lr"].items())
-        lines.append(f"| {arg} | {row['lr']:g} | {row['mean']:.4f} +- {row['std']:.4f} | "
-                     f"{len(row['seeds'])} | {', '.join(map(str, row['steps']))} | "
+        value = (f"{row['mean']:.4f} +- {row['std']:.4f}" if len(row["seeds"]) > 1 else
+                 f"{row['mean']:.4f} (one seed)")
+        lines.append(f"| {label} | {row['lr']:g} | {value} | "
+                     f"{', '.join(map(str, row['seeds']))} | "
+                     f"{', '.join(map(str, row['steps']))} | "
                      f"{', '.join(str(s) for s in row['steps_to_0.9'])} | {' | '.join(cells)} | "
                      f"{grid} |")
+    best = ("the highest mean final validation accuracy (ties: fewer steps)" if metric ==
+            "accuracy" else "the lowest mean final validation loss (nats/token)")
+    lines += ["", f"Best lr: {best} over the seeds; mean +- std: over the seeds at that lr "
+              f"(population std, ddof 0). Steps: the last training step of each seed (an early "
+              f"stop or num_steps); steps to 90%: the first evaluated step with validation "
+              f"accuracy >= 0.9 (None: never). Diagnostics (MQAR points with B layers): the best "
+              f"lr's first seed, final checkpoint, one validation batch, mean over the B layers. "
+              f"lr grid: the mean over seeds at every lr."]
     return "\n".join(lines) + "\n"
 
 
 def main(argv):
-    del argv
-    root = Path(FLAGS.root)
-    out = Path(FLAGS.out) if FLAGS.out else root / "points"
-    if FLAGS.summary:
-        records = [r for r in (json.loads(p.read_text()) for p in sorted(out.glob("*.json")))
-                   if r["arg"] in FLAGS.args]
-        summary = summarize(records)
-        print(json.dumps(summary, indent=1))
-        if FLAGS.markdown:
-            Path(FLAGS.markdown).write_text(markdown(summary, records, root))
-        return
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint file at INFO
     try:
-        module = load_config_module(FLAGS.config)
-        lrs = [None] if not FLAGS.lrs else [float(x) for x in FLAGS.lrs]
-        seeds = [int(x) for x in FLAGS.seeds]
-        apply_overrides(module.get_config(FLAGS.args[0]), FLAGS.set)  # fail before training
+        path, has_arg, arg = FLAGS.config.partition(":")
+        if has_arg and FLAGS.args:
+            raise ValueError(f"--config={FLAGS.config} names the argument {arg!r} and --args "
+                             f"names {FLAGS.args}: give the arguments once.")
+        args = [arg] if has_arg else FLAGS.args
+        if not args:
+            raise ValueError("no argument of get_config: give --args=A,B or --config=PATH:ARG.")
+        root = Path(FLAGS.root) if FLAGS.root else Path("runs/sweeps") / Path(path).stem
+        out = Path(FLAGS.out) if FLAGS.out else root / "points"
+        if FLAGS.summary:
+            records = [r for r in (json.loads(p.read_text()) for p in sorted(out.glob("*.json")))
+                       if r["arg"] in args]
+            summary = summarize(records)
+            print(json.dumps(summary, indent=1))
+            if FLAGS.markdown:
+                Path(FLAGS.markdown).write_text(markdown(summary, root))
+            return
+        module = load_config_module(path)
+        grid = parse_sweep(FLAGS.sweep)
+        seeds, lrs = FLAGS.seeds, FLAGS.lrs
+        for field, flag in (("seed", "seeds"), ("optimizer.lr", "lrs")):
+            if field in grid and FLAGS[flag].present:
+                raise ValueError(f"--sweep sweeps {field} and --{flag} is given: give it once.")
+        seeds = grid.pop("seed", None) or [_number("--seeds", x, int) for x in seeds]
+        lrs = grid.pop("optimizer.lr", None) or ([_number("--lrs", x, float) for x in lrs]
+                                                  if lrs else [None])
+        points = list(grid_points(args, lrs, seeds, grid))
+        check_points(module, points, FLAGS.set)
     except ValueError as e:
-        sys.exit(f"Error: {e}")
-    for arg, lr, seed in itertools.product(FLAGS.args, lrs, seeds):
-        record = run_point(module, arg, lr, seed, root, out, FLAGS.commit, FLAGS.set)
+        sys.exit(f"error: {e}")
+    print(f"[sweep] {len(points)} points under {root}", flush=True)
+    records = []
+    for arg, lr, seed, fields in points:
+        try:
+            record = run_point(module, arg, lr, seed, root, out, FLAGS.commit, FLAGS.set, fields)
+        except (ValueError, FileNotFoundError, training.CheckpointError,
+                training.TrainingDiverged) as e:  # no traceback
+            sys.exit(f"error: point {point_config(module, arg, lr, seed, FLAGS.set, fields)[0]}: "
+                     f"{e}")
         print(f"[sweep] {record['point']}: {_headline(record['result'])}", flush=True)
+        records.append(record)
+    table = markdown(summarize(records), root)
+    path = Path(FLAGS.markdown) if FLAGS.markdown else out / "summary.md"
+    path.write_text(table)
+    print(f"{table}\n[sweep] wrote {path}", flush=True)
+
+
+def _number(source: str, text: str, kind: type):
+    """kind(text) (int or float) of a flag's list entry; ValueError naming the flag."""
+    try:
+        return kind(text)
+    except ValueError:
+        raise ValueError(f"{source}: {text!r} is not {'an integer' if kind is int else 'a number'}"
+                         f".") from None
 
 
 if __name__ == "__main__":

@@ -128,59 +128,54 @@ class MetricsLog:
 def plot_metrics(metrics_path, figure_path, title: str = "") -> None:
     """Draws a run's metrics file as a PNG (matplotlib, no display needed): cross-entropy
     (nats/token) and perplexity against the training step, the training records' "ce" (the
-    mean over each logged window, drawn at its last step) as a line, the periodic validation
-    as a line with markers, the final validation and test evaluations as single markers; a third
-    panel of validation accuracy on synthetic tasks. Panels are titled with `title` (e.g. the
-    workdir's name).
+    mean over each logged window, drawn at its last step) and the periodic validation as lines
+    with markers, the final validation and test evaluations as single hollow markers; a third
+    panel of accuracy on synthetic tasks. Panels are titled with `title` (e.g. the workdir's
+    name).
 
     Raises:
-      ValueError: the metrics file holds no training or validation record.
+      ValueError: the metrics file holds no training or evaluation record.
     """
     from matplotlib.figure import Figure  # imported when a figure is drawn
+    from matplotlib.ticker import MaxNLocator
 
     records = read_records(metrics_path)
     series = {split: [r for r in records if r["split"] == split]
               for split in ("train", "valid", "valid_final", "test_final")}
-    if not series["train"] and not series["valid"]:
-        raise ValueError(f"{metrics_path}: no training or validation record to plot.")
+    if not any(series.values()):
+        raise ValueError(f"{metrics_path}: no training or evaluation record to plot.")
     with_accuracy = any("accuracy" in r for r in series["valid"] + series["valid_final"])
     fig = Figure(figsize=(5 * (2 + with_accuracy), 3.8))
-    axes = fig.subplots(1, 2 + with_accuracy)
-    styles = {"train": dict(field="ce", label="training (window mean)", lw=1),
-              "valid": dict(field="loss", label="validation", marker="o", ms=4),
-              "valid_final": dict(field="loss", label="final validation", marker="s", ls="none",
-                                  ms=7, zorder=3),
-              "test_final": dict(field="loss", label="final test", marker="D", ls="none", ms=6,
-                                 zorder=4)}
-    panels = [("cross-entropy", "loss (nats/token)"), ("perplexity", "perplexity")]
-    for axis, (name, ylabel) in zip(axes, panels):
+    axes = fig.subplots(1, 2 + with_accuracy, sharex=True)
+    # One colour per split in every panel; hollow final markers of two shapes stay visible when
+    # they coincide.
+    styles = {"train": dict(label="training (window mean)", color="C0", marker=".", ms=4, lw=1),
+              "valid": dict(label="validation", color="C1", marker="o", ms=4),
+              "valid_final": dict(label="final validation", color="C1", marker="s", ms=9,
+                                  mfc="none", mew=1.5, ls="none", zorder=3),
+              "test_final": dict(label="final test", color="C2", marker="D", ms=6, mfc="none",
+                                 mew=1.5, ls="none", zorder=4)}
+    fields = {"train": "ce", "valid": "loss", "valid_final": "loss", "test_final": "loss"}
+    panels = [("cross-entropy", "loss (nats/token)", lambda r, field: r.get(field)),
+              ("perplexity", "perplexity (log scale)",
+               lambda r, field: math.exp(min(r[field], 700.0)) if field in r else None)]
+    if with_accuracy:
+        panels.append(("accuracy", "accuracy on labelled tokens (%)",
+                       lambda r, field: 100 * r["accuracy"] if "accuracy" in r else None))
+    for axis, (name, ylabel, value) in zip(axes, panels):
         for split, style in styles.items():
-            style = dict(style)
-            field = style.pop("field")
-            points = [(r["step"], r[field]) for r in series[split] if field in r]
-            if not points:
-                continue
-            steps, values = zip(*points)
-            if name == "perplexity":
-                values = [math.exp(min(v, 700.0)) for v in values]
-            axis.plot(steps, values, **style)
+            points = [(r["step"], value(r, fields[split])) for r in series[split]]
+            points = [(step, v) for step, v in points if v is not None]
+            if points:
+                axis.plot(*zip(*points), **style)
         axis.set_title(f"{title}: {name}" if title else name)
         axis.set_xlabel("training step")
         axis.set_ylabel(ylabel)
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
         axis.grid(alpha=0.3)
     axes[1].set_yscale("log")
-    axes[0].legend(fontsize=8)
     if with_accuracy:
-        axis = axes[2]
-        for split in ("valid", "valid_final", "test_final"):
-            style = {k: v for k, v in styles[split].items() if k != "field"}
-            points = [(r["step"], 100 * r["accuracy"]) for r in series[split] if "accuracy" in r]
-            if points:
-                axis.plot(*zip(*points), **style)
-        axis.set_title(f"{title}: accuracy" if title else "accuracy")
-        axis.set_xlabel("training step")
-        axis.set_ylabel("accuracy on labelled tokens (%)")
-        axis.set_ylim(-2, 102)
-        axis.grid(alpha=0.3)
+        axes[2].set_ylim(-2, 102)
+    axes[0].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(figure_path, dpi=120)
