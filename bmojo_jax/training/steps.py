@@ -26,6 +26,7 @@ import ml_collections
 import numpy as np
 import optax
 from flax import nnx
+from tqdm import tqdm
 
 from bmojo_jax import data as data_lib
 from bmojo_jax import sequence_parallel
@@ -232,9 +233,18 @@ def evaluate(eval_step, params, batches, *, n_bytes=None, with_accuracy=False) -
 def evaluate_split(eval_step, params, data, split: str, batch_size: int, seq_len: int,
                    max_batches: int = 0) -> dict:
     """`evaluate` on `split` of `data` (a `data.load_data` source) at context `seq_len`, on its
-    first `max_batches` batches (0: all; bits per byte only then)."""
+    first `max_batches` batches (0: all; bits per byte only then), with a progress bar (tqdm, on
+    stderr, removed when done). The bar counts finished batches: each batch is waited for before
+    the next is dispatched (our choice: a true count and ETA for a small pipeline bubble)."""
     batches = data.eval_batches(split, batch_size, seq_len)
     complete = not max_batches or max_batches >= len(batches)
-    return evaluate(eval_step, params, batches if complete else batches[:max_batches],
-                    n_bytes=data.n_bytes(split) if complete else None,
-                    with_accuracy=data.with_accuracy)
+    batches = batches if complete else batches[:max_batches]
+    with tqdm(total=len(batches), desc=f"evaluating {split}", unit="batch", leave=False,
+              dynamic_ncols=True) as bar:
+        def counted_step(params, inputs, targets):
+            outputs = jax.block_until_ready(eval_step(params, inputs, targets))
+            bar.update(1)
+            return outputs
+        return evaluate(counted_step, params, batches,
+                        n_bytes=data.n_bytes(split) if complete else None,
+                        with_accuracy=data.with_accuracy)
