@@ -82,22 +82,36 @@ def main(argv):
 
 
 def plot(rows, path):
-    """Latency and state size vs context, one line per preset (rows as in OUT.json)."""
+    """Latency (median, min-max error bars) and state size vs context, one line per preset (rows
+    as in OUT.json); a context a preset did not run breaks its line."""
     plt = plotting.pyplot()
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
-    for preset in dict.fromkeys(r["preset"] for r in rows):
-        mine = [r for r in rows if r["preset"] == preset]
-        ctx = [r["context"] for r in mine]
-        left.plot(ctx, [r["ms_per_token_median"] for r in mine], marker="o", label=preset)
-        right.plot(ctx, [r["state_bytes"] / 2**20 for r in mine], marker="o", label=preset)
-    for axis, label in ((left, "ms / token (median)"), (right, "decoding state (MiB)")):
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4.6))
+    latency = plotting.aligned(rows, "preset", "context", lambda r: r["ms_per_token_median"])
+    low = plotting.aligned(rows, "preset", "context", lambda r: r["ms_per_token_min"])
+    high = plotting.aligned(rows, "preset", "context", lambda r: r["ms_per_token_max"])
+    state = plotting.aligned(rows, "preset", "context", lambda r: r["state_bytes"] / 2**20)
+    for order, preset in enumerate(latency):
+        style = plotting.series_style(preset, order)
+        xs, ys = latency[preset]
+        left.errorbar(xs, ys, yerr=[ys - low[preset][1], high[preset][1] - ys], capsize=3,
+                      **style)
+        right.plot(*state[preset], **style)
+    for axis, title, label in ((left, "decode latency",
+                                "ms per token (median over rounds, log scale)"),
+                               (right, "decoding-state size", "state (MiB, log scale)")):
         axis.set_xscale("log", base=2)
-        axis.set_xlabel("context (tokens)")
+        axis.set_title(title)
+        axis.set_xlabel("context (tokens, log scale)")
         axis.set_ylabel(label)
         axis.grid(alpha=0.3)
-    right.set_yscale("log")
-    left.legend()
-    plotting.save(fig, path)
+    for axis in (left, right):
+        axis.set_yscale("log")
+        plotting.plain_numbers(axis.yaxis)
+    left.legend(fontsize=8)
+    plotting.save(fig, path, caption=(
+        "Latency: median over the interleaved timing rounds of a jit-compiled greedy decode loop, "
+        "per token; error bars from the minimum to the maximum round. A missing point (a preset "
+        "that did not run at that context) leaves a gap."))
 
 
 if __name__ == "__main__":

@@ -377,27 +377,42 @@ def markdown(meta, rows, growth) -> str:
 
 
 def plot(rows, path, baseline: str):
-    """Tokens/s, ratio to the baseline, compiled memory and MFU vs context (OUT.json's rows)."""
+    """Tokens/s (median, min-max error bars), ratio to the baseline, compiled memory and MFU vs
+    context (OUT.json's rows); a context a variant did not run breaks its line."""
     plt = plotting.pyplot()
-    fig, axes = plt.subplots(2, 2, figsize=(11, 8))
-    panels = [(axes[0, 0], lambda r: r["tokens_per_s"], "training tokens/s (median)"),
-              (axes[0, 1], lambda r: r["vs_baseline"] or np.nan, f"tokens/s vs {baseline}"),
-              (axes[1, 0], lambda r: r["memory"]["total"] / 2**20,
-               "compiled memory, fixed tokens/step (MiB)"),
-              (axes[1, 1], lambda r: 100 * r["mfu"], "MFU (%)")]
-    for preset in dict.fromkeys(r["preset"] for r in rows):
-        mine = [r for r in rows if r["preset"] == preset]
-        for axis, value, _ in panels:
-            axis.plot([r["context"] for r in mine], [value(r) for r in mine], marker="o",
-                      label=preset)
-    for axis, _, label in panels:
+    fig, axes = plt.subplots(2, 2, figsize=(11, 8.6))
+    panels = [(axes[0, 0], lambda r: r["tokens_per_s"], "training throughput",
+               "tokens/s (median over rounds)"),
+              (axes[0, 1], lambda r: r["vs_baseline"] or None, f"throughput relative to {baseline}",
+               f"tokens/s / tokens/s of {baseline}"),
+              (axes[1, 0], lambda r: r["memory"]["total"] / 2**20, "compiled memory per step",
+               "temp + arguments + outputs (MiB, log scale)"),
+              (axes[1, 1], lambda r: 100 * r["mfu"], "model FLOPs utilisation",
+               "MFU (% of the matmul peak)")]
+    low = plotting.aligned(rows, "preset", "context", lambda r: r["tokens_per_s_min"])
+    high = plotting.aligned(rows, "preset", "context", lambda r: r["tokens_per_s_max"])
+    for axis, value, title, label in panels:
+        series = plotting.aligned(rows, "preset", "context", value)
+        for order, (preset, (xs, ys)) in enumerate(series.items()):
+            style = plotting.series_style(preset, order)
+            if axis is axes[0, 0]:
+                axis.errorbar(xs, ys, yerr=[ys - low[preset][1], high[preset][1] - ys],
+                              capsize=3, **style)
+            else:
+                axis.plot(xs, ys, **style)
         axis.set_xscale("log", base=2)
-        axis.set_xlabel("context (tokens)")
+        axis.set_title(title)
+        axis.set_xlabel("context (tokens, log scale)")
         axis.set_ylabel(label)
         axis.grid(alpha=0.3)
     axes[1, 0].set_yscale("log")
-    axes[0, 0].legend()
-    plotting.save(fig, path)
+    plotting.plain_numbers(axes[1, 0].yaxis)
+    axes[0, 0].legend(fontsize=8)
+    plotting.save(fig, path, caption=(
+        "Training tokens/s: median over the interleaved timing rounds, error bars from the "
+        "minimum to the maximum round. Memory: XLA's compiled-memory analysis at a fixed number "
+        "of tokens per step. MFU: analytic model FLOPs / step time / measured matmul peak. A "
+        "missing point (a variant that did not run at that context) leaves a gap."))
 
 
 if __name__ == "__main__":

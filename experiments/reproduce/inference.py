@@ -107,17 +107,24 @@ def markdown(record, s) -> str:
 
 
 def plot(record, s, path) -> None:
-    """Prefill and decode latency per preset, median with [min, max] error bars."""
+    """Prefill and decode latency per preset: bars at the median, error bars from the min to the
+    max over the rounds (the caption says so), each preset in its own colour."""
     plt = plotting.pyplot()
     runs = record["runs"]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4.2))
     names = [r["preset"] for r in runs]
-    for ax, key, label in ((left, "prefill_ms", f"prefill {s.context} tokens (ms)"),
-                           (right, "decode_ms", f"decode at {s.context} (ms/token)")):
+    for ax, key, title, label in (
+            (left, "prefill_ms", f"prefill of a {s.context}-token prompt", "time (ms)"),
+            (right, "decode_ms", f"decode after {s.context} tokens", "time per token (ms)")):
         med = np.array([r[f"{key}_median"] for r in runs])
         err = np.array([[m - r[f"{key}_min"], r[f"{key}_max"] - m] for m, r in zip(med, runs)]).T
-        ax.bar(names, med, yerr=err, color=[f"C{i}" for i in range(len(names))], capsize=3)
+        ax.bar(names, med, yerr=err, capsize=3,
+               color=[plotting.series_style(n, i)["color"] for i, n in enumerate(names)])
+        ax.set_title(title)
+        ax.set_xlabel("preset")
         ax.set_ylabel(label)
         ax.tick_params(axis="x", labelsize=8)
         ax.grid(axis="y", alpha=0.3)
-    plotting.save(fig, path)
+    plotting.save(fig, path, caption=(
+        f"Bars: median over {s.rounds} interleaved rounds; error bars: the minimum and the maximum "
+        f"over the rounds. Batch {s.batch_size}, jit-compiled, warmed up."))

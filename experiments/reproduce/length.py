@@ -108,19 +108,26 @@ def markdown(record, s) -> str:
 
 
 def plot(record, s, path) -> None:
-    """Test perplexity vs evaluation context, one line per preset (log-log)."""
+    """Test perplexity vs evaluation context, one line per preset (log-log); a length a preset
+    has no value for breaks its line (`plotting.aligned`)."""
     plt = plotting.pyplot()
     t = s.seq_len
     lengths = [m * t for m in s.multipliers]
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for r in record["runs"]:
-        ax.plot(lengths, [r["perplexity"][str(L)] for L in lengths], marker="o",
-                label=r["preset"])
+    rows = [dict(preset=r["preset"], length=L, perplexity=r["perplexity"].get(str(L)))
+            for r in record["runs"] for L in lengths]
+    fig, ax = plt.subplots(figsize=(6.5, 4.6))
+    series = plotting.aligned(rows, "preset", "length", lambda row: row["perplexity"])
+    for order, (preset, (xs, ys)) in enumerate(series.items()):
+        ax.plot(xs, ys, **plotting.series_style(preset, order))
     ax.axvline(t, color="gray", ls="--", lw=1)
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
-    ax.set_xlabel(f"evaluation context (tokens); training context T = {t}")
-    ax.set_ylabel("test perplexity")
+    plotting.plain_numbers(ax.yaxis)
+    ax.set_title("length extrapolation")
+    ax.set_xlabel(f"evaluation context (tokens, log scale); training context T = {t} (dashed)")
+    ax.set_ylabel("test perplexity (log scale)")
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
-    plotting.save(fig, path)
+    plotting.save(fig, path, caption=(
+        f"One training run per preset (seed {s.seed}) at context {t}; at every context the same "
+        f"{record['eval_tokens']:,} test tokens are scored; no error bars."))
