@@ -46,3 +46,143 @@ def test_layer_patterns(preset, n_layers, mixers):
     assert config.layer_mixers == mixers
     if preset == "bmojo_f":
         assert config.eidetic_per_chunk == 0 and config.eidetic_slots == 0
+
+
+
+# --------------------------------------------------------------------------------------------------
+# Config discovery (experiments/config_fields.py) and the sweep grammar (experiments/sweep.py)
+# --------------------------------------------------------------------------------------------------
+
+
+def test_readme_lists_every_config_field_in_sync():
+    """The README's table is the one generated from the docstrings (rerun `python -m
+    experiments.config_fields --readme` after changing them), and every schema field has a row."""
+    from bmojo_jax import training
+    from experiments import config_fields
+    assert config_fields.readme_section() in config_fields.README.read_text()
+    described = [name for pairs, _ in config_fields.field_table() for name, _ in pairs]
+    assert sorted(described) == sorted(config_fields.fields(training.default_config()))
+    rows = dict((pairs[0][0], meaning) for pairs, meaning in config_fields.field_table())
+    assert rows["model.window"].startswith("sliding-window length")
+    assert "nats" in rows["early_stop.metric"]
+
+
+def test_an_undescribed_field_is_named(monkeypatch):
+    from bmojo_jax import training
+    from experiments import config_fields
+    original = training.default_config
+
+    def with_new_field(*args):
+        config = original(*args)
+        config.new_knob = 3
+        return config
+    with_new_field.__doc__ = original.__doc__
+    monkeypatch.setattr(training, "default_config", with_new_field)
+    with pytest.raises(ValueError, match="without a description.*: new_knob"):
+        config_fields.field_table()
+
+
+def test_unknown_field_says_did_you_mean():
+    from experiments import config_fields
+    from experiments.configs import ptb
+    config = ptb.get_config("bmojo")
+    assert config_fields.unknown_field(config, "optimizer.lr") is None
+    assert config_fields.unknown_field(config, "model") is None
+    message = config_fields.unknown_field(config, "optimizer.learning_rate")
+    assert "did you mean" in message and "optimizer.lr" in message.split("?")[0]
+    assert "the fields of optimizer: b1, b2" in message and "\n" not in message
+    assert "did you mean num_steps" in config_fields.unknown_field(config, "num_step")
+    assert "num_steps is a value" in config_fields.unknown_field(config, "num_steps.x")
+    lines = config_fields.format_config(config).splitlines()
+    assert f"optimizer.lr = {config.optimizer.lr!r}" in lines and "model.d_ff = None" in lines
+    assert len(lines) == len(config_fields.fields(config))
+
+
+def test_command_line_typo_exits_with_one_line(capsys):
+    from experiments import config_fields
+    with pytest.raises(SystemExit) as exit_:
+        config_fields.parse_flags(["train", "--config=experiments/configs/tiny.py:bmojo",
+                                   "--config.optimizer.learning_rate=1e-3"])
+    assert str(exit_.value.code).startswith("error: --config.optimizer.learning_rate: unknown "
+                                            "config field")
+    assert "optimizer.lr" in str(exit_.value.code)
+
+
+def test_sweep_grammar_and_point_names():
+    from experiments import sweep
+    assert sweep.parse_sweep("seed=0,1,2; optimizer.lr=1e-3,3e-3;model.eidetic_selection=fading") \
+        == {"seed": [0, 1, 2], "optimizer.lr": [1e-3, 3e-3],
+            "model.eidetic_selection": ["fading"]}
+    for bad, match in (("seed", "must be FIELD=V1"), ("seed=", "must be FIELD=V1"),
+                       ("seed=1;seed=2", "given twice")):
+        with pytest.raises(ValueError, match=match):
+            sweep.parse_sweep(bad)
+    points = list(sweep.grid_points(["swa", "bmojo"], [1e-3, 3e-3], [0, 1],
+                                    {"model.window": [8, 16]}))
+    assert len(points) == 16 and points[0] == ("swa", 1e-3, 0, {"model.window": 8})
+    assert points[1] == ("swa", 1e-3, 1, {"model.window": 8})  # seeds of one setting together
+    assert sweep.point_name("bmojo", 3e-3, 1) == "bmojo-lr0.003-s1"  # the running sweeps' names
+    assert sweep.point_name("bmojo", 3e-3, 1, {"model.window": 8, "data.path": "a/b"}) == \
+        "bmojo-lr0.003-s1-model.window=8-data.path=a_b"
+    from experiments.configs import tiny
+    name, config = sweep.point_config(tiny, "bmojo", 3e-3, 2, ["num_steps=7"],
+                                      {"model.window": 8})
+    assert name == "bmojo-lr0.003-s2-model.window=8"
+    assert (config.num_steps, config.model.window, config.seed, config.optimizer.lr) == \
+        (7, 8, 2, 3e-3)
+    with pytest.raises(ValueError, match="did you mean num_steps"):
+        sweep.point_config(tiny, "bmojo", None, 0, ["num_stepz=7"])
+    with pytest.raises(ValueError, match=r"'x' does not fit config.model.window \(int\)"):
+        sweep.point_config(tiny, "bmojo", None, 0, (), {"model.window": "x"})
+    with pytest.raises(ValueError, match="point bmojo-lr0.01-s0-model.window=1: config.model"):
+        sweep.check_points(tiny, [("bmojo", None, 0, {"model.window": 1})], ())
+
+
+def test_sweep_table_mean_std_and_best_lr(tmp_path):
+    """Per setting (argument and other swept fields): the best lr by mean validation accuracy,
+    mean +- std over its seeds; the caption says what they are."""
+    from experiments import sweep
+
+    def record(lr, seed, accuracy, window):
+        fields = {"model.window": window}
+        return dict(point=sweep.point_name("bmojo", lr, seed, fields), arg="bmojo", lr=lr,
+                    seed=seed, fields=fields,
+                    result=dict(step=10, valid=dict(accuracy=accuracy, loss=1.0)))
+    records = [record(1e-3, 0, 0.5, 8), record(1e-3, 1, 0.7, 8), record(3e-3, 0, 0.9, 8),
+               record(3e-3, 1, 0.8, 8), record(1e-3, 0, 0.2, 16)]
+    summary = sweep.summarize(records)
+    assert list(summary) == ["bmojo model.window=8", "bmojo model.window=16"]
+    row = summary["bmojo model.window=8"]
+    assert row["lr"] == 3e-3 and row["seeds"] == [0, 1]
+    assert row["mean"] == pytest.approx(0.85) and row["std"] == pytest.approx(0.05)
+    assert row["points"][0] == "bmojo-lr0.003-s0-model.window=8"
+    table = sweep.markdown(summary, tmp_path)
+    assert "| bmojo model.window=8 | 0.003 | 0.8500 +- 0.0500 | 0, 1 |" in table
+    assert "0.2000 (one seed)" in table and "population std" in table
+
+
+@pytest.mark.slow
+def test_command_lines_print_config_and_refuse_typos(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True,
+                              cwd=Path(__file__).parents[1], timeout=300)
+    printed = cli("experiments.train", "--config=experiments/configs/ptb.py:bmojo",
+                  "--print_config", "--config.optimizer.lr=0.02")
+    assert printed.returncode == 0, printed.stderr
+    assert "optimizer.lr = 0.02" in printed.stdout.splitlines()
+    assert "data.name = 'ptb'" in printed.stdout.splitlines()
+    for args in (("experiments.train", "--config=experiments/configs/ptb.py:bmojo",
+                  f"--workdir={tmp_path}", "--config.optimizer.learning_rate=1e-3"),
+                 ("experiments.sweep", "--config=experiments/configs/mqar.py:bmojo",
+                  f"--root={tmp_path}", "--sweep=seed=0;optimizer.learning_rate=1e-3")):
+        refused = cli(*args)
+        assert refused.returncode == 1
+        assert "Traceback" not in refused.stderr
+        [line] = refused.stderr.strip().splitlines()
+        assert "unknown config field 'optimizer.learning_rate'; did you mean" in line
+        assert "optimizer.lr" in line
+    assert not any(tmp_path.iterdir())

@@ -1,0 +1,80 @@
+"""The figures' shared rules (experiments/plotting.py) and the figures themselves on tiny data:
+every preset one colour and hollow marker, shrinking in drawing order (a point under another
+stays visible); a missing point breaks a line; every panel titled and labelled; captions."""
+
+
+import numpy as np
+
+from experiments import plotting
+
+
+def test_aligned_breaks_lines_at_missing_points():
+    rows = [dict(preset="swa", context=1024, ms=1.0), dict(preset="swa", context=4096, ms=3.0),
+            dict(preset="bmojo", context=1024, ms=2.0), dict(preset="bmojo", context=2048, ms=None),
+            dict(preset="bmojo", context=4096, ms=4.0)]
+    series = plotting.aligned(rows, "preset", "context", lambda r: r["ms"])
+    assert list(series) == ["swa", "bmojo"]
+    xs, ys = series["swa"]
+    assert xs == [1024, 2048, 4096]
+    np.testing.assert_array_equal(ys, [1.0, np.nan, 3.0])
+    np.testing.assert_array_equal(series["bmojo"][1], [2.0, np.nan, 4.0])
+
+
+def test_series_styles_keep_coinciding_points_visible():
+    styles = [plotting.series_style(p, i) for i, p in enumerate(plotting.PRESET_STYLES)]
+    assert len({s["marker"] for s in styles}) == len({s["color"] for s in styles}) == len(styles)
+    assert all(s["mfc"] == "none" for s in styles)
+    sizes = [s["ms"] for s in styles]
+    assert sizes == sorted(sizes, reverse=True) and len(set(sizes)) == len(sizes)
+    assert plotting.series_style("bmojo", 0)["marker"] == plotting.series_style("bmojo", 4)["marker"]
+
+
+def _axes_of(fig_path, monkeypatch, draw):
+    """Runs `draw(path)` and returns the axes of the figure it saved (plotting.save spied)."""
+    saved = {}
+    original = plotting.save
+
+    def spy(fig, path, caption=None):
+        saved["axes"], saved["caption"] = fig.axes, caption
+        saved["lines"] = [[line.get_ydata() for line in ax.get_lines()] for ax in fig.axes]
+        original(fig, path, caption)
+    monkeypatch.setattr(plotting, "save", spy)
+    draw(fig_path)
+    assert fig_path.read_bytes().startswith(b"\x89PNG")
+    return saved
+
+
+def test_length_plot_titles_units_gaps_and_caption(tmp_path, monkeypatch):
+    """(The benchmarks' figures follow the same rules; their modules define absl flags that
+    collide in one test process, so they are checked by hand.)"""
+    import ml_collections
+    from experiments.reproduce import length
+    s = ml_collections.ConfigDict(dict(seq_len=128, multipliers=[1, 2, 4], seed=0))
+    runs = [dict(preset="transformer", perplexity={"128": 10.0, "256": 12.0, "512": 15.0}),
+            dict(preset="bmojo", perplexity={"128": 11.0, "512": 11.5})]  # 256 missing
+    saved = _axes_of(tmp_path / "length.png", monkeypatch,
+                     lambda path: length.plot(dict(runs=runs, eval_tokens=4096), s, path))
+    [ax] = saved["axes"]
+    assert ax.get_title() and "tokens" in ax.get_xlabel() and "perplexity" in ax.get_ylabel()
+    assert "no error bars" in saved["caption"]
+    transformer, bmojo = saved["lines"][0][:2]
+    assert not np.isnan(transformer).any()
+    assert np.isnan(bmojo[1]) and not np.isnan(bmojo[[0, 2]]).any()
+
+
+def test_mqar_memory_plot_draws_every_point(tmp_path, monkeypatch):
+    from experiments.reproduce import mqar_memory
+    runs = [dict(preset="transformer", state_bytes=65540, test_accuracy=0.26, eidetic_slots=0),
+            dict(preset="bmojo_f", state_bytes=59652, test_accuracy=0.25, eidetic_slots=0),
+            dict(preset="bmojo", state_bytes=63412, test_accuracy=0.24, eidetic_slots=2),
+            dict(preset="bmojo", state_bytes=66532, test_accuracy=0.26, eidetic_slots=4)]
+    record = dict(runs=runs, seeds=dict(model_init_and_batch_order=0, data=0))
+    saved = _axes_of(tmp_path / "m.png", monkeypatch,
+                     lambda path: mqar_memory.plot(record, None, path))
+    left = saved["axes"][0]
+    transformer, bmojo_f, bmojo = left.get_lines()
+    assert transformer.get_markerfacecolor() == "none"  # hollow: the bmojo points show inside it
+    assert transformer.get_markersize() > bmojo.get_markersize()
+    assert [ax.get_title() for ax in saved["axes"]] == [
+        "accuracy vs decoding-state size", "eidetic-memory ablation (window and SSM fixed)"]
+    assert "no error bars" in saved["caption"]
