@@ -39,9 +39,10 @@ def devices() -> str:
 
 
 def provenance() -> dict:
-    """{"command": this process's argv, shell-quoted, "git_commit", "jax_version", "devices",
-    "started_utc"} of a job starting now."""
-    return dict(command=shlex.join(sys.argv), git_commit=git_commit(),
+    """{"command": this process's command line as the interpreter received it (`sys.orig_argv`,
+    e.g. "python -m experiments.train --config=..."), shell-quoted, "git_commit", "jax_version",
+    "devices", "started_utc"} of a job starting now."""
+    return dict(command=shlex.join(sys.orig_argv), git_commit=git_commit(),
                 jax_version=jax.__version__, devices=devices(),
                 started_utc=datetime.datetime.now(datetime.timezone.utc).isoformat(
                     timespec="seconds"))
