@@ -137,7 +137,7 @@ def plot_metrics(metrics_path, figure_path, title: str = "") -> None:
       ValueError: the metrics file holds no training or evaluation record.
     """
     from matplotlib.figure import Figure  # imported when a figure is drawn
-    from matplotlib.ticker import MaxNLocator
+    from matplotlib.ticker import LogFormatter, MaxNLocator
 
     records = read_records(metrics_path)
     series = {split: [r for r in records if r["split"] == split]
@@ -174,6 +174,8 @@ def plot_metrics(metrics_path, figure_path, title: str = "") -> None:
         axis.xaxis.set_major_locator(MaxNLocator(integer=True))
         axis.grid(alpha=0.3)
     axes[1].set_yscale("log")
+    for set_formatter in (axes[1].yaxis.set_major_formatter, axes[1].yaxis.set_minor_formatter):
+        set_formatter(LogFormatter(labelOnlyBase=False))  # "80", not "8 x 10^1"
     if with_accuracy:
         axes[2].set_ylim(-2, 102)
     axes[0].legend(fontsize=8)
