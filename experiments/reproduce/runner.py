@@ -67,7 +67,7 @@ def train_point(config: ml_collections.ConfigDict, run_dir) -> dict:
     Returns:
       `training.train_and_evaluate`'s result (without the sample) plus "wall_s" (the invocation
       that finished it: compilation, training, evaluation), "tokens_per_s" (median over the logged
-      training intervals, the first one, which holds the compilation, left out), "train_s"
+      training intervals; the compiling first step of each start is in none of them), "train_s"
       (steps trained * batch_size * seq_len / tokens_per_s: training time without compilation and
       evaluation; early stopping can end a run before num_steps) and "final_train_loss" (mean cross-entropy of the last logged interval, nats).
 
@@ -98,8 +98,9 @@ def train_point(config: ml_collections.ConfigDict, run_dir) -> dict:
     result["wall_s"] = time.perf_counter() - tic
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in records if r["split"] == "train"]
-    rates = [r["tokens_per_s"] for r in train]
-    rate = float(np.median(rates[1:] if len(rates) > 1 else rates))
+    # None: a record whose only step was a start's compiling first step (nothing timed)
+    rates = [r["tokens_per_s"] for r in train if r["tokens_per_s"] is not None]
+    rate = float(np.median(rates)) if rates else float("nan")
     result.update(tokens_per_s=rate,
                   train_s=result["step"] * config.batch_size * config.data.seq_len / rate,
                   final_train_loss=train[-1]["ce"])
