@@ -26,8 +26,9 @@ import dataclasses
 import sys
 import time
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import NamedTuple, Optional, Sequence
 
+import ml_collections
 import numpy as np
 from absl import app, flags, logging
 from flax import nnx
@@ -43,6 +44,9 @@ NAME = "long_context"
 TASKS = ("passkey", "needle", "perplexity")
 RETRIEVAL = {"passkey": "passkey retrieval", "needle": "multi-key needle in a haystack"}
 FILLERS = ("test", "austen", "shakespeare")
+# Tokens generated per prompt: one per character of " " + the longest answer, room for any
+# tokenization of its digits; one number for both tasks, so that they share a compiled program.
+NEW_TOKENS = 1 + max(lc.KEY_DIGITS, lc.VALUE_DIGITS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,9 +106,25 @@ def check_settings(s: Settings) -> None:
 # --------------------------------------------------------------------------------------------------
 
 
-def load(workdir):
-    """(model, training config, step, corpus) of the latest checkpoint of a workdir trained on a
-    text corpus (the corpus loaded and tokenized as in training).
+class Model(NamedTuple):
+    """A model to evaluate.
+
+    name: what the report calls it (its workdir, for `load`); model: the `LanguageModel`; config:
+    its training config (`ml_collections.ConfigDict`; read: model_preset, data.name, data.seq_len
+    = the training context T); step: its checkpoint's step; corpus: the `data.Corpus` it was
+    trained on (its tokenizer and held-out test split).
+    """
+
+    name: str
+    model: bmojo_jax.LanguageModel
+    config: ml_collections.ConfigDict
+    step: int
+    corpus: data_lib.Corpus
+
+
+def load(workdir) -> Model:
+    """The latest checkpoint of a workdir trained on a text corpus, with that corpus loaded and
+    tokenized as in training.
 
     Raises:
       ValueError: the workdir was trained on a synthetic task; FileNotFoundError,
@@ -115,7 +135,7 @@ def load(workdir):
     if not isinstance(source, data_lib.TextData):
         raise ValueError(f"--workdir={workdir}: trained on the synthetic task "
                          f"{config.data.name!r}; the long-context suite needs a text corpus.")
-    return model, config, step, source.corpus
+    return Model(str(workdir), model, config, int(step), source.corpus)
 
 
 def filler_stream(corpus: data_lib.Corpus, filler: str) -> np.ndarray:
@@ -154,11 +174,9 @@ def retrieval(model, corpus, task: str, length: int, filler: np.ndarray, s: Sett
         return {"skipped": str(error)}
     inputs = np.concatenate([b.inputs for b in batches])
     answers = [a for b in batches for a in b.answers]
-    # one token per character of " " + the answer: room for any tokenization of its digits
-    new_tokens = max(len(a) for a in answers) + 1
     tic = time.perf_counter()
     generated = np.concatenate([
-        bmojo_jax.generate(model, rows, new_tokens, temperature=0)
+        bmojo_jax.generate(model, rows, NEW_TOKENS, temperature=0)
         for rows in _batches(inputs, s.batch_size, 0)])[:len(inputs)]
     seconds = time.perf_counter() - tic
     texts = [corpus.decode(g) for g in generated]
@@ -198,19 +216,19 @@ def perplexity(model, corpus, lengths: Sequence[int], score_tokens: int, s: Sett
                 documents=[int(stops[d] - starts[d]) for d in used], by_length=out)
 
 
-def evaluate_model(workdir, s: Settings) -> dict:
-    """Every task of `s` on the latest checkpoint of `workdir` (see the module docstring)."""
-    model, config, step, corpus = load(workdir)
+def evaluate_model(m: Model, s: Settings) -> dict:
+    """Every task of `s` on one model (see the module docstring): its JSON record."""
+    model, config, corpus = m.model, m.config, m.corpus
     t = int(config.data.seq_len)
     lengths = list(s.lengths or [t * 2 ** i for i in range(7)])
     score_tokens = s.score_tokens or max(1, t // 2)
     if score_tokens > min(lengths):
         raise ValueError(f"--score_tokens={score_tokens}: must be at most the shortest length "
                          f"{min(lengths)} (default: half the training context {t}).")
-    record = dict(workdir=str(workdir), preset=config.model_preset,
+    record = dict(name=m.name, preset=config.model_preset,
                   layer_mixers=model.config.layer_mixers, window=model.config.window,
                   eidetic_slots=model.config.eidetic_slots, params=bmojo_jax.count_params(model),
-                  step=int(step), train_seq_len=t, corpus=config.data.name,
+                  step=m.step, train_seq_len=t, corpus=config.data.name,
                   vocab_size=corpus.vocab_size, lengths=lengths, score_tokens=score_tokens,
                   state_bytes={str(n): decoding.state_bytes(model.config, 1, n)
                                for n in lengths})
@@ -223,7 +241,7 @@ def evaluate_model(workdir, s: Settings) -> dict:
             record[task][str(length)] = cell
             summary = (f"skipped: {cell['skipped']}" if "skipped" in cell else
                        f"accuracy {np.mean(list(cell['accuracy'].values())):.2f}")
-            print(f"[{NAME}] {workdir} {task} at {length} tokens: {summary}", flush=True)
+            print(f"[{NAME}] {m.name} {task} at {length} tokens: {summary}", flush=True)
     if "perplexity" in s.tasks:
         record["perplexity"] = perplexity(model, corpus, lengths, score_tokens, s)
     return record
@@ -251,7 +269,7 @@ def markdown(record: dict) -> str:
              f"the models wrote: `{NAME}.json`\n"]
     for m in record["models"]:
         t = m["train_seq_len"]
-        lines += [f"## {m['workdir']}\n",
+        lines += [f"## {m['name']}\n",
                   f"Preset `{m['preset']}` (layers `{m['layer_mixers']}`, window {m['window']}, "
                   f"{m['eidetic_slots']} eidetic slots), {m['params']:,} parameters, trained on "
                   f"`{m['corpus']}` (vocabulary {m['vocab_size']:,}) at context T = {t} tokens for "
@@ -334,7 +352,7 @@ def plot(record: dict, path) -> None:
             ax.set_yticks(range(len(m["lengths"])), [f"{n:,}" for n in m["lengths"]])
             ax.set_xlabel("depth of the asked needle (fraction of the filler)")
             ax.set_ylabel("context length (tokens)")
-            ax.set_title(f"{Path(m['workdir']).name}: {task} accuracy (%)", fontsize=9)
+            ax.set_title(f"{Path(m['name']).name}: {task} accuracy (%)", fontsize=9)
             fig.colorbar(image, ax=ax, fraction=0.046)
     if with_ppl:
         ax = fig.add_subplot(grid[:, -1])
@@ -342,7 +360,7 @@ def plot(record: dict, path) -> None:
             if "perplexity" in m:
                 by = m["perplexity"]["by_length"]
                 ax.plot(m["lengths"], [by[str(n)]["perplexity"] for n in m["lengths"]],
-                        marker="o", label=f"{Path(m['workdir']).name} (T = {m['train_seq_len']})")
+                        marker="o", label=f"{Path(m['name']).name} (T = {m['train_seq_len']})")
                 ax.axvline(m["train_seq_len"], color="gray", ls="--", lw=1)
         ax.set_xscale("log", base=2)
         ax.set_xlabel("context length (tokens); dashed: training context T")
@@ -352,13 +370,14 @@ def plot(record: dict, path) -> None:
     plotting.save(fig, path)
 
 
-def run(settings: Settings, workdirs: Sequence, out_dir=None, command: Optional[str] = None
+def run(settings: Settings, models: Sequence, out_dir=None, command: Optional[str] = None
         ) -> dict:
-    """Evaluates every workdir and writes OUT/long_context.{md,json,png}.
+    """Evaluates every model and writes OUT/long_context.{md,json,png}.
 
     Args:
       settings: a `Settings`.
-      workdirs: training workdirs (checkpoints of models trained on text corpora).
+      models: each a training workdir of a model trained on a text corpus (read with `load`, one
+        at a time) or a `Model`.
       out_dir: where the files go (created); None: a new runs/long_context-<timestamp>/.
       command: the command line to record (None: this process's `python -m
         experiments.long_context` command).
@@ -371,12 +390,12 @@ def run(settings: Settings, workdirs: Sequence, out_dir=None, command: Optional[
         training.CheckpointError: unreadable workdirs.
     """
     check_settings(settings)
-    if not workdirs:
+    if not models:
         raise ValueError("--workdir: give at least one training workdir.")
     meta = harness.provenance(command or harness.command_line(f"experiments.{NAME}"))
     tic = time.perf_counter()
-    models = [evaluate_model(w, settings) for w in workdirs]
-    record = dict(**meta, settings=dataclasses.asdict(settings), models=models,
+    records = [evaluate_model(m if isinstance(m, Model) else load(m), settings) for m in models]
+    record = dict(**meta, settings=dataclasses.asdict(settings), models=records,
                   wall_seconds=time.perf_counter() - tic)
     prefix = harness.output_prefix(NAME, out_dir=out_dir)  # created once there is a result
     plot(record, f"{prefix}.png")

@@ -1,18 +1,19 @@
 """Long-context evaluation: the prompt and window generators of `bmojo_jax.data.long_context`
 (needles at the stated depth and span, exact lengths, determinism by seed, the same scored tokens
 at every length, clear errors), and one end-to-end run of `experiments.long_context` on a tiny
-model trained for two steps on a small text corpus."""
+randomly initialised model."""
 
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
+from flax import nnx
 
+import bmojo_jax
 from bmojo_jax import data, training
 from bmojo_jax.data import long_context as lc
 from experiments import long_context as runner
-from experiments.configs import tiny
 
 TINY = Path(__file__).parent / "data" / "tiny_corpus"
 
@@ -163,39 +164,36 @@ def test_settings_errors_are_clear():
 
 
 @pytest.mark.slow
-def test_runner_end_to_end(documents, tmp_path, monkeypatch):
-    """Train a tiny B'MOJO for 2 steps on the documents, then run the suite into a tmp dir."""
-    monkeypatch.setenv(data.text.CACHE_ENV, str(tmp_path / "cache"))
-    config = tiny.get_config("bmojo")
+def test_runner_end_to_end(corpus, documents, tmp_path):
+    """The suite on a tiny randomly initialised B'MOJO (training context 32), into a tmp dir."""
+    config = training.default_config("bmojo")
     config.data.update(name="text_files", path=str(documents), seq_len=32, bpe_vocab_size=300)
-    config.data.task = {}
-    config.update(num_steps=2, eval_every=2, checkpoint_every=2, log_every=1)
-    config.optimizer.warmup_steps = 1
-    config.sample.max_new_tokens = 0
-    workdir = tmp_path / "run"
-    training.train_and_evaluate(config, workdir)
-
+    model = bmojo_jax.LanguageModel(bmojo_jax.ModelConfig.preset(
+        "bmojo", vocab_size=corpus.vocab_size, d_model=16, n_layers=1, n_heads=2, window=16,
+        chunk_size=16, d_state=4, ssm_head_dim=8, eidetic_per_chunk=2, eidetic_slots=4),
+        rngs=nnx.Rngs(0))
     settings = runner.Settings(lengths=(320, 480), depths=(0.0, 1.0), examples=2, num_needles=2,
                                windows=3, score_tokens=16, batch_size=4)
     out = tmp_path / "out"
-    record = runner.run(settings, [workdir], out_dir=out, command="python -m test")
+    record = runner.run(settings, [runner.Model("random", model, config, 0, corpus)],
+                        out_dir=out, command="python -m test")
     assert sorted(p.name for p in out.iterdir()) == [
         "long_context.json", "long_context.md", "long_context.png"]
     assert json.loads((out / "long_context.json").read_text()) == json.loads(json.dumps(record))
-    (model,) = record["models"]
-    assert model["train_seq_len"] == 32 and model["step"] == 2 and model["lengths"] == [320, 480]
+    (m,) = record["models"]
+    assert m["train_seq_len"] == 32 and m["name"] == "random" and m["lengths"] == [320, 480]
     for task in ("passkey", "needle"):
         for length in ("320", "480"):
-            cell = model[task][length]
+            cell = m[task][length]
             assert set(cell["accuracy"]) == {"0.0", "1.0"}
             for depth, accuracy in cell["accuracy"].items():
                 right = [lc.answer_correct(t, a) for t, a in zip(cell["continuations"][depth],
                                                                  cell["answers"][depth])]
                 assert len(right) == 2 and accuracy == np.mean(right)
-    by_length = model["perplexity"]["by_length"]
-    assert model["perplexity"]["windows"] == 3
+    by_length = m["perplexity"]["by_length"]
+    assert m["perplexity"]["windows"] == 3
     assert by_length["320"]["tokens"] == by_length["480"]["tokens"] == 3 * 16
     assert all(np.isfinite(r["perplexity"]) and r["perplexity"] > 1 for r in by_length.values())
-    assert model["state_bytes"]["320"] == model["state_bytes"]["480"]  # B'MOJO: constant state
+    assert m["state_bytes"]["320"] == m["state_bytes"]["480"]  # B'MOJO: constant state
     text = (out / "long_context.md").read_text()
     assert "Command: `python -m test`" in text and "| 480 | 15 |" in text

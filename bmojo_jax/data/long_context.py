@@ -35,6 +35,7 @@ PASSKEY_PREFIX = ("There is an important info hidden inside a lot of irrelevant 
                   "memorize them. I will quiz you about the important information there.\n")
 PASSKEY_NEEDLE = "\nThe pass key is {key}. Remember it. {key} is the pass key.\n"
 PASSKEY_QUESTION = "\nWhat is the pass key? The pass key is"
+KEY_DIGITS = 5  # the paper's keys have up to 5 digits
 
 # Multi-key needle in a haystack: the templates of RULER's MK-NIAH (Hsieh et al. 2024, arXiv
 # 2404.06654) with word keys and 7-digit values; the keys are drawn from this list (our choice).
@@ -46,6 +47,7 @@ NEEDLE_QUESTION = ("\nWhat is the special magic number for {key} mentioned in th
 NEEDLE_KEYS = ("apple", "river", "garden", "window", "candle", "harbour", "meadow", "lantern",
                "mirror", "violin", "forest", "bridge", "teacup", "compass", "feather", "pebble",
                "ribbon", "saddle", "thimble", "orchard", "kettle", "anchor", "blanket", "cottage")
+VALUE_DIGITS = 7  # RULER's values
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -138,7 +140,7 @@ def _assemble(length, filler, u, prefix, needles, depths, question):
 
 
 def passkey(tokenizer, filler, length: int, depth: float, num_examples: int, *, seed: int = 0,
-            key_digits: int = 5) -> RetrievalBatch:
+            key_digits: int = KEY_DIGITS) -> RetrievalBatch:
     """Passkey retrieval (Mohtashami and Jaggi 2023): a random number hidden in filler text at
     `depth`, asked for at the end.
 
@@ -155,7 +157,7 @@ def passkey(tokenizer, filler, length: int, depth: float, num_examples: int, *, 
       depth: the fraction of the filler before the needle, in [0, 1] (rounded to a token).
       num_examples: n >= 1.
       seed: >= 0.
-      key_digits: digits of the key, 1 to 18 (the paper's keys have up to 5).
+      key_digits: digits of the key, 1 to 18.
 
     Returns:
       A `RetrievalBatch` with k = 1.
@@ -181,7 +183,8 @@ def passkey(tokenizer, filler, length: int, depth: float, num_examples: int, *, 
 
 
 def multikey_needle(tokenizer, filler, length: int, depth: float, num_examples: int, *,
-                    seed: int = 0, num_needles: int = 4, value_digits: int = 7) -> RetrievalBatch:
+                    seed: int = 0, num_needles: int = 4,
+                    value_digits: int = VALUE_DIGITS) -> RetrievalBatch:
     """Multi-key needle in a haystack (RULER's MK-NIAH, Hsieh et al. 2024): `num_needles`
     key-value needles in filler text, one of them asked for.
 
@@ -195,7 +198,7 @@ def multikey_needle(tokenizer, filler, length: int, depth: float, num_examples: 
     Args:
       tokenizer, filler, length, depth, num_examples, seed: as in `passkey`.
       num_needles: k, 1 to len(NEEDLE_KEYS).
-      value_digits: digits of each value, 1 to 18 (RULER: 7); at least k values must exist.
+      value_digits: digits of each value, 1 to 18; at least k values must exist.
 
     Returns:
       A `RetrievalBatch`.
