@@ -137,7 +137,8 @@ def apply_overrides(config, overrides: list[str]):
 
 def parse_sweep(text: str | None) -> dict:
     """{field: [values]} of a --sweep value "FIELD=V1,V2;FIELD=V1,..." (values Python literals,
-    or strings), in the order given; {} for None or "".
+    or strings, without "," or ";": a tuple value goes through --set), in the order given; {}
+    for None or "".
 
     Raises:
       ValueError: a part without "=" or without values, or a field given twice.
