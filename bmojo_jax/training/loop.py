@@ -86,7 +86,7 @@ from tqdm import tqdm
 from bmojo_jax import data as data_lib
 from bmojo_jax import provenance
 from bmojo_jax import sharding as sharding_lib
-from bmojo_jax.config import check_choice
+from bmojo_jax.config import ModelConfig, check_choice
 from bmojo_jax.generation import generate
 from bmojo_jax.model import LanguageModel, count_params
 from bmojo_jax.training.checkpoints import (Checkpoints, DataMismatchWarning, data_differences,
@@ -345,7 +345,8 @@ def _resume(checkpoints: Checkpoints, params, opt_state, meta: dict):
     if step is None:
         return 0, params, opt_state, [], []
     saved_meta = checkpoints.restore(step)[0]
-    saved = saved_meta["model"]
+    # a field the checkpoint predates counts as its default (which keeps the old behaviour)
+    saved = {f.name: f.default for f in dataclasses.fields(ModelConfig)} | saved_meta["model"]
     changed = {k: (saved.get(k), v) for k, v in meta["model"].items() if saved.get(k) != v}
     if changed:
         raise ValueError(f"the checkpoint in {checkpoints.directory} is of a different model "

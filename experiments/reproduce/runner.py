@@ -79,8 +79,9 @@ def train_point(config: ml_collections.ConfigDict, run_dir) -> dict:
     wanted = jsonable(config.to_dict())
     if path.exists():
         saved = json.loads(path.read_text())
-        if saved["config"] != wanted:
-            changed = sorted(_differences(saved["config"], wanted))
+        defaults = jsonable(training.default_config(config.model_preset).to_dict())
+        changed = sorted(_differences(saved["config"], wanted, defaults))
+        if changed:
             raise ValueError(f"{run_dir} holds a point of another config (fields {changed}); "
                              f"delete it or pass another --workdir.")
         if saved["result"] is not None:
@@ -110,13 +111,19 @@ def train_point(config: ml_collections.ConfigDict, run_dir) -> dict:
     return point["result"]
 
 
-def _differences(a, b, prefix=""):
-    """Dotted names of the fields where two JSON objects differ."""
-    if not (isinstance(a, dict) and isinstance(b, dict)):
-        return [prefix or "."] if a != b else []
+def _differences(saved, wanted, defaults, prefix=""):
+    """Dotted names of the fields where two configs (JSON objects) differ. A field missing from
+    `saved` (a point started before the field existed) differs only when `wanted` sets it to
+    other than its default in `defaults` (the same tree): the default keeps the old behaviour."""
+    if not (isinstance(saved, dict) and isinstance(wanted, dict)):
+        return [prefix or "."] if saved != wanted else []
+    defaults = defaults if isinstance(defaults, dict) else {}
     out = []
-    for key in dict.fromkeys([*a, *b]):
-        out += _differences(a.get(key), b.get(key), f"{prefix}.{key}" if prefix else key)
+    for key in dict.fromkeys([*saved, *wanted]):
+        if key not in saved and key in defaults and wanted.get(key) == defaults[key]:
+            continue
+        out += _differences(saved.get(key), wanted.get(key), defaults.get(key),
+                            f"{prefix}.{key}" if prefix else key)
     return out
 
 
