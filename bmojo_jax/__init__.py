@@ -6,5 +6,15 @@ from bmojo_jax.model import LanguageModel, count_params, match_d_ff, param_count
 
 PRESETS = tuple(PRESET_PATTERNS)
 
+
+def load(workdir, step=None):
+    """A trained run of a training workdir, ready for generation in a notebook:
+    `model, tokenizer, config, step = bmojo_jax.load(workdir)` (the run's own tokenizer, or the
+    synthetic task's description; `bmojo_jax.training.checkpoints.load` documents it all).
+    Imports the training machinery (orbax) on first use."""
+    from bmojo_jax.training.checkpoints import load as _load
+    return _load(workdir, step)
+
+
 __all__ = ["ModelConfig", "LanguageModel", "count_params", "param_count", "match_d_ff", "generate",
-           "PRESETS"]
+           "PRESETS", "load"]

@@ -241,11 +241,17 @@ class LanguageModel(nnx.Module):
                     eidetic_scores: at.StepScores | None = None) -> tuple[at.StepLogits, Cache]:
         """One token per sequence: tokens int32 [batch] -> (logits [batch, vocab_size] float32,
         the updated cache). Reproduces the parallel forward's logits at that position.
-        `eidetic_scores`: float [batch], this token's oracle score (as in `forward`), or None."""
+        `eidetic_scores`: float [batch], this token's oracle score (as in `forward`), or None.
+
+        Raises:
+          ValueError: bad tokens or scores; a cache that is not this model's `init_cache` for this
+            batch size (another batch size, another model).
+        """
         if tokens.ndim != 1:
             raise ValueError(f"decode_step takes tokens [batch]; got shape {tokens.shape}.")
         check_tokens(tokens[:, None], self.config.vocab_size)
         _check_scores(eidetic_scores, tokens.shape)
+        self._check_cache(cache, tokens.shape[0])
         position = cache.position
         x = self.embed(tokens)
         states = []
@@ -253,6 +259,34 @@ class LanguageModel(nnx.Module):
             x, state = block.step(x, state, position, eidetic_scores)
             states.append(state)
         return self._head(x), Cache(position=position + 1, layers=tuple(states))
+
+    def _check_cache(self, cache, batch: int) -> None:
+        """ValueError unless `cache` has the structure and shapes of `init_cache(batch, ...)`
+        (the length of a full-attention cache is the cache's own)."""
+        if not isinstance(cache, Cache) or len(cache.layers) != len(self.blocks):
+            layers = len(cache.layers) if isinstance(cache, Cache) else None
+            raise ValueError(f"decode_step: the cache is not one of this model's (init_cache): "
+                             f"{'not a Cache' if layers is None else f'{layers} layers'}, the "
+                             f"model has {len(self.blocks)} layers.")
+        full = [s.k.shape[1] for s, b in zip(cache.layers, self.blocks)
+                if isinstance(b.mixer, MemoryAttention) and b.mixer.window is None
+                and hasattr(s, "k")]
+        try:
+            expected = jax.eval_shape(lambda: self.init_cache(batch, max(full, default=None)))
+        except ValueError:
+            expected = None
+        got = jax.tree.structure(cache), [x.shape for x in jax.tree.leaves(cache)]
+        if expected is None or got != (jax.tree.structure(expected),
+                                       [x.shape for x in jax.tree.leaves(expected)]):
+            batches = sorted({x.shape[0] for x in jax.tree.leaves(cache.layers) if x.ndim})
+            if batches and batches != [batch]:
+                raise ValueError(f"decode_step: the cache holds batch size {batches[0]}, the "
+                                 f"tokens have batch size {batch}; make the cache with "
+                                 f"init_cache({batch}, ...) and prefill it.")
+            raise ValueError(f"decode_step: the cache was made by another model (its layer "
+                             f"states' structure or shapes differ from this model's "
+                             f"init_cache({batch}, ...): layers {self.config.layer_mixers!r}, "
+                             f"d_model {self.config.d_model}).")
 
 
 def _check_scores(eidetic_scores, shape) -> None:

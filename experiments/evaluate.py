@@ -10,6 +10,7 @@ splits only). Synthetic tasks: also accuracy (argmax on labelled positions).
 
 import json
 import sys
+import warnings
 
 from absl import app, flags, logging
 
@@ -31,11 +32,12 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint file at INFO
+    warnings.formatwarning = lambda message, *_, **__: f"warning: {message}\n"  # one line
     try:
         result = training.evaluate_checkpoint(
             _WORKDIR.value, _SPLIT.value, step=_STEP.value, seq_len=_SEQ_LEN.value,
             batch_size=_BATCH_SIZE.value, max_batches=_MAX_BATCHES.value)
-    except (ValueError, FileNotFoundError, training.CheckpointError) as e:  # no traceback
+    except training.USER_ERRORS as e:  # one line, no traceback
         sys.exit(f"error: {e}")
     print(json.dumps(result))
 

@@ -14,6 +14,7 @@ the final evaluations).
 """
 
 import sys
+import warnings
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -41,12 +42,12 @@ def main(argv):
     if not _WORKDIR.value:
         raise app.UsageError("--workdir is required (the directory of checkpoints and metrics).")
     logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint file at INFO
+    warnings.formatwarning = lambda message, *_, **__: f"warning: {message}\n"  # one line
     print(f"config ({_CONFIG.value.model_preset}):\n{config_fields.format_config(_CONFIG.value)}",
           flush=True)
     try:
         training.train_and_evaluate(_CONFIG.value, _WORKDIR.value, reevaluate=_REEVALUATE.value)
-    except (ValueError, FileNotFoundError, training.CheckpointError,
-            training.TrainingDiverged) as e:  # no traceback
+    except training.USER_ERRORS as e:  # one line, no traceback
         sys.exit(f"error: {e}")
 
 

@@ -5,11 +5,12 @@ from bmojo_jax.data.pipeline import SEQ_LEN_ARGUMENTS, SyntheticData, TextData, 
 from bmojo_jax.data.synthetic import (IGNORE_INDEX, SYNTHETIC_TASKS, accuracy,
                                       fuzzy_in_context_recall, in_context_recall, mqar,
                                       noisy_in_context_recall, selective_copying)
-from bmojo_jax.data.text import (CORPORA, SPLITS, BPETokenizer, Corpus, MissingDataError,
-                                 WordTokenizer, austen_documents, cached_bpe_tokenizer,
-                                 check_token_ids, default_cache_dir, lm_batch, lm_eval_batches,
-                                 load_corpus, ptb_text, read_text_files, shakespeare_documents,
-                                 split_documents)
+from bmojo_jax.data.text import (CORPORA, SPLITS, TOKENIZER_FILES, BPETokenizer, Corpus,
+                                 MissingDataError, WordTokenizer, austen_documents,
+                                 cached_bpe_tokenizer, check_token_ids, default_cache_dir,
+                                 lm_batch, lm_eval_batches, load_corpus, load_tokenizer, ptb_text,
+                                 read_text_files, save_tokenizer, shakespeare_documents,
+                                 split_documents, text_fingerprint, tokenizer_path)
 
 __all__ = [
     "IGNORE_INDEX", "SYNTHETIC_TASKS", "accuracy", "mqar", "in_context_recall",
@@ -18,4 +19,5 @@ __all__ = [
     "ptb_text", "shakespeare_documents", "austen_documents", "read_text_files", "split_documents",
     "WordTokenizer", "BPETokenizer", "cached_bpe_tokenizer", "check_token_ids", "lm_batch",
     "lm_eval_batches", "TextData", "SyntheticData", "SEQ_LEN_ARGUMENTS", "load_data",
+    "TOKENIZER_FILES", "save_tokenizer", "load_tokenizer", "tokenizer_path", "text_fingerprint",
 ]

@@ -8,6 +8,8 @@ describes the fields). Both sources offer the same interface:
 
     vocab_size                             token ids lie in [0, vocab_size)
     with_accuracy                          evaluation also reports `accuracy` (synthetic tasks)
+    fingerprints                           {split: sha256 hex digest} of the data (text corpora:
+                                           every split's text; synthetic tasks: the training set)
     train_batch(step)                      (inputs, targets) int32 [b, t]
     eval_batches(split, batch_size, t)     [(inputs, targets) int32 [b, t]] covering the split
     n_bytes(split)                         UTF-8 bytes of the split, or None where unknown
@@ -18,6 +20,7 @@ from a checkpoint of step s reads the same batches as an uninterrupted one, with
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 import os
 from typing import Sequence
@@ -46,7 +49,7 @@ class TextData:
 
     def __init__(self, name: str, *, batch_size: int, seq_len: int, seed: int = 0,
                  path: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
-                 split_seed: int = 0, bpe_vocab_size: int = 4096):
+                 split_seed: int = 0, bpe_vocab_size: int = 4096, tokenizer=None):
         """
         Args:
           name: one of `CORPORA`.
@@ -55,13 +58,17 @@ class TextData:
           path: "text_files" only: a directory of .txt files or a list of files.
           split_seed: the document split (`split_documents`).
           bpe_vocab_size: BPE vocabulary of the non-PTB corpora.
+          tokenizer: None, or a training run's own tokenizer (`load_corpus`).
 
         Raises:
           MissingDataError: the corpus is not installed; ValueError, FileNotFoundError: as
           `load_corpus`.
         """
-        self.corpus = load_corpus(name, path=path, seed=split_seed, vocab_size=bpe_vocab_size)
+        _check_batch(batch_size, seq_len)
+        self.corpus = load_corpus(name, path=path, seed=split_seed, vocab_size=bpe_vocab_size,
+                                  tokenizer=tokenizer)
         self.vocab_size = self.corpus.vocab_size
+        self.fingerprints = dict(self.corpus.fingerprints)
         self.batch_size, self.seq_len, self.seed = batch_size, seq_len, seed
 
     def train_batch(self, step: int):
@@ -114,10 +121,12 @@ class SyntheticData:
                              f"take them here; allowed: {', '.join(sorted(allowed))} (its "
                              f"{self.length_argument}, num_examples and seed come from seq_len, "
                              f"num_train/num_eval and the data seed).")
+        _check_batch(batch_size, seq_len)
         self.task, self.vocab_size = dict(task), task["vocab_size"]
         self.data_seed, self.num_train, self.num_eval = data_seed, num_train, num_eval
         self.batch_size, self.seed = batch_size, seed
         self.train = self._generate(seq_len, num_train, data_seed)
+        self.fingerprints = {"train": _array_fingerprint(self.train)}
 
     def _generate(self, seq_len, num_examples, seed):
         return self.generator(**self.task, **{self.length_argument: seq_len},
@@ -140,6 +149,7 @@ class SyntheticData:
         """[(inputs, targets) int32 [b, t]]: `num_eval` examples of the split at length t (for
         "train", the first ones of the training set), the last batch padded with rows of ignored
         targets."""
+        _check_batch(batch_size, seq_len)
         if split == "train":
             num, seed = self.num_train, self.data_seed
         else:
@@ -156,9 +166,26 @@ class SyntheticData:
         return None
 
 
-def load_data(config: ml_collections.ConfigDict) -> TextData | SyntheticData:
+def _check_batch(batch_size, seq_len) -> None:
+    for name, value in (("batch_size", batch_size), ("seq_len", seq_len)):
+        if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name}={value!r}: must be an integer >= 1.")
+
+
+def _array_fingerprint(arrays) -> str:
+    """sha256 hex digest of arrays' dtypes, shapes and bytes."""
+    digest = hashlib.sha256()
+    for array in arrays:
+        array = np.ascontiguousarray(array)
+        digest.update(f"{array.dtype.str}{array.shape}".encode())
+        digest.update(array.tobytes())
+    return digest.hexdigest()
+
+
+def load_data(config: ml_collections.ConfigDict, tokenizer=None) -> TextData | SyntheticData:
     """The data source of a training config: `SyntheticData` for the tasks of `SYNTHETIC_TASKS`,
-    `TextData` for corpora.
+    `TextData` for corpora (tokenized by `tokenizer` when given: a training run's own,
+    `data.load_tokenizer`; else as `load_corpus` does).
 
     Reads config.batch_size, config.seed (training-batch order) and config.data: name, seq_len,
     seed (document split, or synthetic-set seed), path ("text_files": a directory, or a
@@ -176,4 +203,4 @@ def load_data(config: ml_collections.ConfigDict) -> TextData | SyntheticData:
     if path and "," in path:
         path = [p.strip() for p in path.split(",")]
     return TextData(data.name, path=path, split_seed=data.seed,
-                    bpe_vocab_size=data.bpe_vocab_size, **common)
+                    bpe_vocab_size=data.bpe_vocab_size, tokenizer=tokenizer, **common)

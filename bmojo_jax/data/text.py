@@ -12,6 +12,11 @@ Corpora (no download at run time; `make data` installs them):
     text_files   the user's .txt files, one document per file.
 All but ptb are split into train/valid/test by document and tokenized with a byte-level BPE trained
 on the training split only; ptb keeps its own split.
+
+A training run owns its tokenizer: it saves it into its workdir (`save_tokenizer`) and reads it back
+(`load_tokenizer`) for resume, evaluation and generation, so a later change of the data never
+changes the token ids of a trained model. Each split's `text_fingerprint` (sha256) records which
+data a checkpoint was trained on.
 """
 
 from __future__ import annotations
@@ -22,6 +27,8 @@ import importlib
 import importlib.resources
 import os
 import re
+import tempfile
+import warnings
 import zlib
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -33,6 +40,7 @@ from bmojo_jax.data.synthetic import IGNORE_INDEX
 SPLITS = ("train", "valid", "test")
 EOS = "<eos>"  # PTB end of line
 EOT = "<|endoftext|>"  # BPE end of document
+UNK = "<unk>"  # PTB unknown word
 CACHE_ENV = "BMOJO_DATA_CACHE"
 
 
@@ -115,6 +123,7 @@ def read_text_files(path: str | os.PathLike | Sequence[str | os.PathLike]) -> di
 
     Raises:
       FileNotFoundError: a path does not exist, or a directory holds no .txt file.
+      ValueError: a file is not UTF-8 text, or holds NUL bytes (binary); the message names it.
     """
     paths = [Path(path)] if isinstance(path, (str, os.PathLike)) else [Path(p) for p in path]
     files = []
@@ -124,7 +133,21 @@ def read_text_files(path: str | os.PathLike | Sequence[str | os.PathLike]) -> di
         files += sorted(p.rglob("*.txt")) if p.is_dir() else [p]
     if not files:
         raise FileNotFoundError(f"no .txt file under {', '.join(map(str, paths))}")
-    return {str(f): f.read_text(encoding="utf-8") for f in sorted(files)}
+    return {str(f): _read_text(f) for f in sorted(files)}
+
+
+def _read_text(path: Path) -> str:
+    """The UTF-8 text of a file; ValueError naming the file when it is not text."""
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not a UTF-8 text file (byte 0x{data[e.start]:02x} at offset "
+                         f"{e.start} is invalid); remove it or convert it to UTF-8 text") from None
+    if "\0" in text:
+        raise ValueError(f"{path}: looks like a binary file (it holds NUL bytes at offset "
+                         f"{text.index(chr(0))}); remove it from the text files")
+    return text
 
 
 def split_documents(docs: Mapping[str, str], valid_frac: float = 0.1, test_frac: float = 0.1,
@@ -185,15 +208,48 @@ class WordTokenizer:
 
     @classmethod
     def from_text(cls, text: str) -> WordTokenizer:
-        return cls(dict.fromkeys(_word_split(text) + ["<unk>"]))
+        return cls(dict.fromkeys(_word_split(text) + [UNK]))
 
     @property
     def vocab_size(self) -> int:
         return len(self.words)
 
+    @property
+    def unk_token(self) -> str:
+        """The word that stands for every word outside the vocabulary."""
+        return UNK
+
+    @property
+    def unknown_id(self) -> int:
+        """The id of `unk_token`: `encode` gives it for every word outside the vocabulary."""
+        return self.index[UNK]
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Writes the vocabulary, one word a line (the id is the line number), atomically."""
+        _write_atomic(Path(path), "".join(w + "\n" for w in self.words))
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> WordTokenizer:
+        """Reads a vocabulary written by `save`.
+
+        Raises:
+          ValueError: the file is unreadable or not such a vocabulary (the message names it).
+        """
+        try:
+            words = Path(path).read_text(encoding="utf-8").split("\n")
+        except (OSError, UnicodeDecodeError) as e:
+            raise ValueError(f"cannot read the word vocabulary {path}: {e}") from None
+        if words and words[-1] == "":
+            words.pop()
+        if (not words or UNK not in words or len(set(words)) != len(words)
+                or any(not w or w.split() != [w] for w in words)):
+            raise ValueError(f"{path} is not a word vocabulary (one distinct word a line, with "
+                             f"{UNK}): the file is damaged")
+        return cls(words)
+
     def encode(self, text: str) -> np.ndarray:
         """int32 [t] ids; "\\n" gives <eos>."""
-        unk = self.index["<unk>"]
+        unk = self.index[UNK]
         return np.array([self.index.get(w, unk) for w in _word_split(text)], np.int32)
 
     def decode(self, ids) -> str:
@@ -233,21 +289,33 @@ class BPETokenizer:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> BPETokenizer:
+        """Reads a tokenizer JSON written by `save` (the `tokenizers` library's format).
+
+        Raises:
+          ValueError: the file is unreadable or not a tokenizer (the message names it).
+        """
         from tokenizers import Tokenizer
 
-        return cls(Tokenizer.from_file(str(path)))
+        try:
+            tokenizer = Tokenizer.from_file(str(path))
+        except Exception as e:  # tokenizers raises a bare Exception on a damaged file
+            raise ValueError(f"cannot read the tokenizer {path}: {e}") from None
+        if tokenizer.token_to_id(EOT) is None:
+            raise ValueError(f"{path} is not a byte-level BPE tokenizer of this library (no "
+                             f"{EOT} token)")
+        return cls(tokenizer)
 
     def save(self, path: str | os.PathLike) -> None:
         """Writes the JSON atomically (safe with parallel test workers)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-        self.tokenizer.save(str(tmp))
-        os.replace(tmp, path)
+        _write_atomic(Path(path), self.tokenizer.to_str())
 
     @property
     def vocab_size(self) -> int:
         return self.tokenizer.get_vocab_size()
+
+    # Byte-level: every text has ids, no word is unknown.
+    unk_token = None
+    unknown_id = None
 
     def encode(self, text: str) -> np.ndarray:
         """int32 [t] ids."""
@@ -277,7 +345,11 @@ def cached_bpe_tokenizer(train_docs: Mapping[str, str], vocab_size: int, corpus:
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     path = cache_dir / "tokenizers" / f"{corpus}-bpe{vocab_size}-{digest.hexdigest()[:16]}.json"
     if path.is_file():
-        return BPETokenizer.load(path)
+        try:
+            return BPETokenizer.load(path)
+        except ValueError as e:  # a damaged cache file: it is only a cache, so train it again
+            warnings.warn(f"the tokenizer cache {path} is damaged ({e}); training the tokenizer "
+                          f"again and replacing it", stacklevel=2)
     tok = BPETokenizer.train((train_docs[name] for name in sorted(train_docs)), vocab_size)
     tok.save(path)
     return tok
@@ -300,6 +372,8 @@ class Corpus:
       n_bytes: {split: UTF-8 bytes of its documents} for bits per byte (nats / n_bytes / ln 2);
         None for PTB, whose preprocessed words (<unk>, N) make a byte count meaningless.
       doc_starts: {split: int64 [docs] offset of each document in the stream} ([0] for PTB).
+      fingerprints: {split: sha256 hex digest of its text} (`text_fingerprint`): which data a
+        checkpoint was trained on (recorded in its meta).
     """
 
     name: str
@@ -309,6 +383,7 @@ class Corpus:
     tokenizer: WordTokenizer | BPETokenizer
     n_bytes: dict[str, int] | None
     doc_starts: dict[str, np.ndarray]
+    fingerprints: dict[str, str] = dataclasses.field(default_factory=dict)
 
     @property
     def vocab_size(self) -> int:
@@ -329,10 +404,13 @@ CORPORA = ("ptb", "shakespeare", "austen", "books", "text_files")
 def load_corpus(name: str, *, path: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
                 vocab_size: int = 4096, seed: int = 0,
                 valid_frac: float = 0.1, test_frac: float = 0.1,
-                cache_dir: str | os.PathLike | None = None) -> Corpus:
+                cache_dir: str | os.PathLike | None = None,
+                tokenizer: WordTokenizer | BPETokenizer | None = None) -> Corpus:
     """Loads, splits and tokenizes a corpus, offline.
 
-    BPE corpora use `cached_bpe_tokenizer` trained on the training documents only.
+    BPE corpora use `cached_bpe_tokenizer` trained on the training documents only, unless a
+    `tokenizer` is given (a training run's own, `load_tokenizer`): then that one encodes every
+    split and `vocab_size` is not used.
 
     Args:
       name: one of `CORPORA`.
@@ -341,6 +419,8 @@ def load_corpus(name: str, *, path: str | os.PathLike | Sequence[str | os.PathLi
       seed, valid_frac, test_frac: the document split (`split_documents`); "books" splits the
         Shakespeare and Austen documents separately, so that both authors are in every split.
       cache_dir: tokenizer cache and Austen data; default `default_cache_dir()`.
+      tokenizer: None, or the tokenizer to use: a `WordTokenizer` for "ptb", a `BPETokenizer`
+        for the others.
 
     Returns:
       A `Corpus`.
@@ -348,10 +428,15 @@ def load_corpus(name: str, *, path: str | os.PathLike | Sequence[str | os.PathLi
     Raises:
       MissingDataError: the corpus is not installed (the message names the install command).
       FileNotFoundError: a "text_files" path does not exist.
-      ValueError: an unknown name, or too few documents to split.
+      ValueError: an unknown name, too few documents to split, a .txt file that is not text (the
+        message names it), or a tokenizer of the wrong kind.
     """
+    kind = WordTokenizer if name == "ptb" else BPETokenizer
+    if tokenizer is not None and not isinstance(tokenizer, kind):
+        raise ValueError(f"corpus {name!r} is tokenized by a {kind.__name__}, got a "
+                         f"{type(tokenizer).__name__}")
     if name == "ptb":
-        return _ptb_corpus()
+        return _ptb_corpus(tokenizer)
     if name == "text_files":
         if path is None:
             raise ValueError('load_corpus("text_files") needs path=, a directory or a list of '
@@ -370,23 +455,83 @@ def load_corpus(name: str, *, path: str | os.PathLike | Sequence[str | os.PathLi
     for docs in sources:
         for split, part in split_documents(docs, valid_frac, test_frac, seed).items():
             splits[split].update(part)
-    tok = cached_bpe_tokenizer(splits["train"], vocab_size, name, cache_dir)
+    tok = tokenizer or cached_bpe_tokenizer(splits["train"], vocab_size, name, cache_dir)
     streams, starts = {}, {}
     for split in SPLITS:
         encoded = tok.encode_documents([splits[split][k] for k in sorted(splits[split])])
         streams[split] = np.concatenate(encoded)
         starts[split] = np.cumsum([0] + [len(e) for e in encoded[:-1]])
     n_bytes = {s: sum(len(t.encode("utf-8")) for t in splits[s].values()) for s in SPLITS}
-    return Corpus(name, streams["train"], streams["valid"], streams["test"], tok, n_bytes, starts)
+    fingerprints = {s: text_fingerprint(splits[s][k] for k in sorted(splits[s])) for s in SPLITS}
+    return Corpus(name, streams["train"], streams["valid"], streams["test"], tok, n_bytes, starts,
+                  fingerprints)
 
 
-def _ptb_corpus() -> Corpus:
+def _ptb_corpus(tokenizer: WordTokenizer | None = None) -> Corpus:
     texts = {s: "".join(line + "\n" for line in t.splitlines() if line.strip())
              for s, t in ptb_text().items()}  # the standard recipe drops blank lines
-    tok = WordTokenizer.from_text(texts["train"])
+    tok = tokenizer or WordTokenizer.from_text(texts["train"])
     streams = {s: tok.encode(t) for s, t in texts.items()}
     return Corpus("ptb", streams["train"], streams["valid"], streams["test"], tok, None,
-                  {s: np.zeros(1, np.int64) for s in SPLITS})
+                  {s: np.zeros(1, np.int64) for s in SPLITS},
+                  {s: text_fingerprint([t]) for s, t in texts.items()})
+
+
+def text_fingerprint(texts: Iterable[str]) -> str:
+    """sha256 hex digest of the documents `texts` in order (their texts, each followed by a NUL;
+    not their file names, so a moved data directory keeps its fingerprint)."""
+    digest = hashlib.sha256()
+    for text in texts:
+        digest.update(text.encode("utf-8"))
+        digest.update(b"\0")
+    return digest.hexdigest()
+
+
+# --------------------------------------------------------------------------------------------------
+# A training run's own tokenizer (docs/design.md section 6)
+# --------------------------------------------------------------------------------------------------
+
+# In a training workdir: the BPE tokenizer (the `tokenizers` library's JSON) or the word vocabulary.
+TOKENIZER_FILES = {"tokenizer.json": BPETokenizer, "vocab.txt": WordTokenizer}
+
+
+def save_tokenizer(tokenizer: WordTokenizer | BPETokenizer, directory) -> Path:
+    """Writes a run's tokenizer into `directory` (a training workdir), atomically:
+    `tokenizer.json` (BPE; `tokenizers.Tokenizer.from_file` reads it) or `vocab.txt` (the word
+    vocabulary, one word a line). Returns the path."""
+    name = next(n for n, kind in TOKENIZER_FILES.items() if isinstance(tokenizer, kind))
+    path = Path(directory) / name
+    tokenizer.save(path)
+    return path
+
+
+def tokenizer_path(directory) -> Path | None:
+    """The tokenizer file `save_tokenizer` wrote into `directory`, or None."""
+    return next((Path(directory) / n for n in TOKENIZER_FILES if (Path(directory) / n).is_file()),
+                None)
+
+
+def load_tokenizer(directory) -> WordTokenizer | BPETokenizer | None:
+    """The tokenizer `save_tokenizer` wrote into `directory`, or None if there is none.
+
+    Raises:
+      ValueError: the file is damaged (the message names it).
+    """
+    path = tokenizer_path(directory)
+    return None if path is None else TOKENIZER_FILES[path.name].load(path)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """Writes `text` to `path` through a temporary file in the same directory and a rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(temp, path)
+    except BaseException:
+        Path(temp).unlink(missing_ok=True)
+        raise
 
 
 # --------------------------------------------------------------------------------------------------
@@ -410,8 +555,10 @@ def lm_batch(tokens: np.ndarray, batch_size: int, seq_len: int, step: int,
       inputs: int32 [b, t]; targets: int32 [b, t], the inputs shifted left by one token.
 
     Raises:
-      ValueError: the stream is shorter than seq_len + 1, or a negative step or seed.
+      ValueError: the stream is shorter than seq_len + 1, a negative step or seed, or a batch size
+        or seq_len < 1.
     """
+    _check_sizes(batch_size, seq_len)
     tokens = np.asarray(tokens)
     if len(tokens) < seq_len + 1:
         raise ValueError(f"need at least seq_len + 1 = {seq_len + 1} tokens, got {len(tokens)}")
@@ -440,8 +587,9 @@ def lm_eval_batches(tokens: np.ndarray, batch_size: int,
       A list of (inputs int32 [b, t], targets int32 [b, t]).
 
     Raises:
-      ValueError: fewer than 2 tokens.
+      ValueError: fewer than 2 tokens, or a batch size or seq_len < 1.
     """
+    _check_sizes(batch_size, seq_len)
     tokens = np.asarray(tokens)
     if len(tokens) < 2:
         raise ValueError(f"need at least 2 tokens to evaluate, got {len(tokens)}")
@@ -456,3 +604,10 @@ def lm_eval_batches(tokens: np.ndarray, batch_size: int,
     targets = np.pad(targets.reshape(batch_size, stream_len), pad, constant_values=IGNORE_INDEX)
     return [(inputs[:, i:i + seq_len], targets[:, i:i + seq_len])
             for i in range(0, padded_len, seq_len)]
+
+
+def _check_sizes(batch_size, seq_len) -> None:
+    """ValueError unless the batch size and the window length are integers >= 1."""
+    for name, value in (("batch_size", batch_size), ("seq_len", seq_len)):
+        if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name}={value!r}: must be an integer >= 1")

@@ -3,8 +3,9 @@
     config       the config schema (`default_config`), `validate_config`, `model_config`,
                  `abstract_model`
     steps        loss, optimizer, XLA options, jitted train and eval steps, evaluation
-    checkpoints  orbax checkpoints (`Checkpoints`, `CheckpointError`) and their readers
-                 (`load_checkpoint`, `load_model`)
+    checkpoints  orbax checkpoints (`Checkpoints`, `CheckpointError`, checked on restore) and
+                 their readers (`load_checkpoint`, `load_model`, `load`)
+    workdir      the workdir's lock (`WorkdirLock`) and errors (`WorkdirError`, `WorkdirLocked`)
     metrics      the JSON-lines metrics file (`MetricsLog`)
     loop         the training job (`train_and_evaluate`) and `evaluate_checkpoint`
 
@@ -12,8 +13,8 @@ The data sources live in `bmojo_jax.data` (`load_data`, re-exported here).
 """
 
 from bmojo_jax.data import load_data
-from bmojo_jax.training.checkpoints import (CheckpointError, Checkpoints, load_checkpoint,
-                                            load_model)
+from bmojo_jax.training.checkpoints import (CheckpointError, Checkpoints, DataMismatchWarning,
+                                            load, load_checkpoint, load_model)
 from bmojo_jax.training.config import (abstract_model, context_length, default_config,
                                        model_config, oracle_length, validate_config)
 from bmojo_jax.training.loop import TrainingDiverged, evaluate_checkpoint, train_and_evaluate
@@ -21,10 +22,17 @@ from bmojo_jax.training.steps import (compiler_options, context_scores, evaluate
                                       learning_rate_schedule, lm_loss, make_eval_step,
                                       make_optimizer, make_train_step, token_nll,
                                       weight_decay_mask)
+from bmojo_jax.training.workdir import WorkdirError, WorkdirLock, WorkdirLocked
 
-__all__ = ["default_config", "validate_config", "model_config", "abstract_model", "oracle_length",
-           "context_length", "context_scores", "load_data",
+# The errors of a user's input or environment (a bad config value, a missing or damaged file, an
+# unwritable or busy workdir, a full disk, a diverged run): the command-line tools print them as one
+# line, "error: <message>", and exit with status 1.
+USER_ERRORS = (ValueError, OSError, CheckpointError, TrainingDiverged, WorkdirError)
+
+__all__ = ["USER_ERRORS", "default_config", "validate_config", "model_config", "abstract_model",
+           "oracle_length", "context_length", "context_scores", "load_data",
            "lm_loss", "compiler_options", "token_nll", "learning_rate_schedule",
            "weight_decay_mask", "make_optimizer", "make_train_step", "make_eval_step", "evaluate",
            "evaluate_split", "Checkpoints", "CheckpointError", "train_and_evaluate",
-           "load_checkpoint", "load_model", "evaluate_checkpoint", "TrainingDiverged"]
+           "load_checkpoint", "load_model", "evaluate_checkpoint", "TrainingDiverged",
+           "load", "DataMismatchWarning", "WorkdirError", "WorkdirLocked", "WorkdirLock"]

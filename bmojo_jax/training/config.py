@@ -9,9 +9,11 @@ Configs are `ml_collections.ConfigDict`s; experiment configs (experiments/config
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 
 import ml_collections
+import numpy as np
 from flax import nnx
 from ml_collections import config_dict
 
@@ -21,6 +23,9 @@ from bmojo_jax.config import PRESET_PATTERNS, ModelConfig, check_choice
 from bmojo_jax.model import LanguageModel
 
 SCHEDULES = ("cosine", "constant")
+# What a training step whose loss, gradient norm or updated parameters are not finite does
+# (`default_config`: on_divergence).
+ON_DIVERGENCE = ("stop", "skip", "rollback")
 # Early-stopping metrics of the validation evaluations: True where higher is better.
 EARLY_STOP_METRICS = {"accuracy": True, "loss": False, "perplexity": False}
 DATA_NAMES = data_lib.CORPORA + tuple(data_lib.SYNTHETIC_TASKS)
@@ -70,6 +75,19 @@ def default_config(preset: str = "bmojo") -> ml_collections.ConfigDict:
         be -1 (the remaining devices); sequence > 1 splits the time axis (sequence parallelism);
         default all devices on data. batch_size must be divisible by data * fsdp (`sharding`).
       distributed: call `jax.distributed.initialize()` first (multi-host; README).
+      on_divergence: what a diverged training step (its loss, gradient norm or updated parameters
+        not finite; checked on the device, no extra host sync) does. "stop" (default): the run
+        stops with `TrainingDiverged` naming the step and the last checkpoint, having saved
+        nothing non-finite. "skip": the step's update is not applied (decided on the device in the
+        train step: the parameters and the optimizer state stay as before it) and training goes
+        on. "rollback": the run restores its last good checkpoint (or its initial state if none)
+        and goes on from there with the learning rate multiplied by rollback_lr_factor (the
+        factors multiply over rollbacks; saved in the checkpoints, so a resume keeps them).
+      rollback_lr_factor: in (0, 1).
+      max_divergences: the most diverged steps a "skip" or "rollback" run recovers from, over the
+        whole run (resumes included); one more stops it with `TrainingDiverged`.
+      inject_nan_at_step: None, or a step s >= 1 whose update is made NaN (parameters, loss and
+        gradient norm) the first time this process reaches it: a test hook for on_divergence.
     """
     config = ml_collections.ConfigDict()
     config.model_preset = preset
@@ -101,6 +119,10 @@ def default_config(preset: str = "bmojo") -> ml_collections.ConfigDict:
         prompt="the", max_new_tokens=40, temperature=0.8, top_k=0))
     config.mesh_shape = (-1, 1, 1)
     config.distributed = False
+    config.on_divergence = "stop"
+    config.rollback_lr_factor = 0.5
+    config.max_divergences = 5
+    config.inject_nan_at_step = config_dict.placeholder(int)
     return config
 
 
@@ -118,7 +140,9 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         "config.num_steps") and what is allowed.
     """
     _check_fields(config, default_config(), "config")
+    _check_types(config, default_config(), "config")
     check_choice("config.model_preset", config.model_preset, tuple(PRESET_PATTERNS))
+    check_choice("config.on_divergence", config.on_divergence, ON_DIVERGENCE)
     check_choice("config.data.name", config.data.name, DATA_NAMES)
     check_choice("config.optimizer.schedule", config.optimizer.schedule, SCHEDULES)
     for name in ("num_steps", "batch_size", "eval_every", "checkpoint_every", "max_to_keep",
@@ -126,17 +150,18 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
                  "data.num_eval"):
         _check_int(name, _get(config, name), minimum=1)
     for name in ("eval_batches", "seed", "data.seed", "optimizer.warmup_steps",
-                 "sample.max_new_tokens", "sample.top_k"):
+                 "sample.max_new_tokens", "sample.top_k", "max_divergences"):
         _check_int(name, _get(config, name), minimum=0)
-    for name in ("data.eval_seq_len", "eval_batch_size"):
+    for name in ("data.eval_seq_len", "eval_batch_size", "inject_nan_at_step"):
         if _get(config, name) is not None:
             _check_int(name, _get(config, name), minimum=1)
     for names, ok, rule in ((("optimizer.lr", "optimizer.eps", "optimizer.clip_norm"),
-                             lambda x: 0 < x < float("inf"), "> 0, finite"),
+                             lambda x: 0 < x < math.inf, "> 0, finite"),
                             (("optimizer.weight_decay", "sample.temperature"),
-                             lambda x: x >= 0, ">= 0"),
+                             lambda x: 0 <= x < math.inf, ">= 0, finite"),
                             (("optimizer.b1", "optimizer.b2"), lambda x: 0 <= x < 1, "in [0, 1)"),
-                            (("optimizer.min_lr_ratio",), lambda x: 0 <= x <= 1, "in [0, 1]")):
+                            (("optimizer.min_lr_ratio",), lambda x: 0 <= x <= 1, "in [0, 1]"),
+                            (("rollback_lr_factor",), lambda x: 0 < x < 1, "in (0, 1)")):
         for name in names:
             value = _get(config, name)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not ok(value):
@@ -198,15 +223,17 @@ def _check_early_stop(config, synthetic: bool) -> None:
     if stop.target is not None:
         low, high = {"accuracy": (0, 1), "loss": (0, None), "perplexity": (1, None)}[stop.metric]
         if (not isinstance(stop.target, (int, float)) or isinstance(stop.target, bool)
-                or stop.target < low or (high is not None and stop.target > high)):
-            allowed = f"in [{low}, {high}]" if high is not None else f">= {low}"
+                or not low <= stop.target <= (math.inf if high is None else high)
+                or stop.target == math.inf):  # also rejects NaN
+            allowed = f"in [{low}, {high}]" if high is not None else f">= {low}, finite"
             raise ValueError(f"config.early_stop.target={stop.target!r}: must be a number "
                              f"{allowed} for the metric {stop.metric!r}.")
     if stop.patience is not None:
         _check_int("early_stop.patience", stop.patience, minimum=1)
     if (not isinstance(stop.min_delta, (int, float)) or isinstance(stop.min_delta, bool)
-            or stop.min_delta < 0):
-        raise ValueError(f"config.early_stop.min_delta={stop.min_delta!r}: must be a number >= 0.")
+            or not 0 <= stop.min_delta < math.inf):
+        raise ValueError(f"config.early_stop.min_delta={stop.min_delta!r}: must be a finite "
+                         f"number >= 0.")
 
 
 def _check_fields(config, schema, prefix):
@@ -217,6 +244,40 @@ def _check_fields(config, schema, prefix):
                              f"{', '.join(sorted(schema))}.")
         if isinstance(schema[key], ml_collections.ConfigDict) and name != "config.data.task":
             _check_fields(config[key], schema[key], name)
+
+
+def _check_types(config, schema, prefix) -> None:
+    """Every set field has its schema field's type (an int where the schema has an int, never a
+    bool; a finite real number where it has a float; True or False where it has a bool; a string
+    where it has a string), and every set `config.model` field the `ModelConfig` field's: a config
+    built from a plain dict or read from JSON carries no types, and a float field can hold NaN or
+    inf. The ranges are checked by `validate_config` and `ModelConfig`."""
+    hints = typing.get_type_hints(ModelConfig)
+    for key in config:
+        name, value = f"{prefix}.{key}", config[key]
+        if key not in schema or value is None:
+            continue
+        if isinstance(schema[key], ml_collections.ConfigDict):
+            if name != "config.data.task" and isinstance(value, ml_collections.ConfigDict):
+                _check_types(value, schema[key], name)
+            continue
+        kind = (_base_type(hints[key]) if prefix == "config.model" and key in hints
+                else schema.get_type(key))
+        if kind is bool:
+            ok, rule = isinstance(value, (bool, np.bool_)), "True or False"
+        elif kind is int:
+            ok = isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+            rule = "an integer"
+        elif kind is float:
+            ok = (isinstance(value, (int, float, np.integer, np.floating))
+                  and not isinstance(value, (bool, np.bool_)) and math.isfinite(value))
+            rule = "a finite number"
+        elif kind is str:
+            ok, rule = isinstance(value, str), "a string"
+        else:
+            continue
+        if not ok:
+            raise ValueError(f"{name}={value!r}: must be {rule}.")
 
 
 def _get(config, dotted):

@@ -29,7 +29,7 @@ Timing: the first step of every start traces and compiles the train step; its wa
 "compile_s" of the first training record of that start, and it is left out of "tokens_per_s" and
 of the progress bar's rate and ETA (the bar appears after it).
 
-Reliability (docs/design.md section 6b): one run per workdir (`workdir.WorkdirLock`; a second
+Reliability (docs/design.md section 3): one run per workdir (`workdir.WorkdirLock`; a second
 start raises `WorkdirLocked` naming the first); every step's loss, gradient norm and updated
 parameters are checked for NaN/inf on the device and looked at where the loop fetches its metrics
 anyway, and nothing non-finite is ever saved; `config.on_divergence` says what a diverged step does
@@ -186,8 +186,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path,
         def log_train():
             nonlocal tic, pending, timed, compile_s
             pending = jax.device_get(pending)  # waits for the steps, so the timing is true
-            record = _train_record(guard.train_config, step, pending, timed, time.perf_counter() - tic,
-                                   compile_s)
+            record = _train_record(guard.train_config, step, pending, timed,
+                                   time.perf_counter() - tic, compile_s)
             metrics.write(record)
             bar.set_postfix(loss=f"{record['loss']:.3f}",
                             tok_s=f"{record['tokens_per_s'] or 0:,.0f}")
@@ -443,7 +443,7 @@ def evaluate_checkpoint(workdir, split: str = "test", *, step: int | None = None
 
 
 # --------------------------------------------------------------------------------------------------
-# Divergence (config.on_divergence) and the run's data and tokenizer (docs/design.md section 6b)
+# Divergence (config.on_divergence), the run's data and tokenizer (docs/design.md section 3)
 # --------------------------------------------------------------------------------------------------
 
 
@@ -570,7 +570,8 @@ def _guarded_train_step(model_cfg, config, mesh, guard: _Divergence):
     optimizer state (the update is not applied). `poison` (`_Divergence.poison`) is added to the
     updated parameters, the loss and the gradient norm when config.inject_nan_at_step is set."""
     train_config = guard.train_config
-    train_step = make_train_step(model_cfg, train_config, mesh)
+    # the step's Python function: jit options (compiler_options) are for the top-level jit only
+    train_step = make_train_step(model_cfg, train_config, mesh).__wrapped__
     skip, poisoned = config.on_divergence == "skip", config.inject_nan_at_step is not None
 
     def guarded(params, opt_state, inputs, targets, poison):
