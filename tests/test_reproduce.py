@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import ml_collections
 import pytest
 
 import bmojo_jax as bj
@@ -77,6 +78,16 @@ def test_synthetic(dirs, tmp_path):
     point = next(p for p in (work / "synthetic-tiny").iterdir() if p.is_dir())
     with pytest.raises(ValueError, match="another config"):
         runner.train_point(synthetic.point_config("swa", "mqar", 0.5, settings), point)
+    # A point saved before a config field existed is collected while the field is at its default
+    # (which keeps the old behaviour), and refused when the field is set to anything else.
+    saved = json.loads((point / "point.json").read_text())
+    config = ml_collections.ConfigDict(saved["config"])
+    del saved["config"]["model"]["eidetic_seed"]
+    (point / "point.json").write_text(json.dumps(saved))
+    assert runner.train_point(config, point) == saved["result"]
+    config.model.eidetic_seed = 5
+    with pytest.raises(ValueError, match="eidetic_seed"):
+        runner.train_point(config, point)
 
 
 def test_mqar_memory(dirs):
