@@ -43,7 +43,6 @@ OUT_DIR: runs/scale_plan-<timestamp>/).
 
 from __future__ import annotations
 
-import math
 import os
 import re
 import sys
@@ -174,8 +173,8 @@ def plan_config(config, devices: list, mesh_shape=None) -> dict:
     model_cfg = training.model_config(config, config.model.vocab_size)
     mesh = sharding.make_mesh(mesh_shape or config.mesh_shape, devices)
     sharding.batch_sharding(mesh, config.batch_size)  # raises when the batch does not divide
-    params = nnx.state(training.abstract_model(model_cfg), nnx.Param)
-    n_params = sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(params))
+    model = training.abstract_model(model_cfg)
+    params, n_params = nnx.state(model, nnx.Param), bj.count_params(model)
     opt_state = jax.eval_shape(training.make_optimizer(config).init, params)
     batch = jax.ShapeDtypeStruct((config.batch_size, config.data.seq_len), jnp.int32)
     start, start_cpu = time.perf_counter(), time.process_time()
