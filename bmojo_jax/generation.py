@@ -32,12 +32,13 @@ from flax import nnx
 from bmojo_jax.data.text import EOS, EOT
 from bmojo_jax.model import LanguageModel, check_tokens
 
-UNK = "<unk>"  # the word tokenizer's unknown word (bmojo_jax/data/text.py)
-
 
 class Tokenizer(Protocol):
-    """What `generate_text` needs of a tokenizer (the corpora's `WordTokenizer` and `BPETokenizer`
-    in bmojo_jax/data/text.py have it)."""
+    """What `generate_text` needs of a tokenizer: what `bmojo_jax.load` returns (the corpora's
+    `data.WordTokenizer` and `data.BPETokenizer`, a synthetic task's ids) has it."""
+
+    unk_token: Optional[str]  # the word that stands for words outside the vocabulary, or None
+    unknown_id: Optional[int]  # its id, or None where every text has ids
 
     def encode(self, text: str) -> np.ndarray:
         """int [t] ids of `text`."""
@@ -158,27 +159,28 @@ def generate(model: LanguageModel, prompt, max_new_tokens: int, *, temperature: 
     return np.asarray(tokens)[:, :max_new_tokens]
 
 
-def special_ids(tokenizer: Tokenizer) -> tuple[Optional[int], Optional[int]]:
-    """(unknown-word id, end-of-text id) of a tokenizer, each None where it has none.
-
-    Found through `encode` alone (our choice, so that any tokenizer with encode/decode works): the
-    unknown id is the single id of "<unk>" (the word tokenizer's; byte-level BPE has none); the
-    end-of-text id is the single id of "<|endoftext|>" (BPE: end of document) or else of "<eos>"
-    (PTB: end of line), unless that id is the unknown one.
-    """
-    def single_id(text):
-        ids = np.asarray(tokenizer.encode(text)).ravel()
-        return int(ids[0]) if ids.size == 1 else None
-
-    unk = single_id(UNK)
-    eos = next((i for i in (single_id(EOT), single_id(EOS)) if i is not None and i != unk), None)
-    return unk, eos
+def end_of_text_id(tokenizer: Tokenizer) -> Optional[int]:
+    """The tokenizer's end-of-text id, or None: the single id that `encode` gives
+    "<|endoftext|>" (byte-level BPE: end of document) or else "<eos>" (PTB: end of line), unless
+    it is the unknown id (our choice: found through `encode`, so that any tokenizer with the
+    `Tokenizer` interface works; a synthetic task's `encode` refuses both: None)."""
+    for text in (EOT, EOS):
+        try:
+            ids = np.asarray(tokenizer.encode(text)).ravel()
+        except ValueError:
+            continue
+        if ids.size == 1 and int(ids[0]) != tokenizer.unknown_id:
+            return int(ids[0])
+    return None
 
 
-def unknown_words(tokenizer: Tokenizer, text: str, unk_id: int) -> list[str]:
-    """The whitespace-separated words of `text` (each once, in order) whose ids contain
-    `unk_id`."""
-    return [w for w in dict.fromkeys(text.split()) if unk_id in np.asarray(tokenizer.encode(w))]
+def unknown_words(tokenizer: Tokenizer, text: str) -> list[str]:
+    """The whitespace-separated words of `text` (each once, in order) that the tokenizer maps to
+    its unknown id (none when it has no unknown id)."""
+    unk = tokenizer.unknown_id
+    if unk is None:
+        return []
+    return [w for w in dict.fromkeys(text.split()) if unk in np.asarray(tokenizer.encode(w))]
 
 
 def generate_text(model: LanguageModel, tokenizer: Tokenizer, prompt: str,
@@ -191,12 +193,12 @@ def generate_text(model: LanguageModel, tokenizer: Tokenizer, prompt: str,
 
     Args:
       model: a `LanguageModel` trained with this tokenizer.
-      tokenizer: `encode(str) -> int [t]` and `decode(ids) -> str` (`Tokenizer`; special ids:
-        `special_ids`).
+      tokenizer: the run's tokenizer (`bmojo_jax.load`): `encode`, `decode`, `unknown_id`,
+        `unk_token` (`Tokenizer`).
       prompt: the text to continue; it must encode to at least one token.
       max_new_tokens, temperature, top_k, seed: as in `generate`.
-      stop_at_eos: cut the continuation before the first end-of-text token (PTB: end of line),
-        when the tokenizer has one.
+      stop_at_eos: cut the continuation before the first end-of-text token (`end_of_text_id`;
+        PTB: end of line), when the tokenizer has one.
 
     Returns:
       The prompt as the model read it (unknown words as <unk>) followed by the continuation:
@@ -212,17 +214,17 @@ def generate_text(model: LanguageModel, tokenizer: Tokenizer, prompt: str,
     ids = np.asarray(tokenizer.encode(prompt), np.int32)
     if ids.size == 0:
         raise ValueError(f"prompt={prompt!r} encodes to no token: give at least one word.")
-    unk, eos = special_ids(tokenizer)
-    unknown = unknown_words(tokenizer, prompt, unk) if unk is not None else []
+    unknown = unknown_words(tokenizer, prompt)
     if unknown:
         known_lower = [w.lower() for w in unknown
-                       if w.lower() != w and unk not in np.asarray(tokenizer.encode(w.lower()))]
+                       if w.lower() != w and not unknown_words(tokenizer, w.lower())]
         hint = (f"; in lower case {', '.join(map(repr, known_lower))} are known: the corpus is "
                 f"lower-case, try prompt.lower()" if known_lower else "")
         warnings.warn(f"the prompt's words {', '.join(map(repr, unknown))} are not in the "
-                      f"vocabulary and became {UNK}{hint}.", stacklevel=2)
+                      f"vocabulary and became {tokenizer.unk_token}{hint}.", stacklevel=2)
     new = generate(model, ids[None], max_new_tokens, temperature=temperature, top_k=top_k,
                    seed=seed)[0]
-    if stop_at_eos and eos is not None and eos in new:
+    eos = end_of_text_id(tokenizer) if stop_at_eos else None
+    if eos is not None and eos in new:
         new = new[:int(np.argmax(new == eos))]
     return tokenizer.decode(np.concatenate([ids, new]))

@@ -10,13 +10,14 @@ import sys
 
 from absl import app, flags, logging
 
-from bmojo_jax import data as data_lib
+import bmojo_jax
 from bmojo_jax import training
 from bmojo_jax.generation import generate_text
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir holding checkpoints/.")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
-_PROMPT = flags.DEFINE_string("prompt", "the", "Text to continue (tokenized as in training).")
+_PROMPT = flags.DEFINE_string("prompt", "the", "Text to continue, tokenized by the run's own "
+                              "tokenizer (a synthetic task's: token ids separated by spaces).")
 _MAX_NEW_TOKENS = flags.DEFINE_integer("max_new_tokens", 50, "Tokens to generate.")
 _TEMPERATURE = flags.DEFINE_float("temperature", 0.8, "Softmax temperature; 0 = greedy.")
 _TOP_K = flags.DEFINE_integer("top_k", 40, "Sample among the k most likely tokens (0: all).")
@@ -31,11 +32,8 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.set_verbosity(logging.WARNING)
     try:
-        model, config, _ = training.load_model(_WORKDIR.value, _STEP.value)
-        data = data_lib.load_data(config)
-        if not isinstance(data, data_lib.TextData):
-            raise ValueError("generate needs a checkpoint trained on a text corpus.")
-        text = generate_text(model, data.corpus.tokenizer, _PROMPT.value, _MAX_NEW_TOKENS.value,
+        model, tokenizer, _, _ = bmojo_jax.load(_WORKDIR.value, _STEP.value)
+        text = generate_text(model, tokenizer, _PROMPT.value, _MAX_NEW_TOKENS.value,
                              temperature=_TEMPERATURE.value, top_k=_TOP_K.value,
                              seed=_SEED.value, stop_at_eos=_STOP_AT_EOS.value)
     except (ValueError, FileNotFoundError, training.CheckpointError) as e:

@@ -13,7 +13,8 @@ from flax import nnx
 
 import bmojo_jax as bj
 from bmojo_jax import data
-from bmojo_jax.generation import generate_text, sample_logits, special_ids
+from bmojo_jax.generation import end_of_text_id, generate_text, sample_logits
+from bmojo_jax.training.checkpoints import SyntheticTask
 from tests.helpers import config, tokens
 
 COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"  # recorded by every XLA compile
@@ -123,7 +124,7 @@ def test_generate_text_stops_at_end_of_text(tiny_model):
     eos = next(int(i) for i in new[2:] if i not in (1, 2, 3, 4))  # a token the model produces
     unk = next(i for i in range(16) if i not in (1, 2, 3, 4, eos))
     tok = _word_tokenizer(eos, unk)
-    assert special_ids(tok) == (unk, eos)
+    assert (tok.unknown_id, end_of_text_id(tok)) == (unk, eos)
     text = generate_text(tiny_model, tok, "w1 w2 w3 w4", 12, seed=1)
     cut = int(np.argmax(new == eos))
     assert text == tok.decode(np.concatenate([prompt_ids[0], new[:cut]]))
@@ -144,6 +145,7 @@ def test_generate_text_warns_about_unknown_words(tiny_model):
         generate_text(tiny_model, tok, "", 12)
 
 
-def test_special_ids_of_a_bpe_tokenizer():
-    tok = data.BPETokenizer.train(["the harbour was quiet before dawn"], vocab_size=300)
-    assert special_ids(tok) == (None, 0)  # no unknown word; <|endoftext|> is id 0
+def test_end_of_text_of_bpe_and_synthetic_tasks():
+    bpe = data.BPETokenizer.train(["the harbour was quiet before dawn"], vocab_size=300)
+    assert end_of_text_id(bpe) == 0  # <|endoftext|>
+    assert end_of_text_id(SyntheticTask("mqar", dict(vocab_size=16), 8)) is None
