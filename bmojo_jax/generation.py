@@ -4,8 +4,8 @@
 tokenizer). Prefill and the decode loop are one jit-compiled program, compiled once per shape
 bucket (our choice, so that a notebook can change the sampling settings and the prompt freely):
 
-* temperature, top-k, the exact prompt length and the exact number of new tokens are traced
-  values: changing them does not recompile;
+* temperature, top-k and the seed are traced values: changing them never recompiles; so are the
+  exact prompt length and number of new tokens, within the buckets below;
 * the prompt is padded to a bucket: a prompt of t tokens, with P the largest power of two <= t,
   is held in a [batch, 2P] array; its first P tokens are prefilled in parallel and the other
   t - P (< P) are fed by decode steps inside the same loop that then samples. Decoding reproduces
