@@ -109,43 +109,45 @@ def check_settings(s: Settings) -> None:
 class Model(NamedTuple):
     """A model to evaluate.
 
-    name: what the report calls it (its workdir, for `load`); model: the `LanguageModel`; config:
-    its training config (`ml_collections.ConfigDict`; read: model_preset, data.name, data.seq_len
-    = the training context T); step: its checkpoint's step; corpus: the `data.Corpus` it was
-    trained on (its tokenizer and held-out test split).
+    name: what the report calls it (its workdir, for `load`); model: the `LanguageModel`;
+    tokenizer: the run's tokenizer (`encode`, `decode`); config: its training config
+    (`ml_collections.ConfigDict`; read: model_preset, data.name, data.seq_len = the training
+    context T); step: its checkpoint's step; corpus: the `data.Corpus` it was trained on (its
+    held-out test split).
     """
 
     name: str
     model: bmojo_jax.LanguageModel
+    tokenizer: object
     config: ml_collections.ConfigDict
     step: int
     corpus: data_lib.Corpus
 
 
 def load(workdir) -> Model:
-    """The latest checkpoint of a workdir trained on a text corpus, with that corpus loaded and
-    tokenized as in training.
+    """The latest checkpoint of a workdir trained on a text corpus (`bmojo_jax.load`: the model and
+    the run's own tokenizer), with that corpus loaded as in training.
 
     Raises:
       ValueError: the workdir was trained on a synthetic task; FileNotFoundError,
-        training.CheckpointError, data.MissingDataError: as `training.load_model`, `load_data`.
+        training.CheckpointError, data.MissingDataError: as `bmojo_jax.load`, `data.load_data`.
     """
-    model, config, step = training.load_model(workdir)
-    source = data_lib.load_data(config)
-    if not isinstance(source, data_lib.TextData):
+    model, tokenizer, config, step = bmojo_jax.load(workdir)
+    if config.data.name in data_lib.SYNTHETIC_TASKS:
         raise ValueError(f"--workdir={workdir}: trained on the synthetic task "
                          f"{config.data.name!r}; the long-context suite needs a text corpus.")
-    return Model(str(workdir), model, config, int(step), source.corpus)
+    return Model(str(workdir), model, tokenizer, config, int(step),
+                 data_lib.load_data(config).corpus)
 
 
-def filler_stream(corpus: data_lib.Corpus, filler: str) -> np.ndarray:
-    """int32 [N]: the corpus's test split ("test"), or every document of the Austen or
-    Shakespeare corpus (sorted by name) in the corpus's tokenizer."""
+def filler_stream(m: Model, filler: str) -> np.ndarray:
+    """int32 [N]: the model's held-out test split ("test"), or every document of the Austen or
+    Shakespeare corpus (sorted by name) in the model's tokenizer."""
     if filler == "test":
-        return corpus.test
+        return m.corpus.test
     documents = (data_lib.austen_documents() if filler == "austen"
                  else data_lib.shakespeare_documents())
-    return np.concatenate([corpus.encode(documents[name]) for name in sorted(documents)])
+    return np.concatenate([m.tokenizer.encode(documents[name]) for name in sorted(documents)])
 
 
 def _batches(rows: np.ndarray, batch_size: int, pad_value: int):
@@ -156,7 +158,7 @@ def _batches(rows: np.ndarray, batch_size: int, pad_value: int):
     return [rows[i:i + batch_size] for i in range(0, len(rows), batch_size)]
 
 
-def retrieval(model, corpus, task: str, length: int, filler: np.ndarray, s: Settings) -> dict:
+def retrieval(model, tokenizer, task: str, length: int, filler: np.ndarray, s: Settings) -> dict:
     """Greedy answers to the prompts of one task at one length, every depth of `s.depths`.
 
     Returns:
@@ -166,9 +168,9 @@ def retrieval(model, corpus, task: str, length: int, filler: np.ndarray, s: Sett
       be built (the length leaves no room for filler, or the tokenizer cannot write the prompt).
     """
     try:
-        batches = [lc.passkey(corpus, filler, length, d, s.examples, seed=s.seed)
+        batches = [lc.passkey(tokenizer, filler, length, d, s.examples, seed=s.seed)
                    if task == "passkey" else
-                   lc.multikey_needle(corpus, filler, length, d, s.examples, seed=s.seed,
+                   lc.multikey_needle(tokenizer, filler, length, d, s.examples, seed=s.seed,
                                       num_needles=s.num_needles) for d in s.depths]
     except ValueError as error:
         return {"skipped": str(error)}
@@ -179,7 +181,7 @@ def retrieval(model, corpus, task: str, length: int, filler: np.ndarray, s: Sett
         bmojo_jax.generate(model, rows, NEW_TOKENS, temperature=0)
         for rows in _batches(inputs, s.batch_size, 0)])[:len(inputs)]
     seconds = time.perf_counter() - tic
-    texts = [corpus.decode(g) for g in generated]
+    texts = [tokenizer.decode(g) for g in generated]
     correct = [lc.answer_correct(t, a) for t, a in zip(texts, answers)]
     n = s.examples
     return {"accuracy": {str(d): float(np.mean(correct[i * n:(i + 1) * n]))
@@ -229,15 +231,15 @@ def evaluate_model(m: Model, s: Settings) -> dict:
                   layer_mixers=model.config.layer_mixers, window=model.config.window,
                   eidetic_slots=model.config.eidetic_slots, params=bmojo_jax.count_params(model),
                   step=m.step, train_seq_len=t, corpus=config.data.name,
-                  vocab_size=corpus.vocab_size, lengths=lengths, score_tokens=score_tokens,
+                  vocab_size=model.config.vocab_size, lengths=lengths, score_tokens=score_tokens,
                   state_bytes={str(n): decoding.state_bytes(model.config, 1, n)
                                for n in lengths})
     retrieval_tasks = [task for task in s.tasks if task in RETRIEVAL]
-    filler = filler_stream(corpus, s.filler) if retrieval_tasks else None
+    filler = filler_stream(m, s.filler) if retrieval_tasks else None
     for task in retrieval_tasks:
         record[task] = {}
         for length in lengths:
-            cell = retrieval(model, corpus, task, length, filler, s)
+            cell = retrieval(model, m.tokenizer, task, length, filler, s)
             record[task][str(length)] = cell
             summary = (f"skipped: {cell['skipped']}" if "skipped" in cell else
                        f"accuracy {np.mean(list(cell['accuracy'].values())):.2f}")
@@ -346,8 +348,8 @@ def plot(record: dict, path) -> None:
             image = ax.imshow(np.ma.masked_invalid(acc), vmin=0, vmax=100, cmap="viridis",
                               aspect="auto")
             for (i, j), a in np.ndenumerate(acc):
-                ax.text(j, i, "—" if np.isnan(a) else f"{a:.0f}", ha="center", va="center",
-                        color="white" if np.isnan(a) or a < 60 else "black", fontsize=8)
+                ax.text(j, i, "not run" if np.isnan(a) else f"{a:.0f}", ha="center",
+                        va="center", color="white" if a < 60 else "black", fontsize=8)
             ax.set_xticks(range(len(depths)), [f"{d:g}" for d in depths])
             ax.set_yticks(range(len(m["lengths"])), [f"{n:,}" for n in m["lengths"]])
             ax.set_xlabel("depth of the asked needle (fraction of the filler)")

@@ -175,7 +175,8 @@ def test_runner_end_to_end(corpus, documents, tmp_path):
     settings = runner.Settings(lengths=(320, 480), depths=(0.0, 1.0), examples=2, num_needles=2,
                                windows=3, score_tokens=16, batch_size=4)
     out = tmp_path / "out"
-    record = runner.run(settings, [runner.Model("random", model, config, 0, corpus)],
+    record = runner.run(settings, [runner.Model("random", model, corpus.tokenizer, config, 0,
+                                                corpus)],
                         out_dir=out, command="python -m test")
     assert sorted(p.name for p in out.iterdir()) == [
         "long_context.json", "long_context.md", "long_context.png"]

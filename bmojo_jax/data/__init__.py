@@ -1,6 +1,9 @@
-"""Data: synthetic recall tasks (`synthetic`), offline real-text corpora and batches (`text`), and
-the training loop's data sources built from a training config (`pipeline`)."""
+"""Data: synthetic recall tasks (`synthetic`), offline real-text corpora and batches (`text`), the
+training loop's data sources built from a training config (`pipeline`), and long-context
+evaluation prompts and windows (`long_context`)."""
 
+from bmojo_jax.data.long_context import (RetrievalBatch, answer_correct, multikey_needle, passkey,
+                                         scored_windows, scoring_ends)
 from bmojo_jax.data.pipeline import SEQ_LEN_ARGUMENTS, SyntheticData, TextData, load_data
 from bmojo_jax.data.synthetic import (IGNORE_INDEX, SYNTHETIC_TASKS, accuracy,
                                       fuzzy_in_context_recall, in_context_recall, mqar,
@@ -20,4 +23,6 @@ __all__ = [
     "WordTokenizer", "BPETokenizer", "cached_bpe_tokenizer", "check_token_ids", "lm_batch",
     "lm_eval_batches", "TextData", "SyntheticData", "SEQ_LEN_ARGUMENTS", "load_data",
     "TOKENIZER_FILES", "save_tokenizer", "load_tokenizer", "tokenizer_path", "text_fingerprint",
+    "RetrievalBatch", "passkey", "multikey_needle", "answer_correct", "scoring_ends",
+    "scored_windows",
 ]
