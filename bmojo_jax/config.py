@@ -26,6 +26,8 @@ EVICTIONS = ("fifo", "score")
 PREDICTORS = ("identity", "linear")
 SELECTIONS = ("fading", "state", "threshold", "learned", "random")
 DTYPES = ("float32", "bfloat16")
+REMATS = ("none", "block", "dots")
+DROPOUTS = ("embedding_dropout", "residual_dropout", "attention_dropout")
 
 PRESET_PATTERNS = {
     "transformer": "A",
@@ -86,7 +88,25 @@ class ModelConfig:
       rope_base: RoPE base frequency.
       implementation: op implementation for every op (None = best for the backend).
       scan_implementation: override for the SSM scans only (adds "associative"); None = implementation.
-      dtype: compute dtype of activations ("float32" or "bfloat16"); parameters stay float32.
+      dtype: compute dtype ("float32" or "bfloat16"). "bfloat16" is mixed precision (docs/design.md
+        section 3): activations and the matmuls of the linear layers, convolution and embedding in
+        bfloat16; parameters (hence gradients and optimizer state), the SSM scans' state and
+        accumulation, the attention softmax, norm statistics, innovation scores, the LM head,
+        logits and loss in float32.
+      embedding_dropout: dropout rate on the token embeddings, in [0, 1) (0 = off).
+      residual_dropout: dropout rate on each block's mixer and MLP outputs before their residual
+        add, in [0, 1).
+      attention_dropout: dropout rate on an attention mixer's read-out (the heads' weighted values,
+        before the output projection), in [0, 1). Not on the attention probabilities (our choice:
+        the softmax is one fused op with reference, xla and pallas implementations, and the Pallas
+        kernels never materialise the probabilities). Dropout is active only when a dropout key
+        is handed to `LanguageModel.forward` / `cross_entropy` (training); evaluation, generation,
+        prefill and decoding are deterministic.
+      remat: rematerialisation of the blocks in the backward pass: "none" (keep every
+        activation), "block" (`nnx.remat` per block: keep the block inputs only, recompute the
+        rest), "dots" (per block with the `jax.checkpoint_policies.dots_with_no_batch_dims_saveable`
+        policy: keep the outputs of the weight matmuls, recompute the rest). Gradients are the
+        same; memory and time differ.
     """
 
     vocab_size: int = 8192
@@ -118,6 +138,10 @@ class ModelConfig:
     implementation: Optional[str] = None
     scan_implementation: Optional[str] = None
     dtype: str = "float32"
+    embedding_dropout: float = 0.0
+    residual_dropout: float = 0.0
+    attention_dropout: float = 0.0
+    remat: str = "none"
 
     def __post_init__(self):
         positive = ("vocab_size", "d_model", "n_layers", "n_heads", "window", "d_state", "ssm_expand",
@@ -158,6 +182,13 @@ class ModelConfig:
                              f"finite number > 0.")
         check_choice("ModelConfig.innovation_predictor", self.innovation_predictor, PREDICTORS)
         check_choice("ModelConfig.dtype", self.dtype, DTYPES)
+        check_choice("ModelConfig.remat", self.remat, REMATS)
+        for name in DROPOUTS:
+            value = getattr(self, name)
+            if (not isinstance(value, (int, float)) or isinstance(value, bool)
+                    or not 0 <= value < 1):  # also rejects NaN
+                raise ValueError(f"ModelConfig.{name}={value!r}: must be a rate in [0, 1) "
+                                 f"(0 = no dropout).")
         if self.eidetic_per_chunk > self.window:
             raise ValueError(f"ModelConfig.eidetic_per_chunk={self.eidetic_per_chunk} exceeds the "
                              f"chunk (window={self.window}) it selects from.")
@@ -209,6 +240,11 @@ class ModelConfig:
     def hidden_dim(self) -> int:
         """SwiGLU hidden width: d_ff, or 8/3 d_model rounded up to a multiple of 8 (our choice)."""
         return self.d_ff or -(-8 * self.d_model // 3 // 8) * 8
+
+    @property
+    def has_dropout(self) -> bool:
+        """Whether any dropout rate is > 0 (then training hands the model a dropout key)."""
+        return any(getattr(self, name) > 0 for name in DROPOUTS)
 
     @property
     def layer_mixers(self) -> str:

@@ -20,6 +20,11 @@ from bmojo_jax.config import ModelConfig
 from bmojo_jax.layers import SSM, MemoryAttention, SwiGLU
 from bmojo_jax.layers.attention import EideticTrace
 
+# `ModelConfig.remat` -> the `jax.checkpoint` policy of each block (None: save nothing but the
+# block's inputs). "dots" keeps the outputs of matmuls without batch dimensions (the weight
+# matmuls: projections, MLP), so the backward recomputes the elementwise ops, attention and scans.
+REMAT_POLICIES = {"block": None, "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
+
 
 @struct.dataclass
 class Cache:
@@ -34,7 +39,12 @@ class Cache:
 
 
 class Block(nnx.Module):
-    """Pre-norm decoder block. [b, t, d_model] -> [b, t, d_model]."""
+    """Pre-norm decoder block. [b, t, d_model] -> [b, t, d_model].
+
+    With a dropout key (training), `residual_dropout` drops the mixer's and the MLP's outputs
+    before each residual add and the attention mixer applies `attention_dropout`; `remat`
+    rematerialises the block in the backward pass (`REMAT_POLICIES`).
+    """
 
     def __init__(self, config: ModelConfig, letter: str, *, rngs: nnx.Rngs):
         d, dtype = config.d_model, jnp.dtype(config.dtype)
@@ -49,27 +59,42 @@ class Block(nnx.Module):
             self.mixer = MemoryAttention(config, letter, rngs=rngs)
         self.mlp_norm = nnx.RMSNorm(d, dtype=dtype, rngs=rngs)
         self.mlp = SwiGLU(d, config.hidden_dim, dtype=dtype, rngs=rngs)
+        self.dropout = nnx.Dropout(config.residual_dropout)
+        self.remat = config.remat
 
     def __call__(self, x):
         return self.prefill(x)[0]
 
-    def _eidetic(self, eidetic_scores) -> dict:
-        """The oracle scores for an attention mixer (SSM mixers take none)."""
-        return {} if isinstance(self.mixer, SSM) else dict(eidetic_scores=eidetic_scores)
+    def _attention_args(self, **kwargs) -> dict:
+        """`kwargs` (oracle scores, dropout key) for an attention mixer; SSM mixers take none."""
+        return {} if isinstance(self.mixer, SSM) else kwargs
 
-    def prefill(self, x, max_length=None, context=None, eidetic_scores=None):
+    def prefill(self, x, max_length=None, context=None, eidetic_scores=None, dropout_key=None):
         """x [b, t, d_model] -> (output [b, t, d_model], the mixer's streaming state); `context`:
         a `SequenceContext` when x is one shard of a longer sequence; `eidetic_scores` [b, t]: see
-        `LanguageModel.forward`."""
+        `LanguageModel.forward`; `dropout_key`: a PRNG key (training: dropout on) or None
+        (deterministic). Rematerialised as `remat` says."""
+        if self.remat == "none":
+            return self._prefill(x, max_length, context, eidetic_scores, dropout_key)
+        run = nnx.remat(lambda block, x, scores, key: block._prefill(x, max_length, context,
+                                                                     scores, key),
+                        policy=REMAT_POLICIES[self.remat])
+        return run(self, x, eidetic_scores, dropout_key)
+
+    def _prefill(self, x, max_length, context, eidetic_scores, dropout_key):
+        keys = [None] * 3 if dropout_key is None else list(jax.random.split(dropout_key, 3))
         y, state = self.mixer.prefill(self.mixer_norm(x), max_length, context=context,
-                                      **self._eidetic(eidetic_scores))
-        x = x + y
-        return x + self.mlp(self.mlp_norm(x)), state
+                                      **self._attention_args(eidetic_scores=eidetic_scores,
+                                                             dropout_key=keys[2]))
+        x = x + self.dropout(y, deterministic=dropout_key is None, rngs=keys[0])
+        y = self.mlp(self.mlp_norm(x))
+        return x + self.dropout(y, deterministic=dropout_key is None, rngs=keys[1]), state
 
     def step(self, x, state, position, eidetic_scores=None):
-        """One token x [b, d_model] at `position` -> (output [b, d_model], next mixer state)."""
+        """One token x [b, d_model] at `position` -> (output [b, d_model], next mixer state);
+        deterministic (no dropout)."""
         y, state = self.mixer.step(self.mixer_norm(x), state, position,
-                                   **self._eidetic(eidetic_scores))
+                                   **self._attention_args(eidetic_scores=eidetic_scores))
         x = x + y
         return x + self.mlp(self.mlp_norm(x)), state
 
@@ -79,18 +104,21 @@ class LanguageModel(nnx.Module):
 
     `model(tokens)` maps int32 tokens [batch, time] (any time >= 1) to float32 logits
     [batch, time, vocab_size]; `model.forward(tokens)` also returns the auxiliary loss that
-    training adds (B'MOJO's innovation-predictor loss, sown by its layers).
+    training adds (B'MOJO's innovation-predictor loss, sown by its layers). Training hands
+    `forward` / `cross_entropy` a `dropout_key` (dropout on, `ModelConfig` *_dropout); every other
+    path is deterministic. The LM head runs in float32 whatever `config.dtype`.
     """
 
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
         self.config = config
         dtype = jnp.dtype(config.dtype)
         self.embed = nnx.Embed(config.vocab_size, config.d_model, dtype=dtype, rngs=rngs)
+        self.dropout = nnx.Dropout(config.embedding_dropout)
         self.blocks = nnx.List([Block(config, letter, rngs=rngs)
                                 for letter in config.layer_mixers])
         self.norm = nnx.RMSNorm(config.d_model, dtype=dtype, rngs=rngs)
         self.head = None if config.tie_embeddings else nnx.Linear(
-            config.d_model, config.vocab_size, use_bias=False, dtype=dtype, rngs=rngs)
+            config.d_model, config.vocab_size, use_bias=False, rngs=rngs)  # used via _head_weights
 
     def __call__(self, tokens: at.Tokens, *,
                  eidetic_scores: at.Scores | None = None) -> at.Logits:
@@ -103,7 +131,8 @@ class LanguageModel(nnx.Module):
         return self.forward(tokens, eidetic_scores=eidetic_scores)[0]
 
     def forward(self, tokens: at.Tokens, *, eidetic_scores: at.Scores | None = None,
-                context=None) -> tuple[at.Logits, at.Scalar]:
+                context=None, dropout_key: jax.Array | None = None
+                ) -> tuple[at.Logits, at.Scalar]:
         """Logits [batch, time, vocab_size] float32 and the auxiliary loss (float32 scalar: the sum
         of the already-weighted `innovation_loss`es sown by B'MOJO layers; 0 without them).
 
@@ -116,10 +145,13 @@ class LanguageModel(nnx.Module):
           context: a `sequence_parallel.SequenceContext` when `tokens` is one shard of a longer
             sequence, inside `jax.shard_map` (`sequence_parallel.sequence_parallel_forward` does
             this); None otherwise.
+          dropout_key: a PRNG key: training mode, the `ModelConfig` dropout rates apply (the masks
+            are a function of the key; under `context`, of the key and the shard). None
+            (default): deterministic.
         """
         _check_scores(eidetic_scores, tokens.shape)
         (logits, _), sown, _ = nnx.capture(self._prefill, nnx.Intermediate, EideticTrace)(
-            tokens, None, context, eidetic_scores)
+            tokens, None, context, eidetic_scores, dropout_key)
         return logits, _aux_loss(sown)
 
     def eidetic_trace(self, tokens: at.Tokens, *, eidetic_scores: at.Scores | None = None
@@ -137,12 +169,13 @@ class LanguageModel(nnx.Module):
                 for i, block in blocks.items()}
 
     def cross_entropy(self, tokens: at.Tokens, targets: at.Tokens, *,
-                      eidetic_scores: at.Scores | None = None, context=None
+                      eidetic_scores: at.Scores | None = None, context=None,
+                      dropout_key: jax.Array | None = None
                       ) -> tuple[at.Scalar, at.IntScalar, at.Scalar]:
         """The training objective's terms without materialising the logits
         (`ops.linear_cross_entropy`: the `xla` implementation unless config.implementation is
-        "reference"; our choice, for speed and memory). The head is computed in float32 even for
-        a bfloat16 model (whose `forward` logits come from a bfloat16 head).
+        "reference"; our choice, for speed and memory). The head is computed in float32, as in
+        `forward`.
 
         Args:
           tokens: int [batch, time] inputs, ids in [0, vocab_size).
@@ -150,6 +183,7 @@ class LanguageModel(nnx.Module):
             `data.IGNORE_INDEX` = -100) where unlabelled.
           eidetic_scores: as in `forward`.
           context: as in `forward` (the returned mean and count are then this shard's).
+          dropout_key: as in `forward` (training: dropout on; None: deterministic).
 
         Returns:
           (ce, labelled, aux_loss): mean NLL over labelled targets (float32 nats; 0 if none), their
@@ -165,34 +199,44 @@ class LanguageModel(nnx.Module):
         check_tokens(targets, self.config.vocab_size, name="target", unlabelled_ok=True)
         _check_scores(eidetic_scores, tokens.shape)
         (x, _), sown, _ = nnx.capture(self._trunk, nnx.Intermediate, EideticTrace)(
-            tokens, None, context, eidetic_scores)
+            tokens, None, context, eidetic_scores, dropout_key)
         mask = targets >= 0
         labelled = mask.sum(dtype=jnp.int32)
         weights = mask.astype(jnp.float32) / jnp.maximum(labelled, 1)
-        head = self.embed.embedding[...] if self.head is None else self.head.kernel[...].T
         ce = ops.linear_cross_entropy(
-            self.norm(x), head, jnp.where(mask, targets, 0), weights,
+            self.norm(x), self._head_weights(), jnp.where(mask, targets, 0), weights,
             implementation="reference" if self.config.implementation == "reference" else "xla")
         return ce, labelled, _aux_loss(sown)
 
-    def _trunk(self, tokens, max_length, context, eidetic_scores):
-        """Embedding and blocks: (features [b, t, d_model] before the final norm, layer states)."""
+    def _trunk(self, tokens, max_length, context, eidetic_scores, dropout_key=None):
+        """Embedding and blocks: (features [b, t, d_model] before the final norm, layer states);
+        dropout with a `dropout_key` (see `forward`)."""
         check_tokens(tokens, self.config.vocab_size)
-        x = self.embed(tokens)
+        keys = [None] * (len(self.blocks) + 1)
+        if dropout_key is not None:
+            if context is not None:  # independent masks on every shard
+                dropout_key = jax.random.fold_in(dropout_key, context.index)
+            keys = list(jax.random.split(dropout_key, len(keys)))
+        x = self.dropout(self.embed(tokens), deterministic=dropout_key is None, rngs=keys[0])
         states = []
-        for block in self.blocks:
-            x, state = block.prefill(x, max_length, context, eidetic_scores)
+        for block, key in zip(self.blocks, keys[1:]):
+            x, state = block.prefill(x, max_length, context, eidetic_scores, key)
             states.append(state)
         return x, tuple(states)
 
-    def _prefill(self, tokens, max_length, context, eidetic_scores):
-        x, states = self._trunk(tokens, max_length, context, eidetic_scores)
+    def _prefill(self, tokens, max_length, context, eidetic_scores, dropout_key=None):
+        x, states = self._trunk(tokens, max_length, context, eidetic_scores, dropout_key)
         return self._head(x), states
 
+    def _head_weights(self) -> jax.Array:
+        """The LM head [vocab_size, d_model] float32: the token embedding (tied) or the head's
+        kernel, transposed."""
+        return self.embed.embedding[...] if self.head is None else self.head.kernel[...].T
+
     def _head(self, x):
-        x = self.norm(x)
-        logits = self.embed.attend(x) if self.head is None else self.head(x)
-        return logits.astype(jnp.float32)
+        """Final norm and LM head in float32 (our choice, also for a bfloat16 model: the logits and
+        the loss keep float32 precision): x [..., d_model] -> logits [..., vocab_size] float32."""
+        return jnp.einsum("...d,vd->...v", self.norm(x).astype(jnp.float32), self._head_weights())
 
     # ------------------------------------------------------- streaming (docs/design.md section 5)
 

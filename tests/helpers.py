@@ -12,6 +12,7 @@ from typing import Callable, Sequence
 
 import chex
 import jax
+import jax.extend.core
 import jax.numpy as jnp
 import numpy as np
 
@@ -120,3 +121,12 @@ def lower_with_gradients(fn: Callable, args: Sequence, platform: str):
 
     for f in (forward, jax.grad(loss, argnums=tuple(range(len(args))))):
         jax.jit(f).trace(*args).lower(lowering_platforms=(platform,))
+
+
+def jaxpr_equations(jaxpr):
+    """Every equation of a `jax.extend.core.Jaxpr`, those of its sub-jaxprs (scan, cond,
+    checkpoint, custom_vjp bodies, ...) included."""
+    for eqn in jaxpr.eqns:
+        yield eqn
+        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+            yield from jaxpr_equations(sub)

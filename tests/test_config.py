@@ -24,6 +24,11 @@ from bmojo_jax import ModelConfig
     (dict(eidetic_threshold=0.0), "eidetic_threshold=0.0"),
     (dict(eidetic_per_chunk=4, eidetic_slots=0), "eidetic_slots=0 must be a positive multiple"),
     (dict(n_layers=0), "n_layers=0"),
+    (dict(embedding_dropout=1.0), r"embedding_dropout=1.0: must be a rate in \[0, 1\)"),
+    (dict(residual_dropout=-0.1), r"residual_dropout=-0.1: must be a rate in \[0, 1\)"),
+    (dict(attention_dropout=float("nan")), "attention_dropout=nan"),
+    (dict(residual_dropout="0.1"), "residual_dropout='0.1'"),
+    (dict(remat="all"), "remat='all': allowed values are none, block, dots"),
 ])
 def test_bad_values(overrides, match):
     with pytest.raises(ValueError, match=match):
@@ -46,7 +51,6 @@ def test_layer_patterns(preset, n_layers, mixers):
     assert config.layer_mixers == mixers
     if preset == "bmojo_f":
         assert config.eidetic_per_chunk == 0 and config.eidetic_slots == 0
-
 
 
 # --------------------------------------------------------------------------------------------------

@@ -1,4 +1,7 @@
-"""The model family: shapes, causality, special cases, implementations agree, parameter counts."""
+"""The model family: shapes, causality, special cases, implementations agree, parameter counts,
+dropout and rematerialisation."""
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -7,6 +10,7 @@ import pytest
 from flax import nnx
 
 import bmojo_jax as bj
+from tests import helpers
 from tests.helpers import T, VOCAB, WINDOW, config, tokens
 
 
@@ -107,15 +111,6 @@ def test_xla_cross_entropy_matches_reference_loss_and_gradients(overrides):
         np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-5)
 
 
-def test_bfloat16_runs():
-    model = bj.LanguageModel(config("bmojo", dtype="bfloat16"), rngs=nnx.Rngs(0))
-    logits = model(tokens())
-    assert logits.dtype == jnp.float32 and np.all(np.isfinite(logits))
-    ce, _, _ = model.cross_entropy(tokens(), tokens(1))
-    reference = jnp.mean(-jnp.take_along_axis(jax.nn.log_softmax(logits), tokens(1)[..., None], -1))
-    np.testing.assert_allclose(ce, reference, rtol=2e-2)  # float32 head vs bfloat16 head
-
-
 def test_bad_tokens(models):
     model = models["transformer"]
     with pytest.raises(ValueError, match=r"token id 50 at position \(0, 3\).*0\.\.49"):
@@ -161,3 +156,88 @@ def test_short_input_memory_follows_the_input_not_the_window(preset):
     assert compiled.memory_analysis().temp_size_in_bytes < 64 * 2 ** 20
     small = bj.LanguageModel(config(preset, window=64), rngs=nnx.Rngs(0))
     np.testing.assert_allclose(model(x), small(x), atol=1e-5)
+
+
+# ---------------------------------------------------------------- dropout and rematerialisation
+
+DROPOUTS = ("embedding_dropout", "residual_dropout", "attention_dropout")
+
+
+def test_dropout_rate_zero_is_the_deterministic_model(models):
+    """Rates 0 (the default): a dropout key changes nothing, bit for bit."""
+    x = tokens()
+    model = models["swa"]
+    np.testing.assert_array_equal(model.forward(x, dropout_key=jax.random.key(1))[0], model(x))
+
+
+@pytest.mark.parametrize("field", DROPOUTS)
+def test_dropout_acts_in_training_only(models, field):
+    """With a rate > 0: training outputs (a dropout key) differ across keys and repeat for one
+    key; without a key (evaluation) the model is the rate-0 model with the same parameters."""
+    x = tokens()
+    model = bj.LanguageModel(config("swa", **{field: 0.5}), rngs=nnx.Rngs(0))
+    np.testing.assert_array_equal(model(x), models["swa"](x))
+    first, second = (model.forward(x, dropout_key=jax.random.key(k))[0] for k in (1, 2))
+    assert not np.allclose(first, second) and not np.allclose(first, model(x))
+    np.testing.assert_array_equal(model.forward(x, dropout_key=jax.random.key(1))[0], first)
+
+
+def test_train_step_dropout_key_is_a_function_of_seed_and_step():
+    """The train step draws its dropout key from (config.seed, the optimizer's step count): the
+    same state and batch give the same loss (exact resume); another step or seed another one."""
+    import optax
+
+    from bmojo_jax.training import steps
+    from experiments.configs import tiny
+    model_cfg = config("swa", n_layers=1, residual_dropout=0.3)  # the cheapest to compile
+    x, y = tokens(), tokens(1)
+    params = nnx.state(bj.LanguageModel(model_cfg, rngs=nnx.Rngs(0)), nnx.Param)
+
+    def losses(seed, at_steps):
+        """The loss of a train step from the same parameters with the optimizer at each step."""
+        train_config = tiny.get_config("swa")
+        train_config.seed = seed
+        train_step = steps.make_train_step(model_cfg, train_config)
+        fresh = steps.make_optimizer(train_config).init(params)
+        values = []
+        for step in at_steps:
+            opt_state = optax.tree_utils.tree_set(fresh, count=jnp.asarray(step, jnp.int32))
+            _, opt_state, metrics = train_step(*jax.tree.map(jnp.copy, (params, opt_state)), x, y)
+            assert int(steps.optimizer_step(opt_state)) == step + 1
+            values.append(float(metrics["loss"]))
+        return values
+
+    first, again, later = losses(0, [0, 0, 1])
+    assert again == first and later != first
+    assert losses(1, [0]) != [first]
+
+
+@functools.cache
+def _remat_gradients(remat):
+    """(the policies of the checkpoints in the gradient's jaxpr, the parameter gradients) of the
+    training loss of an `MB` model with dropout (a fixed key) and `remat`."""
+    x, y = tokens(4), tokens(5)
+    model = bj.LanguageModel(config("bmojo", pattern="MB", remat=remat, residual_dropout=0.2,
+                                    attention_dropout=0.2), rngs=nnx.Rngs(0))
+    graphdef, params = nnx.split(model, nnx.Param)
+
+    def loss(params):
+        ce, _, aux = nnx.merge(graphdef, params).cross_entropy(x, y,
+                                                               dropout_key=jax.random.key(3))
+        return ce + aux
+    traced = jax.jit(jax.grad(loss)).trace(params)
+    policies = [e.params["policy"] for e in helpers.jaxpr_equations(traced.jaxpr.jaxpr)
+                if "policy" in e.params and "prevent_cse" in e.params]
+    return policies, traced.lower().compile()(params)
+
+
+@pytest.mark.parametrize("remat", ["block", "dots"])
+def test_remat_keeps_the_gradients(remat):
+    """`remat` checkpoints every block with its policy (the gradient's jaxpr) and keeps the
+    gradients of "none" (float32 tolerance), dropout included (the recomputation replays the
+    masks)."""
+    policies, grads = _remat_gradients(remat)
+    none_policies, expected = _remat_gradients("none")
+    assert none_policies == [] and policies == [bj.model.REMAT_POLICIES[remat]] * 2
+    for g, e in zip(jax.tree.leaves(grads), jax.tree.leaves(expected)):
+        np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-6)

@@ -20,6 +20,12 @@ see `ops.eidetic` for tie-breaking and padding. Padding (t not a multiple of w) 
 never seen by a real query. The "fading state plus a read of the eidetic memory" predictor variant
 (docs/design.md section 2) is not implemented: P reads the fading tokens only.
 
+Dropout (`attention_dropout`, training only: a `dropout_key` handed to `prefill`) acts on the
+attention read-out, the heads' weighted values before the output projection W_o, not on the
+attention probabilities (our choice: the softmax is one fused op, `ops.memory_attention`, whose
+Pallas kernels never materialise the probabilities; dropping read-out channels regularises the
+same path without a mask inside every implementation).
+
 Sequence parallelism (`prefill(x, context=...)` with a `SequenceContext`, x one shard of a longer
 sequence): RoPE at the global positions; the window and fading keys of the shard's first chunks
 come from the previous shard (`context.left`, a key prefix of 2w tokens for `ops.memory_attention`);
@@ -98,6 +104,7 @@ class MemoryAttention(nnx.Module):
             return nnx.Linear(d, d, use_bias=False, dtype=dtype, rngs=rngs)
 
         self.wq, self.wk, self.wv, self.wo = linear(), linear(), linear(), linear()
+        self.dropout = nnx.Dropout(config.attention_dropout)
         has_fading = letter in "FB"
         self.fading = SSM(d, expand=config.fading_expand, d_state=config.d_state,
                           kind=config.ssm_kind, head_dim=config.ssm_head_dim, d_conv=config.d_conv,
@@ -160,16 +167,18 @@ class MemoryAttention(nnx.Module):
         return self.prefill(x)[0]
 
     def prefill(self, x: at.Activations, max_length: int | None = None, context=None,
-                eidetic_scores: at.Scores | None = None) -> tuple[at.Activations, AttentionState]:
+                eidetic_scores: at.Scores | None = None, dropout_key: jax.Array | None = None
+                ) -> tuple[at.Activations, AttentionState]:
         """Parallel forward over x [b, t, d_model] that also returns the streaming state after the
         last token (`AttentionState`; `max_length` sizes a full-attention cache, default t).
 
         `context`: a `SequenceContext` when x is one shard of a longer sequence (see module
         docstring; the returned state is then not meaningful), else None. `eidetic_scores`:
         float [b, t] scores that replace the selection rule's (an oracle; -inf = never kept), or
-        None.
+        None. `dropout_key`: a PRNG key (training: `attention_dropout` on the read-out, see module
+        docstring), or None (deterministic).
         """
-        b, t, d = x.shape
+        t = x.shape[1]
         # static positions in a plain forward: RoPE tables become constants (ops.rope)
         positions = np.arange(t) if context is None else context.offset + jnp.arange(t)
         q, k, v = self._qkv(x, positions)
@@ -179,7 +188,7 @@ class MemoryAttention(nnx.Module):
             keys, values = (k, v) if context is None else (context.all_keys(k), context.all_keys(v))
             y = ops.memory_attention(q, keys, values, q_start=0 if context is None else
                                      context.offset, implementation=self.implementation)
-            return self.wo(y.reshape(b, t, d).astype(x.dtype)), state
+            return self._output(y, x.dtype, dropout_key), state
         w = self.window
         extend = (lambda a: a) if context is None else (lambda a: jnp.concatenate(
             [context.left(a, 2 * w), a], axis=1))  # + the 2w tokens before the shard
@@ -236,7 +245,12 @@ class MemoryAttention(nnx.Module):
         if trace:
             self.sow(EideticTrace, "scores", scores)
             self.sow(EideticTrace, "memory_positions", memory["memory_positions"])
-        return self.wo(y.reshape(b, t, d).astype(x.dtype)), state
+        return self._output(y, x.dtype, dropout_key), state
+
+    def _output(self, y, dtype, dropout_key):
+        """The read-out y [b, t, h, e] -> W_o(dropout(y)) [b, t, d_model] in `dtype`."""
+        y = y.reshape(y.shape[:2] + (-1,)).astype(dtype)
+        return self.wo(self.dropout(y, deterministic=dropout_key is None, rngs=dropout_key))
 
     def _implementation(self, context):
         """The attention implementation: the config's, but `xla` where the pallas kernels cannot

@@ -63,7 +63,8 @@ def context_scores(inputs, length):
                             inputs.shape)
 
 
-def lm_loss(model: LanguageModel, inputs, targets, mesh=None, eidetic_scores=None):
+def lm_loss(model: LanguageModel, inputs, targets, mesh=None, eidetic_scores=None,
+            dropout_key=None):
     """Training loss: mean cross-entropy over labelled targets plus the model's auxiliary loss (the
     already-weighted innovation losses that B'MOJO layers sow), via `LanguageModel.cross_entropy`
     (the logits are never materialised).
@@ -74,16 +75,25 @@ def lm_loss(model: LanguageModel, inputs, targets, mesh=None, eidetic_scores=Non
       mesh: the training mesh, or None. When its `sequence` axis has more than one device, the
         time axis is split over it (`sequence_parallel.sequence_parallel_cross_entropy`).
       eidetic_scores: optional oracle scores [b, t] (`LanguageModel.forward`).
+      dropout_key: a PRNG key (training: dropout on, `LanguageModel.forward`), or None.
 
     Returns:
       (loss, metrics): float32 scalar; {"ce", "aux_loss", "tokens"} scalars (nats, nats, count).
+
+    Raises:
+      ValueError: a dropout key with sequence parallelism (not supported).
     """
+    if _sequence_parallel(mesh) and dropout_key is not None:
+        raise ValueError("dropout (config.model.*_dropout > 0) does not run under sequence "
+                         "parallelism (mesh_shape sequence > 1); set the rates to 0 or the "
+                         "sequence axis to 1.")
     if _sequence_parallel(mesh):
         ce, tokens, aux = sequence_parallel.sequence_parallel_cross_entropy(
             model, inputs, targets, mesh, sharding_lib.SEQUENCE_AXIS,
             batch_axis=sharding_lib.BATCH_AXES, eidetic_scores=eidetic_scores)
     else:
-        ce, tokens, aux = model.cross_entropy(inputs, targets, eidetic_scores=eidetic_scores)
+        ce, tokens, aux = model.cross_entropy(inputs, targets, eidetic_scores=eidetic_scores,
+                                              dropout_key=dropout_key)
     return ce + aux, {"ce": ce, "aux_loss": aux, "tokens": tokens}
 
 
@@ -136,6 +146,25 @@ def compiler_options() -> dict:
     return {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_DOT"}
 
 
+def dropout_key(seed: int, step) -> jax.Array:
+    """The dropout PRNG key of training step `step` (int scalar, 0-based): a pure function of
+    (seed, step), so a resumed run draws the masks of an uninterrupted one. Our choice of stream:
+    `seed` (`config.seed`) folded with a constant that keeps it apart from the initialisation's
+    `nnx.Rngs(seed)` keys, then with the step."""
+    return jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), _DROPOUT_STREAM), step)
+
+
+_DROPOUT_STREAM = 0x64726F70  # "drop"
+
+
+def optimizer_step(opt_state) -> jax.Array:
+    """The number of updates an opt_state of `make_optimizer` has applied (int32 scalar): the
+    learning-rate schedule's count, which is the training step about to run."""
+    return optax.tree_utils.tree_get(
+        opt_state, "count",
+        filtering=lambda path, _: getattr(path[-1], "tuple_name", None) == "ScaleByScheduleState")
+
+
 def make_train_step(model_cfg: ModelConfig, config: ml_collections.ConfigDict, mesh=None):
     """A jitted `(params, opt_state, inputs, targets) -> (params, opt_state, metrics)` with the
     optimizer of `make_optimizer(config)`.
@@ -150,16 +179,21 @@ def make_train_step(model_cfg: ModelConfig, config: ml_collections.ConfigDict, m
     opt_state split by `sharding.PARAM_RULES`, the batch rows over ("data", "fsdp") and its time
     over "sequence" (sequence parallelism, see `lm_loss`), metrics replicated; XLA inserts the
     collectives (`sharding.shard_tree`, `sharding.host_batch` place the arguments).
+
+    With dropout (`model_cfg.has_dropout`) the step's key is `dropout_key(config.seed, s)`, s the
+    step read from opt_state (`optimizer_step`): nothing to pass, and exact resume holds.
     """
     graphdef, optimizer = nnx.graphdef(abstract_model(model_cfg)), make_optimizer(config)
-    length = oracle_length(config)
+    length, seed = oracle_length(config), config.seed
 
-    def loss_fn(params, inputs, targets):
+    def loss_fn(params, inputs, targets, key):
         return lm_loss(nnx.merge(graphdef, params), inputs, targets, mesh,
-                       context_scores(inputs, length))
+                       context_scores(inputs, length), key)
 
     def train_step(params, opt_state, inputs, targets):
-        (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, inputs, targets)
+        key = dropout_key(seed, optimizer_step(opt_state)) if model_cfg.has_dropout else None
+        (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, inputs,
+                                                                           targets, key)
         updates, opt_state = optimizer.update(grads, opt_state, params)
         metrics = dict(loss=loss, ce=metrics["ce"], aux_loss=metrics["aux_loss"],
                        grad_norm=optax.tree.norm(grads))
