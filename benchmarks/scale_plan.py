@@ -3,8 +3,8 @@ ladder (experiments/configs/scale.py) compiled for a simulated device mesh from 
 and what it implies on named accelerators.
 
     python -m benchmarks.scale_plan [--presets=transformer,bmojo] [--sizes=130M,370M]
-        [--contexts=2k,8k] [--devices=8] [--mesh_shape=1,8,1] [--mfu=0.4] [--quick]
-        [--out_dir=DIR]
+        [--contexts=2k,8k] [--devices=64] [--mesh_shape=8,8,1] [--mfu=0.4] [--quick]
+        [--time_limit_min=0] [--out_dir=DIR]
 
 For each "PRESET:SIZE:CONTEXT" config the training loop's own step (`training.make_train_step`:
 loss, gradients, clipping, AdamW, with the in/out shardings of `sharding.PARAM_RULES` on a
@@ -23,7 +23,9 @@ fixed when JAX starts). We report per config:
     so read it as an estimate, not the accelerator's exact footprint;
   * training FLOPs per token, two ways: XLA's count, `compiled.cost_analysis()["flops"]` of the
     per-device program x devices / tokens per step (it counts the body of a `lax.scan` once, so
-    it under-counts the scans: the SSM chunk loops and the chunked cross-entropy), and the
+    it under-counts the scans: the SSM chunk loops and the chunked cross-entropy; and it counts
+    work that the partitioned program repeats on every device, e.g. activations that a mesh
+    leaves unsplit, as often as it is done), and the
     analytic 6N + attention of PaLM (Chowdhery et al. 2022, appendix B: 6N + 12 L H Q T per
     token), with T, for each attention layer, the keys in its memory (`attention_span`): the
     context for `A`, the window for `W`, window + fading window for `F`, + the eidetic slots
@@ -32,7 +34,8 @@ fixed when JAX starts). We report per config:
     scans' own work (not a parameter matmul) is not in it;
   * the step time those imply on each accelerator of `ACCELERATORS` at `--mfu` (model FLOPs
     utilisation): analytic FLOPs per step / (devices x peak x MFU), whether the per-device
-    memory fits its HBM, and the days to train the config's num_steps (20 tokens per parameter).
+    memory fits its HBM, and the hours to train the config's num_steps (20 tokens per
+    parameter).
 
 The grid runs smallest size first. The report is rewritten after every config, so an
 interrupted run keeps what it compiled; `--time_limit_min` stops it cleanly (the report lists
@@ -43,6 +46,7 @@ OUT_DIR: runs/scale_plan-<timestamp>/).
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import sys
@@ -73,10 +77,10 @@ flags.DEFINE_list("sizes", list(scale.SIZES), "Rungs of the ladder (experiments/
 flags.DEFINE_list("contexts", list(scale.CONTEXTS), "Contexts (scale.CONTEXTS).")
 flags.DEFINE_bool("quick", False, f"Only sizes {QUICK['sizes']} and contexts "
                   f"{QUICK['contexts']} (overrides --sizes and --contexts).")
-flags.DEFINE_integer("devices", 8, "Devices of the (simulated) mesh (our default: one host of 8 "
-                     "accelerators).")
+flags.DEFINE_integer("devices", 64, "Devices of the (simulated) mesh (our default: 8 hosts of 8 "
+                     "chips, 8192 tokens per chip at 0.5M tokens per step).")
 flags.DEFINE_list("mesh_shape", [], "(data, fsdp, tensor[, sequence]) of the mesh, one entry may "
-                  "be -1; empty: each config's mesh_shape (scale.py: FSDP over all devices).")
+                  "be -1; empty: each config's mesh_shape (scale.py: data parallel).")
 flags.DEFINE_float("mfu", 0.4, "Model FLOPs utilisation assumed for the step times, in (0, 1].")
 flags.DEFINE_float("time_limit_min", 0, "Compile no further config after this many minutes of "
                    "wall time (the report says which were left out); 0: no limit.")
@@ -161,7 +165,8 @@ def xla_flops(compiled) -> float:
 def plan_config(config, devices: list, mesh_shape=None) -> dict:
     """Compiles the training step of `config` (a training config, e.g. `scale.get_config(...)`)
     on a mesh of `devices` from abstract arrays and returns its row (module docstring): params,
-    d_ff, batch_size, seq_len, tokens_per_step, devices, mesh_shape, memory (per device, bytes),
+    d_ff, batch_size, seq_len, tokens_per_step, tokens_per_device (the step's tokens over the
+    batch and sequence axes), devices, mesh_shape, memory (per device, bytes),
     flops_per_token ({"xla", "6N", "attention", "total"}), compile_s and compile_cpu_s
     (lowering and compiling, wall and CPU seconds of this process on this machine), num_steps.
 
@@ -182,25 +187,27 @@ def plan_config(config, devices: list, mesh_shape=None) -> dict:
         params, opt_state, batch, batch).compile(PLAN_COMPILER_OPTIONS)
     compile_s, compile_cpu_s = time.perf_counter() - start, time.process_time() - start_cpu
     tokens = config.batch_size * config.data.seq_len
+    splits = math.prod(mesh.shape[axis] for axis in (*sharding.BATCH_AXES, sharding.SEQUENCE_AXIS))
     flops = analytic_flops_per_token(model_cfg, n_params, config.data.seq_len)
     return dict(
         params=n_params, d_ff=model_cfg.hidden_dim, batch_size=config.batch_size,
-        seq_len=config.data.seq_len, tokens_per_step=tokens, devices=len(devices),
+        seq_len=config.data.seq_len, tokens_per_step=tokens, tokens_per_device=tokens // splits,
+        devices=len(devices),
         mesh_shape=[int(s) for s in mesh.devices.shape], memory=harness.memory_bytes(compiled),
         flops_per_token=dict(flops, xla=xla_flops(compiled) * len(devices) / tokens),
         compile_s=compile_s, compile_cpu_s=compile_cpu_s, num_steps=config.num_steps)
 
 
 def implied(row: dict, mfu: float) -> dict:
-    """{accelerator: {"step_s", "fits", "train_days"}}: the step time of `row` on `row["devices"]`
-    chips at `mfu`, whether its per-device memory fits the chip's HBM, and num_steps of them in
-    days."""
+    """{accelerator: {"step_s", "fits", "train_hours"}}: the step time of `row` on
+    `row["devices"]` chips at `mfu`, whether its per-device memory fits the chip's HBM, and
+    num_steps of them in hours."""
     flops = row["flops_per_token"]["total"] * row["tokens_per_step"]
     out = {}
     for name, chip in ACCELERATORS.items():
         step_s = flops / (row["devices"] * chip.peak_flops * mfu)
         out[name] = dict(step_s=step_s, fits=row["memory"]["total"] <= chip.hbm_bytes,
-                         train_days=step_s * row["num_steps"] / 86400)
+                         train_hours=step_s * row["num_steps"] / 3600)
     return out
 
 
@@ -233,18 +240,19 @@ def markdown(meta: dict, rows: list) -> str:
         f"the analytic 6N + attention (PaLM, appendix B; T = the keys in each attention "
         f"layer's memory). Compile: wall and CPU seconds on this machine, with "
         f"{meta['compiler_options']} (LLVM at -O0; the reported numbers do not depend on it).\n",
-        "| config | params | d_ff | batch x context | argument GiB/device | temp GiB/device | "
-        "total GiB/device | XLA GFLOP/token | 6N GFLOP/token | attention GFLOP/token | "
-        "compile s (CPU s) |",
-        "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+        "| config | params | d_ff | batch x context | tokens/device | argument GiB/device | "
+        "temp GiB/device | total GiB/device | XLA GFLOP/token | 6N GFLOP/token | "
+        "attention GFLOP/token | compile s (CPU s) |",
+        "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['config']} | failed: {r['error']} |" + " |" * 9)
+            lines.append(f"| {r['config']} | failed: {r['error']} |" + " |" * 10)
             continue
         m, f = r["memory"], r["flops_per_token"]
         lines.append(
             f"| {r['config']} | {r['params'] / 1e6:.1f}M | {r['d_ff']} | "
-            f"{r['batch_size']} x {r['seq_len']} | {m['argument'] / gib:.2f} | "
+            f"{r['batch_size']} x {r['seq_len']} | {r['tokens_per_device']} | "
+            f"{m['argument'] / gib:.2f} | "
             f"{m['temp'] / gib:.2f} | {m['total'] / gib:.2f} | {f['xla'] / 1e9:.2f} | "
             f"{f['6N'] / 1e9:.2f} | {f['attention'] / 1e9:.2f} | "
             f"{r['compile_s']:.0f} ({r['compile_cpu_s']:.0f}) |")
@@ -252,21 +260,21 @@ def markdown(meta: dict, rows: list) -> str:
     lines += [
         "",
         f"## Implied step time on {meta['devices']} chips at {100 * meta['mfu']:.0f}% MFU\n",
-        "Step time = analytic FLOPs per step / (chips x bf16 peak x MFU); days = num_steps (20 "
-        "tokens per parameter of the rung, 0.5M tokens per step) x step time. \"OOM\": the "
-        "per-device memory above exceeds the chip's HBM (remat, more chips or a smaller batch "
-        "per chip needed).\n",
+        "Step time = analytic FLOPs per step / (chips x bf16 peak x MFU); training hours = "
+        "num_steps (20 tokens per parameter of the rung, 0.5M tokens per step) x step time. "
+        "\"OOM\": the per-device memory above exceeds the chip's HBM (rematerialisation, more "
+        "chips or fewer tokens per chip needed).\n",
         "| accelerator | bf16 peak TFLOP/s | HBM GB | source |",
         "|---|---:|---:|---|",
         *[f"| {n} | {c.peak_flops / 1e12:.0f} | {c.hbm_bytes / 1e9:.0f} | {c.source} |"
           for n, c in ACCELERATORS.items()],
         "",
-        "| config | steps | " + " | ".join(f"{n}: step s (days)" for n in names) + " |",
+        "| config | steps | " + " | ".join(f"{n}: step ms (training h)" for n in names) + " |",
         "|---|---:|" + "---|" * len(names)]
     for r in rows:
         if "error" in r:
             continue
-        cells = [f"{v['step_s']:.2f} ({v['train_days']:.1f})" + ("" if v["fits"] else " OOM")
+        cells = [f"{1e3 * v['step_s']:.0f} ({v['train_hours']:.2g})" + ("" if v["fits"] else " OOM")
                  for v in (r["implied"][n] for n in names)]
         lines.append(f"| {r['config']} | {r['num_steps']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
@@ -310,8 +318,8 @@ def main(argv):
                 planned=len(args), presets=list(FLAGS.presets),
                 sizes=list(QUICK["sizes"] if FLAGS.quick else FLAGS.sizes),
                 contexts=list(QUICK["contexts"] if FLAGS.quick else FLAGS.contexts),
-                mesh_note=(f"mesh_shape {FLAGS.mesh_shape}" if mesh_shape else
-                           "each config's mesh_shape: FSDP over all devices"),
+                mesh_note=(f"mesh_shape {','.join(FLAGS.mesh_shape)}" if mesh_shape else
+                           "each config's mesh_shape: data parallel over all devices"),
                 time_limit_min=FLAGS.time_limit_min, compiler_options=PLAN_COMPILER_OPTIONS,
                 accelerators={n: c._asdict() for n, c in ACCELERATORS.items()})
     started, rows = time.time(), []

@@ -1,5 +1,5 @@
 """The paper's size ladder (130M, 370M, 790M, 1.4B parameters) at 2k and 8k context, every preset
-at one parameter count per rung (docs/design.md section 8b: planning at scale).
+at one parameter count per rung (docs/design.md section 9: planning at scale).
 
     python -m experiments.train --config=experiments/configs/scale.py:bmojo:370M:2k \\
         --workdir=workdir/scale/bmojo-370M-2k
@@ -37,8 +37,10 @@ Our choices for the other knobs (the paper does not give them):
   * Data: the offline `books` corpus at the rung's context, so that the config runs as it is
     (its 4096-token BPE uses the first ids of the 50,280); for a real run set
     --config.data.name=text_files --config.data.path=... --config.data.bpe_vocab_size=50280.
-  * Mesh: FSDP over every device (mesh_shape (1, -1, 1)): parameters, gradients and optimizer
-    state split over all devices, the batch rows too.
+  * Mesh: data parallelism over every device (`default_config`'s mesh_shape (-1, 1, 1)). An
+    FSDP mesh (1, -1, 1) splits the parameters and AdamW state, but with today's sharding rules
+    XLA's propagation leaves much of the activations unsplit by batch (more memory per device
+    than data parallelism; docs/design.md section 9), so it is not the default here.
 """
 
 from __future__ import annotations
@@ -124,7 +126,6 @@ def get_config(arg: str = "bmojo:130M:2k"):
     num_steps = -(-TOKENS_PER_PARAMETER * NOMINAL_PARAMETERS[size] // TOKENS_PER_STEP)
     config.optimizer.update(lr=lr, warmup_steps=max(num_steps // 100, 1), weight_decay=0.1)
     config.update(num_steps=num_steps, batch_size=TOKENS_PER_STEP // seq_len, eval_every=1000,
-                  eval_batches=20, checkpoint_every=1000, max_to_keep=2, log_every=50,
-                  mesh_shape=(1, -1, 1))
+                  eval_batches=20, checkpoint_every=1000, max_to_keep=2, log_every=50)
     config.sample.update(prompt="It is a truth universally acknowledged", max_new_tokens=60)
     return config
