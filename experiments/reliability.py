@@ -25,7 +25,6 @@ The fault machinery the tests use lives here too:
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import shlex
@@ -77,7 +76,7 @@ def train_command(workdir, *, fault: dict | None = None, changes: dict | None = 
     argv = ["experiments.train", *tiny_flags(**(changes or {})), f"--workdir={workdir}"]
     code = ("import runpy, sys\n"
             "from experiments import reliability\n"
-            f"reliability.install_fault({json.dumps(fault or {})})\n"
+            f"reliability.install_fault({fault or {}!r})\n"
             f"sys.argv = {argv!r}\n"
             "runpy.run_module('experiments.train', run_name='__main__', alter_sys=True)\n")
     return [sys.executable, "-c", code]

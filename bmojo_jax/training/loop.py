@@ -132,7 +132,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir, *,
         sharding_lib.initialize_distributed()  # before anything touches the devices
     workdir = prepare_workdir(workdir)
     with WorkdirLock(workdir, enabled=jax.process_index() == 0):
-        return _train_and_evaluate(config, workdir, reevaluate)
+        try:
+            return _train_and_evaluate(config, workdir, reevaluate)
+        except BaseException:  # the error's message starts on a line of its own
+            for bar in list(getattr(tqdm, "_instances", ())):
+                bar.close()
+            raise
 
 
 def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path,
