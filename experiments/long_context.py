@@ -230,7 +230,8 @@ def evaluate_model(m: Model, s: Settings) -> dict:
     record = dict(name=m.name, preset=config.model_preset,
                   layer_mixers=model.config.layer_mixers, window=model.config.window,
                   eidetic_slots=model.config.eidetic_slots, params=bmojo_jax.count_params(model),
-                  step=m.step, train_seq_len=t, corpus=config.data.name,
+                  step=m.step, train_seq_len=t, batch_size=int(config.batch_size),
+                  lr=float(config.optimizer.lr), config=config.to_dict(), corpus=config.data.name,
                   vocab_size=model.config.vocab_size, lengths=lengths, score_tokens=score_tokens,
                   state_bytes={str(n): decoding.state_bytes(model.config, 1, n)
                                for n in lengths})
@@ -274,8 +275,9 @@ def markdown(record: dict) -> str:
         lines += [f"## {m['name']}\n",
                   f"Preset `{m['preset']}` (layers `{m['layer_mixers']}`, window {m['window']}, "
                   f"{m['eidetic_slots']} eidetic slots), {m['params']:,} parameters, trained on "
-                  f"`{m['corpus']}` (vocabulary {m['vocab_size']:,}) at context T = {t} tokens for "
-                  f"{m['step']:,} steps.\n"]
+                  f"`{m['corpus']}` (vocabulary {m['vocab_size']:,}) at context T = {t} tokens: "
+                  f"{m['step']:,} steps of {m['batch_size']} x {t} tokens, peak learning rate "
+                  f"{m['lr']:g} (its training config: the JSON).\n"]
         for task, title in RETRIEVAL.items():
             if task not in m:
                 continue
