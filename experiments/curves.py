@@ -21,13 +21,18 @@ from absl import app, flags
 from benchmarks import harness
 from experiments import plotting
 
-flags.DEFINE_list("workdirs", None, "Training workdirs (each with a metrics.jsonl).",
-                  required=True)
-flags.DEFINE_list("labels", [], "One label per workdir (default: the workdir's name).")
-flags.DEFINE_string("title", "validation curves", "Figure title.")
-flags.DEFINE_string("out_dir", None, harness.OUT_DIR_HELP)
-flags.DEFINE_string("out", None, "Output path prefix (instead of --out_dir).")
 FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+    """The command line's flags, defined only when this module runs as the program (other
+    programs and the tests import it beside modules with flags of the same names)."""
+    flags.DEFINE_list("workdirs", None, "Training workdirs (each with a metrics.jsonl).",
+                      required=True)
+    flags.DEFINE_list("labels", [], "One label per workdir (default: the workdir's name).")
+    flags.DEFINE_string("title", "validation curves", "Figure title.")
+    flags.DEFINE_string("out_dir", None, harness.OUT_DIR_HELP)
+    flags.DEFINE_string("out", None, "Output path prefix (instead of --out_dir).")
 
 
 def valid_curve(workdir) -> list[dict]:
@@ -90,4 +95,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)
