@@ -71,21 +71,26 @@ QUICK = dict(sizes=["130M"], contexts=["2k"])
 PLAN_COMPILER_OPTIONS = {"xla_backend_optimization_level": 0}
 DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"
 
-flags.DEFINE_list("presets", list(bj.PRESETS), "Presets to plan (bmojo_jax.PRESETS).")
-flags.DEFINE_list("sizes", list(scale.SIZES), "Rungs of the ladder (experiments/configs/scale.py "
-                  "SIZES).")
-flags.DEFINE_list("contexts", list(scale.CONTEXTS), "Contexts (scale.CONTEXTS).")
-flags.DEFINE_bool("quick", False, f"Only sizes {QUICK['sizes']} and contexts "
-                  f"{QUICK['contexts']} (overrides --sizes and --contexts).")
-flags.DEFINE_integer("devices", 64, "Devices of the (simulated) mesh (our default: 8 hosts of 8 "
-                     "chips, 8192 tokens per chip at 0.5M tokens per step).")
-flags.DEFINE_list("mesh_shape", [], "(data, fsdp, tensor[, sequence]) of the mesh, one entry may "
-                  "be -1; empty: each config's mesh_shape (scale.py: data parallel).")
-flags.DEFINE_float("mfu", 0.4, "Model FLOPs utilisation assumed for the step times, in (0, 1].")
-flags.DEFINE_float("time_limit_min", 0, "Compile no further config after this many minutes of "
-                   "wall time (the report says which were left out); 0: no limit.")
-flags.DEFINE_string("out_dir", None, harness.OUT_DIR_HELP)
 FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+    """The command line's flags, defined only when this module runs as the program (the tests
+    import it beside other modules with flags of the same names)."""
+    flags.DEFINE_list("presets", list(bj.PRESETS), "Presets to plan (bmojo_jax.PRESETS).")
+    flags.DEFINE_list("sizes", list(scale.SIZES), "Rungs of the ladder (experiments/configs/scale.py "
+        "SIZES).")
+    flags.DEFINE_list("contexts", list(scale.CONTEXTS), "Contexts (scale.CONTEXTS).")
+    flags.DEFINE_bool("quick", False, f"Only sizes {QUICK['sizes']} and contexts "
+        f"{QUICK['contexts']} (overrides --sizes and --contexts).")
+    flags.DEFINE_integer("devices", 64, "Devices of the (simulated) mesh (our default: 8 hosts of 8 "
+        "chips, 8192 tokens per chip at 0.5M tokens per step).")
+    flags.DEFINE_list("mesh_shape", [], "(data, fsdp, tensor[, sequence]) of the mesh, one entry may "
+        "be -1; empty: each config's mesh_shape (scale.py: data parallel).")
+    flags.DEFINE_float("mfu", 0.4, "Model FLOPs utilisation assumed for the step times, in (0, 1].")
+    flags.DEFINE_float("time_limit_min", 0, "Compile no further config after this many minutes of "
+        "wall time (the report says which were left out); 0: no limit.")
+    flags.DEFINE_string("out_dir", None, harness.OUT_DIR_HELP)
 
 
 class Accelerator(NamedTuple):
@@ -344,4 +349,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

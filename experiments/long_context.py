@@ -411,24 +411,30 @@ def run(settings: Settings, models: Sequence, out_dir=None, command: Optional[st
 # Command line
 # --------------------------------------------------------------------------------------------------
 
-_WORKDIR = flags.DEFINE_list("workdir", None, "Training workdirs (comma-separated) of models "
-                             "trained on a text corpus.")
-_LENGTHS = flags.DEFINE_list("lengths", None, "Context lengths in tokens (default: T x 1, 2, 4, "
-                             "..., 64 for the training context T).")
-_DEPTHS = flags.DEFINE_list("depths", ["0", "0.25", "0.5", "0.75", "1"], "Needle depths in [0, 1] "
-                            "(the fraction of the filler before the asked needle).")
-_EXAMPLES = flags.DEFINE_integer("examples", 8, "Prompts per (length, depth) cell.")
-_TASKS = flags.DEFINE_list("tasks", list(TASKS), f"Tasks: {', '.join(TASKS)}.")
-_NUM_NEEDLES = flags.DEFINE_integer("num_needles", 4, "Needles per multi-key prompt.")
-_FILLER = flags.DEFINE_enum("filler", "test", FILLERS, "Filler text: the model's held-out test "
-                            "split, or all of Austen's or Shakespeare's text.")
-_SCORE_TOKENS = flags.DEFINE_integer("score_tokens", None, "Targets scored at the end of each "
-                                     "perplexity window (default: half the training context).")
-_WINDOWS = flags.DEFINE_integer("windows", 16, "Perplexity windows.")
-_BATCH_SIZE = flags.DEFINE_integer("batch_size", 4, "Sequences per compiled call.")
-_SEED = flags.DEFINE_integer("seed", 0, "Seed of the prompts.")
-_OUT_DIR = flags.DEFINE_string("out_dir", None, harness.OUT_DIR_HELP)
-flags.mark_flag_as_required("workdir")
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+    """The command line's flags, defined only when this module runs as the program (the tests
+    import it beside other modules with flags of the same names)."""
+    flags.DEFINE_list("workdir", None, "Training workdirs (comma-separated) of models "
+        "trained on a text corpus.")
+    flags.DEFINE_list("lengths", None, "Context lengths in tokens (default: T x 1, 2, 4, "
+        "..., 64 for the training context T).")
+    flags.DEFINE_list("depths", ["0", "0.25", "0.5", "0.75", "1"], "Needle depths in [0, 1] "
+        "(the fraction of the filler before the asked needle).")
+    flags.DEFINE_integer("examples", 8, "Prompts per (length, depth) cell.")
+    flags.DEFINE_list("tasks", list(TASKS), f"Tasks: {', '.join(TASKS)}.")
+    flags.DEFINE_integer("num_needles", 4, "Needles per multi-key prompt.")
+    flags.DEFINE_enum("filler", "test", FILLERS, "Filler text: the model's held-out test "
+        "split, or all of Austen's or Shakespeare's text.")
+    flags.DEFINE_integer("score_tokens", None, "Targets scored at the end of each "
+        "perplexity window (default: half the training context).")
+    flags.DEFINE_integer("windows", 16, "Perplexity windows.")
+    flags.DEFINE_integer("batch_size", 4, "Sequences per compiled call.")
+    flags.DEFINE_integer("seed", 0, "Seed of the prompts.")
+    flags.DEFINE_string("out_dir", None, harness.OUT_DIR_HELP)
+    flags.mark_flag_as_required("workdir")
 
 
 def _numbers(flag: str, values: Sequence[str], kind):
@@ -444,16 +450,17 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint file at INFO
     settings = Settings(
-        lengths=_numbers("lengths", _LENGTHS.value, int) if _LENGTHS.value else None,
-        depths=_numbers("depths", _DEPTHS.value, float), examples=_EXAMPLES.value,
-        tasks=tuple(_TASKS.value), num_needles=_NUM_NEEDLES.value, filler=_FILLER.value,
-        score_tokens=_SCORE_TOKENS.value, windows=_WINDOWS.value, batch_size=_BATCH_SIZE.value,
-        seed=_SEED.value)
+        lengths=_numbers("lengths", FLAGS.lengths, int) if FLAGS.lengths else None,
+        depths=_numbers("depths", FLAGS.depths, float), examples=FLAGS.examples,
+        tasks=tuple(FLAGS.tasks), num_needles=FLAGS.num_needles, filler=FLAGS.filler,
+        score_tokens=FLAGS.score_tokens, windows=FLAGS.windows, batch_size=FLAGS.batch_size,
+        seed=FLAGS.seed)
     try:
-        run(settings, _WORKDIR.value, _OUT_DIR.value)
+        run(settings, FLAGS.workdir, FLAGS.out_dir)
     except (ValueError, FileNotFoundError, training.CheckpointError) as e:  # no traceback
         sys.exit(f"error: {e}")
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)
