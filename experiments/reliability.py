@@ -16,9 +16,9 @@ The fault machinery the tests use lives here too:
 * `TINY`: the tiny run (a 1-layer transformer on MQAR, 8 steps, checkpoints at 4 and 8, training
   records every 3 steps) as `experiments.train` flags, and `tiny_config` the same config in Python;
 * `train_command`: `experiments.train` run in a subprocess, optionally with a fault installed first
-  (`install_fault`): SIGKILL right after the checkpoint of a step is written, or while it is being
-  written (after its parameters, before its commit), or with the free-space check off (so that a
-  full disk fails inside orbax's write);
+  (`install_fault`): SIGKILL right after the checkpoint of a step is written, while it is being
+  written (after its parameters, before its commit), or while a resumed run rewrites its
+  metrics.jsonl; or the free-space check off (so that a full disk fails inside orbax's write);
 * `read_state`: a checkpoint's parameters and optimizer state, for bitwise comparisons;
 * `flip_bit`, `overwrite_bytes`: damage a checkpoint's parameter data in place.
 """
@@ -94,7 +94,9 @@ def install_fault(fault: dict) -> None:
       {"kill_during_checkpoint": s}: SIGKILL while the checkpoint of step s is being written: its
         parameters are written (orbax renames their temporary directory) and the rest is not;
       {"no_space_check": True}: `Checkpoints` skips its free-space check, so that a full disk
-        fails inside orbax's write.
+        fails inside orbax's write;
+      {"kill_during_metrics_rewrite": True}: SIGKILL while a resumed run rewrites metrics.jsonl
+        (half of the new text in its temporary file, the rename not done).
     """
     from bmojo_jax.training import checkpoints
 
@@ -119,6 +121,18 @@ def install_fault(fault: dict) -> None:
         async_path.rename = killing_rename
     if fault.get("no_space_check"):
         checkpoints.Checkpoints._check_space = lambda self, step, trees: None
+    if fault.get("kill_during_metrics_rewrite"):
+        from bmojo_jax.training import metrics
+        write = metrics._write_atomic
+
+        def killing_write(path, text):
+            if Path(path).name != "metrics.jsonl":
+                return write(path, text)
+            # half of the new file written to its temporary file, then the kill
+            temporary = Path(path).with_name(f".{Path(path).name}.killed.tmp")
+            temporary.write_text(text[:len(text) // 2])
+            os.kill(os.getpid(), signal.SIGKILL)
+        metrics._write_atomic = killing_write
 
 
 def read_state(workdir, step: int):

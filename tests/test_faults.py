@@ -130,6 +130,31 @@ def test_kill_during_a_checkpoint_write(reference, env, tmp_path, record_propert
     _kill_and_resume({"kill_during_checkpoint": 8}, reference, env, tmp_path, record_property)
 
 
+@pytest.mark.slow
+def test_kill_during_the_metrics_rewrite(reference, env, tmp_path, record_property):
+    """kill -9 while a resumed run rewrites metrics.jsonl (it drops the lines after its checkpoint
+    of step 4), then the same command again."""
+    workdir = _copy(reference, tmp_path)
+    shutil.rmtree(workdir / "checkpoints" / "8")  # a run stopped after its checkpoint of step 4
+    (workdir / "results.json").unlink(missing_ok=True)
+    before = (workdir / "metrics.jsonl").read_bytes()
+    killed = reliability.run(reliability.train_command(
+        workdir, fault={"kill_during_metrics_rewrite": True}), env=env)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    assert (workdir / "metrics.jsonl").read_bytes() == before  # the old file, whole
+    resumed = reliability.run(reliability.train_command(workdir), env=env)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    _, params, opt_state = reliability.read_state(workdir, 8)
+    _, ref_params, ref_opt_state = reliability.read_state(reference, 8)
+    assert reliability.bitwise_equal((params, opt_state), (ref_params, ref_opt_state))
+    assert _without_timing(_records(workdir)) == _without_timing(_records(reference))
+    record_property("kind", "fault")
+    record_property("outcome", "lost nothing")
+    record_property("observed", f"killed by SIGKILL mid-rewrite: metrics.jsonl still the old file "
+                                f"({len(before)} bytes, whole); resumed: bitwise the uninterrupted "
+                                f"state, its metrics lines (timing fields aside)")
+
+
 # --------------------------------------------------------------------------------------------------
 # Damaged checkpoints
 # --------------------------------------------------------------------------------------------------
