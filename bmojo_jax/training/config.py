@@ -225,15 +225,15 @@ def _check_early_stop(config, synthetic: bool) -> None:
         if (not isinstance(stop.target, (int, float)) or isinstance(stop.target, bool)
                 or not low <= stop.target <= (math.inf if high is None else high)
                 or stop.target == math.inf):  # also rejects NaN
-            allowed = f"in [{low}, {high}]" if high is not None else f">= {low}, finite"
+            allowed = f"in [{low}, {high}]" if high is not None else f">= {low}"
             raise ValueError(f"config.early_stop.target={stop.target!r}: must be a number "
                              f"{allowed} for the metric {stop.metric!r}.")
     if stop.patience is not None:
         _check_int("early_stop.patience", stop.patience, minimum=1)
     if (not isinstance(stop.min_delta, (int, float)) or isinstance(stop.min_delta, bool)
             or not 0 <= stop.min_delta < math.inf):
-        raise ValueError(f"config.early_stop.min_delta={stop.min_delta!r}: must be a finite "
-                         f"number >= 0.")
+        raise ValueError(f"config.early_stop.min_delta={stop.min_delta!r}: must be a number >= 0 "
+                         f"(finite).")
 
 
 def _check_fields(config, schema, prefix):
