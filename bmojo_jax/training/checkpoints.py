@@ -25,6 +25,7 @@ keeps the newest checkpoints and, besides them, the newest one whose meta says "
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import shutil
 import sys
@@ -105,7 +106,8 @@ class Checkpoints:
                 self.manager.save(step, args=args)
             except Exception as e:  # orbax and tensorstore raise many types (ValueError, OSError)
                 held.drop()
-                time.sleep(0.2)  # orbax's threads report their failures a little later
+                time.sleep(0.5)  # orbax's threads report their failures a little later
+                gc.collect()  # its failed asyncio tasks log when collected: while stderr is held
                 for temp in self.directory.glob(f"{step}.orbax-checkpoint-tmp*"):
                     shutil.rmtree(temp, ignore_errors=True)
                 full = "No space left" in str(e) or getattr(e, "errno", None) == 28
