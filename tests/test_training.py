@@ -279,6 +279,12 @@ def test_resume_with_a_different_model_fails(run, tmp_path):
      "config.early_stop.min_delta=-0.1: must be a number >= 0"),
     ({"early_stop.metric": "loss", "early_stop.patience": 2, "eval_every": 12},
      "needs periodic validation evaluations, but config.eval_every=12 >= config.num_steps=12"),
+    ({"on_divergence": "retry"}, "config.on_divergence='retry': allowed values are stop, skip, "
+                                 "rollback"),
+    ({"rollback_lr_factor": 1.0}, r"config.rollback_lr_factor=1.0: must be a number in \(0, 1\)"),
+    ({"optimizer.weight_decay": float("inf")},
+     "config.optimizer.weight_decay=inf: must be a finite number"),
+    ({"model.rope_base": float("nan")}, "config.model.rope_base=nan: must be a finite number"),
 ])
 def test_bad_config_values_raise_clear_errors(changes, match):
     config = _tiny_config()
