@@ -6,6 +6,7 @@ against their float32-computing reference."""
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 
@@ -15,87 +16,83 @@ from bmojo_jax.training import steps
 from experiments.configs import tiny
 from tests import helpers
 
-# bfloat16 keeps 8 significant bits (relative rounding 2^-9 = 0.2%); through the embedding, two
-# blocks (M and B) and the head of the test model, measured over initialisation seeds 0, 1, 2:
-# the largest logit error 3-8% of the largest logit, the loss within 0.09%, the gradients'
-# cosine similarity 0.9995. The tolerances leave room for other seeds and platforms.
-LOGIT_TOL = 0.15  # |bf16 - f32| <= LOGIT_TOL * max(1, max |f32 logits|)
-LOSS_RTOL = 5e-3  # the mean cross-entropy
-GRAD_COSINE = 0.99  # cosine similarity of the flattened parameter gradients
+# bfloat16 keeps 8 significant bits (relative rounding 2^-9 = 0.2%). Through the embedding, one
+# B'MOJO block and the head of the test model, measured over initialisation seeds 0, 1, 2: the
+# largest logit error 1.3-1.5% of the largest logit, the loss within 0.03%, the gradients' cosine
+# similarity 0.9999. (With an SSM block before it the logit error grows to 3-8%: the rounding
+# can flip the discrete eidetic selection.) The tolerances leave room for other seeds and
+# platforms.
+LOGIT_TOL = 0.05  # |bf16 - f32| <= LOGIT_TOL * max(1, max |f32 logits|)
+LOSS_RTOL = 2e-3  # the mean cross-entropy
+GRAD_COSINE = 0.999  # cosine similarity of the flattened parameter gradients
 # The Pallas kernels on bfloat16 inputs against the reference on the same inputs (which computes
 # in float32): relative to the largest value, outputs and gradients.
 KERNEL_TOL = 1e-2
 
 
-def _pair():
-    """(float32 model, bfloat16 model) with the same parameters: an SSM (`M`) and a B'MOJO (`B`)
-    layer."""
-    return tuple(bj.LanguageModel(helpers.config("bmojo", pattern="MB", dtype=dtype),
-                                  rngs=nnx.Rngs(0)) for dtype in ("float32", "bfloat16"))
+def _model(dtype):
+    """The test model in `dtype`: one B'MOJO layer (attention, fading SSM, eidetic memory); the
+    same parameters for every dtype."""
+    return bj.LanguageModel(helpers.config("bmojo", n_layers=1, dtype=dtype), rngs=nnx.Rngs(0))
 
 
-def _loss_and_grads(model, x, y):
-    def loss(model):
-        ce, _, aux = model.cross_entropy(x, y)
-        return ce + aux, ce
-    (_, ce), grads = nnx.value_and_grad(loss, has_aux=True)(model)
-    return ce, nnx.state(grads, nnx.Param)
-
-
-def test_bfloat16_is_close_to_float32():
-    """Logits, loss and gradients of the bfloat16 model against the float32 one (tolerances at the
-    top of the module); the loss, logits and gradients are float32 and finite."""
-    f32, bf16 = _pair()
+def _forward_and_gradients(dtype):
+    """(params, the jaxpr, (logits, cross-entropy, parameter gradients)) of the test model in
+    `dtype`, in one jitted function."""
+    graphdef, params = nnx.split(_model(dtype), nnx.Param)
     x, y = helpers.tokens(4), helpers.tokens(5)
-    logits, expected = bf16(x), f32(x)
-    assert logits.dtype == jnp.float32
+
+    def run(params):
+        def loss(params):
+            ce, _, aux = nnx.merge(graphdef, params).cross_entropy(x, y)
+            return ce + aux, ce
+        (_, ce), grads = jax.value_and_grad(loss, has_aux=True)(params)
+        return nnx.merge(graphdef, params)(x), ce, grads
+
+    traced = jax.jit(run).trace(params)
+    return params, traced.jaxpr, traced.lower().compile()(params)
+
+
+@pytest.mark.slow  # ~30 s CPU: two compiles
+def test_bfloat16_is_close_to_float32_with_float32_parameters():
+    """The bfloat16 model runs its weight matmuls in bfloat16; its logits, loss and gradients are
+    float32, finite and close to the float32 model's (tolerances at the top of the module); an
+    AdamW update keeps the parameters and the optimizer state float32."""
+    params, jaxpr, (logits, ce, grads) = _forward_and_gradients("bfloat16")
+    _, _, (expected, ref_ce, ref_grads) = _forward_and_gradients("float32")
+    dots = [tuple(v.aval.dtype for v in e.invars) for e in helpers.jaxpr_equations(jaxpr.jaxpr)
+            if e.primitive.name == "dot_general"]
+    assert (jnp.bfloat16, jnp.bfloat16) in dots
+    assert logits.dtype == ce.dtype == jnp.float32
     helpers.assert_close_to_scale(logits, expected, LOGIT_TOL)
-    (ce, grads), (ref_ce, ref_grads) = _loss_and_grads(bf16, x, y), _loss_and_grads(f32, x, y)
-    assert ce.dtype == jnp.float32
     np.testing.assert_allclose(ce, ref_ce, rtol=LOSS_RTOL)
     flat, ref_flat = (jnp.concatenate([g.ravel() for g in jax.tree.leaves(t)])
                       for t in (grads, ref_grads))
     assert flat.dtype == jnp.float32 and bool(jnp.all(jnp.isfinite(flat)))
     cosine = jnp.dot(flat, ref_flat) / (jnp.linalg.norm(flat) * jnp.linalg.norm(ref_flat))
     assert cosine > GRAD_COSINE, float(cosine)
-
-
-def test_bfloat16_matmuls_float32_state():
-    """The bfloat16 model's weight matmuls run in bfloat16 (its training step's jaxpr), and its
-    decoding cache (scan states, key/value rings, eidetic memory) stays float32."""
-    model = _pair()[1]
-    graphdef, params = nnx.split(model, nnx.Param)
-    x = helpers.tokens()
-
-    def loss(params):
-        ce, _, aux = nnx.merge(graphdef, params).cross_entropy(x, x)
-        return ce + aux
-    jaxpr = jax.make_jaxpr(jax.grad(loss))(params)
-    dots = [tuple(v.aval.dtype for v in e.invars) for e in helpers.jaxpr_equations(jaxpr.jaxpr)
-            if e.primitive.name == "dot_general"]
-    assert (jnp.bfloat16, jnp.bfloat16) in dots
-    _, cache = model.prefill(x, model.init_cache(2))
-    floats = {a.dtype for a in jax.tree.leaves(cache.layers) if not jnp.issubdtype(a.dtype,
-                                                                                  jnp.integer)}
-    assert floats == {jnp.dtype(jnp.float32)}
-
-
-def test_training_keeps_parameters_and_optimizer_state_float32():
-    """A train step of a bfloat16 model: float32 parameters and optimizer state in and out, and a
-    finite loss and gradient norm."""
-    model_cfg = helpers.config("bmojo", dtype="bfloat16")
-    train_config = tiny.get_config("bmojo")
-    params = nnx.state(bj.LanguageModel(model_cfg, rngs=nnx.Rngs(0)), nnx.Param)
-    opt_state = steps.make_optimizer(train_config).init(params)
-    params, opt_state, metrics = steps.make_train_step(model_cfg, train_config)(
-        params, opt_state, helpers.tokens(), helpers.tokens(1))
-    floats = {a.dtype for a in jax.tree.leaves((params, opt_state))
+    optimizer = steps.make_optimizer(tiny.get_config("bmojo"))
+    updates, opt_state = optimizer.update(grads, optimizer.init(params), params)
+    floats = {a.dtype for a in jax.tree.leaves((optax.apply_updates(params, updates), opt_state))
               if jnp.issubdtype(a.dtype, jnp.floating)}
     assert floats == {jnp.dtype(jnp.float32)}
-    assert np.isfinite(float(metrics["loss"])) and np.isfinite(float(metrics["grad_norm"]))
 
 
-def _attention_inputs(t=13, window=4):
+def test_bfloat16_decoding_state_is_float32():
+    """The bfloat16 model's decoding cache (scan states, key/value rings, eidetic memory) is
+    float32 after a prefill (shapes and dtypes only: `jax.eval_shape`)."""
+    graphdef, state = nnx.split(_model("bfloat16"))
+
+    def prefill(state):
+        model = nnx.merge(graphdef, state)
+        return model.prefill(helpers.tokens(), model.init_cache(2))[1]
+    cache = jax.eval_shape(prefill, state)
+    floats = {a.dtype for a in jax.tree.leaves(cache.layers)
+              if jnp.issubdtype(a.dtype, jnp.floating)}
+    assert floats == {jnp.dtype(jnp.float32)}
+
+
+def _attention_inputs(t=12, window=4):
     """bfloat16 q, k, v, k_fading, v_fading [1, t, 2, 8] and eidetic slots (2 per chunk, 4)."""
     q, k, v, kf, vf = (jax.random.normal(key, (1, t, 2, 8)).astype(jnp.bfloat16)
                        for key in helpers.keys(5, seed=2))
@@ -104,7 +101,7 @@ def _attention_inputs(t=13, window=4):
     return (q, k, v, kf, vf), dict(window=window, memory_positions=slots)
 
 
-def _scan_inputs(kind, t=13):
+def _scan_inputs(kind, t=12):
     """bfloat16 x, B, C and float32 dt, a, h0 of `ops.ssd` (mamba2) or `ops.selective_scan`."""
     k = helpers.keys(6, seed=1)
     channels = (1, t, 2, 4) if kind == "ssd" else (1, t, 4)  # [b, t, h, p] or [b, t, d]
@@ -118,7 +115,9 @@ def _scan_inputs(kind, t=13):
             jax.random.normal(k[5], state))
 
 
-@pytest.mark.parametrize("kernel", ["memory_attention", "ssd", "selective_scan"])
+@pytest.mark.parametrize("kernel", [pytest.param("memory_attention", marks=pytest.mark.slow),
+                                    pytest.param("ssd", marks=pytest.mark.slow),
+                                    "selective_scan"])  # interpret mode: 11, 8, 4 s CPU
 def test_pallas_kernels_in_bfloat16(kernel):
     """Each Pallas kernel on bfloat16 inputs (interpret mode on CPU) against the reference on the
     same inputs: outputs and the VJP of a random cotangent, within KERNEL_TOL of the largest
