@@ -242,9 +242,11 @@ class _Collector:
 
     def pytest_collection_modifyitems(self, items):
         for item in items:
-            doc = (getattr(item.function, "__doc__", None) or item.name).strip()
-            self.rows[item.nodeid] = {"test": item.name, "tried": " ".join(doc.split()),
-                                      "result": "not run", "properties": {}}
+            tried = " ".join((getattr(item.function, "__doc__", None) or item.name).split())
+            if hasattr(item, "callspec"):  # a parametrized test: one row per value
+                tried += " " + ", ".join(f"{k}={v!r}" for k, v in item.callspec.params.items())
+            self.rows[item.nodeid] = {"test": item.name, "tried": tried, "result": "not run",
+                                      "properties": {}}
 
     def pytest_runtest_logreport(self, report):
         row = self.rows.get(report.nodeid)
