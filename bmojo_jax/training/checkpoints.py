@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import logging
 import os
 import shutil
 import sys
@@ -106,8 +107,11 @@ class Checkpoints:
                 self.manager.save(step, args=args)
             except Exception as e:  # orbax and tensorstore raise many types (ValueError, OSError)
                 held.drop()
+                # Its failed asyncio tasks log "Task exception was never retrieved" whenever they
+                # are collected, maybe after stderr is released: drop those records from now on.
+                logging.getLogger("asyncio").addFilter(_drop_orbax_task_errors)
                 time.sleep(0.5)  # orbax's threads report their failures a little later
-                gc.collect()  # its failed asyncio tasks log when collected: while stderr is held
+                gc.collect()
                 for temp in self.directory.glob(f"{step}.orbax-checkpoint-tmp*"):
                     shutil.rmtree(temp, ignore_errors=True)
                 full = "No space left" in str(e) or getattr(e, "errno", None) == 28
@@ -262,6 +266,13 @@ class _Held:
 
     def drop(self) -> None:
         self.dropped = True
+
+
+def _drop_orbax_task_errors(record: logging.LogRecord) -> bool:
+    """A filter for the "asyncio" logger: False (drop) for the failures of orbax's write tasks
+    that nobody awaited, left behind by a failed save already reported as `CheckpointError`."""
+    message = record.getMessage()
+    return not (message.startswith("Task exception was never retrieved") and "orbax" in message)
 
 
 @contextlib.contextmanager
