@@ -263,6 +263,7 @@ def test_resume_with_a_different_model_fails(run, tmp_path):
     ({"optimizer.b2": 1.0}, r"config.optimizer.b2=1.0: must be a number in \[0, 1\)"),
     ({"optimizer.schedule": "linear"}, "config.optimizer.schedule='linear': allowed values"),
     ({"optimizer.warmup_steps": 100}, "warmup_steps=100 exceeds config.num_steps=12"),
+    ({"optimizer.warmup_steps": 12}, "warmup_steps=12 equals config.num_steps: the cosine"),
     ({"model.n_heads": 3}, "not divisible by n_heads=3"),
     ({"data.name": "text_files"}, "config.data.path: data.name='text_files' needs"),
     ({"early_stop.target": 0.99}, "config.early_stop.target=0.99 needs config.early_stop.metric"),

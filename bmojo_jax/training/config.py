@@ -169,6 +169,10 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     if config.optimizer.warmup_steps > config.num_steps:
         raise ValueError(f"config.optimizer.warmup_steps={config.optimizer.warmup_steps} exceeds "
                          f"config.num_steps={config.num_steps}.")
+    if config.optimizer.schedule == "cosine" and config.optimizer.warmup_steps == config.num_steps:
+        raise ValueError(f"config.optimizer.warmup_steps={config.optimizer.warmup_steps} equals "
+                         f"config.num_steps: the cosine schedule needs at least one step to decay; "
+                         f"lower warmup_steps or set config.optimizer.schedule='constant'.")
     try:
         sharding_lib.resolve_mesh_shape(config.mesh_shape, None)  # the device count comes later
     except ValueError as e:
