@@ -1,7 +1,7 @@
 """bmojo_jax: B'MOJO hybrid state-space realizations (eidetic + fading memory) in JAX."""
 
 from bmojo_jax.config import PRESET_PATTERNS, ModelConfig
-from bmojo_jax.generation import generate
+from bmojo_jax.generation import generate, generate_text
 from bmojo_jax.model import LanguageModel, count_params, match_d_ff, param_count
 
 PRESETS = tuple(PRESET_PATTERNS)
@@ -17,4 +17,4 @@ def load(workdir, step=None):
 
 
 __all__ = ["ModelConfig", "LanguageModel", "count_params", "param_count", "match_d_ff", "generate",
-           "PRESETS", "load"]
+           "generate_text", "PRESETS", "load"]
