@@ -106,6 +106,14 @@ def test_mqar_memory(dirs):
     assert bmojo["eidetic_slots"] == 2 and bmojo["queries_within_2_windows"] < 0.05
     # The eidetic slots and the fading state make B'MOJO's decoding state larger than the window's.
     assert bmojo["state_bytes"] > swa["state_bytes"]
+    # --redraw draws the figure again from the JSON alone.
+    png = out_dir / "mqar_memory.png"
+    png.unlink()
+    assert runner.redraw(mqar_memory, out_dir) == png and png.read_bytes()[:4] == b"\x89PNG"
+    with pytest.raises(ValueError, match="has no figure"):
+        runner.redraw(lm, out_dir)
+    with pytest.raises(ValueError, match="does not exist"):
+        runner.redraw(length, out_dir / "nowhere")
 
 
 def test_inference(dirs):

@@ -6,12 +6,14 @@
     python -m experiments.reproduce --table=inference
     python -m experiments.reproduce --table=length
     python -m experiments.reproduce --table=all --budget=tiny  # smoke test
+    python -m experiments.reproduce --table=all --out_dir=results --redraw  # figures only
 
 Each table writes OUT_DIR/NAME.md (the table, the exact command, the commit, the settings, seeds,
 parameter counts, wall times and the machine), OUT_DIR/NAME.json (every run, machine-readable)
 and, where a figure is natural, OUT_DIR/NAME.png. OUT_DIR defaults to a new
 runs/NAME-YYYYmmdd-HHMMSS/ (runs/all-... for --table=all); only an explicit --out_dir=results
-replaces the committed results.
+replaces the committed results. `--redraw` only draws the figures again from the JSON files of
+--out_dir (after a change of the plotting code; nothing trains).
 
 One module per table (its budgets, run, markdown and figure): `synthetic`, `mqar_memory`, `lm`,
 `inference`, `length`; the machinery they share (training points, provenance, files) is `runner`.

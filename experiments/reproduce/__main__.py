@@ -1,8 +1,9 @@
 """`python -m experiments.reproduce --table=NAME|all [--budget=tiny|full] [--out_dir=DIR]
-[--presets=...] [--workdir=DIR]`: see the package docstring."""
+[--presets=...] [--workdir=DIR] [--redraw]`: see the package docstring."""
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import jax
@@ -18,6 +19,8 @@ flags.DEFINE_string("out_dir", None, harness.OUT_DIR_HELP)
 flags.DEFINE_list("presets", None, "Presets to run (default: all six; tiny: swa,bmojo).")
 flags.DEFINE_string("workdir", str(runner.DEFAULT_WORKDIR), "Root of the points' training "
                     "workdirs (rerunning resumes them) and of the JAX compilation cache.")
+flags.DEFINE_bool("redraw", False, "Only draw OUT_DIR/TABLE.png again from OUT_DIR/TABLE.json (no "
+                  "training; needs --out_dir): the committed figures after a plotting change.")
 flags.mark_flag_as_required("table")
 FLAGS = flags.FLAGS
 
@@ -28,9 +31,20 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint file at INFO
     jax.config.update("jax_compilation_cache_dir", str(Path(FLAGS.workdir) / "jax_cache"))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    tables = tuple(TABLES) if FLAGS.table == "all" else (FLAGS.table,)
+    if FLAGS.redraw:
+        if FLAGS.out_dir is None:
+            raise app.UsageError("--redraw needs --out_dir (the directory of the tables' JSON).")
+        for table in tables:
+            if TABLES[table].plot is not None:
+                try:
+                    print(runner.redraw(TABLES[table], FLAGS.out_dir))
+                except ValueError as e:
+                    sys.exit(f"error: {e}")
+        return
     command = harness.command_line("experiments.reproduce")
     out_dir = harness.output_dir(FLAGS.table, FLAGS.out_dir)  # one directory for --table=all
-    for table in TABLES if FLAGS.table == "all" else (FLAGS.table,):
+    for table in tables:
         reproduce(table, FLAGS.budget, out_dir, FLAGS.presets, FLAGS.workdir, command)
 
 

@@ -224,3 +224,28 @@ def run_table(table, budget: str = "full", out_dir=None, presets=None, workdir=N
     harness.write_report(out_dir / table.NAME, record,
                          header + table.markdown(record, settings) + figure + "\n")
     return record
+
+
+def redraw(table, out_dir) -> Path:
+    """Draws OUT_DIR/NAME.png again from OUT_DIR/NAME.json, training nothing: the committed figures
+    after a change of the plotting code. The JSON and the markdown are left as they are.
+
+    Returns:
+      The PNG's path.
+
+    Raises:
+      ValueError: the table has no figure, or OUT_DIR/NAME.json is missing or holds another table.
+    """
+    path = Path(out_dir) / f"{table.NAME}.json"
+    if table.plot is None:
+        raise ValueError(f"--redraw: the table {table.NAME!r} has no figure.")
+    if not path.is_file():
+        raise ValueError(f"--redraw: {path} does not exist; run the table first (without --redraw).")
+    record = json.loads(path.read_text())
+    if record.get("table") != table.NAME:
+        raise ValueError(f"--redraw: {path} holds the table {record.get('table')!r}, not "
+                         f"{table.NAME!r}.")
+    png = path.with_suffix(".png")
+    table.plot(record, ml_collections.ConfigDict(record["settings"]), png)
+    return png
+
