@@ -149,7 +149,6 @@ class LanguageModel(nnx.Module):
             are a function of the key; under `context`, of the key and the shard). None
             (default): deterministic.
         """
-        _check_scores(eidetic_scores, tokens.shape)
         (logits, _), sown, _ = nnx.capture(self._prefill, nnx.Intermediate, EideticTrace)(
             tokens, None, context, eidetic_scores, dropout_key)
         return logits, _aux_loss(sown)
@@ -160,7 +159,6 @@ class LanguageModel(nnx.Module):
         {layer index: {"scores" [b, t], "memory_positions" [b, c, m] int32, "attention_mass"
         [b, t, 3] (window, fading, eidetic)}} (see `layers.attention.EideticTrace`; the input of
         `bmojo_jax.diagnostics`). Arguments as in `forward`."""
-        _check_scores(eidetic_scores, tokens.shape)
         _, _, trace = nnx.capture(self._prefill, nnx.Intermediate, EideticTrace)(
             tokens, None, None, eidetic_scores)
         blocks = trace["blocks"] if "blocks" in trace else {}
@@ -193,11 +191,11 @@ class LanguageModel(nnx.Module):
           ValueError: bad tokens, targets of another shape, or (when concrete) target ids >=
             vocab_size.
         """
+        check_tokens(tokens, self.config.vocab_size)
+        check_tokens(targets, self.config.vocab_size, name="target", unlabelled_ok=True)
         if targets.shape != tokens.shape:
             raise ValueError(f"targets {targets.shape} must have the shape of tokens "
                              f"{tokens.shape}.")
-        check_tokens(targets, self.config.vocab_size, name="target", unlabelled_ok=True)
-        _check_scores(eidetic_scores, tokens.shape)
         (x, _), sown, _ = nnx.capture(self._trunk, nnx.Intermediate, EideticTrace)(
             tokens, None, context, eidetic_scores, dropout_key)
         mask = targets >= 0
@@ -212,6 +210,7 @@ class LanguageModel(nnx.Module):
         """Embedding and blocks: (features [b, t, d_model] before the final norm, layer states);
         dropout with a `dropout_key` (see `forward`)."""
         check_tokens(tokens, self.config.vocab_size)
+        _check_scores(eidetic_scores, tokens.shape)
         keys = [None] * (len(self.blocks) + 1)
         if dropout_key is not None:
             if context is not None:  # independent masks on every shard
@@ -266,6 +265,7 @@ class LanguageModel(nnx.Module):
           ValueError: bad tokens; a cache that is not empty (when its position is concrete); a
             prompt longer than a full-attention cache.
         """
+        check_tokens(tokens, self.config.vocab_size)
         position = cache.position
         if not isinstance(position, jax.core.Tracer) and int(position) != 0:
             raise ValueError(f"prefill needs an empty cache (position 0), got position "
@@ -276,7 +276,6 @@ class LanguageModel(nnx.Module):
         if size is not None and tokens.shape[1] > size:
             raise ValueError(f"prompt of {tokens.shape[1]} tokens exceeds the full-attention cache "
                              f"(max_length={size}).")
-        _check_scores(eidetic_scores, tokens.shape)
         (logits, states), _, _ = nnx.capture(self._prefill, nnx.Intermediate, EideticTrace)(
             tokens, size, None, eidetic_scores)
         return logits, Cache(position=jnp.asarray(tokens.shape[1], jnp.int32), layers=states)
@@ -291,6 +290,7 @@ class LanguageModel(nnx.Module):
           ValueError: bad tokens or scores; a cache that is not this model's `init_cache` for this
             batch size (another batch size, another model).
         """
+        _require_array(tokens, "token")
         if tokens.ndim != 1:
             raise ValueError(f"decode_step takes tokens [batch]; got shape {tokens.shape}.")
         check_tokens(tokens[:, None], self.config.vocab_size)
@@ -348,6 +348,13 @@ def _aux_loss(sown) -> jax.Array:
     return sum(jax.tree.leaves(sown), jnp.zeros((), jnp.float32))
 
 
+def _require_array(x, name: str) -> None:
+    """ValueError unless x is an array (anything with a shape and a dtype: jax, numpy)."""
+    if not (hasattr(x, "shape") and hasattr(x, "dtype")):
+        raise ValueError(f"{name}s must be an integer array [batch, time] (jax or numpy); got a "
+                         f"{type(x).__name__}: wrap it in jnp.asarray(...).")
+
+
 def check_tokens(tokens, vocab_size: int, name: str = "token", unlabelled_ok: bool = False):
     """Validates ids: 2-D integer [batch, time], time >= 1, ids in [0, vocab_size) (or negative,
     meaning unlabelled, with `unlabelled_ok`; `name` is "token" or "target" in the messages).
@@ -355,6 +362,7 @@ def check_tokens(tokens, vocab_size: int, name: str = "token", unlabelled_ok: bo
     The value check runs only on concrete arrays (not under jit, where the data pipeline checks).
     Raises ValueError naming the bad value, its position and the allowed range.
     """
+    _require_array(tokens, name)
     if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer) or tokens.shape[1] < 1:
         raise ValueError(f"{name}s must be integer [batch, time] with time >= 1; got dtype "
                          f"{tokens.dtype} and shape {tokens.shape}.")

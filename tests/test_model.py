@@ -126,6 +126,12 @@ def test_bad_tokens(models):
         model.cross_entropy(tokens(), tokens().at[0, 2].set(VOCAB))
     with pytest.raises(ValueError, match="must have the shape of tokens"):
         model.cross_entropy(tokens(), tokens()[:, 1:])
+    listed = tokens().tolist()  # a Python list: a clear error from every entry point
+    for call in (model, lambda x: model.cross_entropy(x, x), model.eidetic_trace,
+                 lambda x: model.prefill(x, model.init_cache(2, max_length=T)),
+                 lambda x: model.decode_step(x[0], model.init_cache(2, max_length=T))):
+        with pytest.raises(ValueError, match="tokens must be an integer array.*got a list"):
+            call(listed)
 
 
 def test_preset_parameter_counts_are_close():
