@@ -23,7 +23,8 @@ One model-level test separates selection from use: `accuracy_by_selection` score
 model twice, with its own selection rule and with the oracle's scores (the key/value context) handed
 in. A model trained with its own rule that stays low under the oracle never learned to read the
 slots; a model trained with the oracle that stays high under its own rule shows that rule's
-selections are good enough to use.
+selections are good enough to use. `answer_breakdown` says what the wrong answers are: other
+values of the context (retrieval without matching the key: the 1/K plateau) or anything else.
 
 `mqar_needs` describes an MQAR batch (`data.mqar`: the key/value context at [0, 2 K passes), each
 query needs the key and the value of its pair, at their last occurrence in the context).
@@ -165,5 +166,40 @@ def accuracy_by_selection(model, batches, context_length: int) -> dict:
     return {name: hit / max(labelled, 1) for name, hit in hits.items()}
 
 
+def answer_breakdown(model, batches, context_length: int, *, oracle: bool = False) -> dict:
+    """Where the answers of `model` to MQAR queries come from: a model on the 1/K plateau either
+    retrieves some value of the context without matching its key (its wrong answers are other
+    values of the context) or does not retrieve at all (keys or other tokens). Our diagnostic.
+
+    Args:
+      model: a `LanguageModel` (any preset).
+      batches: [(inputs, targets)], int [b, t] each, targets negative where unlabelled; the
+        key/value context at [0, C): keys at even positions, values at odd ones (`data.mqar`).
+      context_length: C.
+      oracle: hand in the oracle's scores (1 at positions < C), as for a model trained with
+        `eidetic_oracle="context"`; False: the model's own selection rule.
+
+    Returns:
+      Fractions of the labelled positions whose argmax is: {"correct": the target, "other_value":
+      a value of the example's context other than the target, "key": a key of the context,
+      "elsewhere": any other token}; they sum to 1.
+    """
+    forward = nnx.jit(lambda m, x, s: m(x, eidetic_scores=s))
+    counts = dict(correct=0, other_value=0, key=0, elsewhere=0)
+    for inputs, targets in batches:
+        inputs, targets = np.asarray(inputs), np.asarray(targets)
+        scores = jnp.asarray(np.broadcast_to(np.arange(inputs.shape[1]) < context_length,
+                                             inputs.shape), jnp.float32) if oracle else None
+        predicted = np.argmax(np.asarray(forward(model, jnp.asarray(inputs), scores)), -1)
+        values = inputs[:, 1:context_length:2]  # [b, K]
+        keys = inputs[:, 0:context_length:2]
+        for row, i in zip(*np.nonzero(targets >= 0)):
+            p = predicted[row, i]
+            counts["correct" if p == targets[row, i] else "other_value" if p in values[row] else
+                   "key" if p in keys[row] else "elsewhere"] += 1
+    total = max(sum(counts.values()), 1)
+    return {name: count / total for name, count in counts.items()}
+
+
 __all__ = ["mqar_needs", "recall_ceiling", "layer_diagnostics", "eidetic_diagnostics",
-           "accuracy_by_selection"]
+           "accuracy_by_selection", "answer_breakdown"]

@@ -2,6 +2,7 @@
 would push it out after slots / per_chunk chunks) has recall and precision 1;
 the per-chunk cap shows as a ceiling; the random rule keeps fewer context tokens."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -82,3 +83,23 @@ def test_accuracy_by_selection_scores_both_selections():
     assert not np.array_equal(trace, model.eidetic_trace(np.asarray(inputs),
                                                           eidetic_scores=oracle)[0][
         "memory_positions"])
+
+
+class _FirstValue(nnx.Module):
+    """Answers every position with the token at position 1 (the first pair's value)."""
+
+    def __call__(self, tokens, eidetic_scores=None):
+        return jax.nn.one_hot(jnp.broadcast_to(tokens[:, 1:2], tokens.shape), 64)
+
+
+def test_answer_breakdown_sorts_the_answers():
+    """A model that always answers the first value: correct exactly on the queries of the first
+    key, another context value on the others, never a key or another token."""
+    inputs, targets = _batch()
+    asked_first = np.asarray(inputs == inputs[:, :1])[np.asarray(targets) >= 0].mean()
+    result = diagnostics.answer_breakdown(_FirstValue(), [(inputs, targets)], 2 * K)
+    assert result == pytest.approx(dict(correct=asked_first, other_value=1 - asked_first, key=0,
+                                        elsewhere=0))
+    assert 0 < asked_first < 1  # the batch asks other keys too: the test has teeth
+    untrained = diagnostics.answer_breakdown(_model(), [(inputs, targets)], 2 * K, oracle=True)
+    assert sum(untrained.values()) == pytest.approx(1.0)
