@@ -182,23 +182,35 @@ def answer_breakdown(model, batches, context_length: int, *, oracle: bool = Fals
     Returns:
       Fractions of the labelled positions whose argmax is: {"correct": the target, "other_value":
       a value of the example's context other than the target, "key": a key of the context,
-      "elsewhere": any other token}; they sum to 1.
+      "elsewhere": any other token} (they sum to 1), and per pair j of the context (in context
+      order), "answered": [K] the fraction of the answers that are value j, and "accuracy_by_pair":
+      [K] the accuracy on the queries asking key j. A model that matches keys has accuracy near 1
+      for every j; one that picks a value whatever the query has accuracy_by_pair near answered.
     """
     forward = nnx.jit(lambda m, x, s: m(x, eidetic_scores=s))
     counts = dict(correct=0, other_value=0, key=0, elsewhere=0)
+    pairs = context_length // 2
+    answered, asked, hits = np.zeros(pairs), np.zeros(pairs), np.zeros(pairs)
     for inputs, targets in batches:
         inputs, targets = np.asarray(inputs), np.asarray(targets)
         scores = jnp.asarray(np.broadcast_to(np.arange(inputs.shape[1]) < context_length,
                                              inputs.shape), jnp.float32) if oracle else None
         predicted = np.argmax(np.asarray(forward(model, jnp.asarray(inputs), scores)), -1)
-        values = inputs[:, 1:context_length:2]  # [b, K]
-        keys = inputs[:, 0:context_length:2]
         for row, i in zip(*np.nonzero(targets >= 0)):
-            p = predicted[row, i]
-            counts["correct" if p == targets[row, i] else "other_value" if p in values[row] else
-                   "key" if p in keys[row] else "elsewhere"] += 1
+            keys = list(inputs[row, 0:context_length:2])
+            values = list(inputs[row, 1:context_length:2])
+            p, correct = predicted[row, i], predicted[row, i] == targets[row, i]
+            counts["correct" if correct else "other_value" if p in values else
+                   "key" if p in keys else "elsewhere"] += 1
+            if p in values:
+                answered[values.index(p)] += 1
+            if inputs[row, i] in keys:
+                asked[keys.index(inputs[row, i])] += 1
+                hits[keys.index(inputs[row, i])] += correct
     total = max(sum(counts.values()), 1)
-    return {name: count / total for name, count in counts.items()}
+    return {**{name: count / total for name, count in counts.items()},
+            "answered": (answered / total).tolist(),
+            "accuracy_by_pair": (hits / np.maximum(asked, 1)).tolist()}
 
 
 __all__ = ["mqar_needs", "recall_ceiling", "layer_diagnostics", "eidetic_diagnostics",

@@ -98,8 +98,11 @@ def test_answer_breakdown_sorts_the_answers():
     inputs, targets = _batch()
     asked_first = np.asarray(inputs == inputs[:, :1])[np.asarray(targets) >= 0].mean()
     result = diagnostics.answer_breakdown(_FirstValue(), [(inputs, targets)], 2 * K)
+    answers = {k: result.pop(k) for k in ("answered", "accuracy_by_pair")}
     assert result == pytest.approx(dict(correct=asked_first, other_value=1 - asked_first, key=0,
                                         elsewhere=0))
+    assert answers == dict(answered=[1, 0, 0, 0], accuracy_by_pair=[1, 0, 0, 0])
     assert 0 < asked_first < 1  # the batch asks other keys too: the test has teeth
     untrained = diagnostics.answer_breakdown(_model(), [(inputs, targets)], 2 * K, oracle=True)
-    assert sum(untrained.values()) == pytest.approx(1.0)
+    assert sum(untrained[k] for k in ("correct", "other_value", "key", "elsewhere")) == (
+        pytest.approx(1.0))
