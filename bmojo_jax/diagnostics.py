@@ -138,6 +138,23 @@ def eidetic_diagnostics(model, inputs, targets, context_length: int, *,
                         recall_ceiling=ceiling) for layer, entry in trace.items()}
 
 
+def context_scores(inputs, length):
+    """Oracle eidetic scores for an MQAR batch: float32 [b, t], 1 at positions < length (the
+    key/value context), 0 after; None when length is None (the model's own rule). Our choice: the
+    oracle of `LanguageModel.forward(eidetic_scores=...)` for `eidetic_oracle="context"`."""
+    if length is None:
+        return None
+    return jnp.broadcast_to((jnp.arange(inputs.shape[1]) < length).astype(jnp.float32),
+                            inputs.shape)
+
+
+@nnx.jit
+def _predictions(model, inputs, scores):
+    """The argmax token int32 [b, t] of `model` on inputs [b, t] with eidetic scores (or None);
+    compiled once per model structure and shape, the argmax on the device."""
+    return jnp.argmax(model(inputs, eidetic_scores=scores), axis=-1)
+
+
 def accuracy_by_selection(model, batches, context_length: int) -> dict:
     """Accuracy of `model` on MQAR batches with its own selection rule and with the oracle's.
 
@@ -145,23 +162,20 @@ def accuracy_by_selection(model, batches, context_length: int) -> dict:
       model: a `LanguageModel` with `B` layers.
       batches: [(inputs, targets)], int [b, t] each, targets negative where unlabelled.
       context_length: C: the oracle scores are 1 at positions < C, 0 after (as in
-        `training.context_scores`).
+        `context_scores`).
 
     Returns:
       {"own": accuracy with the model's `eidetic_selection`, "oracle": accuracy with the oracle
       scores handed in}: fractions of the labelled positions whose argmax is the target.
     """
-    forward = nnx.jit(lambda m, x, s: m(x, eidetic_scores=s))
     hits = {"own": 0, "oracle": 0}
     labelled = 0
     for inputs, targets in batches:
         inputs, targets = np.asarray(inputs), np.asarray(targets)
-        oracle = jnp.asarray(np.broadcast_to(np.arange(inputs.shape[1]) < context_length,
-                                             inputs.shape), jnp.float32)
         mask = targets >= 0
         labelled += int(mask.sum())
-        for name, scores in (("own", None), ("oracle", oracle)):
-            predicted = np.argmax(np.asarray(forward(model, jnp.asarray(inputs), scores)), -1)
+        for name, scores in (("own", None), ("oracle", context_scores(inputs, context_length))):
+            predicted = np.asarray(_predictions(model, jnp.asarray(inputs), scores))
             hits[name] += int(((predicted == targets) & mask).sum())
     return {name: hit / max(labelled, 1) for name, hit in hits.items()}
 
@@ -187,15 +201,13 @@ def answer_breakdown(model, batches, context_length: int, *, oracle: bool = Fals
       [K] the accuracy on the queries asking key j. A model that matches keys has accuracy near 1
       for every j; one that picks a value whatever the query has accuracy_by_pair near answered.
     """
-    forward = nnx.jit(lambda m, x, s: m(x, eidetic_scores=s))
     counts = dict(correct=0, other_value=0, key=0, elsewhere=0)
     pairs = context_length // 2
     answered, asked, hits = np.zeros(pairs), np.zeros(pairs), np.zeros(pairs)
     for inputs, targets in batches:
         inputs, targets = np.asarray(inputs), np.asarray(targets)
-        scores = jnp.asarray(np.broadcast_to(np.arange(inputs.shape[1]) < context_length,
-                                             inputs.shape), jnp.float32) if oracle else None
-        predicted = np.argmax(np.asarray(forward(model, jnp.asarray(inputs), scores)), -1)
+        scores = context_scores(inputs, context_length if oracle else None)
+        predicted = np.asarray(_predictions(model, jnp.asarray(inputs), scores))
         for row, i in zip(*np.nonzero(targets >= 0)):
             keys = list(inputs[row, 0:context_length:2])
             values = list(inputs[row, 1:context_length:2])
@@ -214,4 +226,4 @@ def answer_breakdown(model, batches, context_length: int, *, oracle: bool = Fals
 
 
 __all__ = ["mqar_needs", "recall_ceiling", "layer_diagnostics", "eidetic_diagnostics",
-           "accuracy_by_selection", "answer_breakdown"]
+           "context_scores", "accuracy_by_selection", "answer_breakdown"]

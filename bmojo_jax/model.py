@@ -191,7 +191,7 @@ class LanguageModel(nnx.Module):
           ValueError: bad tokens, targets of another shape, or (when concrete) target ids >=
             vocab_size.
         """
-        check_tokens(tokens, self.config.vocab_size)
+        _require_array(tokens, "token")  # the full check runs in _trunk
         check_tokens(targets, self.config.vocab_size, name="target", unlabelled_ok=True)
         if targets.shape != tokens.shape:
             raise ValueError(f"targets {targets.shape} must have the shape of tokens "

@@ -32,6 +32,7 @@ from bmojo_jax import data as data_lib
 from bmojo_jax import sequence_parallel
 from bmojo_jax import sharding as sharding_lib
 from bmojo_jax.config import ModelConfig
+from bmojo_jax.diagnostics import context_scores
 from bmojo_jax.model import LanguageModel
 from bmojo_jax.training.config import abstract_model, oracle_length
 
@@ -52,15 +53,6 @@ def token_nll(logits, targets):
     nll = optax.softmax_cross_entropy_with_integer_labels(
         logits.astype(jnp.float32), jnp.where(mask, targets, 0))
     return jnp.where(mask, nll, 0.0), mask
-
-
-def context_scores(inputs, length):
-    """Oracle eidetic scores: float32 [b, t], 1 at positions < length, 0 after; None if length is
-    None (see `config.eidetic_oracle`)."""
-    if length is None:
-        return None
-    return jnp.broadcast_to((jnp.arange(inputs.shape[1]) < length).astype(jnp.float32),
-                            inputs.shape)
 
 
 def lm_loss(model: LanguageModel, inputs, targets, mesh=None, eidetic_scores=None,
