@@ -15,7 +15,7 @@ fixes a field for every point. Every field is checked before anything trains (an
 
 Every point trains in its own workdir ROOT/<point> (default ROOT: runs/sweeps/<config file
 stem>); a rerun of the same command resumes unfinished points and collects finished ones
-(`reproduce.runner.train_point`). Points are named <arg>-lr<lr>-s<seed>, followed by
+(`train_point`). Points are named <arg>-lr<lr>-s<seed>, followed by
 -<field>=<value> for every other `--sweep` field. Once finished, a point writes OUT/<point>.json:
 the point, its config, the result of `training.train_and_evaluate`, the git commit, the machine
 and the command (and "fields", the other `--sweep` fields, when there are any). With `--commit`,
@@ -34,6 +34,10 @@ it; `--summary` only summarizes the finished points in OUT (JSON on stdout; the 
 
 Points run in the order given; several sweeps can run side by side on one machine (e.g. pinned
 to one core each with `taskset -c N`).
+
+The same functions train the reproduce tables' points (`experiments.reproduce`): `train_point`
+(one workdir, resumable), `run_point` (a point of a config function), `run_setting` (a setting's
+learning rates x seeds and its best rate) and `summarize`.
 """
 
 from __future__ import annotations
@@ -47,6 +51,7 @@ import sys
 import time
 from pathlib import Path
 
+import ml_collections
 import numpy as np
 from absl import app, flags, logging
 
@@ -54,28 +59,91 @@ from bmojo_jax import data as data_lib
 from bmojo_jax import diagnostics, training
 from benchmarks import harness
 from experiments.config_fields import load_config_module, unknown_field
-from experiments.reproduce import runner
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("config", None, "A config file with get_config(arg): PATH, or PATH:ARG for "
-                    "one argument.", required=True)
-flags.DEFINE_list("args", None, "Arguments of get_config (presets), comma-separated (or the ARG "
-                  "of --config=PATH:ARG).")
-flags.DEFINE_list("lrs", None, "Learning rates (optimizer.lr); default: the config's.")
-flags.DEFINE_list("seeds", ["0"], "Seeds (config.seed: initialisation and batch order).")
-flags.DEFINE_string("sweep", None, "The grid: FIELD=V1,V2;FIELD=V1,... over dotted config fields "
-                    "(Python literals), e.g. \"seed=0,1,2;optimizer.lr=1e-3,3e-3\"; seed and "
-                    "optimizer.lr replace --seeds and --lrs.")
-flags.DEFINE_list("set", [], "Config overrides FIELD=VALUE (dotted fields, Python literals), "
-                  "e.g. num_steps=12000,data.num_train=32768; they are part of each point's "
-                  "config (a workdir holding another config is refused).")
-flags.DEFINE_string("root", None, "Directory of the points' workdirs (default "
-                    "runs/sweeps/<config file stem>).")
-flags.DEFINE_string("out", None, "Directory of the points' JSON results (default ROOT/points).")
-flags.DEFINE_bool("commit", False, "git-commit each point's JSON as it lands.")
-flags.DEFINE_bool("summary", False, "Only print the summary of the finished points in OUT.")
-flags.DEFINE_string("markdown", None, "The aggregated table's path (default: OUT/summary.md at "
-                    "the end of a sweep; with --summary: only when given).")
+
+
+
+def train_point(config: ml_collections.ConfigDict, run_dir) -> dict:
+    """Trains and evaluates one point in its own workdir `run_dir`, or collects it if it finished.
+
+    RUN_DIR/point.json holds the config, the git commit of the first start and, once finished,
+    the result.
+
+    Returns:
+      `training.train_and_evaluate`'s result (without the sample) plus "wall_s" (the invocation
+      that finished it: compilation, training, evaluation), "tokens_per_s" (median over the logged
+      training intervals; the compiling first step of each start is in none of them), "train_s"
+      (steps trained * batch_size * seq_len / tokens_per_s: training time without compilation and
+      evaluation; early stopping can end a run before num_steps) and "final_train_loss" (mean cross-entropy of the last logged interval, nats).
+
+    Raises:
+      ValueError: `run_dir` holds a point of another config, or files but no point.json.
+    """
+    run_dir = Path(run_dir)
+    path = run_dir / "point.json"
+    wanted = jsonable(config.to_dict())
+    if path.exists():
+        saved = json.loads(path.read_text())
+        defaults = jsonable(training.default_config(config.model_preset).to_dict())
+        changed = sorted(_differences(saved["config"], wanted, defaults))
+        if changed:
+            raise ValueError(f"{run_dir} holds a point of another config (fields {changed}); "
+                             f"delete it or pass another --workdir.")
+        if saved["result"] is not None:
+            print(f"[sweep] collected the finished point {run_dir} (trained at commit "
+                  f"{saved['git_commit']})", flush=True)
+            return saved["result"]
+    elif run_dir.exists() and any(run_dir.iterdir()):
+        raise ValueError(f"{run_dir} holds files but no point.json: not a training point; "
+                         f"delete it or pass another --workdir.")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    point = dict(config=wanted, git_commit=harness.git_commit(), result=None)
+    path.write_text(json.dumps(point, indent=1) + "\n")
+    tic = time.perf_counter()
+    result = training.train_and_evaluate(config, run_dir)
+    result["wall_s"] = time.perf_counter() - tic
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if r["split"] == "train"]
+    # None: a record whose only step was a start's compiling first step (nothing timed)
+    rates = [r["tokens_per_s"] for r in train if r["tokens_per_s"] is not None]
+    rate = float(np.median(rates)) if rates else float("nan")
+    result.update(tokens_per_s=rate,
+                  train_s=result["step"] * config.batch_size * config.data.seq_len / rate,
+                  final_train_loss=train[-1]["ce"])
+    result.pop("sample", None)
+    point["result"] = jsonable(result)
+    path.write_text(json.dumps(point, indent=1) + "\n")
+    return point["result"]
+
+
+def _differences(saved, wanted, defaults, prefix=""):
+    """Dotted names of the fields where two configs (JSON objects) differ. A field missing from
+    `saved` (a point started before the field existed) differs only when `wanted` sets it to
+    other than its default in `defaults` (the same tree): the default keeps the old behaviour."""
+    if not (isinstance(saved, dict) and isinstance(wanted, dict)):
+        return [prefix or "."] if saved != wanted else []
+    defaults = defaults if isinstance(defaults, dict) else {}
+    out = []
+    for key in dict.fromkeys([*saved, *wanted]):
+        if key not in saved and key in defaults and wanted.get(key) == defaults[key]:
+            continue
+        out += _differences(saved.get(key), wanted.get(key), defaults.get(key),
+                            f"{prefix}.{key}" if prefix else key)
+    return out
+
+
+def jsonable(x):
+    """`x` with ConfigDicts, tuples and numpy scalars turned into JSON types (keys to str)."""
+    if isinstance(x, ml_collections.ConfigDict):
+        x = x.to_dict()
+    if isinstance(x, dict):
+        return {str(k): jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [jsonable(v) for v in x]
+    if isinstance(x, (np.floating, np.integer, np.bool_)):
+        return x.item()
+    return x
 
 
 def point_name(arg: str, lr: float, seed: int, fields: dict | None = None) -> str:
@@ -166,15 +234,16 @@ def grid_points(args, lrs, seeds, fields: dict):
             yield arg, lr, seed, dict(zip(names, values))
 
 
-def point_config(module, arg: str, lr, seed: int, overrides=(), fields: dict | None = None):
-    """(point name, training config) of a point: get_config(arg), the --set `overrides`, the
-    other swept `fields`, the learning rate (None: the config's) and the seed.
+def point_config(get_config, arg: str, lr, seed: int, overrides=(), fields: dict | None = None):
+    """(point name, training config) of a point: `get_config(arg)` (a config file's get_config,
+    or a reproduce table's), the --set `overrides`, the other swept `fields`, the learning rate
+    (None: the config's) and the seed.
 
     Raises:
       ValueError: an override or swept value that does not fit the config.
     """
     fields = fields or {}
-    config = apply_overrides(module.get_config(arg), list(overrides))
+    config = apply_overrides(get_config(arg), list(overrides))
     for field, value in fields.items():
         set_field(config, field, copy.deepcopy(value), f"--sweep {field}={value!r}")
     if lr is not None:
@@ -183,7 +252,7 @@ def point_config(module, arg: str, lr, seed: int, overrides=(), fields: dict | N
     return point_name(arg, config.optimizer.lr, seed, fields), config
 
 
-def check_points(module, points, overrides) -> None:
+def check_points(get_config, points, overrides) -> None:
     """Builds and validates every point's config (`point_config`, `training.validate_config`)
     before anything trains.
 
@@ -191,33 +260,74 @@ def check_points(module, points, overrides) -> None:
       ValueError: the first bad point (its name and the field).
     """
     for arg, lr, seed, fields in points:
-        name, config = point_config(module, arg, lr, seed, overrides, fields)
+        name, config = point_config(get_config, arg, lr, seed, overrides, fields)
         try:
             training.validate_config(config)
         except ValueError as e:
             raise ValueError(f"point {name}: {e}") from None
 
 
-def run_point(module, arg: str, lr, seed: int, root: Path, out: Path, commit: bool,
-              overrides: list[str] = (), fields: dict | None = None) -> dict:
-    """Trains (or collects) one point and writes OUT/<point>.json (see module docstring)."""
-    name, config = point_config(module, arg, lr, seed, overrides, fields)
+def run_point(get_config, arg: str, lr, seed: int, root: Path, out: Path | None = None,
+              commit: bool = False, overrides: list[str] = (),
+              fields: dict | None = None) -> dict:
+    """Trains (or collects) one point in ROOT/<point> and returns its record: the point's name,
+    arg, lr, seed, config, result (`train_point`) and the other swept `fields` when there are
+    any. With `out`, the record also gets the git commit, the machine and the command and is
+    written to OUT/<point>.json (committed with `commit`); a reproduce table passes no `out` and
+    keeps its records, with that provenance once, in its own JSON."""
+    name, config = point_config(get_config, arg, lr, seed, overrides, fields)
     tic = time.time()
-    result = runner.train_point(config, root / name)
+    result = train_point(config, root / name)
     record = dict(point=name, arg=arg, lr=config.optimizer.lr, seed=seed,
-                  config=runner.jsonable(config.to_dict()), result=result,
-                  git_commit=harness.git_commit(), machine=harness.machine(),
+                  config=jsonable(config.to_dict()), result=result)
+    if fields:
+        record["fields"] = jsonable(fields)
+    if out is None:
+        return record
+    record.update(git_commit=harness.git_commit(), machine=harness.machine(),
                   command=harness.command_line("experiments.sweep"),
                   finished_utc=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                   collect_s=time.time() - tic)
-    if fields:
-        record["fields"] = runner.jsonable(fields)
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"{name}.json"
     path.write_text(json.dumps(record, indent=1) + "\n")
     if commit:
         _commit(path, f"sweep point {name}: {_headline(result)}")
     return record
+
+
+def run_setting(get_config, arg: str, lrs, seeds, root: Path, *, stop_above=None,
+                log: str = "sweep") -> dict:
+    """Every point of one setting (one argument of `get_config`, learning rates x seeds) in
+    ROOT/<point>, then its `summarize` row: the best learning rate and the mean +- std over the
+    seeds. The reproduce tables run their grids through this.
+
+    Args:
+      get_config: arg -> training config (`ml_collections.ConfigDict`).
+      lrs: peak learning rates, in the order tried; seeds: `config.seed` values (initialisation
+        and batch order; the data's seed is the config's).
+      stop_above: the remaining learning rates are skipped once one reaches this mean final
+        validation accuracy over the seeds (None: never; our choice, to fit a budget: the grid's
+        best cannot get much better).
+      log: the prefix of the progress lines printed.
+
+    Returns:
+      The `summarize` row plus "records" (every point's record, in training order) and "best"
+      (the best rate's records, one per seed).
+    """
+    records = []
+    for lr in lrs:
+        mine = [run_point(get_config, arg, lr, seed, root) for seed in seeds]
+        for r in mine:
+            print(f"[{log}] {r['point']}: {_headline(r['result'])} "
+                  f"({r['result']['wall_s']:.0f} s)", flush=True)
+        records += mine
+        valid = [r["result"]["valid"] for r in mine]
+        if stop_above is not None and "accuracy" in valid[0] and \
+                np.mean([v["accuracy"] for v in valid]) >= stop_above:
+            break
+    row, = summarize(records).values()
+    return dict(row, records=records, best=[r for r in records if r["lr"] == row["lr"]])
 
 
 def _headline(result: dict) -> str:
@@ -349,6 +459,31 @@ def markdown(summary: dict, root: Path) -> str:
     return "\n".join(lines) + "\n"
 
 
+
+def define_flags() -> None:
+    """The command line's flags; defined only when this module runs as the program, so that the
+    reproduce tables can import it beside their own flags."""
+    flags.DEFINE_string("config", None, "A config file with get_config(arg): PATH, or PATH:ARG for "
+                        "one argument.", required=True)
+    flags.DEFINE_list("args", None, "Arguments of get_config (presets), comma-separated (or the "
+                      "ARG of --config=PATH:ARG).")
+    flags.DEFINE_list("lrs", None, "Learning rates (optimizer.lr); default: the config's.")
+    flags.DEFINE_list("seeds", ["0"], "Seeds (config.seed: initialisation and batch order).")
+    flags.DEFINE_string("sweep", None, "The grid: FIELD=V1,V2;FIELD=V1,... over dotted config "
+                        "fields (Python literals), e.g. \"seed=0,1,2;optimizer.lr=1e-3,3e-3\"; "
+                        "seed and optimizer.lr replace --seeds and --lrs.")
+    flags.DEFINE_list("set", [], "Config overrides FIELD=VALUE (dotted fields, Python literals), "
+                      "e.g. num_steps=12000,data.num_train=32768; they are part of each point's "
+                      "config (a workdir holding another config is refused).")
+    flags.DEFINE_string("root", None, "Directory of the points' workdirs (default "
+                        "runs/sweeps/<config file stem>).")
+    flags.DEFINE_string("out", None, "Directory of the points' JSON results (default ROOT/points).")
+    flags.DEFINE_bool("commit", False, "git-commit each point's JSON as it lands.")
+    flags.DEFINE_bool("summary", False, "Only print the summary of the finished points in OUT.")
+    flags.DEFINE_string("markdown", None, "The aggregated table's path (default: OUT/summary.md at "
+                        "the end of a sweep; with --summary: only when given).")
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -381,18 +516,19 @@ def main(argv):
         lrs = grid.pop("optimizer.lr", None) or ([_number("--lrs", x, float) for x in lrs]
                                                   if lrs else [None])
         points = list(grid_points(args, lrs, seeds, grid))
-        check_points(module, points, FLAGS.set)
+        check_points(module.get_config, points, FLAGS.set)
     except ValueError as e:
         sys.exit(f"error: {e}")
     print(f"[sweep] {len(points)} points under {root}", flush=True)
     records = []
     for arg, lr, seed, fields in points:
         try:
-            record = run_point(module, arg, lr, seed, root, out, FLAGS.commit, FLAGS.set, fields)
+            record = run_point(module.get_config, arg, lr, seed, root, out, FLAGS.commit,
+                               FLAGS.set, fields)
         except (ValueError, FileNotFoundError, training.CheckpointError,
                 training.TrainingDiverged) as e:  # no traceback
-            sys.exit(f"error: point {point_config(module, arg, lr, seed, FLAGS.set, fields)[0]}: "
-                     f"{e}")
+            name, _ = point_config(module.get_config, arg, lr, seed, FLAGS.set, fields)
+            sys.exit(f"error: point {name}: {e}")
         print(f"[sweep] {record['point']}: {_headline(record['result'])}", flush=True)
         records.append(record)
     table = markdown(summarize(records), root)
@@ -411,4 +547,5 @@ def _number(source: str, text: str, kind: type):
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

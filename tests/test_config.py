@@ -129,17 +129,17 @@ def test_sweep_grammar_and_point_names():
     assert sweep.point_name("bmojo", 3e-3, 1, {"model.window": 8, "data.path": "a/b"}) == \
         "bmojo-lr0.003-s1-model.window=8-data.path=a_b"
     from experiments.configs import tiny
-    name, config = sweep.point_config(tiny, "bmojo", 3e-3, 2, ["num_steps=7"],
+    name, config = sweep.point_config(tiny.get_config, "bmojo", 3e-3, 2, ["num_steps=7"],
                                       {"model.window": 8})
     assert name == "bmojo-lr0.003-s2-model.window=8"
     assert (config.num_steps, config.model.window, config.seed, config.optimizer.lr) == \
         (7, 8, 2, 3e-3)
     with pytest.raises(ValueError, match="did you mean num_steps"):
-        sweep.point_config(tiny, "bmojo", None, 0, ["num_stepz=7"])
+        sweep.point_config(tiny.get_config, "bmojo", None, 0, ["num_stepz=7"])
     with pytest.raises(ValueError, match=r"'x' does not fit config.model.window \(int\)"):
-        sweep.point_config(tiny, "bmojo", None, 0, (), {"model.window": "x"})
+        sweep.point_config(tiny.get_config, "bmojo", None, 0, (), {"model.window": "x"})
     with pytest.raises(ValueError, match="point bmojo-lr0.01-s0-model.window=1: config.model"):
-        sweep.check_points(tiny, [("bmojo", None, 0, {"model.window": 1})], ())
+        sweep.check_points(tiny.get_config, [("bmojo", None, 0, {"model.window": 1})], ())
 
 
 def test_sweep_table_mean_std_and_best_lr(tmp_path):

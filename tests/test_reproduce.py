@@ -14,7 +14,7 @@ import pytest
 
 import bmojo_jax as bj
 from bmojo_jax import data as data_lib
-from experiments import reproduce
+from experiments import reproduce, sweep
 from experiments.reproduce import length, lm, mqar_memory, runner, synthetic
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,7 +45,7 @@ def _check_files(out_dir, table, presets, figure=True):
     assert record["command"].startswith("python -m experiments.reproduce")
     md = (out_dir / f"{table}.md").read_text()
     assert md.startswith("# ") and record["command"] in md and "Machine:" in md
-    assert "Seeds:" in md and "| " in md
+    assert ("Seeds:" in md) == ("seeds" in record) and "| " in md  # the tables that train
     for preset in presets:
         assert f"| {preset}" in md or f" {preset} |" in md
     png = out_dir / f"{table}.png"
@@ -62,32 +62,36 @@ def test_synthetic(dirs, tmp_path):
     settings = synthetic.budgets()["tiny"]
     _check_files(out_dir, "synthetic", ["swa"])
     tasks = [name for name, _ in settings["tasks"]]
-    assert sorted(r["task"] for r in record["best"]) == sorted(tasks)
-    for r in record["runs"]:
-        assert 0 <= r["test_accuracy"] <= 1 and r["params"] > 0
+    assert sorted(r["task"] for r in record["rows"]) == sorted(tasks)
+    for r in record["rows"]:
+        assert 0 <= r["test_accuracy"] <= 1 and r["params"] > 0 and r["seeds"] == [0]
     # The grid runs on lr_task only; the other tasks reuse the chosen learning rate.
-    grid = [r["lr"] for r in record["runs"] if r["task"] == settings["lr_task"]]
-    assert len(grid) in (1, len(settings["lrs"]))
-    chosen = max((r for r in record["runs"] if r["task"] == settings["lr_task"]),
-                 key=lambda r: r["valid_accuracy"])["lr"]
-    assert all(r["lr"] == chosen for r in record["runs"] if r["task"] != settings["lr_task"])
+    (grid,) = [r for r in record["rows"] if r["task"] == settings["lr_task"]]
+    assert len(grid["lr_grid"]) in (1, len(settings["lrs"]))
+    assert grid["lr"] == float(max(grid["lr_grid"], key=grid["lr_grid"].get))
+    assert all(r["lr"] == grid["lr"] and len(r["lr_grid"]) == 1 for r in record["rows"]
+               if r["task"] != settings["lr_task"])
     # Rerunning with the same workdir collects the finished points (no training); a point
-    # directory holding another config is refused, never overwritten.
+    # directory holding another config is refused, never overwritten. Points are the sweep's.
     again = reproduce.reproduce("synthetic", "tiny", tmp_path, ["swa"], work)
-    assert again["runs"] == record["runs"]
-    point = next(p for p in (work / "synthetic-tiny").iterdir() if p.is_dir())
+    assert [dict(r, wall_s=0) for r in again["rows"]] == \
+        [dict(r, wall_s=0) for r in record["rows"]]
+    point = work / "synthetic-tiny" / "mqar" / sweep.point_name("swa", grid["lr"], 0)
+    assert (point / "point.json").is_file()
     with pytest.raises(ValueError, match="another config"):
-        runner.train_point(synthetic.point_config("swa", "mqar", 0.5, settings), point)
+        config = synthetic.point_config("swa", "mqar", settings)
+        config.optimizer.lr = 0.5
+        sweep.train_point(config, point)
     # A point saved before a config field existed is collected while the field is at its default
     # (which keeps the old behaviour), and refused when the field is set to anything else.
     saved = json.loads((point / "point.json").read_text())
     config = ml_collections.ConfigDict(saved["config"])
     del saved["config"]["model"]["eidetic_seed"]
     (point / "point.json").write_text(json.dumps(saved))
-    assert runner.train_point(config, point) == saved["result"]
+    assert sweep.train_point(config, point) == saved["result"]
     config.model.eidetic_seed = 5
     with pytest.raises(ValueError, match="eidetic_seed"):
-        runner.train_point(config, point)
+        sweep.train_point(config, point)
 
 
 def test_mqar_memory(dirs):
@@ -106,6 +110,14 @@ def test_mqar_memory(dirs):
     assert bmojo["eidetic_slots"] == 2 and bmojo["queries_within_2_windows"] < 0.05
     # The eidetic slots and the fading state make B'MOJO's decoding state larger than the window's.
     assert bmojo["state_bytes"] > swa["state_bytes"]
+    # Every row runs every seed: mean +- std over them, in the JSON and the table.
+    assert settings["seeds"] == (0, 1) and all(r["seeds"] == [0, 1] for r in runs)
+    for r in runs:
+        values = r["test_accuracy_values"]
+        assert r["test_accuracy"] == pytest.approx(sum(values) / 2)
+        assert r["test_accuracy_std"] == pytest.approx(abs(values[0] - values[1]) / 2)
+    assert f"{100 * swa['test_accuracy']:.1f} +- {100 * swa['test_accuracy_std']:.1f}" in md
+    assert "mean +- std over them" in md
     # --redraw draws the figure again from the JSON alone.
     png = out_dir / "mqar_memory.png"
     png.unlink()

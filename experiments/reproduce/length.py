@@ -4,15 +4,17 @@ every context length."""
 
 from __future__ import annotations
 
+import functools
 import time
 from pathlib import Path
 
 import ml_collections
+import numpy as np
 from flax import nnx
 
 from bmojo_jax import data as data_lib
 from bmojo_jax import training
-from experiments import plotting
+from experiments import plotting, sweep
 from experiments.reproduce import runner
 
 NAME = "length"
@@ -25,15 +27,17 @@ def budgets() -> dict:
 
     Fields: corpus (a `data.load_corpus` name), model (ModelConfig fields), bmojo_model (added for
     `bmojo`), seq_len (training context T), multipliers (evaluation contexts in units of T),
-    batch_size, num_steps, lr, warmup_steps, bpe_vocab_size, eval_batch_size (contiguous test
-    streams), seed. The tiny budget reads PTB: tokenizing books alone takes ~25 s on 2 busy
+    batch_size, num_steps, lrs (the grid: the best mean validation perplexity at T is used),
+    warmup_steps, bpe_vocab_size, eval_batch_size (contiguous test streams), seeds
+    (initialisation and batch order: every preset runs each; perplexities are their mean +-
+    std), seed (the data's). The tiny budget reads PTB: tokenizing books alone takes ~25 s on 2 busy
     cores.
     """
     full = dict(
         corpus="books", model=dict(d_model=128, n_layers=2, n_heads=4, window=32),
         bmojo_model=dict(innovation_loss_weight=0.001),
-        seq_len=128, multipliers=(1, 2, 4, 8, 16), batch_size=16, num_steps=200, lr=3e-3,
-        warmup_steps=30, bpe_vocab_size=4096, eval_batch_size=8, seed=0)
+        seq_len=128, multipliers=(1, 2, 4, 8, 16), batch_size=16, num_steps=200, lrs=(3e-3,),
+        warmup_steps=30, bpe_vocab_size=4096, eval_batch_size=8, seeds=(0,), seed=0)
     tiny = dict(full, corpus="ptb", model=dict(d_model=32, n_layers=2, n_heads=2, window=16),
                 seq_len=32, multipliers=(1, 2), batch_size=8, num_steps=4, warmup_steps=1,
                 eval_batch_size=4)
@@ -56,25 +60,36 @@ def perplexities(run_dir: Path, tokens, s) -> dict:
     return out
 
 
+def point_config(preset: str, s):
+    """The training config of one preset at T (the sweep sets each point's lr and seed)."""
+    model = dict(s.model, **(s.bmojo_model if preset == "bmojo" else {}))
+    config = runner.point_config(preset, model, s)
+    config.data.update(name=s.corpus, seq_len=s.seq_len, bpe_vocab_size=s.bpe_vocab_size,
+                       seed=s.seed)
+    config.eval_batch_size = FINAL_EVAL_BATCH_SIZE
+    return config
+
+
 def run(s, presets, workdir: Path) -> dict:
-    """One training point per preset at T, then its perplexity at every evaluation context."""
+    """Every preset trained at T over `s.lrs` x `s.seeds` (`sweep.run_setting`); the best rate's
+    seeds are each evaluated at every context, and their perplexities averaged."""
     corpus = data_lib.load_corpus(s.corpus, vocab_size=s.bpe_vocab_size, seed=s.seed)
     runs = []
     for preset in presets:
-        model = dict(s.model, **(s.bmojo_model if preset == "bmojo" else {}))
-        config = runner.point_config(preset, model, s, lr=s.lr)
-        config.data.update(name=s.corpus, seq_len=s.seq_len, bpe_vocab_size=s.bpe_vocab_size,
-                           seed=s.seed)
-        config.eval_batch_size = FINAL_EVAL_BATCH_SIZE
-        result = runner.train_point(config, workdir / preset)
+        row = sweep.run_setting(functools.partial(point_config, s=s), preset, s.lrs, s.seeds,
+                                workdir, log="length")
         tic = time.perf_counter()
-        perplexity = perplexities(workdir / preset, corpus.test, s)
-        runs.append(dict(preset=preset, params=result["params"], wall_s=result["wall_s"],
-                         eval_s=time.perf_counter() - tic, train_seq_len=s.seq_len,
-                         perplexity={str(k): v for k, v in perplexity.items()}))
-        print(f"[length] {preset}: " + ", ".join(f"{k}: {v:.1f}" for k, v in perplexity.items()),
-              flush=True)
-    return dict(runs=runs, optimizer=config.optimizer.to_dict(),
+        by_seed = [perplexities(workdir / r["point"], corpus.test, s) for r in row["best"]]
+        lengths = list(by_seed[0])
+        runs.append(dict(
+            preset=preset, params=row["best"][0]["result"]["params"], lr=row["lr"],
+            seeds=row["seeds"], wall_s=float(sum(r["result"]["wall_s"] for r in row["records"])),
+            eval_s=time.perf_counter() - tic, train_seq_len=s.seq_len,
+            perplexity={str(L): float(np.mean([p[L] for p in by_seed])) for L in lengths},
+            perplexity_std={str(L): float(np.std([p[L] for p in by_seed])) for L in lengths}))
+        print(f"[length] {preset}: " + ", ".join(f"{L}: {runs[-1]['perplexity'][str(L)]:.1f}"
+                                                 for L in lengths), flush=True)
+    return dict(runs=runs, optimizer=row["records"][0]["config"]["optimizer"],
                 eval_tokens=s.eval_batch_size * s.seq_len * max(s.multipliers),
                 test_tokens=int(len(corpus.test)), vocab_size=corpus.vocab_size)
 
@@ -88,8 +103,11 @@ def markdown(record, s) -> str:
              "|---|---:|" + "---:|" * len(lengths) + "---:|"]
     for r in record["runs"]:
         ppl = [r["perplexity"][str(L)] for L in lengths]
-        lines.append(f"| {r['preset']} | {r['params']:,} | " +
-                     " | ".join(f"{p:.1f}" for p in ppl) + f" | {ppl[-1] / ppl[0]:.2f} |")
+        spread = r.get("perplexity_std") if len(r.get("seeds", ())) > 1 else None
+        cells = [f"{p:.1f}" if spread is None else f"{p:.1f} +- {spread[str(L)]:.1f}"
+                 for p, L in zip(ppl, lengths)]
+        lines.append(f"| {r['preset']} | {r['params']:,} | " + " | ".join(cells) +
+                     f" | {ppl[-1] / ppl[0]:.2f} |")
     corpus = (f"Books = Shakespeare's 42 works + Austen's 6 novels, split by document "
               f"(`load_corpus('books')`, BPE {record['vocab_size']}); the test documents are "
               f"held out from training and from the tokenizer." if s.corpus == "books" else
@@ -102,7 +120,9 @@ def markdown(record, s) -> str:
             f"starts from an empty state; perplexity averages over all positions of the "
             f"windows). Model: {runner.describe(s.model)}; `bmojo` adds "
             f"{runner.describe(s.bmojo_model)}. Training: {s.num_steps} steps x {s.batch_size} x "
-            f"{t} tokens, peak lr {s.lr:g}, "
+            f"{t} tokens, peak lr {', '.join(f'{lr:g}' for lr in s.lrs)} (the best mean "
+            f"validation perplexity at T), seeds {', '.join(map(str, s.seeds))} (perplexities: "
+            f"mean +- std over them), "
             f"{runner.describe_optimizer(record['optimizer'], s.num_steps)}. RoPE positions "
             f"continue past T for the attention layers (no interpolation).")
 
@@ -129,5 +149,6 @@ def plot(record, s, path) -> None:
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
     plotting.save(fig, path, caption=(
-        f"One training run per preset (seed {s.seed}) at context {t}; at every context the same "
-        f"{record['eval_tokens']:,} test tokens are scored; no error bars."))
+        f"Mean over the training runs of a preset (seeds {', '.join(map(str, s.seeds))}) at "
+        f"context {t}; at every context the same {record['eval_tokens']:,} test tokens are "
+        f"scored; no error bars (the table gives the std over seeds)."))

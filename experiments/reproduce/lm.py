@@ -4,6 +4,7 @@ with Zaremba et al. 2014's LSTMs as an external reference."""
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import ml_collections
@@ -11,6 +12,7 @@ import ml_collections
 import bmojo_jax as bj
 from bmojo_jax import data as data_lib
 from bmojo_jax import training
+from experiments import sweep
 from experiments.reproduce import runner
 
 NAME = "lm"
@@ -29,14 +31,15 @@ def budgets() -> dict:
     """{"tiny", "full"}: ConfigDicts of every setting.
 
     Fields: model (ModelConfig fields shared by every preset; d_ff is matched per preset),
-    bmojo_model (added for `bmojo`), seq_len, batch_size, num_steps, lr, warmup_steps,
-    eval_batch_size, seed.
+    bmojo_model (added for `bmojo`), seq_len, batch_size, num_steps, lrs (the grid: the best mean
+    validation perplexity is reported), warmup_steps, eval_batch_size, seeds (initialisation and
+    batch order: every preset runs each, mean +- std).
     """
     full = dict(
         model=dict(d_model=128, n_layers=2, n_heads=4, window=32),
         bmojo_model=dict(innovation_loss_weight=0.001),
-        seq_len=128, batch_size=16, num_steps=250, lr=4e-3, warmup_steps=25,
-        eval_batch_size=32, seed=0)
+        seq_len=128, batch_size=16, num_steps=250, lrs=(4e-3,), warmup_steps=25,
+        eval_batch_size=32, seeds=(0,), seed=0)
     tiny = dict(full, model=dict(d_model=32, n_layers=2, n_heads=2, window=16), seq_len=32,
                 batch_size=8, num_steps=4, warmup_steps=1, eval_batch_size=128)
     return {"tiny": ml_collections.ConfigDict(tiny), "full": ml_collections.ConfigDict(full)}
@@ -56,28 +59,28 @@ def matched_models(model, presets, bmojo_model=None) -> dict:
     return out
 
 
+def point_config(preset: str, models, s):
+    """The training config of one preset with its matched `models[preset]` (the sweep sets each
+    point's lr and seed)."""
+    config = runner.point_config(preset, models[preset], s)
+    config.data.update(name="ptb", seq_len=s.seq_len)
+    config.eval_batch_size = s.eval_batch_size
+    return config
+
+
 def run(s, presets, workdir: Path) -> dict:
-    """One training point per preset on PTB."""
+    """Every preset on PTB over `s.lrs` x `s.seeds` (`sweep.run_setting`), at its best rate."""
     corpus = data_lib.load_corpus("ptb")
     models = matched_models(dict(s.model, vocab_size=corpus.vocab_size), presets, s.bmojo_model)
     runs = []
     for preset in presets:
-        config = runner.point_config(preset, models[preset], s, lr=s.lr)
-        config.data.update(name="ptb", seq_len=s.seq_len)
-        config.eval_batch_size = s.eval_batch_size
-        result = runner.train_point(config, workdir / preset)
-        model_cfg = training.model_config(config, corpus.vocab_size)
-        runs.append(dict(
-            preset=preset, d_ff=model_cfg.hidden_dim, params=result["params"],
-            non_embedding_params=bj.param_count(model_cfg, embedding=False),
-            valid_perplexity=result["valid"]["perplexity"],
-            test_perplexity=result["test"]["perplexity"], tokens_per_s=result["tokens_per_s"],
-            train_s=result["train_s"], wall_s=result["wall_s"],
-            final_train_loss=result["final_train_loss"]))
-        print(f"[lm] {preset}: valid ppl {runs[-1]['valid_perplexity']:.1f}, test ppl "
-              f"{runs[-1]['test_perplexity']:.1f}, {result['tokens_per_s']:.0f} tok/s "
-              f"({result['wall_s']:.0f} s)", flush=True)
-    return dict(runs=runs, optimizer=config.optimizer.to_dict(),
+        row = sweep.run_setting(functools.partial(point_config, models=models, s=s), preset,
+                                s.lrs, s.seeds, workdir, log="lm")
+        model_cfg = training.model_config(point_config(preset, models, s), corpus.vocab_size)
+        runs.append(dict(runner.row_stats(row, "perplexity"), preset=preset,
+                         d_ff=model_cfg.hidden_dim,
+                         non_embedding_params=bj.param_count(model_cfg, embedding=False)))
+    return dict(runs=runs, optimizer=row["records"][0]["config"]["optimizer"],
                 vocab_size=corpus.vocab_size, train_tokens=int(len(corpus.train)),
                 reference=[dict(model=m, test_perplexity=p) for m, p in ZAREMBA])
 
@@ -93,8 +96,9 @@ def markdown(record, s) -> str:
                  f"{transformer['train_s'] / r['train_s']:.2f}x speed, "
                  f"{r['test_perplexity'] / transformer['test_perplexity']:.2f}x ppl")
         lines.append(f"| {r['preset']} | {r['d_ff']} | {r['params']:,} "
-                     f"({r['non_embedding_params']:,}) | {r['valid_perplexity']:.1f} | "
-                     f"{r['test_perplexity']:.1f} | {r['tokens_per_s']:,.0f} | "
+                     f"({r['non_embedding_params']:,}) | "
+                     f"{runner.mean_std(r, 'valid_perplexity')} | "
+                     f"{runner.mean_std(r, 'test_perplexity')} | {r['tokens_per_s']:,.0f} | "
                      f"{r['train_s']:.0f} | {speed} |")
     for ref in record["reference"]:
         lines.append(f"| *{ref['model']}* | | | | *{ref['test_perplexity']}* | | | |")
@@ -109,7 +113,9 @@ def markdown(record, s) -> str:
             f"{s.model.d_model} embedding is the same for all); `bmojo` adds "
             f"{runner.describe(s.bmojo_model)}. Training: {s.num_steps} steps x {s.batch_size} x "
             f"{s.seq_len} tokens = {tokens:,} tokens ({tokens / record['train_tokens']:.2f} "
-            f"epochs), peak lr {s.lr:g}, "
+            f"epochs), peak lr {', '.join(f'{lr:g}' for lr in s.lrs)} (the best mean "
+            f"validation perplexity: the lr column), seeds {', '.join(map(str, s.seeds))} "
+            f"(perplexities: mean +- std over them), "
             f"{runner.describe_optimizer(record['optimizer'], s.num_steps)}. Training throughput "
             f"is the median over logged intervals (compilation excluded); train time = tokens / "
             f"throughput. The machine is shared, so throughputs carry ~10-20% noise. The LSTM "

@@ -4,6 +4,7 @@ SSM state size, the window and the eidetic slots; the eidetic-slot ablation."""
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import ml_collections
@@ -12,7 +13,7 @@ import numpy as np
 from benchmarks import decoding
 from bmojo_jax import data as data_lib
 from bmojo_jax import training
-from experiments import plotting
+from experiments import plotting, sweep
 from experiments.reproduce import runner, synthetic
 
 NAME = "mqar_memory"
@@ -25,8 +26,9 @@ def budgets() -> dict:
 
     Fields: seq_len, task (`data.mqar` arguments), model (ModelConfig fields), variants ((preset,
     model overrides), ...: the rows; `bmojo` rows must set their eidetic slots), lrs (the grid),
-    lrs_by_preset (a preset's own grid), num_steps, batch_size, warmup_steps, num_train, num_eval,
-    seed. The full budget's learning rates are, per preset, the best of the synthetic table's
+    lrs_by_preset (a preset's own grid), seeds (initialisation and batch order: every row runs
+    each, mean +- std), seed (the data's), num_steps, batch_size, warmup_steps, num_train,
+    num_eval. The full budget's learning rates are, per preset, the best of the synthetic table's
     grid on its MQAR task.
     """
     full = dict(
@@ -43,14 +45,14 @@ def budgets() -> dict:
                   ("bmojo", dict(eidetic_per_chunk=4, eidetic_slots=8)),
                   ("bmojo", dict(eidetic_per_chunk=8, eidetic_slots=16))),
         lrs=(3e-3,), lrs_by_preset={"mamba": (1e-2,)}, num_steps=500, batch_size=32,
-        warmup_steps=20, num_train=16000, num_eval=256, seed=0)
+        warmup_steps=20, num_train=16000, num_eval=256, seeds=(0,), seed=0)
     tiny = dict(
         full, seq_len=32, task=dict(vocab_size=64, num_kv_pairs=2, power_a=10.0),
         model=dict(d_model=32, n_layers=2, n_heads=2, window=8, chunk_size=8, d_state=8,
                    ssm_head_dim=16),
         variants=(("swa", {}), ("bmojo", dict(eidetic_per_chunk=1, eidetic_slots=2))),
         lrs=(1e-2,), lrs_by_preset={}, num_steps=4, batch_size=8, warmup_steps=1, num_train=64,
-        num_eval=16)
+        num_eval=16, seeds=(0, 1))
     return {"tiny": ml_collections.ConfigDict(tiny), "full": ml_collections.ConfigDict(full)}
 
 
@@ -72,9 +74,22 @@ def query_distances(s, num_examples: int = 1000) -> np.ndarray:
     return np.asarray(distances)
 
 
+def point_config(row: str, s):
+    """The training config of a row "<i>-<preset>", the variant `s.variants[i]` (the sweep sets
+    each point's lr and seed)."""
+    preset, overrides = s.variants[int(row.partition("-")[0])]
+    model = dict(s.model, vocab_size=s.task.vocab_size, **overrides)
+    config = runner.point_config(preset, model, s)
+    config.data.update(name="mqar", seq_len=s.seq_len, num_train=s.num_train,
+                       num_eval=s.num_eval, seed=s.seed)
+    config.data.task = s.task.to_dict()
+    return config
+
+
 def run(s, presets, workdir: Path) -> dict:
-    """Every variant of a preset in `presets`, each at the best of its learning rates."""
-    runs = []
+    """Every variant of a preset in `presets` over its learning rates x `s.seeds`
+    (`sweep.run_setting`, points in WORKDIR/<i>-<preset>-lr<lr>-s<seed>), at its best rate."""
+    rows = []
     distances = query_distances(s)
     for i, (preset, overrides) in enumerate(s.variants):
         if preset not in presets:
@@ -82,33 +97,24 @@ def run(s, presets, workdir: Path) -> dict:
         if preset == "bmojo" and "eidetic_slots" not in overrides:
             raise ValueError(f"mqar_memory variant {i} (bmojo, {overrides}): give bmojo variants "
                              f"their eidetic_slots and eidetic_per_chunk.")
-        best = None
-        for lr in s.lrs_by_preset.get(preset, s.lrs):
-            model = dict(s.model, vocab_size=s.task.vocab_size, **overrides)
-            config = runner.point_config(preset, model, s, lr=lr)
-            config.data.update(name="mqar", seq_len=s.seq_len, num_train=s.num_train,
-                               num_eval=s.num_eval, seed=s.seed)
-            config.data.task = s.task.to_dict()
-            result = runner.train_point(config, workdir / f"{i:02d}-{preset}-lr{lr:g}")
-            print(f"[mqar_memory] {preset} {short(overrides)} lr={lr:g}: valid acc "
-                  f"{result['valid']['accuracy']:.3f} ({result['wall_s']:.0f} s)", flush=True)
-            if best is None or result["valid"]["accuracy"] > best["valid"]["accuracy"]:
-                best = dict(result, lr=lr)
-        model_cfg = training.model_config(config, s.task.vocab_size)
+        name = f"{i:02d}-{preset}"
+        row = sweep.run_setting(functools.partial(point_config, s=s), name,
+                                s.lrs_by_preset.get(preset, s.lrs), s.seeds, workdir,
+                                log="mqar_memory")
+        model_cfg = training.model_config(point_config(name, s), s.task.vocab_size)
         window = None if preset in ("transformer", "mamba") else model_cfg.window
-        runs.append(dict(
+        rows.append(dict(
+            runner.row_stats(row, "accuracy"),
             preset=preset, overrides=dict(overrides), label=f"{preset} ({short(overrides)})",
             window=window, d_state=None if preset in ("transformer", "swa") else model_cfg.d_state,
             eidetic_slots=model_cfg.eidetic_slots if preset == "bmojo" else 0,
             eidetic_eviction=model_cfg.eidetic_eviction, eidetic_lag=model_cfg.eidetic_lag,
-            state_bytes=decoding.state_bytes(model_cfg, 1, s.seq_len), params=best["params"],
-            lr=best["lr"], valid_accuracy=best["valid"]["accuracy"],
-            test_accuracy=best["test"]["accuracy"], wall_s=best["wall_s"],
+            state_bytes=decoding.state_bytes(model_cfg, 1, s.seq_len),
             queries_within_window=(None if window is None
                                    else float(np.mean(distances < window))),
             queries_within_2_windows=(None if window is None
                                       else float(np.mean(distances < 2 * window)))))
-    return dict(runs=runs, optimizer=config.optimizer.to_dict(), query_distance=dict(
+    return dict(runs=rows, optimizer=row["records"][0]["config"]["optimizer"], query_distance=dict(
         min=int(distances.min()), median=float(np.median(distances)),
         max=int(distances.max())))
 
@@ -127,13 +133,14 @@ def markdown(record, s) -> str:
         within = ("—" if r["queries_within_window"] is None else
                   f"{_pct(r['queries_within_window'])} / {_pct(r['queries_within_2_windows'])}")
         lines.append(f"| {r['label']} | {r['state_bytes'] / 1024:.1f} | {r['params']:,} | "
-                     f"{r['lr']:g} | {within} | {_pct(r['test_accuracy'])} | "
+                     f"{r['lr']:g} | {within} | "
+                     f"{runner.mean_std(r, 'test_accuracy', scale=100)} | "
                      f"{r['wall_s']:.0f} |")
     ablation = sorted((r for r in record["runs"] if r["preset"] in ("bmojo_f", "bmojo")),
                       key=lambda r: r["eidetic_slots"])
     abl = ["| eidetic slots m (k_e per chunk) | test accuracy (%) |", "|---:|---:|"]
     abl += [f"| {r['eidetic_slots']} ({r['overrides'].get('eidetic_per_chunk', 0)}) | "
-            f"{_pct(r['test_accuracy'])} |" for r in ablation]
+            f"{runner.mean_std(r, 'test_accuracy', scale=100)} |" for r in ablation]
     bmojo = next((r for r in record["runs"] if r["preset"] == "bmojo"), None)
     eviction = ("" if bmojo is None else f"; {bmojo['eidetic_eviction']} eviction, lag "
                 f"{bmojo['eidetic_lag']} chunks")
@@ -156,7 +163,8 @@ def markdown(record, s) -> str:
             f"\n\nModel: {runner.describe(s.model)} unless the row says otherwise (w window, n "
             f"SSM state, m eidetic slots, k_e eidetic tokens selected per chunk{eviction}). "
             f"Training: {s.num_steps} steps of {s.batch_size} sequences from {s.num_train} "
-            f"examples, lr {lrs} (best on validation), "
+            f"examples, lr {lrs} (best mean on validation), seeds "
+            f"{', '.join(map(str, s.seeds))} (test accuracy: mean +- std over them), "
             f"{runner.describe_optimizer(record['optimizer'], s.num_steps)}; {s.num_eval} test "
             f"examples.")
 
@@ -171,8 +179,10 @@ def plot(record, s, path) -> None:
     for order, preset in enumerate(dict.fromkeys(r["preset"] for r in record["runs"])):
         mine = sorted((r for r in record["runs"] if r["preset"] == preset),
                       key=lambda r: r["state_bytes"])
-        left.plot([r["state_bytes"] / 1024 for r in mine],
-                  [100 * r["test_accuracy"] for r in mine], **plotting.series_style(preset, order))
+        left.errorbar([r["state_bytes"] / 1024 for r in mine],
+                      [100 * r["test_accuracy"] for r in mine],
+                      yerr=[100 * r.get("test_accuracy_std", 0.0) for r in mine], capsize=2,
+                      **plotting.series_style(preset, order))
     left.set_xscale("log")
     plotting.log2_ticks(left.xaxis, [r["state_bytes"] / 1024 for r in record["runs"]])
     left.set_title("accuracy vs decoding-state size")
@@ -184,8 +194,10 @@ def plot(record, s, path) -> None:
     ablation = sorted((r for r in record["runs"] if r["preset"] in ("bmojo_f", "bmojo")),
                       key=lambda r: r["eidetic_slots"])
     if ablation:
-        right.plot([r["eidetic_slots"] for r in ablation],
-                   [100 * r["test_accuracy"] for r in ablation], **plotting.series_style("bmojo"))
+        right.errorbar([r["eidetic_slots"] for r in ablation],
+                       [100 * r["test_accuracy"] for r in ablation],
+                       yerr=[100 * r.get("test_accuracy_std", 0.0) for r in ablation], capsize=2,
+                       **plotting.series_style("bmojo"))
         for r in ablation:
             if r["preset"] == "bmojo_f":  # its own marker over the line's first point
                 right.plot([0], [100 * r["test_accuracy"]], ls="none",
@@ -196,8 +208,10 @@ def plot(record, s, path) -> None:
     right.set_ylabel("MQAR test accuracy (%)")
     right.set_ylim(-2, 102)
     right.grid(alpha=0.3)
-    seeds = record["seeds"]
+    seeds = record["seeds"]["model_init_and_batch_order"]
+    seeds = seeds if isinstance(seeds, list) else [seeds]  # a table made before the seeds
     plotting.save(fig, path, caption=(
-        f"One training run per point (model seed {seeds['model_init_and_batch_order']}, data seed "
-        f"{seeds['data']}) at the best learning rate of its grid on validation; no error bars. "
-        f"Lines join the variants of one preset in order of state size."))
+        f"Mean test accuracy over the model seeds {', '.join(map(str, seeds))} (data seed "
+        f"{record['seeds']['data']}) at the best learning rate of each point's grid on "
+        f"validation; error bars: +- std over the seeds (none for one seed). Lines join the "
+        f"variants of one preset in order of state size."))

@@ -1,6 +1,7 @@
-"""The machinery every reproduce table shares (docs/design.md section 7): one training point per
-workdir, resumable; the table driver (provenance, JSON, markdown header, figure); prose generated
-from config values.
+"""The machinery every reproduce table shares (docs/design.md section 7): training points through
+the sweep machinery (`experiments.sweep`: one workdir per point, resumable; learning rates x seeds,
+best rate, mean +- std); the table driver (provenance, JSON, markdown header, figure); prose
+generated from config values.
 
 A table is a module with:
     NAME, TITLE                 its file name (NAME.md, .json, .png) and its heading
@@ -11,9 +12,12 @@ A table is a module with:
 
 Training points: `point_config` builds a training config from the library's `default_config` (the
 optimizer's unset fields keep the library's defaults, and the prose quotes the values used);
-`train_point` trains it with `training.train_and_evaluate` in its own workdir. Rerunning a table
-resumes it: finished points are collected from their `point.json`, unfinished ones resume from
-their latest checkpoint (the library's exact resume). Delete the workdir to retrain from scratch.
+`run_setting` trains one setting (a preset or a table row) over the settings' learning rates
+(`lrs`) and seeds (`seeds`: initialisation and batch order; the data's seed is `seed`) with
+`sweep.run_setting`, each point in WORKDIR/<row>-lr<lr>-s<seed> (`sweep.train_point`), and
+returns the best rate's mean +- std. Rerunning a table resumes it: finished points are collected
+from their `point.json`, unfinished ones resume from their latest checkpoint (the library's exact
+resume). Delete the workdir to retrain from scratch.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ import numpy as np
 import bmojo_jax as bj
 from benchmarks import harness
 from bmojo_jax import training
+from experiments import sweep
 
 PRESETS = bj.PRESETS
 TINY_PRESETS = ("swa", "bmojo")  # what the tiny budget runs when no presets are given
@@ -43,88 +48,64 @@ CHECKPOINT_EVERY = 100  # steps between checkpoints of a point (and its last ste
 # --------------------------------------------------------------------------------------------------
 
 
-def point_config(preset: str, model: Mapping, settings, *, lr: float) -> ml_collections.ConfigDict:
-    """The training config of one point: `training.default_config(preset)` with `model`'s fields,
-    the peak learning rate `lr` and the settings' num_steps, batch_size, warmup_steps and seed;
-    one validation pass at the end, no sample. The data fields are the caller's to set."""
+def point_config(preset: str, model: Mapping, settings) -> ml_collections.ConfigDict:
+    """The training config of one row: `training.default_config(preset)` with `model`'s fields
+    and the settings' num_steps, batch_size and warmup_steps; one validation pass at the end, no
+    sample. The data fields are the caller's to set; `sweep.run_setting` sets each point's
+    learning rate and seed."""
     config = training.default_config(preset)
     config.model.update(**model)
-    config.optimizer.update(lr=lr, warmup_steps=settings.warmup_steps)
+    config.optimizer.update(warmup_steps=settings.warmup_steps)
     config.update(num_steps=settings.num_steps, batch_size=settings.batch_size,
                   eval_every=settings.num_steps, eval_batches=1,
                   checkpoint_every=min(CHECKPOINT_EVERY, settings.num_steps), max_to_keep=1,
-                  log_every=max(1, min(25, settings.num_steps // 4)), seed=settings.seed)
+                  log_every=max(1, min(25, settings.num_steps // 4)))
     config.sample.max_new_tokens = 0
     return config
 
 
-def train_point(config: ml_collections.ConfigDict, run_dir) -> dict:
-    """Trains and evaluates one point in its own workdir `run_dir`, or collects it if it finished.
+def row_stats(row: Mapping, metric: str) -> dict:
+    """The JSON of one table row from a `sweep.run_setting` row (a setting over learning rates x
+    seeds), at its best learning rate.
 
-    RUN_DIR/point.json holds the config, the git commit of the first start and, once finished,
-    the result.
+    Args:
+      row: `sweep.run_setting`'s return value.
+      metric: the result's metric ("accuracy" or "perplexity").
 
     Returns:
-      `training.train_and_evaluate`'s result (without the sample) plus "wall_s" (the invocation
-      that finished it: compilation, training, evaluation), "tokens_per_s" (median over the logged
-      training intervals; the compiling first step of each start is in none of them), "train_s"
-      (steps trained * batch_size * seq_len / tokens_per_s: training time without compilation and
-      evaluation; early stopping can end a run before num_steps) and "final_train_loss" (mean cross-entropy of the last logged interval, nats).
-
-    Raises:
-      ValueError: `run_dir` holds a point of another config, or files but no point.json.
+      {"lr" (the best rate), "lr_grid" ({lr: mean final validation metric}), "seeds", "params",
+       "valid_<metric>" and "test_<metric>" (means over the seeds), "valid_<metric>_std" and
+       "test_<metric>_std" (population std, ddof 0), "test_<metric>_values" (per seed), "steps"
+       (per seed), "wall_s" (the row's points together: every rate and seed), "tokens_per_s"
+       (median over the best rate's seeds), "train_s" (their mean), "final_train_loss" (their
+       mean, nats)}.
     """
-    run_dir = Path(run_dir)
-    path = run_dir / "point.json"
-    wanted = jsonable(config.to_dict())
-    if path.exists():
-        saved = json.loads(path.read_text())
-        defaults = jsonable(training.default_config(config.model_preset).to_dict())
-        changed = sorted(_differences(saved["config"], wanted, defaults))
-        if changed:
-            raise ValueError(f"{run_dir} holds a point of another config (fields {changed}); "
-                             f"delete it or pass another --workdir.")
-        if saved["result"] is not None:
-            print(f"[runner] collected the finished point {run_dir} (trained at commit "
-                  f"{saved['git_commit']})", flush=True)
-            return saved["result"]
-    elif run_dir.exists() and any(run_dir.iterdir()):
-        raise ValueError(f"{run_dir} holds files but no point.json: not a point of this runner; "
-                         f"delete it or pass another --workdir.")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    point = dict(config=wanted, git_commit=harness.git_commit(), result=None)
-    path.write_text(json.dumps(point, indent=1) + "\n")
-    tic = time.perf_counter()
-    result = training.train_and_evaluate(config, run_dir)
-    result["wall_s"] = time.perf_counter() - tic
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    train = [r for r in records if r["split"] == "train"]
-    # None: a record whose only step was a start's compiling first step (nothing timed)
-    rates = [r["tokens_per_s"] for r in train if r["tokens_per_s"] is not None]
-    rate = float(np.median(rates)) if rates else float("nan")
-    result.update(tokens_per_s=rate,
-                  train_s=result["step"] * config.batch_size * config.data.seq_len / rate,
-                  final_train_loss=train[-1]["ce"])
-    result.pop("sample", None)
-    point["result"] = jsonable(result)
-    path.write_text(json.dumps(point, indent=1) + "\n")
-    return point["result"]
-
-
-def _differences(saved, wanted, defaults, prefix=""):
-    """Dotted names of the fields where two configs (JSON objects) differ. A field missing from
-    `saved` (a point started before the field existed) differs only when `wanted` sets it to
-    other than its default in `defaults` (the same tree): the default keeps the old behaviour."""
-    if not (isinstance(saved, dict) and isinstance(wanted, dict)):
-        return [prefix or "."] if saved != wanted else []
-    defaults = defaults if isinstance(defaults, dict) else {}
-    out = []
-    for key in dict.fromkeys([*saved, *wanted]):
-        if key not in saved and key in defaults and wanted.get(key) == defaults[key]:
-            continue
-        out += _differences(saved.get(key), wanted.get(key), defaults.get(key),
-                            f"{prefix}.{key}" if prefix else key)
+    best = row["best"]
+    out = dict(lr=row["lr"], seeds=[r["seed"] for r in best],
+               lr_grid={f"{lr:g}": float(np.mean([r["result"]["valid"][metric]
+                                                  for r in row["records"] if r["lr"] == lr]))
+                        for lr in dict.fromkeys(r["lr"] for r in row["records"])},
+               params=best[0]["result"]["params"], steps=[r["result"]["step"] for r in best],
+               wall_s=float(sum(r["result"]["wall_s"] for r in row["records"])),
+               tokens_per_s=float(np.median([r["result"]["tokens_per_s"] for r in best])),
+               train_s=float(np.mean([r["result"]["train_s"] for r in best])),
+               final_train_loss=float(np.mean([r["result"]["final_train_loss"] for r in best])))
+    for split in ("valid", "test"):
+        values = [float(r["result"][split][metric]) for r in best]
+        out.update({f"{split}_{metric}": float(np.mean(values)),
+                    f"{split}_{metric}_std": float(np.std(values))})
+        if split == "test":
+            out[f"test_{metric}_values"] = values
     return out
+
+
+def mean_std(row: Mapping, key: str, fmt: str = "{:.1f}", scale: float = 1.0) -> str:
+    """"m +- s" of a `row_stats` value `key` over its seeds ("m" for one seed, or for a row
+    without a std: a table made before the seeds), each times `scale`."""
+    mean = fmt.format(scale * row[key])
+    if len(row.get("seeds", ())) < 2:
+        return mean
+    return f"{mean} +- {fmt.format(scale * row[key + '_std'])}"
 
 
 def describe_optimizer(optimizer: Mapping, num_steps: int) -> str:
@@ -146,19 +127,6 @@ def describe(values: Mapping) -> str:
     return ", ".join(f"{k}={v}" for k, v in values.items())
 
 
-def jsonable(x):
-    """`x` with ConfigDicts, tuples and numpy scalars turned into JSON types (keys to str)."""
-    if isinstance(x, ml_collections.ConfigDict):
-        x = x.to_dict()
-    if isinstance(x, dict):
-        return {str(k): jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [jsonable(v) for v in x]
-    if isinstance(x, (np.floating, np.integer, np.bool_)):
-        return x.item()
-    return x
-
-
 # --------------------------------------------------------------------------------------------------
 # The table driver
 # --------------------------------------------------------------------------------------------------
@@ -176,7 +144,7 @@ def run_table(table, budget: str = "full", out_dir=None, presets=None, workdir=N
         (`harness.output_dir`); only an explicit "results" writes the committed results.
       presets: the presets to run (None: all six; the tiny budget: TINY_PRESETS).
       workdir: the points' workdirs go under WORKDIR/NAME-BUDGET (None: DEFAULT_WORKDIR); rerunning
-        resumes them (`train_point`).
+        resumes them (`run_setting`).
       command: the command line to record (None: the `python -m experiments.reproduce` command
         equivalent to these arguments).
 
@@ -205,18 +173,21 @@ def run_table(table, budget: str = "full", out_dir=None, presets=None, workdir=N
     tic = time.perf_counter()
     out = table.run(settings, presets, workdir)
     wall = time.perf_counter() - tic
-    seed = settings.get("seed", 0)
-    record = jsonable(dict(table=table.NAME, title=table.TITLE, **meta, budget=budget,
-                           presets=list(presets), settings=settings,
-                           seeds=dict(model_init_and_batch_order=seed, data=seed),
-                           wall_seconds=wall, **out))
+    seeds = list(settings.get("seeds", ()))  # tables that train: every row over these seeds
+    trained = dict(seeds=dict(model_init_and_batch_order=seeds, data=settings.seed)) if seeds \
+        else {}
+    record = sweep.jsonable(dict(table=table.NAME, title=table.TITLE, **meta, budget=budget,
+                                 presets=list(presets), settings=settings, **trained,
+                                 wall_seconds=wall, **out))
     header = (f"# {table.TITLE}\n\n" + "\n".join(harness.provenance_lines(record)) + "\n"
               f"Budget `{budget}`; wall time {wall / 60:.1f} min on a machine shared with other "
-              f"jobs  \n"
-              f"Seeds: model initialisation and batch order {seed}, data {seed} (synthetic sets: "
-              f"train seed, valid seed+1, test seed+2)  \n"
-              f"Presets: {', '.join(presets)}; raw numbers and every setting: "
-              f"`{table.NAME}.json`\n\n")
+              f"jobs  \n")
+    if seeds:
+        header += (f"Seeds: model initialisation and batch order {', '.join(map(str, seeds))} "
+                   f"(one run each; mean +- std over them), data {settings.seed} (synthetic "
+                   f"sets: train seed, valid seed+1, test seed+2)  \n")
+    header += (f"Presets: {', '.join(presets)}; raw numbers and every setting: "
+               f"`{table.NAME}.json`\n\n")
     figure = ""
     if table.plot is not None:
         table.plot(record, settings, out_dir / f"{table.NAME}.png")

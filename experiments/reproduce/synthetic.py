@@ -4,12 +4,13 @@ validation set (the table shows test accuracy)."""
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import ml_collections
 import numpy as np
 
-from experiments import plotting
+from experiments import plotting, sweep
 from experiments.reproduce import runner
 
 NAME = "synthetic"
@@ -24,8 +25,9 @@ def budgets() -> dict:
     vocabulary of every model); model (ModelConfig fields), eidetic (added for `bmojo`); lrs (the
     grid), lr_task (the grid runs on this task, the others reuse each preset's best lr there; our
     choice, to fit the budget; None: the grid on every task), skip_grid_above (a grid stops once a
-    run reaches this validation accuracy); num_steps, batch_size, warmup_steps, num_train and
-    num_eval (examples per set), seed.
+    rate reaches this mean validation accuracy); seeds (initialisation and batch order: every row
+    runs each, mean +- std), seed (the data's); num_steps, batch_size, warmup_steps, num_train
+    and num_eval (examples per set).
     """
     full = dict(
         tasks=(("in_context_recall", dict(vocab_size=16)),
@@ -39,7 +41,7 @@ def budgets() -> dict:
                    ssm_head_dim=32),
         eidetic=dict(eidetic_per_chunk=2, eidetic_slots=4),
         lrs=(3e-3, 1e-2), lr_task="mqar", skip_grid_above=0.99, num_steps=400, batch_size=32,
-        warmup_steps=20, num_train=12800, num_eval=256, seed=0)
+        warmup_steps=20, num_train=12800, num_eval=256, seeds=(0,), seed=0)
     tiny = dict(
         full, tasks=(("in_context_recall", dict(vocab_size=16)),
                      ("mqar", dict(vocab_size=64, num_kv_pairs=4))),
@@ -49,12 +51,12 @@ def budgets() -> dict:
     return {"tiny": ml_collections.ConfigDict(tiny), "full": ml_collections.ConfigDict(full)}
 
 
-def point_config(preset: str, task: str, lr: float, s) -> ml_collections.ConfigDict:
-    """The training config of one (preset, task, lr) point."""
+def point_config(preset: str, task: str, s) -> ml_collections.ConfigDict:
+    """The training config of one (preset, task) row (the sweep sets each point's lr and seed)."""
     model = dict(s.model, vocab_size=s.model_vocab)
     if preset == "bmojo":
         model.update(s.eidetic)
-    config = runner.point_config(preset, model, s, lr=lr)
+    config = runner.point_config(preset, model, s)
     config.data.update(name=task, seq_len=s.seq_len, num_train=s.num_train, num_eval=s.num_eval,
                        seed=s.seed)
     config.data.task = dict(dict(s.tasks)[task])
@@ -62,38 +64,23 @@ def point_config(preset: str, task: str, lr: float, s) -> ml_collections.ConfigD
 
 
 def run(s, presets, workdir: Path) -> dict:
-    """The learning-rate grid runs on `s.lr_task` for every preset (every task when None); the
-    other tasks reuse each preset's best learning rate there."""
-    runs = []
+    """Every (task, preset) row over its learning rates x `s.seeds` (`sweep.run_setting`): the
+    grid `s.lrs` on `s.lr_task` for every preset (every task when None); the other tasks reuse
+    each preset's best learning rate there."""
     tasks = [name for name, _ in s.tasks]
     if s.lr_task:
         tasks.remove(s.lr_task)
         tasks.insert(0, s.lr_task)
-    chosen = {}
+    rows, chosen = [], {}
     for task in tasks:
         for preset in presets:
-            grid = s.lrs if not s.lr_task or task == s.lr_task else [chosen[preset]]
-            for lr in grid:
-                config = point_config(preset, task, lr, s)
-                result = runner.train_point(config, workdir / f"{task}-{preset}-lr{lr:g}")
-                runs.append(dict(task=task, preset=preset, lr=lr, params=result["params"],
-                                 valid_accuracy=result["valid"]["accuracy"],
-                                 test_accuracy=result["test"]["accuracy"],
-                                 wall_s=result["wall_s"], tokens_per_s=result["tokens_per_s"]))
-                print(f"[synthetic] {task} {preset} lr={lr:g}: valid acc "
-                      f"{runs[-1]['valid_accuracy']:.3f} ({result['wall_s']:.0f} s)", flush=True)
-                if result["valid"]["accuracy"] >= s.skip_grid_above:
-                    break  # the grid's best cannot get better: skip the other learning rates
-            if task == s.lr_task:
-                mine = [r for r in runs if r["task"] == task and r["preset"] == preset]
-                chosen[preset] = max(mine, key=lambda r: r["valid_accuracy"])["lr"]
-    best = {}
-    for r in runs:
-        key = (r["task"], r["preset"])
-        if key not in best or r["valid_accuracy"] > best[key]["valid_accuracy"]:
-            best[key] = r
-    return dict(runs=runs, best=[dict(v) for v in best.values()],
-                optimizer=config.optimizer.to_dict())
+            lrs = s.lrs if not s.lr_task or task == s.lr_task else [chosen[preset]]
+            row = sweep.run_setting(functools.partial(point_config, task=task, s=s), preset,
+                                    lrs, s.seeds, workdir / task, stop_above=s.skip_grid_above,
+                                    log="synthetic")
+            chosen.setdefault(preset, row["lr"])
+            rows.append(dict(runner.row_stats(row, "accuracy"), task=task, preset=preset))
+    return dict(rows=rows, optimizer=row["records"][0]["config"]["optimizer"])
 
 
 def _pct(x):
@@ -101,16 +88,17 @@ def _pct(x):
 
 
 def markdown(record, s) -> str:
-    """The accuracy table (tasks x presets), the settings in prose, and every run."""
+    """The accuracy table (tasks x presets, mean +- std over the seeds), the settings in prose,
+    and every row's learning-rate grid."""
     presets = record["presets"]
-    best = {(r["task"], r["preset"]): r for r in record["best"]}
+    best = {(r["task"], r["preset"]): r for r in record["rows"]}
     tasks = [name for name, _ in s.tasks]
     lines = ["| task | " + " | ".join(presets) + " |", "|---|" + "---:|" * len(presets)]
     for task in tasks:
         top = max(best[task, p]["test_accuracy"] for p in presets)
-        cells = [f"**{_pct(best[task, p]['test_accuracy'])}**"
-                 if best[task, p]["test_accuracy"] == top else
-                 _pct(best[task, p]["test_accuracy"]) for p in presets]
+        cells = [runner.mean_std(best[task, p], "test_accuracy", scale=100) for p in presets]
+        cells = [f"**{c}**" if best[task, p]["test_accuracy"] == top else c
+                 for c, p in zip(cells, presets)]
         lines.append(f"| {task} | " + " | ".join(cells) + " |")
     means = [np.mean([best[t, p]["test_accuracy"] for t in tasks]) for p in presets]
     lines.append("| **mean** | " + " | ".join(_pct(m) for m in means) + " |")
@@ -118,20 +106,25 @@ def markdown(record, s) -> str:
         f"{best[tasks[0], p]['params']:,}" for p in presets) + " |")
     lines.append("| chosen lr per task | " + " | ".join(
         "/".join(f"{best[t, p]['lr']:g}" for t in tasks) for p in presets) + " |")
-    every = ["| task | preset | lr | valid acc (%) | test acc (%) | wall (s) |",
-             "|---|---|---:|---:|---:|---:|"]
-    every += [f"| {r['task']} | {r['preset']} | {r['lr']:g} | {_pct(r['valid_accuracy'])} | "
-              f"{_pct(r['test_accuracy'])} | {r['wall_s']:.0f} |" for r in record["runs"]]
+    every = ["| task | preset | lr grid: mean valid acc (%) | chosen lr | valid acc (%) | "
+             "test acc (%) | steps | wall (s) |", "|---|---|---|---:|---:|---:|---|---:|"]
+    every += [f"| {r['task']} | {r['preset']} | "
+              f"{', '.join(f'{lr}: {_pct(v)}' for lr, v in r['lr_grid'].items())} | "
+              f"{r['lr']:g} | {runner.mean_std(r, 'valid_accuracy', scale=100)} | "
+              f"{runner.mean_std(r, 'test_accuracy', scale=100)} | "
+              f"{', '.join(map(str, r['steps']))} | {r['wall_s']:.0f} |" for r in record["rows"]]
     task_lines = [f"* `{name}`: `{name}({runner.describe(kwargs)})`, seq_len {s.seq_len}"
                   for name, kwargs in s.tasks]
     grid = ", ".join(f"{lr:g}" for lr in s.lrs)
     where = (f"on `{s.lr_task}` for each preset; the other tasks reuse that preset's chosen "
              f"learning rate" if s.lr_task else "on every task")
+    seeds = ", ".join(map(str, s.seeds))
     return (f"Test accuracy (%) on labelled positions (Zoology/MAD metric), {s.num_eval} test "
-            f"examples per task. Learning rate: the best validation accuracy over {{{grid}}}, "
-            f"searched {where} (a grid stops early once a run reaches "
-            f"{100 * s.skip_grid_above:.0f}% validation accuracy). Bold: the best preset of a "
-            f"task.\n\n" + "\n".join(lines) + "\n\nTasks (generators of `bmojo_jax.data`; MAD "
+            f"examples per task, mean +- std over the seeds {seeds} (one training run each; std "
+            f"over seeds, ddof 0). Learning rate: the best mean validation accuracy over "
+            f"{{{grid}}}, searched {where} (a grid stops early once a rate reaches "
+            f"{100 * s.skip_grid_above:.0f}% mean validation accuracy). Bold: the best preset of "
+            f"a task.\n\n" + "\n".join(lines) + "\n\nTasks (generators of `bmojo_jax.data`; MAD "
             f"tasks train on their evaluation targets, the library's `SyntheticData`):\n\n"
             + "\n".join(task_lines) +
             f"\n\nModel: {runner.describe(s.model)}, vocabulary {s.model_vocab} for every task "
@@ -139,15 +132,16 @@ def markdown(record, s) -> str:
             f"Training: {s.num_steps} steps of {s.batch_size} sequences from a set of "
             f"{s.num_train} examples, "
             f"{runner.describe_optimizer(record['optimizer'], s.num_steps)}.\n\n"
-            "### Every run\n\n" + "\n".join(every))
+            "### Every row: its learning-rate grid and seeds\n\n" + "\n".join(every))
 
 
 def plot(record, s, path) -> None:
-    """Test accuracy per task, one bar per preset in its colour, each bar labelled with its value
-    (so that a bar at 0% is still seen)."""
+    """Test accuracy per task, one bar per preset in its colour (mean over the seeds, error bar
+    +- std when there are several), each bar labelled with its value (so that a bar at 0% is
+    still seen)."""
     presets = record["presets"]
     plt = plotting.pyplot()
-    best = {(r["task"], r["preset"]): r for r in record["best"]}
+    best = {(r["task"], r["preset"]): r for r in record["rows"]}
     tasks = [name for name, _ in s.tasks]
     fig, ax = plt.subplots(figsize=(10, 4.6))
     width = 0.8 / len(presets)
@@ -155,6 +149,8 @@ def plot(record, s, path) -> None:
         bars = ax.bar(np.arange(len(tasks)) + i * width,
                       [100 * best[t, p]["test_accuracy"] if (t, p) in best else np.nan
                        for t in tasks], width, label=p,
+                      yerr=[100 * best[t, p]["test_accuracy_std"] if (t, p) in best else 0
+                            for t in tasks], capsize=2,
                       color=plotting.series_style(p, i)["color"])
         ax.bar_label(bars, fmt="%.0f", fontsize=6, padding=1)
     ax.set_xticks(np.arange(len(tasks)) + 0.4 - width / 2)
@@ -166,6 +162,7 @@ def plot(record, s, path) -> None:
     ax.legend(fontsize=8, ncol=len(presets), loc="upper center")
     ax.grid(axis="y", alpha=0.3)
     plotting.save(fig, path, caption=(
-        f"One training run per (task, preset) (seed {s.seed}) at the best learning rate on "
-        f"validation; {s.num_eval} test examples; no error bars. The number over a bar is its "
-        f"accuracy in %."))
+        f"Mean test accuracy over {len(s.seeds)} training run(s) per (task, preset) (seeds "
+        f"{', '.join(map(str, s.seeds))}) at the best learning rate on validation; "
+        f"{s.num_eval} test examples; error bars: +- std over the seeds (none for one seed). "
+        f"The number over a bar is its mean accuracy in %."))
