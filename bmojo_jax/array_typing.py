@@ -45,6 +45,7 @@ QKV = Float[Array, "b t h e"]
 Keys = Float[Array, "b s h e"]  # keys or values
 KeyMask = Bool[Array, "*b s"]  # True where a key is visible (per sequence, or shared)
 KeyBias = Float[Array, "b s"]  # a logit bias per key
+SegmentIds = Int[Array, "b s"]  # the document of each token (packed documents; a run of equal ids)
 QueryStep = Float[Array, "b h e"]  # one query per sequence (decoding)
 RingBuffer = Float[Array, "b w h e"]  # the last w keys or values, slot = position % w
 Positions = Int[ArrayLike, "*b t"]  # token positions, shared by the batch or per sequence

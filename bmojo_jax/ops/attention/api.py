@@ -98,6 +98,7 @@ def memory_attention(q: at.QKV, k: at.Keys, v: at.Keys, *, window: Optional[int]
                      k_fading: Optional[at.Keys] = None, v_fading: Optional[at.Keys] = None,
                      memory_positions: Optional[at.MemoryPositions] = None,
                      memory_bias: Optional[at.KeyBias] = None,
+                     segment_ids: Optional[at.SegmentIds] = None,
                      q_start: Union[int, at.IntScalar] = 0, return_mass: bool = False,
                      implementation: Optional[str] = None
                      ) -> Union[at.QKV, tuple[at.QKV, at.AttentionMass]]:
@@ -115,10 +116,13 @@ def memory_attention(q: at.QKV, k: at.Keys, v: at.Keys, *, window: Optional[int]
         the key axis (= positions when P = q_start = 0), -1 = empty; or None.
       memory_bias: float [b, P + t], a bias added to the logit of key j when it is read as an
         eidetic slot (the "learned" selection's log sigmoid(score)), or None.
+      segment_ids: int [b, P + t], the document of every key (the last t also of every query),
+        or None (one document): a key is visible only to the queries of its own document
+        (packed documents). A document is a run of equal ids.
       q_start: position of the first query (int, or an int32 scalar under `shard_map`).
       return_mass: also return the attention mass of each query on each key group.
       implementation: None (the backend's default), or one of IMPLEMENTATIONS: "reference",
-        "xla", "pallas" (pallas: P = 0, no memory_bias, no mass).
+        "xla", "pallas" (pallas: P = 0, no memory_bias, no segment_ids, no mass).
 
     Returns:
       [b, t, h, e] float32; with `return_mass`, (that, mass [b, t, 3] float32: the softmax
@@ -154,6 +158,9 @@ def memory_attention(q: at.QKV, k: at.Keys, v: at.Keys, *, window: Optional[int]
     if memory_bias is not None and (memory_positions is None or memory_bias.shape != k.shape[:2]):
         raise ValueError(f"memory_bias must be [b, P + t] = {k.shape[:2]} with memory_positions; "
                          f"got {None if memory_bias is None else memory_bias.shape}.")
+    if segment_ids is not None and segment_ids.shape != k.shape[:2]:
+        raise ValueError(f"segment_ids must be [b, P + t] = {k.shape[:2]}; got "
+                         f"{segment_ids.shape}.")
     fn = registry.pick("memory_attention", _MEMORY_ATTENTION, implementation)
-    return fn(q, k, v, k_fading, v_fading, memory_positions, memory_bias, window, q_start,
-              return_mass)
+    return fn(q, k, v, k_fading, v_fading, memory_positions, memory_bias, segment_ids, window,
+              q_start, return_mass)

@@ -155,6 +155,47 @@ class TestMemoryAttention:
                                 bmojo_f, FWD_TOL)
         assert not np.allclose(bmojo_f, attn(window=w))
 
+    @pytest.mark.parametrize("case", ["full_t37", "fading6_t37", "bmojo6_t37"])
+    def test_segments_match_reference(self, case):
+        """Packed documents (segment_ids, boundaries inside and between chunks): xla = reference,
+        outputs and gradients."""
+        t, window, fading, memory = CASES[case]
+        q, k, v, kf, vf = _inputs(t)
+        positions = _memory(t, window, *memory) if memory else None
+        segments = jnp.asarray(np.searchsorted([5, 17, 18, 30], np.arange(t), side="right")
+                               [None].repeat(B, 0))
+
+        def op(implementation):
+            return lambda q, k, v, kf, vf: ops.memory_attention(
+                q, k, v, window=window, k_fading=kf, v_fading=vf, memory_positions=positions,
+                segment_ids=segments, implementation=implementation)
+
+        keys = min(t, 2 * (window or t)) + (memory[1] if memory else 0)
+        helpers.assert_vjp_matches(op("xla"), op("reference"),
+                                   (q, k, v, kf if fading else None, vf if fading else None),
+                                   _closeness(jnp.float32, keys))
+
+    @pytest.mark.parametrize("implementation", ["reference", "xla"])
+    def test_segments_are_documents_one_by_one(self, implementation):
+        """Two packed documents, the second starting at a chunk boundary: each one's outputs equal
+        the op on that document alone (RoPE aside: these q, k carry none), window and fading
+        keys included."""
+        t, w, start = 37, 6, 18
+        q, k, v, kf, vf = _inputs(t)
+        segments = jnp.asarray((np.arange(t) >= start)[None].repeat(B, 0).astype(np.int32))
+
+        def attn(a, segment_ids=None):
+            q, k, v, kf, vf = a
+            return ops.memory_attention(q, k, v, window=w, k_fading=kf, v_fading=vf,
+                                        segment_ids=segment_ids, implementation=implementation)
+
+        packed = attn((q, k, v, kf, vf), segments)
+        helpers.assert_allclose(packed[:, :start], attn([x[:, :start] for x in (q, k, v, kf, vf)]),
+                                FWD_TOL)
+        helpers.assert_allclose(packed[:, start:], attn([x[:, start:] for x in (q, k, v, kf, vf)]),
+                                FWD_TOL)
+        assert not np.allclose(packed[:, start:], attn((q, k, v, kf, vf))[:, start:])
+
     def test_is_causal_in_keys(self):
         """Perturbing keys/values at position p changes no output before p (all key groups)."""
         t, w, p = 37, 6, 20

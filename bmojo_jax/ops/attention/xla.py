@@ -22,16 +22,17 @@ def _gather_slots(k, positions):
     return jax.vmap(lambda kb, pb: kb[pb])(k, jnp.maximum(positions, 0))
 
 
-def _chunk_range(x, start: int, count: int):
-    """Chunks start .. start + count - 1 of x [b, h, C, w, e], zeros for chunk indices < 0."""
+def _chunk_range(x, start: int, count: int, axis: int = 2):
+    """Chunks start .. start + count - 1 along `axis` of x ([b, h, C, w, e] keys, or [b, C, w]
+    segment ids at axis 1), zeros for chunk indices < 0."""
     if start < 0:
-        x = jnp.pad(x, [(0, 0), (0, 0), (-start, 0), (0, 0), (0, 0)])
+        x = jnp.pad(x, [(0, 0)] * axis + [(-start, 0)] + [(0, 0)] * (x.ndim - axis - 1))
         start = 0
-    return x[:, :, start:start + count]
+    return jax.lax.slice_in_dim(x, start, start + count, axis=axis)
 
 
-def memory_attention(q, k, v, kf, vf, memory_positions, memory_bias, window, q_start,
-                     return_mass):
+def memory_attention(q, k, v, kf, vf, memory_positions, memory_bias, segment_ids, window,
+                     q_start, return_mass):
     """Layout [b, h, c, w, e] (heads outside the chunks, so both einsums are plain batched matmuls
     without transposes in between); keys of all groups concatenated into one [b, h, c, K, e] block
     and one logits matmul; the softmax normalisation is applied after the value matmul (on [.., e]
@@ -42,7 +43,11 @@ def memory_attention(q, k, v, kf, vf, memory_positions, memory_bias, window, q_s
     Mixed precision (our choice, as flash attention): both matmuls take q, k, v in their own dtype
     (bfloat16 under `ModelConfig.dtype="bfloat16"`) and accumulate in float32; the logits, the
     softmax statistics and the output are float32; the softmax weights are cast to the values'
-    dtype for the value matmul. In float32 this is the float32 computation."""
+    dtype for the value matmul. In float32 this is the float32 computation.
+
+    Packed documents (segment_ids): the segment ids of the keys are laid out like the keys (same
+    chunks and groups, the slots gathered), and a key is visible only where its id equals the
+    query's."""
     b, t, h, e = q.shape
     f32 = jnp.float32
     prefix = k.shape[1] - t
@@ -54,10 +59,17 @@ def memory_attention(q, k, v, kf, vf, memory_positions, memory_bias, window, q_s
         x = jnp.pad(x, [(0, 0), (0, chunks * size - x.shape[1]), (0, 0), (0, 0)])
         return jnp.transpose(x.reshape(b, chunks, size, h, e), (0, 3, 1, 2, 4))
 
+    def seg_chunked(chunks, size):  # segment ids [b, P + t] -> [b, chunks, size]
+        ids = jnp.pad(segment_ids, [(0, 0), (0, chunks * size - segment_ids.shape[1])])
+        return ids.reshape(b, chunks, size)
+
     qc = chunked(q, c, w) * jnp.asarray(e ** -0.5, q.dtype)
+    seg_keys = []  # the keys' segment ids, [b, c, keys of the group], in the keys' order
     q_pos = q_start + np.arange(c * w).reshape(c, w)  # [c, w] global positions
     if full:  # one query chunk reads every key: all P + t of them, causal
         keys, values = [chunked(k, 1, prefix + t)], [chunked(v, 1, prefix + t)]
+        if segment_ids is not None:
+            seg_keys.append(seg_chunked(1, prefix + t))
         k_pos = q_start - prefix + np.arange(prefix + t)
         masks = [(q_pos[:, :, None] >= k_pos) & (k_pos >= 0)]  # [1, t, P + t]
         sizes = [prefix + t, 0, 0]  # keys per group: window, fading, eidetic
@@ -74,6 +86,8 @@ def memory_attention(q, k, v, kf, vf, memory_positions, memory_bias, window, q_s
             for o in (o for o in offsets if first - o > -c):
                 keys.append(_chunk_range(kc, first - o, c))
                 values.append(_chunk_range(vc, first - o, c))
+                if segment_ids is not None:
+                    seg_keys.append(_chunk_range(seg_chunked(first + c, w), first - o, c, 1))
                 dist = np.arange(w)[:, None] - np.arange(w)[None, :] + o * w  # [w, w], static
                 k_pos = q_pos - o * w  # [c, w]
                 masks.append(visible(dist)[None] & (k_pos >= 0)[:, None, :])
@@ -88,6 +102,13 @@ def memory_attention(q, k, v, kf, vf, memory_positions, memory_bias, window, q_s
                                  (b, 1, c, w, memory_positions.shape[-1]))
         mask = jnp.concatenate([jnp.broadcast_to(mask, (b,) + mask.shape[1:]), slots], -1)
         sizes[2] = memory_positions.shape[-1]
+        if segment_ids is not None:
+            seg_keys.append(jax.vmap(lambda sb, pb: sb[pb])(segment_ids,
+                                                            jnp.maximum(memory_positions, 0)))
+    if segment_ids is not None:  # [b, 1, c, w, K]: query and key in one segment
+        seg_q = jnp.pad(segment_ids[:, prefix:], [(0, 0), (0, c * w - t)]).reshape(b, c, w)
+        same = seg_q[..., None] == jnp.concatenate(seg_keys, -1)[:, :, None, :]
+        mask = mask & same[:, None]
     keys = keys[0] if len(keys) == 1 else jnp.concatenate(keys, 3)  # [b, h, c, K, e]
     values = values[0] if len(values) == 1 else jnp.concatenate(values, 3)
     logits = jnp.einsum("bhcqe,bhcke->bhcqk", qc, keys, preferred_element_type=f32)
