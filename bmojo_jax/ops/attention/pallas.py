@@ -4,7 +4,8 @@
 Imported lazily (`registry.Lazy`) when implementation="pallas" is picked, so that `import bmojo_jax`
 loads no Pallas module. Same signature as `reference`; the kernels' tiles are
 `pallas_kernels.AttentionBlocks` (one default per backend). The kernels take no key prefix, no
-memory_bias, no segment_ids and return no attention mass: those raise a ValueError pointing to `xla`.
+memory_bias, no segment_ids and return no attention mass: those raise a ValueError pointing to
+`xla`.
 """
 
 from __future__ import annotations

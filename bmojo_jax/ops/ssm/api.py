@@ -11,7 +11,9 @@ p head channels, n state size.
         y_t[h, p] = sum_n h_t[h, p, n] C_t[n]
 
 Both are `(inputs..., h0=None) -> (y, h_last)` so that training, chunked prefill and decoding share
-one op. State and accumulation are float32; `y` has the dtype of `x`.
+one op. State and accumulation are float32; `y` has the dtype of `x`. Packed documents
+(`segment_ids`): the state is zeroed before the first token of every document but the first (h0
+belongs to the first token's document), so no document reads another's state.
 
 Implementations (docs/design.md section 4, measured on a 2-core CPU), one module each:
     reference    `reference`: sequential `lax.scan` over time: the oracle.
@@ -54,6 +56,16 @@ _SSD = {
 IMPLEMENTATIONS = tuple(_SSD)  # both ops have the same ones
 
 
+def _resets(segment_ids, b: int, t: int):
+    """[b, t] bool, True at the first token of every document but the first (None: none)."""
+    if segment_ids is None:
+        return None
+    if segment_ids.shape != (b, t):
+        raise ValueError(f"segment_ids has shape {segment_ids.shape}; expected [b, t] = "
+                         f"{(b, t)}.")
+    return jnp.pad(segment_ids[:, 1:] != segment_ids[:, :-1], [(0, 0), (1, 0)])
+
+
 def _check_shapes(x, dt, B, C, h0, state_shape):
     b, t = x.shape[:2]
     if dt.shape != x.shape[: dt.ndim] or B.shape[:2] != (b, t) or C.shape != B.shape:
@@ -64,7 +76,8 @@ def _check_shapes(x, dt, B, C, h0, state_shape):
 
 def selective_scan(x: at.ScanInputs, dt: at.ScanInputs, a: at.ScanDecayRates,
                    B: at.SSMProjections, C: at.SSMProjections, h0: Optional[at.ScanState] = None,
-                   *, chunk_size: int = DEFAULT_CHUNK, implementation: Optional[str] = None
+                   *, segment_ids: Optional[at.SegmentIds] = None,
+                   chunk_size: int = DEFAULT_CHUNK, implementation: Optional[str] = None
                    ) -> tuple[at.ScanInputs, at.ScanState]:
     """Mamba-1 selective scan (decay per channel and state). Source: Gu & Dao 2023, Alg. 2.
 
@@ -74,9 +87,11 @@ def selective_scan(x: at.ScanInputs, dt: at.ScanInputs, a: at.ScanDecayRates,
       a: [D, n] negative continuous-time decay rates.
       B: [b, t, n] input matrices; C: [b, t, n] output matrices.
       h0: [b, D, n] float32 initial state, or None for zeros.
+      segment_ids: int [b, t], the document of every token (packed documents; the state
+        restarts from zero at each new one), or None.
       chunk_size: chunk length (tokens) of the `xla` chunked scan.
       implementation: None (the backend's default), or one of IMPLEMENTATIONS: "reference",
-        "xla", "associative", "pallas".
+        "xla", "associative", "pallas" (pallas: no segment_ids).
 
     Returns:
       y [b, t, D] (dtype of x) and h_last [b, D, n] float32.
@@ -89,14 +104,15 @@ def selective_scan(x: at.ScanInputs, dt: at.ScanInputs, a: at.ScanDecayRates,
     _check_shapes(x, dt, B, C, h0, (b, channels, n))
     h0 = jnp.zeros((b, channels, n), jnp.float32) if h0 is None else h0.astype(jnp.float32)
     fn = registry.pick("selective_scan", _SELECTIVE_SCAN, implementation)
-    y, h_last = fn(x, dt, a.astype(jnp.float32), B, C, h0, chunk_size)
+    y, h_last = fn(x, dt, a.astype(jnp.float32), B, C, h0, chunk_size,
+                   _resets(segment_ids, b, x.shape[1]))
     return y.astype(x.dtype), h_last
 
 
 def ssd(x: at.SSDInputs, dt: at.SSDStepSizes, a: at.SSDDecayRates, B: at.SSMProjections,
         C: at.SSMProjections, h0: Optional[at.SSDState] = None, *,
-        chunk_size: int = DEFAULT_CHUNK, implementation: Optional[str] = None
-        ) -> tuple[at.SSDInputs, at.SSDState]:
+        segment_ids: Optional[at.SegmentIds] = None, chunk_size: int = DEFAULT_CHUNK,
+        implementation: Optional[str] = None) -> tuple[at.SSDInputs, at.SSDState]:
     """Mamba-2 selective scan (one scalar decay per head). Source: Dao & Gu 2024 (SSD).
 
     Args:
@@ -105,9 +121,11 @@ def ssd(x: at.SSDInputs, dt: at.SSDStepSizes, a: at.SSDDecayRates, B: at.SSMProj
       a: [h] negative continuous-time decay rates.
       B: [b, t, n] input matrices; C: [b, t, n] output matrices (one group, shared by heads).
       h0: [b, h, p, n] float32 initial state, or None for zeros.
+      segment_ids: int [b, t], the document of every token (packed documents; the state
+        restarts from zero at each new one), or None.
       chunk_size: chunk length (tokens) of the `xla` SSD form.
       implementation: None (the backend's default), or one of IMPLEMENTATIONS: "reference",
-        "xla", "associative", "pallas".
+        "xla", "associative", "pallas" (pallas: no segment_ids).
 
     Returns:
       y [b, t, h, p] (dtype of x) and h_last [b, h, p, n] float32.
@@ -120,5 +138,6 @@ def ssd(x: at.SSDInputs, dt: at.SSDStepSizes, a: at.SSDDecayRates, B: at.SSMProj
     _check_shapes(x, dt, B, C, h0, (b, h, p, n))
     h0 = jnp.zeros((b, h, p, n), jnp.float32) if h0 is None else h0.astype(jnp.float32)
     fn = registry.pick("ssd", _SSD, implementation)
-    y, h_last = fn(x, dt, a.astype(jnp.float32), B, C, h0, chunk_size)
+    y, h_last = fn(x, dt, a.astype(jnp.float32), B, C, h0, chunk_size,
+                   _resets(segment_ids, b, x.shape[1]))
     return y.astype(x.dtype), h_last

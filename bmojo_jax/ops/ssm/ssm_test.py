@@ -132,6 +132,35 @@ class TestScan:
         y2, h2 = run(x[:, split:], dt[:, split:], a, Bm[:, split:], C[:, split:], h1)
         _closeness(jnp.float32, t)((jnp.concatenate([y1, y2], 1), h2), (y, h), grad=False)
 
+    @pytest.mark.parametrize("implementation", ["xla", "associative"])
+    def test_segments_match_reference(self, op_name, implementation):
+        """Packed documents (boundaries inside chunks, at a chunk boundary, two in a row), with
+        an initial state: outputs and gradients against the reference."""
+        t = 37
+        args = OPS[op_name][2](t, True)
+        segments = jnp.asarray([[0] * 5 + [1] * 11 + [2] + [3] * 20, [0] * 37])
+
+        def scan(implementation):
+            fn = _implementation(op_name, implementation)
+            return lambda *a: fn(*a, segment_ids=segments)
+
+        helpers.assert_vjp_matches(scan(implementation), scan("reference"), args,
+                                   _closeness(jnp.float32, t))
+
+    def test_segments_are_documents_one_by_one(self, op_name):
+        """Two packed documents = each scanned alone (the second from a zero state, whatever the
+        first left); the final state is the second document's."""
+        t, start = 29, 12
+        x, dt, a, Bm, C, h0 = OPS[op_name][2](t, True)
+        segments = jnp.asarray((jnp.arange(t) >= start)[None].repeat(B, 0).astype(jnp.int32))
+        run = _implementation(op_name, "xla")
+        y, h = run(x, dt, a, Bm, C, h0, segment_ids=segments)
+        y1, _ = run(x[:, :start], dt[:, :start], a, Bm[:, :start], C[:, :start], h0)
+        y2, h2 = run(x[:, start:], dt[:, start:], a, Bm[:, start:], C[:, start:], None)
+        _closeness(jnp.float32, t)((jnp.concatenate([y1, y2], 1), h2), (y, h), grad=False)
+        with pytest.raises(ValueError, match="segment_ids has shape"):
+            run(x, dt, a, Bm, C, h0, segment_ids=segments[:, :-1])
+
     def test_errors(self, op_name):
         op, _, make_inputs = OPS[op_name]
         x, dt, a, Bm, C, h0 = make_inputs(5, True)

@@ -25,13 +25,14 @@ def _pad_time(length, multiple, *arrays):
     return [jnp.pad(a, [(0, 0), (0, pad)] + [(0, 0)] * (a.ndim - 2)) for a in arrays]
 
 
-def selective_scan(x, dt, a, B, C, h0, chunk_size):
+def selective_scan(x, dt, a, B, C, h0, chunk_size, resets=None):
     """Mamba-1 scan in rematerialised chunks: only the chunk-boundary states are saved."""
     b, t, D = x.shape
     q = min(chunk_size, t)
-    x, dt, B, C = _pad_time(t, q, x, dt, B, C)
-    chunks = [u.reshape((u.shape[0], u.shape[1] // q, q) + u.shape[2:]) for u in (x, dt, B, C)]
-    chunks = [jnp.moveaxis(u.astype(jnp.float32), (1, 2), (0, 1)) for u in chunks]  # [c, q, b, ...]
+    inputs = _pad_time(t, q, x, dt, B, C, *([] if resets is None else [resets]))
+    chunks = [u.reshape((u.shape[0], u.shape[1] // q, q) + u.shape[2:]) for u in inputs]
+    chunks = [jnp.moveaxis(u if u.dtype == bool else u.astype(jnp.float32), (1, 2), (0, 1))
+              for u in chunks]  # [c, q, b, ...]
 
     @jax.checkpoint
     def run_chunk(h, inputs):
@@ -42,11 +43,14 @@ def selective_scan(x, dt, a, B, C, h0, chunk_size):
     return y[:, :t], h_last
 
 
-def selective_scan_associative(x, dt, a, B, C, h0, chunk_size):
-    """Mamba-1 scan as a `lax.associative_scan` over the affine maps h -> decay * h + input."""
+def selective_scan_associative(x, dt, a, B, C, h0, chunk_size, resets=None):
+    """Mamba-1 scan as a `lax.associative_scan` over the affine maps h -> decay * h + input (a
+    new document's first map forgets h: decay 0)."""
     del chunk_size
     x, dt, B, C = (u.astype(jnp.float32) for u in (x, dt, B, C))
     decay = jnp.exp(dt[..., None] * a)  # [b, t, D, n]
+    if resets is not None:
+        decay = jnp.where(resets[:, :, None, None], 0.0, decay)
     inputs = (dt * x)[..., None] * B[:, :, None, :]
     inputs = inputs.at[:, 0].add(decay[:, 0] * h0)
 
@@ -58,12 +62,19 @@ def selective_scan_associative(x, dt, a, B, C, h0, chunk_size):
     return jnp.einsum("btDn,btn->btD", h, C), h[:, -1]
 
 
-def ssd(x, dt, a, B, C, h0, chunk_size):
+def ssd(x, dt, a, B, C, h0, chunk_size, resets=None):
     """The SSD chunked-matmul form (Dao & Gu 2024, section 6): quadratic attention-like products
-    inside chunks of q tokens, a short recurrence over chunk states between them."""
+    inside chunks of q tokens, a short recurrence over chunk states between them. Packed documents
+    (`resets`): every term that would carry state from one document into the next is masked (a
+    token reads only earlier tokens, and a chunk only the entering state, of its own document)."""
     b, t, h, p = x.shape
     n = B.shape[-1]
     q = min(chunk_size, t)
+    doc = None
+    if resets is not None:  # [b, c, q] document index; padded steps join the last document
+        doc = jnp.cumsum(resets.astype(jnp.int32), axis=1)
+        doc = jnp.pad(doc, [(0, 0), (0, -t % q)], mode="edge").reshape(b, -1, q)
+        before = jnp.concatenate([doc[:, :1, :1], doc[:, :-1, -1:]], axis=1)  # token before chunk
     x, dt, B, C = (u.astype(jnp.float32) for u in _pad_time(t, q, x, dt, B, C))
     c = x.shape[1] // q
     x, dt = x.reshape(b, c, q, h, p), dt.reshape(b, c, q, h)
@@ -74,6 +85,8 @@ def ssd(x, dt, a, B, C, h0, chunk_size):
 
     # Inside a chunk: y_i = sum_{j<=i} (C_i . B_j) exp(L_i - L_j) dt_j x_j.
     causal = jnp.tril(jnp.ones((q, q), bool))[None, None, :, :, None]
+    if doc is not None:
+        causal = causal & (doc[:, :, :, None] == doc[:, :, None, :])[..., None]
     seg = log_decay[:, :, :, None, :] - log_decay[:, :, None, :, :]  # [b, c, i, j, h]
     weights = jnp.exp(jnp.where(causal, seg, -jnp.inf))
     weights = weights * jnp.einsum("bcin,bcjn->bcij", C, B)[..., None]
@@ -81,8 +94,13 @@ def ssd(x, dt, a, B, C, h0, chunk_size):
 
     # State each chunk adds from a zero start, and the decay across a whole chunk.
     to_end = jnp.exp(log_decay[:, :, -1:, :] - log_decay)  # [b, c, q, h]
-    chunk_states = jnp.einsum("bcjn,bcjh,bcjhp->bchpn", B, to_end, xdt)
     chunk_decay = jnp.exp(log_decay[:, :, -1, :])  # [b, c, h]
+    entering = jnp.exp(log_decay)  # [b, c, q, h]: decay of the entering state to each token
+    if doc is not None:
+        to_end = jnp.where((doc == doc[:, :, -1:])[..., None], to_end, 0.0)
+        chunk_decay = jnp.where(before == doc[:, :, -1:], chunk_decay, 0.0)
+        entering = jnp.where((doc == before)[..., None], entering, 0.0)
+    chunk_states = jnp.einsum("bcjn,bcjh,bcjhp->bchpn", B, to_end, xdt)
 
     def carry(state, inputs):
         added, decay = inputs
@@ -91,7 +109,7 @@ def ssd(x, dt, a, B, C, h0, chunk_size):
     h_last, h_start = jax.lax.scan(
         carry, h0, (jnp.swapaxes(chunk_states, 0, 1), jnp.swapaxes(chunk_decay, 0, 1)))
     h_start = jnp.swapaxes(h_start, 0, 1)  # [b, c, h, p, n]: state entering each chunk
-    y = y + jnp.einsum("bcin,bchpn,bcih->bcihp", C, h_start, jnp.exp(log_decay))
+    y = y + jnp.einsum("bcin,bchpn,bcih->bcihp", C, h_start, entering)
     return y.reshape(b, c * q, h, p)[:, :t], h_last
 
 
