@@ -33,6 +33,7 @@ Logits = Float[Array, "b t V"]
 HeadWeights = Float[Array, "V d"]  # LM head / tied embedding, one row per vocabulary entry
 Scalar = Float[Array, ""]
 IntScalar = Int[Array, ""]  # a count, or a token position (int32)
+BatchPositions = Int[Array, "b"]  # one token position per sequence (int32)
 
 # Decoding: one token per sequence.
 StepTokens = Int[Array, "b"]
@@ -45,6 +46,7 @@ QKV = Float[Array, "b t h e"]
 Keys = Float[Array, "b s h e"]  # keys or values
 KeyMask = Bool[Array, "*b s"]  # True where a key is visible (per sequence, or shared)
 KeyBias = Float[Array, "b s"]  # a logit bias per key
+ChunkStarts = Int[Array, "b c"]  # the first position of each chunk's document (int32)
 SegmentIds = Int[Array, "b s"]  # the document of each token (packed documents; a run of equal ids)
 QueryStep = Float[Array, "b h e"]  # one query per sequence (decoding)
 RingBuffer = Float[Array, "b w h e"]  # the last w keys or values, slot = position % w

@@ -1,5 +1,5 @@
 """Eidetic memory management: which past tokens each query chunk may read verbatim
-(`select_eidetic`, `chunk_topk`, `Selection`), and the same bookkeeping one token at a time for
+(`select_eidetic`, `chunk_topk`, `Selection`, `document_starts` for packed documents), and the same bookkeeping one token at a time for
 decoding (`EideticState`, `init_state`, `state_after`, `update`).
 
 One folder per op (docs/design.md section 4; layout as in `bmojo_jax.ops.ssm`):
@@ -10,9 +10,10 @@ One folder per op (docs/design.md section 4; layout as in `bmojo_jax.ops.ssm`):
     eidetic_test.py  the implementations against the reference, causality, argument checks.
 """
 
-from bmojo_jax.ops.eidetic.api import (IMPLEMENTATIONS, Selection, chunk_topk, select_eidetic,
-                                       select_whole_state)
+from bmojo_jax.ops.eidetic.api import (IMPLEMENTATIONS, Selection, chunk_topk, document_starts,
+                                       select_eidetic, select_whole_state)
 from bmojo_jax.ops.eidetic.streaming import EideticState, Slots, init_state, state_after, update
 
-__all__ = ["IMPLEMENTATIONS", "Selection", "chunk_topk", "select_eidetic", "select_whole_state",
+__all__ = ["IMPLEMENTATIONS", "Selection", "chunk_topk", "document_starts", "select_eidetic",
+           "select_whole_state",
            "EideticState", "Slots", "init_state", "state_after", "update"]

@@ -16,7 +16,10 @@ when its innovation score is high:
        score  a running top-m by score over every selection of chunks <= c-L (keeps surprising
               tokens from the start of a long context; ties go to the earlier selection).
 The result is `memory_positions` [b, c, m] int32 with -1 for an empty slot: static shapes, no
-gradient (selection is discrete). A query never reads its own chunk's selections, so the query token
+gradient (selection is discrete). Packed documents (`starts`, the first position of each query
+chunk's document): a selection from before that position never enters (nor stays in) the chunk's
+buffer, so a document's slots are those it would have alone (exactly so when documents start at
+chunk boundaries: the chunks are then the same). A query never reads its own chunk's selections, so the query token
 itself is never among its eidetic keys.
 
 Implementations (docs/design.md section 4), one module each:
@@ -70,8 +73,8 @@ def chunk_topk(scores: at.Scores, window: int, k: int) -> tuple[at.ChunkSelectio
 
 
 def select_eidetic(scores: at.Scores, *, window: int, per_chunk: int, slots: int, lag: int = 2,
-                   eviction: str = "fifo", implementation: Optional[str] = None
-                   ) -> at.MemoryPositions:
+                   eviction: str = "fifo", starts: Optional[at.ChunkStarts] = None,
+                   implementation: Optional[str] = None) -> at.MemoryPositions:
     """Eidetic slot positions visible to each query chunk (see module docstring).
 
     Args:
@@ -81,6 +84,8 @@ def select_eidetic(scores: at.Scores, *, window: int, per_chunk: int, slots: int
       slots: m, buffer size, a positive multiple of k.
       lag: chunks between selection and visibility (>= 1).
       eviction: "fifo" or "score".
+      starts: int32 [b, c], the first position of each query chunk's document (packed
+        documents: `document_starts`), or None (one document).
       implementation: None (the backend's default), or one of IMPLEMENTATIONS: "reference",
         "xla", "pallas" (= "xla").
 
@@ -94,7 +99,18 @@ def select_eidetic(scores: at.Scores, *, window: int, per_chunk: int, slots: int
     _check_knobs(window, per_chunk, slots, lag, eviction)
     fn = registry.pick("select_eidetic", _SELECT_EIDETIC, implementation)
     positions, values = chunk_topk(jax.lax.stop_gradient(scores), window, per_chunk)
-    return fn(positions, values, slots, lag, eviction)
+    if starts is None:
+        starts = jnp.zeros(positions.shape[:2], jnp.int32)
+    return fn(positions, values, slots, lag, eviction, starts)
+
+
+def document_starts(segment_ids: at.SegmentIds, window: int) -> at.ChunkStarts:
+    """The first position of the document of each chunk's first token: segment_ids int [b, t]
+    (a document is a run of equal ids) -> int32 [b, c], c = ceil(t / window)."""
+    b, t = segment_ids.shape
+    new = jnp.pad(segment_ids[:, 1:] != segment_ids[:, :-1], [(0, 0), (1, 0)])
+    start = jax.lax.cummax(jnp.where(new, jnp.arange(t), 0), axis=1)  # [b, t]
+    return start[:, ::window].astype(jnp.int32)
 
 
 def _check_knobs(window, per_chunk, slots, lag, eviction) -> None:
@@ -168,23 +184,34 @@ class Selection:
         mean = before / jnp.maximum(jnp.arange(t), 1)
         return jnp.where(scores > self.threshold * mean, scores, -jnp.inf)
 
-    def select(self, scores: at.Scores) -> at.MemoryPositions:
-        """The slots of every chunk: scores [b, t] -> memory_positions [b, c, m] int32.
+    def select(self, scores: at.Scores, starts: Optional[at.ChunkStarts] = None
+               ) -> at.MemoryPositions:
+        """The slots of every chunk: scores [b, t] -> memory_positions [b, c, m] int32; `starts`
+        as in `select_eidetic`.
 
         Raises:
           ValueError: a bad knob value (`select_eidetic`).
         """
         return select_eidetic(self.gate(scores), window=self.window, per_chunk=self.per_chunk,
                               slots=self.slots, lag=self.lag, eviction=self.eviction,
-                              implementation=self.implementation)
+                              starts=starts, implementation=self.implementation)
 
-    def select_with_tokens(self, scores: at.Scores, x: at.Activations
+    def select_with_tokens(self, scores: at.Scores, x: at.Activations,
+                           starts: Optional[at.ChunkStarts] = None
                            ) -> tuple[at.MemoryPositions, at.Scores]:
         """(slots of every chunk [b, c, m], scores [b, t]): `select_whole_state` and its final
         scores for the "state" rule, else `select` and the scores as given. x: [b, t, d] the
-        layer's tokens."""
+        layer's tokens; `starts` as in `select_eidetic` (not with the "state" rule).
+
+        Raises:
+          ValueError: `starts` with the "state" rule (its scores read the tokens before a token,
+            across documents: not implemented).
+        """
         if not self.whole_state:
-            return self.select(scores), scores
+            return self.select(scores, starts), scores
+        if starts is not None:
+            raise ValueError("eidetic_selection='state' takes no segment_ids (packed documents); "
+                             "use another rule.")
         return select_whole_state(scores, x, window=self.window, per_chunk=self.per_chunk,
                                   slots=self.slots, lag=self.lag, eviction=self.eviction,
                                   implementation=self.implementation)

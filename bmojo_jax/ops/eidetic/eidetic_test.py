@@ -37,6 +37,33 @@ class TestSelectEidetic:
         np.testing.assert_array_equal(np.sort(out, -1), np.sort(ref, -1))
 
     @pytest.mark.parametrize("eviction", ["fifo", "score"])
+    @pytest.mark.parametrize("implementation", COMPARED)
+    def test_documents_match_reference(self, implementation, eviction):
+        """Packed documents (starts inside and at chunk boundaries): = the reference."""
+        segments = jnp.asarray(np.searchsorted([7, 20, 23, 40], np.arange(T), side="right")
+                               [None].repeat(3, 0))
+        kw = dict(window=W, per_chunk=K, slots=6, lag=2, eviction=eviction,
+                  starts=eidetic.document_starts(segments, W))
+        out = ops.select_eidetic(_scores(), implementation=implementation, **kw)
+        ref = ops.select_eidetic(_scores(), implementation="reference", **kw)
+        np.testing.assert_array_equal(np.sort(out, -1), np.sort(ref, -1))
+
+    @pytest.mark.parametrize("eviction", ["fifo", "score"])
+    def test_documents_are_selected_as_alone(self, eviction):
+        """A document starting at a chunk boundary keeps the slots it would keep alone (shifted
+        by its start), whatever the document before it selected."""
+        start = 4 * W
+        scores = _scores(seed=4)
+        segments = jnp.asarray((np.arange(T) >= start)[None].repeat(3, 0).astype(np.int32))
+        kw = dict(window=W, per_chunk=K, slots=4, lag=2, eviction=eviction)
+        packed = ops.select_eidetic(scores, starts=eidetic.document_starts(segments, W), **kw)
+        alone = ops.select_eidetic(scores[:, start:], **kw)
+        np.testing.assert_array_equal(np.sort(packed[:, start // W:], -1),
+                                      np.sort(jnp.where(alone >= 0, alone + start, -1), -1))
+        first = ops.select_eidetic(scores[:, :start], **kw)
+        np.testing.assert_array_equal(packed[:, :start // W], first)
+
+    @pytest.mark.parametrize("eviction", ["fifo", "score"])
     def test_no_slot_visible_before_selection(self, eviction):
         lag, slots = 2, 6
         scores = _scores(seed=1)

@@ -3,7 +3,8 @@ selections (obviously correct, O(c^2)). The oracle.
 
 Implementation signature (shared by every implementation of the op, see `api`):
     (positions int32 [b,c,k] (-1 = none), values float32 [b,c,k] (-inf = none), slots m, lag L,
-     eviction "fifo" | "score") -> memory_positions int32 [b,c,m] (-1 = empty)
+     eviction "fifo" | "score", starts int32 [b,c] (first position of each query chunk's
+     document)) -> memory_positions int32 [b,c,m] (-1 = empty)
 `positions` and `values` are each chunk's top-k (`api.chunk_topk`); the knobs are checked by `api`.
 """
 
@@ -13,9 +14,10 @@ import jax
 import jax.numpy as jnp
 
 
-def select(positions, values, slots, lag, eviction):
+def select(positions, values, slots, lag, eviction, starts):
     """For each chunk: the selections of the chunks it may read (fifo: the newest m / k of them;
-    score: all of them), padded to m slots, then (score) the top m by score."""
+    score: all of them) from its document (positions >= its start), padded to m slots, then
+    (score) the top m by score."""
     b, c, k = positions.shape
     rows = []
     for chunk in range(c):
@@ -23,6 +25,7 @@ def select(positions, values, slots, lag, eviction):
         first = 0 if eviction == "score" else last - slots // k + 1
         pos = positions[:, max(first, 0):max(last + 1, 0)].reshape(b, -1)
         val = values[:, max(first, 0):max(last + 1, 0)].reshape(b, -1)
+        val = jnp.where(pos >= starts[:, chunk, None], val, -jnp.inf)
         pad = slots - pos.shape[1]
         if pad > 0:
             pos = jnp.pad(pos, [(0, 0), (0, pad)], constant_values=-1)
@@ -55,7 +58,8 @@ def select_whole_state(innovation, x, window, per_chunk, slots, lag, eviction):
         if chosen:
             done = jnp.stack([p for p, _ in chosen], 1), jnp.stack([v for _, v in chosen], 1)
             pad = lambda a, fill: jnp.pad(a, [(0, 0), (0, 1), (0, 0)], constant_values=fill)  # noqa: E731
-            row = select(pad(done[0], -1), pad(done[1], -jnp.inf), slots, lag, eviction)[:, -1]
+            row = select(pad(done[0], -1), pad(done[1], -jnp.inf), slots, lag, eviction,
+                         jnp.zeros((b, len(chosen) + 1), jnp.int32))[:, -1]
         else:
             row = jnp.full((b, slots), -1, jnp.int32)
         held = jnp.where(row[:, None, :] >= 0, jnp.take_along_axis(

@@ -97,7 +97,8 @@ def init_state(selection: Selection, batch_size: int, heads: int, head_dim: int,
 
 
 def state_after(selection: Selection, scores: at.Scores, k: at.QKV, v: at.QKV,
-                previous_f: at.StepFeatures, x: at.Activations) -> EideticState:
+                previous_f: at.StepFeatures, x: at.Activations,
+                start: at.BatchPositions | None = None) -> EideticState:
     """The state after a parallel pass over t tokens.
 
     Args:
@@ -107,6 +108,8 @@ def state_after(selection: Selection, scores: at.Scores, k: at.QKV, v: at.QKV,
       k, v: [b, t, h, e] their keys (RoPE applied) and values.
       previous_f: [b, d_model] the last fading token.
       x: [b, t, d_model] the tokens (kept for the "state" rule only).
+      start: int32 [b], the first position of the last document (packed documents: decoding
+        continues it, so nothing before it is kept), or None (0).
 
     Returns:
       the `EideticState` before token t.
@@ -115,6 +118,8 @@ def state_after(selection: Selection, scores: at.Scores, k: at.QKV, v: at.QKV,
     b, t = scores.shape
     current = t // s.window  # the chunk of the next token
     gated = s.gate(scores)
+    if start is not None:  # the last document's state: as if it had run alone
+        gated = jnp.where(jnp.arange(t)[None] >= start[:, None], gated, -jnp.inf)
     padded = jnp.pad(gated, [(0, 0), (0, (current + 1) * s.window - t)], constant_values=-jnp.inf)
     selected, _ = chunk_topk(padded, s.window, s.per_chunk)  # [b, c + 1, k]
 

@@ -4,6 +4,8 @@
            of the selections, each delayed by a whole number of chunks, side by side.
     score  a `lax.scan` over chunks keeps a running top-m of (position, score); each step merges
            the selections of chunk c-L (ties go to the earlier selection: `lax.top_k` is stable).
+Packed documents: an entry before the query chunk's document start is dropped (fifo: emptied;
+score: its score set to -inf before the merge, so that it leaves the running top-m for good).
 """
 
 from __future__ import annotations
@@ -18,22 +20,25 @@ def _delay(x, chunks, fill):
     return jnp.pad(x, pad, constant_values=fill)[:, : x.shape[1]]
 
 
-def select(positions, values, slots, lag, eviction):
+def select(positions, values, slots, lag, eviction, starts):
     """Slides (fifo) or scans (score) over the chunks' selections."""
     b, c, k = positions.shape
     if eviction == "fifo":
-        rows = [_delay(positions, lag + r, -1) for r in range(slots // k)]
-        return jnp.concatenate(rows[::-1], axis=2)
+        rows = jnp.concatenate([_delay(positions, lag + r, -1)
+                                for r in range(slots // k)][::-1], axis=2)
+        return jnp.where(rows >= starts[:, :, None], rows, -1)
 
     def merge(buffer, new):
+        *new, start = new
         pos = jnp.concatenate([buffer[0], new[0]], axis=1)
-        val, keep = jax.lax.top_k(jnp.concatenate([buffer[1], new[1]], axis=1), slots)
+        val = jnp.concatenate([buffer[1], new[1]], axis=1)
+        val, keep = jax.lax.top_k(jnp.where(pos >= start[:, None], val, -jnp.inf), slots)
         buffer = (jnp.take_along_axis(pos, keep, axis=1), val)
         return buffer, jnp.where(val > -jnp.inf, buffer[0], -1)
 
     start = (jnp.full((b, slots), -1, jnp.int32), jnp.full((b, slots), -jnp.inf, jnp.float32))
     arriving = (jnp.swapaxes(_delay(positions, lag, -1), 0, 1),
-                jnp.swapaxes(_delay(values, lag, -jnp.inf), 0, 1))
+                jnp.swapaxes(_delay(values, lag, -jnp.inf), 0, 1), jnp.swapaxes(starts, 0, 1))
     _, rows = jax.lax.scan(merge, start, arriving)
     return jnp.swapaxes(rows, 0, 1)
 
