@@ -1,6 +1,7 @@
 """Eidetic memory management: which past tokens each query chunk may read verbatim
-(`select_eidetic`, `chunk_topk`, `Selection`, `document_starts` for packed documents), and the same bookkeeping one token at a time for
-decoding (`EideticState`, `init_state`, `state_after`, `update`).
+(`select_eidetic`, `chunk_topk`, `Selection`, `document_starts` for packed documents), and the
+same bookkeeping one token at a time for decoding (`EideticState`, `init_state`, `state_after`,
+`update`).
 
 One folder per op (docs/design.md section 4; layout as in `bmojo_jax.ops.ssm`):
     api.py           the entry points: argument checks, implementation table, `Selection`.

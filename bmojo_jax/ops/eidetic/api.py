@@ -19,8 +19,8 @@ The result is `memory_positions` [b, c, m] int32 with -1 for an empty slot: stat
 gradient (selection is discrete). Packed documents (`starts`, the first position of each query
 chunk's document): a selection from before that position never enters (nor stays in) the chunk's
 buffer, so a document's slots are those it would have alone (exactly so when documents start at
-chunk boundaries: the chunks are then the same). A query never reads its own chunk's selections, so the query token
-itself is never among its eidetic keys.
+chunk boundaries: the chunks are then the same). A query never reads its own chunk's selections,
+so the query token itself is never among its eidetic keys.
 
 Implementations (docs/design.md section 4), one module each:
     reference  `reference`: rebuilds every chunk's buffer from all past selections (obviously
