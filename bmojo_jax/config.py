@@ -78,8 +78,8 @@ class ModelConfig:
         `eidetic_threshold` times the mean score of the tokens before it: HAM's growth rule),
         "learned" (a linear score of X_t, trained by the language-modelling loss through the
         attention logit of the slot that holds the token, + log sigmoid(score)), "random" (a
-        control: uniform scores, a function of `eidetic_seed` and the position). Any rule is
-        overridden by `eidetic_scores` handed to the model (an oracle).
+        control: uniform scores, a function of `eidetic_seed` and the position in the document).
+        Any rule is overridden by `eidetic_scores` handed to the model (an oracle).
       eidetic_threshold: the factor of the "threshold" rule (> 0).
       eidetic_seed: the seed of the "random" rule.
       innovation_predictor: "identity" or "linear" predictor P of X_t from F_{t-1}.

@@ -69,21 +69,22 @@ class Block(nnx.Module):
         """`kwargs` (oracle scores, dropout key) for an attention mixer; SSM mixers take none."""
         return {} if isinstance(self.mixer, SSM) else kwargs
 
-    def prefill(self, x, max_length=None, context=None, eidetic_scores=None, dropout_key=None):
+    def prefill(self, x, max_length=None, context=None, eidetic_scores=None, dropout_key=None,
+                segment_ids=None):
         """x [b, t, d_model] -> (output [b, t, d_model], the mixer's streaming state); `context`:
-        a `SequenceContext` when x is one shard of a longer sequence; `eidetic_scores` [b, t]: see
-        `LanguageModel.forward`; `dropout_key`: a PRNG key (training: dropout on) or None
-        (deterministic). Rematerialised as `remat` says."""
+        a `SequenceContext` when x is one shard of a longer sequence; `eidetic_scores` [b, t] and
+        `segment_ids` [b, t]: see `LanguageModel.forward`; `dropout_key`: a PRNG key (training:
+        dropout on) or None (deterministic). Rematerialised as `remat` says."""
         if self.remat == "none":
-            return self._prefill(x, max_length, context, eidetic_scores, dropout_key)
-        run = nnx.remat(lambda block, x, scores, key: block._prefill(x, max_length, context,
-                                                                     scores, key),
-                        policy=REMAT_POLICIES[self.remat])
-        return run(self, x, eidetic_scores, dropout_key)
+            return self._prefill(x, max_length, context, eidetic_scores, dropout_key, segment_ids)
+        run = nnx.remat(lambda block, x, scores, key, ids: block._prefill(
+            x, max_length, context, scores, key, ids), policy=REMAT_POLICIES[self.remat])
+        return run(self, x, eidetic_scores, dropout_key, segment_ids)
 
-    def _prefill(self, x, max_length, context, eidetic_scores, dropout_key):
+    def _prefill(self, x, max_length, context, eidetic_scores, dropout_key, segment_ids):
         keys = [None] * 3 if dropout_key is None else list(jax.random.split(dropout_key, 3))
         y, state = self.mixer.prefill(self.mixer_norm(x), max_length, context=context,
+                                      segment_ids=segment_ids,
                                       **self._attention_args(eidetic_scores=eidetic_scores,
                                                              dropout_key=keys[2]))
         x = x + self.dropout(y, deterministic=dropout_key is None, rngs=keys[0])
@@ -120,19 +121,20 @@ class LanguageModel(nnx.Module):
         self.head = None if config.tie_embeddings else nnx.Linear(
             config.d_model, config.vocab_size, use_bias=False, rngs=rngs)  # used via _head_weights
 
-    def __call__(self, tokens: at.Tokens, *,
-                 eidetic_scores: at.Scores | None = None) -> at.Logits:
+    def __call__(self, tokens: at.Tokens, *, eidetic_scores: at.Scores | None = None,
+                 segment_ids: at.SegmentIds | None = None) -> at.Logits:
         """tokens: int [batch, time] in [0, vocab_size) -> float32 logits [batch, time, vocab_size].
-        `eidetic_scores`: see `forward`.
+        `eidetic_scores`, `segment_ids`: see `forward`.
 
         Raises:
-          ValueError: tokens not 2-D integers, or (when concrete) ids out of range.
+          ValueError: tokens not 2-D integers, or (when concrete) ids out of range; bad
+            segment_ids.
         """
-        return self.forward(tokens, eidetic_scores=eidetic_scores)[0]
+        return self.forward(tokens, eidetic_scores=eidetic_scores, segment_ids=segment_ids)[0]
 
     def forward(self, tokens: at.Tokens, *, eidetic_scores: at.Scores | None = None,
-                context=None, dropout_key: jax.Array | None = None
-                ) -> tuple[at.Logits, at.Scalar]:
+                context=None, dropout_key: jax.Array | None = None,
+                segment_ids: at.SegmentIds | None = None) -> tuple[at.Logits, at.Scalar]:
         """Logits [batch, time, vocab_size] float32 and the auxiliary loss (float32 scalar: the sum
         of the already-weighted `innovation_loss`es sown by B'MOJO layers; 0 without them).
 
@@ -148,19 +150,26 @@ class LanguageModel(nnx.Module):
           dropout_key: a PRNG key: training mode, the `ModelConfig` dropout rates apply (the masks
             are a function of the key; under `context`, of the key and the shard). None
             (default): deterministic.
+          segment_ids: optional int [batch, time], packed documents: the document of every token
+            (a document is a run of equal ids). Every memory restarts at a document (window,
+            fading keys and SSM, conv, eidetic slots; `layers.attention`), so each document's
+            logits are those it gets alone (up to float rounding: RoPE sits at the packed
+            positions; for `B` layers exactly so when documents start at multiples of the
+            window). Not with `context`, nor with the "state" and "threshold" rules.
         """
         (logits, _), sown, _ = nnx.capture(self._prefill, nnx.Intermediate, EideticTrace)(
-            tokens, None, context, eidetic_scores, dropout_key)
+            tokens, None, context, eidetic_scores, dropout_key, segment_ids)
         return logits, _aux_loss(sown)
 
-    def eidetic_trace(self, tokens: at.Tokens, *, eidetic_scores: at.Scores | None = None
+    def eidetic_trace(self, tokens: at.Tokens, *, eidetic_scores: at.Scores | None = None,
+                      segment_ids: at.SegmentIds | None = None
                       ) -> dict[int, dict[str, jax.Array]]:
         """What every `B` layer's eidetic memory did on `tokens` (a plain parallel forward):
         {layer index: {"scores" [b, t], "memory_positions" [b, c, m] int32, "attention_mass"
         [b, t, 3] (window, fading, eidetic)}} (see `layers.attention.EideticTrace`; the input of
         `bmojo_jax.diagnostics`). Arguments as in `forward`."""
         _, _, trace = nnx.capture(self._prefill, nnx.Intermediate, EideticTrace)(
-            tokens, None, None, eidetic_scores)
+            tokens, None, None, eidetic_scores, None, segment_ids)
         blocks = trace["blocks"] if "blocks" in trace else {}
         return {int(i): {name: variable.get_value()[0]
                          for name, variable in block["mixer"].items()}
@@ -168,7 +177,8 @@ class LanguageModel(nnx.Module):
 
     def cross_entropy(self, tokens: at.Tokens, targets: at.Tokens, *,
                       eidetic_scores: at.Scores | None = None, context=None,
-                      dropout_key: jax.Array | None = None
+                      dropout_key: jax.Array | None = None,
+                      segment_ids: at.SegmentIds | None = None
                       ) -> tuple[at.Scalar, at.IntScalar, at.Scalar]:
         """The training objective's terms without materialising the logits
         (`ops.linear_cross_entropy`: the `xla` implementation unless config.implementation is
@@ -182,6 +192,8 @@ class LanguageModel(nnx.Module):
           eidetic_scores: as in `forward`.
           context: as in `forward` (the returned mean and count are then this shard's).
           dropout_key: as in `forward` (training: dropout on; None: deterministic).
+          segment_ids: as in `forward` (packed documents; a document's last target, the next
+            document's first token, should be unlabelled: `data.pack_documents` does that).
 
         Returns:
           (ce, labelled, aux_loss): mean NLL over labelled targets (float32 nats; 0 if none), their
@@ -197,7 +209,7 @@ class LanguageModel(nnx.Module):
             raise ValueError(f"targets {targets.shape} must have the shape of tokens "
                              f"{tokens.shape}.")
         (x, _), sown, _ = nnx.capture(self._trunk, nnx.Intermediate, EideticTrace)(
-            tokens, None, context, eidetic_scores, dropout_key)
+            tokens, None, context, eidetic_scores, dropout_key, segment_ids)
         mask = targets >= 0
         labelled = mask.sum(dtype=jnp.int32)
         weights = mask.astype(jnp.float32) / jnp.maximum(labelled, 1)
@@ -206,11 +218,13 @@ class LanguageModel(nnx.Module):
             implementation="reference" if self.config.implementation == "reference" else "xla")
         return ce, labelled, _aux_loss(sown)
 
-    def _trunk(self, tokens, max_length, context, eidetic_scores, dropout_key=None):
+    def _trunk(self, tokens, max_length, context, eidetic_scores, dropout_key=None,
+               segment_ids=None):
         """Embedding and blocks: (features [b, t, d_model] before the final norm, layer states);
         dropout with a `dropout_key` (see `forward`)."""
         check_tokens(tokens, self.config.vocab_size)
         _check_scores(eidetic_scores, tokens.shape)
+        _check_segment_ids(segment_ids, tokens.shape, context)
         keys = [None] * (len(self.blocks) + 1)
         if dropout_key is not None:
             if context is not None:  # independent masks on every shard
@@ -219,12 +233,14 @@ class LanguageModel(nnx.Module):
         x = self.dropout(self.embed(tokens), deterministic=dropout_key is None, rngs=keys[0])
         states = []
         for block, key in zip(self.blocks, keys[1:]):
-            x, state = block.prefill(x, max_length, context, eidetic_scores, key)
+            x, state = block.prefill(x, max_length, context, eidetic_scores, key, segment_ids)
             states.append(state)
         return x, tuple(states)
 
-    def _prefill(self, tokens, max_length, context, eidetic_scores, dropout_key=None):
-        x, states = self._trunk(tokens, max_length, context, eidetic_scores, dropout_key)
+    def _prefill(self, tokens, max_length, context, eidetic_scores, dropout_key=None,
+                 segment_ids=None):
+        x, states = self._trunk(tokens, max_length, context, eidetic_scores, dropout_key,
+                                segment_ids)
         return self._head(x), states
 
     def _head_weights(self) -> jax.Array:
@@ -256,10 +272,12 @@ class LanguageModel(nnx.Module):
                                   for block in self.blocks))
 
     def prefill(self, tokens: at.Tokens, cache: Cache, *,
-                eidetic_scores: at.Scores | None = None) -> tuple[at.Logits, Cache]:
+                eidetic_scores: at.Scores | None = None,
+                segment_ids: at.SegmentIds | None = None) -> tuple[at.Logits, Cache]:
         """Consumes a prompt in parallel: tokens int [batch, time] and an empty cache (from
         `init_cache`) -> (logits [batch, time, vocab_size] float32, the cache after the prompt).
-        `eidetic_scores`: as in `forward`.
+        `eidetic_scores`, `segment_ids`: as in `forward`; with packed documents, decoding
+        continues each row's last document as if it had been prefilled alone.
 
         Raises:
           ValueError: bad tokens; a cache that is not empty (when its position is concrete); a
@@ -277,7 +295,7 @@ class LanguageModel(nnx.Module):
             raise ValueError(f"prompt of {tokens.shape[1]} tokens exceeds the full-attention cache "
                              f"(max_length={size}).")
         (logits, states), _, _ = nnx.capture(self._prefill, nnx.Intermediate, EideticTrace)(
-            tokens, size, None, eidetic_scores)
+            tokens, size, None, eidetic_scores, None, segment_ids)
         return logits, Cache(position=jnp.asarray(tokens.shape[1], jnp.int32), layers=states)
 
     def decode_step(self, tokens: at.StepTokens, cache: Cache, *,
@@ -341,6 +359,21 @@ def _check_scores(eidetic_scores, shape) -> None:
                                                                   jnp.floating):
         raise ValueError(f"eidetic_scores must be float {list(shape)} like the tokens; got dtype "
                          f"{eidetic_scores.dtype} and shape {eidetic_scores.shape}.")
+
+
+def _check_segment_ids(segment_ids, shape, context) -> None:
+    """Raises ValueError unless segment_ids is None or an integer array of `shape` (and no
+    sequence-parallel `context`)."""
+    if segment_ids is None:
+        return
+    if not hasattr(segment_ids, "shape") or segment_ids.shape != tuple(shape) or \
+            not jnp.issubdtype(segment_ids.dtype, jnp.integer):
+        raise ValueError(f"segment_ids must be integer {list(shape)} like the tokens; got "
+                         f"{getattr(segment_ids, 'dtype', type(segment_ids).__name__)} "
+                         f"{getattr(segment_ids, 'shape', '')}.")
+    if context is not None:
+        raise ValueError("segment_ids (packed documents) do not run under sequence parallelism; "
+                         "pack shorter rows instead.")
 
 
 def _aux_loss(sown) -> jax.Array:

@@ -144,3 +144,42 @@ def test_oracle_scores_decode_equals_forward():
                                atol=1e-4)
     with pytest.raises(ValueError, match="eidetic_scores must be float"):
         model(x, eidetic_scores=scores[:, :5])
+
+
+PACKED = ("transformer", "swa", "mamba", "hybrid", "bmojo_f", "bmojo", "bmojo-score-lag1",
+          "bmojo-lag3-mamba1-untied", "bmojo-learned", "bmojo-random")
+STARTS = (8, 12)  # three packed documents in T tokens, starting at multiples of the window
+
+
+@pytest.mark.parametrize("name", PACKED)
+def test_packed_documents_are_the_documents_one_by_one(name):
+    """segment_ids: every document's logits equal those it gets alone (window, fading keys, SSM,
+    conv and eidetic slots all restart), and decoding after a packed prefill continues the last
+    document as if it had been prefilled alone."""
+    model = _model(name)
+    x = tokens(t=T + 4)
+    prompt, rest = x[:, :T], x[:, T:]
+    segment_ids = jnp.asarray(np.searchsorted(STARTS, np.arange(T), side="right")[None]
+                              .repeat(2, 0))
+    packed = model(prompt, segment_ids=segment_ids)
+    for lo, hi in zip((0,) + STARTS, STARTS + (T,)):
+        np.testing.assert_allclose(packed[:, lo:hi], model(prompt[:, lo:hi]), rtol=1e-4,
+                                   atol=1e-4)
+    _, cache = model.prefill(prompt, model.init_cache(2, max_length=T + 4),
+                             segment_ids=segment_ids)
+    _, alone = model.prefill(prompt[:, STARTS[-1]:], model.init_cache(2, max_length=T + 4))
+    for token in rest.T:
+        got, cache = model.decode_step(token, cache)
+        expected, alone = model.decode_step(token, alone)
+        np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_packed_documents_refuse_what_does_not_restart():
+    x = tokens()
+    segment_ids = jnp.zeros(x.shape, jnp.int32)
+    for name, match in (("bmojo-state", "'state' takes no segment_ids"),
+                        ("bmojo-threshold", "'threshold' takes no segment_ids")):
+        with pytest.raises(ValueError, match=match):
+            _model(name)(x, segment_ids=segment_ids)
+    with pytest.raises(ValueError, match=r"segment_ids must be integer \[2, 29\]"):
+        _model("swa")(x, segment_ids=segment_ids[:, :-1])

@@ -26,6 +26,16 @@ attention probabilities (our choice: the softmax is one fused op, `ops.memory_at
 Pallas kernels never materialise the probabilities; dropping read-out channels regularises the
 same path without a mask inside every implementation).
 
+Packed documents (`prefill(x, segment_ids=...)`, int [b, t], a document a run of equal ids): every
+memory restarts at a document (our choices): a key of any group (window, fading, eidetic) is
+visible only to queries of its document (`ops.memory_attention`), the fading SSM restarts
+(`layers.ssm`), the innovation's prediction F_{-1} is 0 at a document's first token, and a
+document's eidetic buffer takes no selection from before its start (`ops.select_eidetic`; the
+same slots as alone when documents start at chunk boundaries). The returned state is the last
+document's (`AttentionState.start`), so decoding continues it as if it had run alone. The pallas
+kernels take no segment_ids (the `xla` attention runs); the "state" and "threshold" rules read
+across documents and refuse them.
+
 Sequence parallelism (`prefill(x, context=...)` with a `SequenceContext`, x one shard of a longer
 sequence): RoPE at the global positions; the window and fading keys of the shard's first chunks
 come from the previous shard (`context.left`, a key prefix of 2w tokens for `ops.memory_attention`);
@@ -71,10 +81,13 @@ class AttentionState:
       without fading (`A`, `W`).
     ssm: the fading SSM's `SSMState`, or None.
     eidetic: the `ops.eidetic.EideticState` of a `B` layer, or None.
+    start: int32 [b], the first position of the current document (0 unless a packed prefill
+      ended inside a later document): older ring entries are invisible.
     """
 
     k: jax.Array
     v: jax.Array
+    start: jax.Array
     k_fading: jax.Array | None = None
     v_fading: jax.Array | None = None
     ssm: SSMState | None = None
@@ -140,14 +153,14 @@ class MemoryAttention(nnx.Module):
                                   - prediction.astype(jnp.float32)), axis=-1)
 
     def _scores(self, x, previous_f, positions):
-        """The selection rule's scores of tokens x [b, t, d_model] at `positions` [t], whose
-        previous fading tokens are previous_f [b, t, d_model] -> [b, t] float32 (see
-        `ModelConfig.eidetic_selection`)."""
+        """The selection rule's scores of tokens x [b, t, d_model] at `positions` [t] or [b, t]
+        (in their document), whose previous fading tokens are previous_f [b, t, d_model] -> [b, t]
+        float32 (see `ModelConfig.eidetic_selection`)."""
         if self.rule == "learned":
             return self.scorer(x.astype(jnp.float32))[..., 0]
         if self.rule == "random":
             key = jax.random.key(self.seed)
-            draw = jax.vmap(lambda p: jax.random.uniform(jax.random.fold_in(key, p)))
+            draw = jnp.vectorize(lambda p: jax.random.uniform(jax.random.fold_in(key, p)))
             return jnp.broadcast_to(draw(jnp.asarray(positions)), x.shape[:2])
         return self._innovation(x, previous_f)
 
@@ -167,7 +180,8 @@ class MemoryAttention(nnx.Module):
         return self.prefill(x)[0]
 
     def prefill(self, x: at.Activations, max_length: int | None = None, context=None,
-                eidetic_scores: at.Scores | None = None, dropout_key: jax.Array | None = None
+                eidetic_scores: at.Scores | None = None, dropout_key: jax.Array | None = None,
+                segment_ids: at.SegmentIds | None = None
                 ) -> tuple[at.Activations, AttentionState]:
         """Parallel forward over x [b, t, d_model] that also returns the streaming state after the
         last token (`AttentionState`; `max_length` sizes a full-attention cache, default t).
@@ -176,32 +190,50 @@ class MemoryAttention(nnx.Module):
         docstring; the returned state is then not meaningful), else None. `eidetic_scores`:
         float [b, t] scores that replace the selection rule's (an oracle; -inf = never kept), or
         None. `dropout_key`: a PRNG key (training: `attention_dropout` on the read-out, see module
-        docstring), or None (deterministic).
+        docstring), or None (deterministic). `segment_ids`: int [b, t], packed documents (see
+        module docstring), or None.
+
+        Raises:
+          ValueError: `segment_ids` with `context`, or with the "state" or "threshold" rule.
         """
         t = x.shape[1]
+        if segment_ids is not None and self.selection is not None and self.rule == "threshold":
+            raise ValueError("eidetic_selection='threshold' takes no segment_ids (packed "
+                             "documents; its running mean reads across documents); use another "
+                             "rule.")
+        # [b, t]: the first position of each token's document
+        starts = None if segment_ids is None else eidetic.document_starts(segment_ids, 1)
         # static positions in a plain forward: RoPE tables become constants (ops.rope)
         positions = np.arange(t) if context is None else context.offset + jnp.arange(t)
         q, k, v = self._qkv(x, positions)
         state = AttentionState(k=_ring(k, self._cache_length(max_length or t)),
-                               v=_ring(v, self._cache_length(max_length or t)))
+                               v=_ring(v, self._cache_length(max_length or t)),
+                               start=jnp.zeros(x.shape[:1], jnp.int32) if starts is None
+                               else starts[:, -1])
+        implementation = self._implementation(context, segment_ids)
         if self.window is None:
             keys, values = (k, v) if context is None else (context.all_keys(k), context.all_keys(v))
             y = ops.memory_attention(q, keys, values, q_start=0 if context is None else
-                                     context.offset, implementation=self.implementation)
+                                     context.offset, segment_ids=segment_ids,
+                                     implementation=implementation)
             return self._output(y, x.dtype, dropout_key), state
         w = self.window
         extend = (lambda a: a) if context is None else (lambda a: jnp.concatenate(
             [context.left(a, 2 * w), a], axis=1))  # + the 2w tokens before the shard
         keys, values, fading, memory = extend(k), extend(v), {}, {}
         if self.fading is not None:
-            f, ssm_state = self.fading.prefill(x, context=context)
+            f, ssm_state = self.fading.prefill(x, context=context, segment_ids=segment_ids)
             kf, vf = self._fading_kv(f, positions)
             fading = dict(k_fading=extend(kf), v_fading=extend(vf))
             state = state.replace(k_fading=_ring(kf, 2 * w), v_fading=_ring(vf, 2 * w),
                                   ssm=ssm_state)
         if self.selection is not None:
             before = jnp.zeros_like(f[:, :1]) if context is None else context.left(f, 1)
-            scores = self._scores(x, jnp.concatenate([before, f[:, :-1]], axis=1), positions)
+            previous_f = jnp.concatenate([before, f[:, :-1]], axis=1)
+            if starts is not None:  # F_{-1} = 0 at a document's first token
+                previous_f = jnp.where((starts == positions)[..., None], 0.0, previous_f)
+            scores = self._scores(x, previous_f,
+                                  positions if starts is None else positions - starts)
             if self.rule in INNOVATION_RULES:  # the innovation predictor's loss
                 loss = jnp.mean(scores) if context is None else context.mean(jnp.mean(scores))
                 self.sow(nnx.Intermediate, "innovation_loss", self.loss_weight * loss)
@@ -210,7 +242,8 @@ class MemoryAttention(nnx.Module):
             selection = self._selection(eidetic_scores is not None)
             bias = self._slot_bias(scores, eidetic_scores is not None)
             if context is None:
-                slots, scores = selection.select_with_tokens(scores, x)
+                slots, scores = selection.select_with_tokens(
+                    scores, x, None if starts is None else starts[:, ::w])
                 memory = dict(memory_positions=slots, memory_bias=bias)
             elif selection.whole_state:
                 raise ValueError("eidetic_selection='state' does not run under sequence "
@@ -227,9 +260,8 @@ class MemoryAttention(nnx.Module):
                     bias = self._slot_bias(jnp.concatenate([remote_scores, extend(scores)], 1),
                                            oracle=False)
                 memory = dict(memory_positions=positions_, memory_bias=bias)
-            state = state.replace(eidetic=eidetic.state_after(selection, scores, k, v,
-                                                              f[:, -1], x))
-        implementation = self._implementation(context)
+            state = state.replace(eidetic=eidetic.state_after(
+                selection, scores, k, v, f[:, -1], x, None if starts is None else state.start))
         trace = self.selection is not None and context is None  # unless captured, unused: XLA
         with_mass = trace and implementation != "pallas"  # removes it under jit
         # At most one window of tokens: every key is in every query's window, the fading band
@@ -238,7 +270,7 @@ class MemoryAttention(nnx.Module):
         reads = {} if context is None and t <= w else dict(**fading, **memory)
         y = ops.memory_attention(q, keys, values, window=w, return_mass=with_mass,
                                  q_start=0 if context is None else context.offset,
-                                 implementation=implementation, **reads)
+                                 segment_ids=segment_ids, implementation=implementation, **reads)
         if with_mass:
             y, mass = y
             self.sow(EideticTrace, "attention_mass", mass)
@@ -252,13 +284,13 @@ class MemoryAttention(nnx.Module):
         y = y.reshape(y.shape[:2] + (-1,)).astype(dtype)
         return self.wo(self.dropout(y, deterministic=dropout_key is None, rngs=dropout_key))
 
-    def _implementation(self, context):
+    def _implementation(self, context, segment_ids):
         """The attention implementation: the config's, but `xla` where the pallas kernels cannot
-        serve (our choice: documented, not an error): under sequence parallelism (a key prefix)
-        and for the "learned" rule (the slots' logit bias)."""
+        serve (our choice: documented, not an error): under sequence parallelism (a key prefix),
+        for packed documents and for the "learned" rule (the slots' logit bias)."""
         pallas = self.implementation == "pallas"
-        return "xla" if pallas and (context is not None or self.rule == "learned") else (
-            self.implementation)
+        unserved = context is not None or segment_ids is not None or self.rule == "learned"
+        return "xla" if pallas and unserved else self.implementation
 
     # ------------------------------------------------------------------------- streaming
 
@@ -278,7 +310,8 @@ class MemoryAttention(nnx.Module):
         zeros = lambda *shape: jnp.zeros(shape, jnp.float32)  # noqa: E731
         size = self._cache_length(max_length)
         state = AttentionState(k=zeros(batch_size, size, self.n_heads, e),
-                               v=zeros(batch_size, size, self.n_heads, e))
+                               v=zeros(batch_size, size, self.n_heads, e),
+                               start=jnp.zeros((batch_size,), jnp.int32))
         if self.fading is not None:
             state = state.replace(ssm=self.fading.init_state(batch_size),
                                   k_fading=zeros(batch_size, 2 * self.window, self.n_heads, e),
@@ -299,7 +332,7 @@ class MemoryAttention(nnx.Module):
         state = state.replace(k=state.k.at[:, position % size].set(k[:, 0]),
                               v=state.v.at[:, position % size].set(v[:, 0]))
         keys, values = [state.k], [state.v]
-        masks = [_ring_visible(position, size, 0, size)]
+        masks = [_ring_visible(position, size, 0, size, state.start)]
         if self.fading is not None:
             f, ssm_state = self.fading.step(x, state.ssm)
             kf, vf = self._fading_kv(f[:, None], pos)
@@ -309,8 +342,8 @@ class MemoryAttention(nnx.Module):
                                   v_fading=state.v_fading.at[:, slot].set(vf[:, 0]))
             keys.append(state.k_fading)
             values.append(state.v_fading)
-            masks.append(_ring_visible(position, 2 * self.window, self.window, 2 * self.window))
-        masks = [jnp.broadcast_to(m, (b, m.shape[-1])) for m in masks]
+            masks.append(_ring_visible(position, 2 * self.window, self.window, 2 * self.window,
+                                       state.start))
         bias = None
         if self.selection is not None:
             memory = state.eidetic.memory
@@ -324,7 +357,8 @@ class MemoryAttention(nnx.Module):
         y = ops.attend_one(q[:, 0], jnp.concatenate(keys, 1), jnp.concatenate(values, 1),
                            jnp.concatenate(masks, 1), bias=bias)
         if self.selection is not None:
-            score = self._scores(x[:, None], state.eidetic.previous_f[:, None], pos)[:, 0]
+            score = self._scores(x[:, None], state.eidetic.previous_f[:, None],
+                                 (position - state.start)[:, None])[:, 0]
             if eidetic_scores is not None:
                 score = eidetic_scores.astype(jnp.float32)
             state = state.replace(eidetic=eidetic.update(
@@ -344,8 +378,10 @@ def _ring(x, size):
         tokens.astype(jnp.float32))
 
 
-def _ring_visible(position, size, lo, hi):
-    """[size] bool: ring slots whose token (at position - d, d = (position - slot) % size) is at a
-    distance lo <= d < hi behind `position` and at a position >= 0."""
+def _ring_visible(position, size, lo, hi, start):
+    """[b, size] bool: ring slots whose token (at position - d, d = (position - slot) % size) is at
+    a distance lo <= d < hi behind `position` and at a position >= start [b] (the document's
+    first; 0 for one document)."""
     distance = (position - jnp.arange(size)) % size
-    return (distance >= lo) & (distance < hi) & (distance <= position)
+    near = (distance >= lo) & (distance < hi)
+    return near[None] & (position - distance[None] >= start[:, None])

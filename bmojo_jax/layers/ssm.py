@@ -15,6 +15,11 @@ Streaming (docs/design.md section 5): the recurrent state is an `SSMState` (the 
 conv inputs and the scan state h), a fixed size whatever the context. `prefill(x)` runs the
 parallel scan and returns that state; `step(x, state)` consumes one token.
 
+Packed documents (`prefill(x, segment_ids=...)`): the conv reads no token of another document, the
+scan restarts from a zero state at every document (`ops.ssd` / `ops.selective_scan`; the pallas
+scans take no segment_ids, so the `xla` ones run: our choice), and the returned state is the last
+document's (its conv inputs only), so decoding continues that document as if it had run alone.
+
 Sequence parallelism (`prefill(x, context=...)`, a `SequenceContext`): the conv takes its
 d_conv - 1 tokens of left context from the previous shard, and the scan runs from a zero state;
 the state H entering the shard (from every shard's zero-start final state and total decay,
@@ -95,39 +100,57 @@ class SSM(nnx.Module):
         """x: [b, t, d_model] -> [b, t, d_model] (dtype of x)."""
         return self.prefill(x)[0]
 
-    def prefill(self, x: at.Activations, max_length: int | None = None,
-                context=None) -> tuple[at.Activations, SSMState]:
+    def prefill(self, x: at.Activations, max_length: int | None = None, context=None,
+                segment_ids: at.SegmentIds | None = None) -> tuple[at.Activations, SSMState]:
         """x: [b, t, d_model] -> (y [b, t, d_model], the `SSMState` after the last token).
 
-        `context`: a `SequenceContext` when x is one shard of a longer sequence (see module
-        docstring), else None.
+        `context`: a `SequenceContext` when x is one shard of a longer sequence, else None;
+        `segment_ids`: int [b, t], packed documents, or None (see module docstring).
+
+        Raises:
+          ValueError: both `context` and `segment_ids` (not implemented).
         """
+        if context is not None and segment_ids is not None:
+            raise ValueError("segment_ids (packed documents) do not run under sequence "
+                             "parallelism; pack shorter rows instead.")
         z, xbc, dt = jnp.split(self.in_proj(x), self.splits, axis=-1)
         width = self.conv.kernel.shape[0] - 1
         left = (jnp.zeros(xbc.shape[:1] + (width,) + xbc.shape[2:], xbc.dtype) if context is None
                 else context.left(xbc, width))
         conv_state = jnp.concatenate([left, xbc], axis=1)[:, xbc.shape[1]:]
-        xbc = jax.nn.silu(self._causal_conv(xbc, left))
+        if segment_ids is not None and width:  # keep the last document's conv inputs only
+            ids = jnp.pad(segment_ids, [(0, 0), (width, 0)], mode="edge")[:, -width:]
+            conv_state = jnp.where((ids == segment_ids[:, -1:])[..., None], conv_state, 0)
+        xbc = jax.nn.silu(self._causal_conv(xbc, left, segment_ids))
         xs, B, C, dt, a = self.dynamics(xbc, dt)
-        y, h_last = self._scan(xs, dt, a, B, C, None, self.implementation)
+        implementation = self.implementation
+        if segment_ids is not None and implementation == "pallas":
+            implementation = "xla"
+        y, h_last = self._scan(xs, dt, a, B, C, None, implementation, segment_ids)
         if context is not None:
             carried, h_last = self._carried(context, C, dt, a, h_last)
             y = y + carried
         y = self._gate_out(y, xs, z)
         return y.astype(x.dtype), SSMState(conv=conv_state.astype(jnp.float32), ssm=h_last)
 
-    def _causal_conv(self, x, left):
+    def _causal_conv(self, x, left, segment_ids=None):
         """The causal depthwise convolution of `self.conv` on x [b, t, channels] after its left
         context `left` [b, d_conv - 1, channels], as d_conv shifted multiply-adds. Same result as
         `self.conv`; XLA:CPU runs a grouped (depthwise) convolution as a dense one (channels times
-        the work): 9x slower fwd+bwd at [4, 2048, 544]."""
+        the work): 9x slower fwd+bwd at [4, 2048, 544]. With segment_ids [b, t], a token's
+        window reads no token of another document (the left context belongs to the first)."""
         dtype = self.conv.dtype or x.dtype
         kernel = self.conv.kernel[...][:, 0, :].astype(dtype)  # [d_conv, channels]
         padded = jnp.concatenate([left.astype(dtype), x.astype(dtype)], axis=1)
-        t = x.shape[1]
+        t, width = x.shape[1], left.shape[1]
+        ids = None if segment_ids is None else jnp.pad(segment_ids, [(0, 0), (width, 0)],
+                                                       mode="edge")
         out = self.conv.bias[...].astype(dtype)
         for i in range(kernel.shape[0]):
-            out = out + padded[:, i:i + t] * kernel[i]
+            term = padded[:, i:i + t] * kernel[i]
+            if ids is not None and i < width:  # i = width: the token itself
+                term = jnp.where((ids[:, i:i + t] == segment_ids)[..., None], term, 0)
+            out = out + term
         return out
 
     def step(self, x: at.StepFeatures, state: SSMState, position: at.IntScalar | None = None
@@ -150,15 +173,16 @@ class SSM(nnx.Module):
         dt = jax.nn.softplus(dt.astype(jnp.float32) + self.dt_bias[...])
         return xs, B, C, dt, -jnp.exp(self.A_log[...])
 
-    def _scan(self, xs, dt, a, B, C, h0, implementation):
+    def _scan(self, xs, dt, a, B, C, h0, implementation, segment_ids=None):
         """The selective scan: xs [b, t, inner] -> (y [b, t, inner] float32, final state h)."""
         b, t, _ = xs.shape
         if self.kind == "mamba2":
             y, h = ops.ssd(xs.reshape(b, t, self.n_heads, -1), dt, a, B, C, h0,
-                           chunk_size=self.chunk_size, implementation=implementation)
+                           segment_ids=segment_ids, chunk_size=self.chunk_size,
+                           implementation=implementation)
             return y.reshape(b, t, self.inner), h
-        return ops.selective_scan(xs, dt, a, B, C, h0, chunk_size=self.chunk_size,
-                                  implementation=implementation)
+        return ops.selective_scan(xs, dt, a, B, C, h0, segment_ids=segment_ids,
+                                  chunk_size=self.chunk_size, implementation=implementation)
 
     def _gate_out(self, y, xs, z):
         """Skip, gate and output projection: y, xs, z [b, t, inner] -> [b, t, d_model]."""
