@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from bmojo_jax.data.text import EOS, EOT
+from bmojo_jax.data.text import end_of_text_id
 from bmojo_jax.model import LanguageModel, check_tokens
 
 
@@ -157,21 +157,6 @@ def generate(model: LanguageModel, prompt, max_new_tokens: int, *, temperature: 
                        jax.random.PRNGKey(seed), np.float32(temperature), np.int32(top_k or 0),
                        new_bucket=_power_of_two_at_least(max_new_tokens))
     return np.asarray(tokens)[:, :max_new_tokens]
-
-
-def end_of_text_id(tokenizer: Tokenizer) -> Optional[int]:
-    """The tokenizer's end-of-text id, or None: the single id that `encode` gives
-    "<|endoftext|>" (byte-level BPE: end of document) or else "<eos>" (PTB: end of line), unless
-    it is the unknown id (our choice: found through `encode`, so that any tokenizer with the
-    `Tokenizer` interface works; a synthetic task's `encode` refuses both: None)."""
-    for text in (EOT, EOS):
-        try:
-            ids = np.asarray(tokenizer.encode(text)).ravel()
-        except ValueError:
-            continue
-        if ids.size == 1 and int(ids[0]) != tokenizer.unknown_id:
-            return int(ids[0])
-    return None
 
 
 def unknown_words(tokenizer: Tokenizer, text: str) -> list[str]:

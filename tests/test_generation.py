@@ -13,7 +13,8 @@ from flax import nnx
 
 import bmojo_jax as bj
 from bmojo_jax import data
-from bmojo_jax.generation import end_of_text_id, generate_text, sample_logits
+from bmojo_jax.data import end_of_text_id
+from bmojo_jax.generation import generate_text, sample_logits
 from bmojo_jax.training.checkpoints import SyntheticTask
 from tests.helpers import config, tokens
 

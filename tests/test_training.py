@@ -445,3 +445,32 @@ def test_mqar_far_config_accepts_every_rule():
     assert set(mqar_far.RULES) - {"oracle"} == set(bj_config.SELECTIONS)
     with pytest.raises(ValueError, match="bmojo_oracle"):
         mqar_far.get_config("bmojo_lru")
+
+
+def test_packed_documents_score_each_document_alone():
+    """config.data.packed_documents: the eval step finds a window's documents from the
+    end-of-text id and scores each as if it ran alone; the target after a separator (the next
+    document's first token) is not scored. A synthetic task has no documents to pack."""
+    model_cfg = bj_config.ModelConfig.preset("bmojo", vocab_size=64, d_model=16, n_heads=2,
+                                             window=4, chunk_size=4, d_state=4, ssm_head_dim=8,
+                                             eidetic_per_chunk=1, eidetic_slots=2)
+    model = LanguageModel(model_cfg, rngs=nnx.Rngs(0))
+    separator, t = 63, 24
+    tokens = np.array(jax.random.randint(jax.random.PRNGKey(0), (1, t + 1), 0, separator))
+    tokens[0, [7, 15]] = separator  # documents [0, 8), [8, 16), [16, 24]: starts at window edges
+    inputs, targets = tokens[:, :-1], tokens[:, 1:]
+    segment_ids, masked = data.document_segments(inputs, targets, separator)
+    assert segment_ids.tolist() == [[0] * 8 + [1] * 8 + [2] * 8]
+    assert (np.asarray(masked) < 0).sum() == 2
+    params = nnx.state(model, nnx.Param)
+    packed = training.make_eval_step(model_cfg, separator=separator)(params, inputs, targets)
+    plain = training.make_eval_step(model_cfg)
+    alone = [plain(params, inputs[:, lo:hi], np.asarray(masked)[:, lo:hi])
+             for lo, hi in ((0, 8), (8, 16), (16, 24))]
+    assert int(packed["tokens"]) == t - 2 == sum(int(a["tokens"]) for a in alone)
+    np.testing.assert_allclose(float(packed["nll_sum"]),
+                               sum(float(a["nll_sum"]) for a in alone), rtol=1e-5)
+    config = _tiny_config()
+    config.data.packed_documents = True
+    with pytest.raises(ValueError, match="has no documents to pack"):
+        training.document_separator(config, data.load_data(config))

@@ -11,7 +11,7 @@ from bmojo_jax.data.synthetic import (IGNORE_INDEX, SYNTHETIC_TASKS, accuracy,
 from bmojo_jax.data.text import (CORPORA, SPLITS, TOKENIZER_FILES, BPETokenizer, Corpus,
                                  MissingDataError, WordTokenizer, austen_documents,
                                  cached_bpe_tokenizer, check_token_ids, default_cache_dir,
-                                 lm_batch, lm_eval_batches, load_corpus, load_tokenizer, ptb_text,
+                                 document_segments, end_of_text_id, lm_batch, lm_eval_batches, load_corpus, load_tokenizer, ptb_text,
                                  read_text_files, save_tokenizer, shakespeare_documents,
                                  split_documents, text_fingerprint, tokenizer_path)
 
@@ -23,6 +23,6 @@ __all__ = [
     "WordTokenizer", "BPETokenizer", "cached_bpe_tokenizer", "check_token_ids", "lm_batch",
     "lm_eval_batches", "TextData", "SyntheticData", "SEQ_LEN_ARGUMENTS", "load_data",
     "TOKENIZER_FILES", "save_tokenizer", "load_tokenizer", "tokenizer_path", "text_fingerprint",
-    "RetrievalBatch", "passkey", "multikey_needle", "answer_correct", "scoring_ends",
+    "end_of_text_id", "document_segments", "RetrievalBatch", "passkey", "multikey_needle", "answer_correct", "scoring_ends",
     "scored_windows",
 ]

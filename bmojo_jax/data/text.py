@@ -33,6 +33,7 @@ import zlib
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
+import jax.numpy as jnp
 import numpy as np
 
 from bmojo_jax.data.synthetic import IGNORE_INDEX
@@ -537,6 +538,40 @@ def _write_atomic(path: Path, text: str) -> None:
 # --------------------------------------------------------------------------------------------------
 # Language-model batches
 # --------------------------------------------------------------------------------------------------
+
+
+def end_of_text_id(tokenizer) -> int | None:
+    """The tokenizer's end-of-text id, or None: the single id that `encode` gives
+    "<|endoftext|>" (byte-level BPE: end of document) or else "<eos>" (PTB: end of line), unless
+    it is the unknown id (our choice: found through `encode`, so that any tokenizer with the
+    `Tokenizer` interface works; a synthetic task's `encode` refuses both: None)."""
+    for text in (EOT, EOS):
+        try:
+            ids = np.asarray(tokenizer.encode(text)).ravel()
+        except ValueError:
+            continue
+        if ids.size == 1 and int(ids[0]) != tokenizer.unknown_id:
+            return int(ids[0])
+    return None
+
+
+def document_segments(inputs, targets, separator: int):
+    """Packed documents of a window: the document of every token and the targets without the
+    crossings (our choice: documents end with their `separator` token, `end_of_text_id`).
+
+    A separator belongs to the document it ends; its target (the next document's first token) is
+    unlabelled, as a document's first token is never a target when it runs alone.
+
+    Args:
+      inputs, targets: int [b, t] (numpy or jax; traced is fine).
+      separator: the end-of-text id.
+
+    Returns:
+      (segment_ids int32 [b, t], targets int32 [b, t] with IGNORE_INDEX after every separator).
+    """
+    ends = inputs == separator
+    segment_ids = (jnp.cumsum(ends, axis=1) - ends).astype(jnp.int32)
+    return segment_ids, jnp.where(ends, IGNORE_INDEX, targets).astype(jnp.int32)
 
 
 def lm_batch(tokens: np.ndarray, batch_size: int, seq_len: int, step: int,

@@ -16,7 +16,8 @@ from bmojo_jax.data import load_data
 from bmojo_jax.training.checkpoints import (CheckpointError, Checkpoints, DataMismatchWarning,
                                             load, load_checkpoint, load_model)
 from bmojo_jax.training.config import (abstract_model, context_length, default_config,
-                                       model_config, oracle_length, validate_config)
+                                       document_separator, model_config, oracle_length,
+                                       validate_config)
 from bmojo_jax.training.loop import TrainingDiverged, evaluate_checkpoint, train_and_evaluate
 from bmojo_jax.training.steps import (compiler_options, context_scores, evaluate, evaluate_split,
                                       learning_rate_schedule, lm_loss, make_eval_step,
@@ -30,7 +31,7 @@ from bmojo_jax.training.workdir import WorkdirError, WorkdirLock, WorkdirLocked
 USER_ERRORS = (ValueError, OSError, CheckpointError, TrainingDiverged, WorkdirError)
 
 __all__ = ["USER_ERRORS", "default_config", "validate_config", "model_config", "abstract_model",
-           "oracle_length", "context_length", "context_scores", "load_data",
+           "oracle_length", "context_length", "context_scores", "load_data", "document_separator",
            "lm_loss", "compiler_options", "token_nll", "learning_rate_schedule",
            "weight_decay_mask", "make_optimizer", "make_train_step", "make_eval_step", "evaluate",
            "evaluate_split", "Checkpoints", "CheckpointError", "train_and_evaluate",

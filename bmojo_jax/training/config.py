@@ -47,6 +47,10 @@ def default_config(preset: str = "bmojo") -> ml_collections.ConfigDict:
       data.task: keyword arguments of the synthetic generator (vocab_size required), e.g.
         num_kv_pairs; the generator's length argument is set from seq_len.
       data.num_train, data.num_eval: synthetic examples in the training set and in each eval set.
+      data.packed_documents: corpora only: a window's documents (each ended by the tokenizer's
+        end-of-text token, `data.end_of_text_id`) run as packed documents (`segment_ids`, every
+        memory restarts at a document; `data.document_segments`), in training and evaluation.
+        False (default): one stream, the memories run across documents.
       optimizer: lr (peak), schedule ("cosine" | "constant"), warmup_steps, min_lr_ratio (cosine
         end / peak), weight_decay (decoupled, AdamW), clip_norm (global gradient norm), b1, b2, eps.
       num_steps, batch_size: training steps and sequences per step.
@@ -98,7 +102,8 @@ def default_config(preset: str = "bmojo") -> ml_collections.ConfigDict:
     config.data = ml_collections.ConfigDict(dict(
         name="ptb", seq_len=128, eval_seq_len=config_dict.placeholder(int),
         path=config_dict.placeholder(str), bpe_vocab_size=4096, seed=0,
-        task=ml_collections.ConfigDict(), num_train=10_000, num_eval=1_000))
+        task=ml_collections.ConfigDict(), num_train=10_000, num_eval=1_000,
+        packed_documents=False))
     config.optimizer = ml_collections.ConfigDict(dict(
         lr=1e-3, schedule="cosine", warmup_steps=100, min_lr_ratio=0.1, weight_decay=0.1,
         clip_norm=1.0, b1=0.9, b2=0.95, eps=1e-8))
@@ -305,6 +310,26 @@ def model_config(config: ml_collections.ConfigDict, vocab_size: int) -> ModelCon
     overrides = {k: v for k, v in config.model.items() if v is not None}
     overrides.setdefault("vocab_size", vocab_size)
     return ModelConfig.preset(config.model_preset, **overrides)
+
+
+def document_separator(config: ml_collections.ConfigDict, data) -> int | None:
+    """The end-of-text id that ends a document of `data` (a `data.load_data` source) when
+    `config.data.packed_documents` is set (`data.end_of_text_id`), else None.
+
+    Raises:
+      ValueError: packed documents asked of a synthetic task, or of a tokenizer without an
+        end-of-text token.
+    """
+    if not config.data.get("packed_documents", False):  # also configs saved before the field
+        return None
+    if data.with_accuracy:
+        raise ValueError(f"config.data.packed_documents: the synthetic task {config.data.name!r} "
+                         f"has no documents to pack (each example is one); set it to False.")
+    separator = data_lib.end_of_text_id(data.corpus.tokenizer)
+    if separator is None:
+        raise ValueError(f"config.data.packed_documents: the tokenizer of {config.data.name!r} "
+                         f"has no end-of-text token to end a document.")
+    return separator
 
 
 def oracle_length(config: ml_collections.ConfigDict):

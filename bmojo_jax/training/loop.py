@@ -91,8 +91,8 @@ from bmojo_jax.generation import generate
 from bmojo_jax.model import LanguageModel, count_params
 from bmojo_jax.training.checkpoints import (Checkpoints, DataMismatchWarning, data_differences,
                                             describe_differences, load_checkpoint)
-from bmojo_jax.training.config import (EARLY_STOP_METRICS, model_config, oracle_length,
-                                       validate_config)
+from bmojo_jax.training.config import (EARLY_STOP_METRICS, document_separator, model_config,
+                                       oracle_length, validate_config)
 from bmojo_jax.training.metrics import MetricsLog, plot_metrics, write_json_atomic
 from bmojo_jax.training.steps import (compiler_options, evaluate_split, learning_rate_schedule,
                                       make_eval_step, make_optimizer, make_train_step)
@@ -155,8 +155,9 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path,
     graphdef, params = nnx.split(model, nnx.Param)
     meta = {"config": config.to_dict(), "model": dataclasses.asdict(model_cfg),
             "data_fingerprint": data.fingerprints}
+    separator = document_separator(config, data)
     eval_split = functools.partial(evaluate_split, make_eval_step(
-        model_cfg, mesh, oracle_length=oracle_length(config)), data=data,
+        model_cfg, mesh, oracle_length=oracle_length(config), separator=separator), data=data,
                                    batch_size=config.eval_batch_size or config.batch_size,
                                    seq_len=config.data.eval_seq_len or config.data.seq_len)
 
@@ -184,7 +185,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path,
             tqdm.write("evaluating again (reevaluate=True)" if saved is not None else
                        "no saved final results (results.json): evaluating")
         metrics = MetricsLog(workdir / "metrics.jsonl", keep_through_step=step)
-        train_step = _guarded_train_step(model_cfg, config, mesh, guard)
+        train_step = _guarded_train_step(model_cfg, config, mesh, guard, separator)
         bar = None  # made after the first step: its rate and ETA leave the compilation out
         tic, timed, compile_s = time.perf_counter(), 0, None
 
@@ -220,7 +221,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path,
                 # config.on_divergence="rollback": the last good checkpoint, a lower learning rate
                 step, params, opt_state, history, pending = _roll_back(
                     checkpoints, guard.rollback_step, params, opt_state, model_cfg, config, mesh)
-                train_step = _guarded_train_step(model_cfg, config, mesh, guard)
+                train_step = _guarded_train_step(model_cfg, config, mesh, guard, separator)
                 metrics.close()
                 metrics = MetricsLog(workdir / "metrics.jsonl", keep_through_step=step)
                 guard.record_rollback(metrics, step)
@@ -440,7 +441,8 @@ def evaluate_checkpoint(workdir, split: str = "test", *, step: int | None = None
         warnings.warn(f"evaluating the checkpoint of step {meta['step']} of {workdir} on other "
                       f"data than it was trained on ({describe_differences(differences)})",
                       DataMismatchWarning, stacklevel=2)
-    result = evaluate_split(make_eval_step(model_cfg, oracle_length=oracle_length(config)), params,
+    result = evaluate_split(make_eval_step(model_cfg, oracle_length=oracle_length(config),
+                                           separator=document_separator(config, data)), params,
                             data, split,
                             batch_size or config.eval_batch_size or config.batch_size, seq_len,
                             max_batches)
@@ -567,16 +569,17 @@ class _Divergence:
                                   f"x{self.lr_scale:g}"})
 
 
-def _guarded_train_step(model_cfg, config, mesh, guard: _Divergence):
+def _guarded_train_step(model_cfg, config, mesh, guard: _Divergence, separator):
     """`make_train_step` of `guard.train_config` inside one jitted program with the divergence
     check, on the device: `(params, opt_state, inputs, targets, poison) -> (params, opt_state,
     metrics)`, metrics with "diverged" (bool: the loss, the gradient norm or an updated parameter
     is not finite). With on_divergence "skip" a diverged step returns its inputs' parameters and
     optimizer state (the update is not applied). `poison` (`_Divergence.poison`) is added to the
-    updated parameters, the loss and the gradient norm when config.inject_nan_at_step is set."""
+    updated parameters, the loss and the gradient norm when config.inject_nan_at_step is set.
+    `separator`: packed documents (`make_train_step`), or None."""
     train_config = guard.train_config
     # the step's Python function: jit options (compiler_options) are for the top-level jit only
-    train_step = make_train_step(model_cfg, train_config, mesh).__wrapped__
+    train_step = make_train_step(model_cfg, train_config, mesh, separator=separator).__wrapped__
     skip, poisoned = config.on_divergence == "skip", config.inject_nan_at_step is not None
 
     def guarded(params, opt_state, inputs, targets, poison):

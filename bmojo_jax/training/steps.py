@@ -56,7 +56,7 @@ def token_nll(logits, targets):
 
 
 def lm_loss(model: LanguageModel, inputs, targets, mesh=None, eidetic_scores=None,
-            dropout_key=None):
+            dropout_key=None, segment_ids=None):
     """Training loss: mean cross-entropy over labelled targets plus the model's auxiliary loss (the
     already-weighted innovation losses that B'MOJO layers sow), via `LanguageModel.cross_entropy`
     (the logits are never materialised).
@@ -68,24 +68,28 @@ def lm_loss(model: LanguageModel, inputs, targets, mesh=None, eidetic_scores=Non
         time axis is split over it (`sequence_parallel.sequence_parallel_cross_entropy`).
       eidetic_scores: optional oracle scores [b, t] (`LanguageModel.forward`).
       dropout_key: a PRNG key (training: dropout on, `LanguageModel.forward`), or None.
+      segment_ids: optional int [b, t], packed documents (`LanguageModel.forward`).
 
     Returns:
       (loss, metrics): float32 scalar; {"ce", "aux_loss", "tokens"} scalars (nats, nats, count).
 
     Raises:
-      ValueError: a dropout key with sequence parallelism (not supported).
+      ValueError: a dropout key or segment_ids with sequence parallelism (not supported).
     """
     if _sequence_parallel(mesh) and dropout_key is not None:
         raise ValueError("dropout (config.model.*_dropout > 0) does not run under sequence "
                          "parallelism (mesh_shape sequence > 1); set the rates to 0 or the "
                          "sequence axis to 1.")
+    if _sequence_parallel(mesh) and segment_ids is not None:
+        raise ValueError("packed documents (config.data.packed_documents) do not run under "
+                         "sequence parallelism (mesh_shape sequence > 1).")
     if _sequence_parallel(mesh):
         ce, tokens, aux = sequence_parallel.sequence_parallel_cross_entropy(
             model, inputs, targets, mesh, sharding_lib.SEQUENCE_AXIS,
             batch_axis=sharding_lib.BATCH_AXES, eidetic_scores=eidetic_scores)
     else:
         ce, tokens, aux = model.cross_entropy(inputs, targets, eidetic_scores=eidetic_scores,
-                                              dropout_key=dropout_key)
+                                              dropout_key=dropout_key, segment_ids=segment_ids)
     return ce + aux, {"ce": ce, "aux_loss": aux, "tokens": tokens}
 
 
@@ -157,7 +161,8 @@ def optimizer_step(opt_state) -> jax.Array:
         filtering=lambda path, _: getattr(path[-1], "tuple_name", None) == "ScaleByScheduleState")
 
 
-def make_train_step(model_cfg: ModelConfig, config: ml_collections.ConfigDict, mesh=None):
+def make_train_step(model_cfg: ModelConfig, config: ml_collections.ConfigDict, mesh=None, *,
+                    separator: int | None = None):
     """A jitted `(params, opt_state, inputs, targets) -> (params, opt_state, metrics)` with the
     optimizer of `make_optimizer(config)`.
 
@@ -174,13 +179,19 @@ def make_train_step(model_cfg: ModelConfig, config: ml_collections.ConfigDict, m
 
     With dropout (`model_cfg.has_dropout`) the step's key is `dropout_key(config.seed, s)`, s the
     step read from opt_state (`optimizer_step`): nothing to pass, and exact resume holds.
+
+    `separator`: the end-of-text id of packed documents (`training.document_separator`), or None:
+    the documents of each window are found from it (`data.document_segments`).
     """
     graphdef, optimizer = nnx.graphdef(abstract_model(model_cfg)), make_optimizer(config)
     length, seed = oracle_length(config), config.seed
 
     def loss_fn(params, inputs, targets, key):
+        segment_ids = None
+        if separator is not None:
+            segment_ids, targets = data_lib.document_segments(inputs, targets, separator)
         return lm_loss(nnx.merge(graphdef, params), inputs, targets, mesh,
-                       context_scores(inputs, length), key)
+                       context_scores(inputs, length), key, segment_ids)
 
     def train_step(params, opt_state, inputs, targets):
         key = dropout_key(seed, optimizer_step(opt_state)) if model_cfg.has_dropout else None
@@ -200,21 +211,28 @@ def make_train_step(model_cfg: ModelConfig, config: ml_collections.ConfigDict, m
                    out_shardings=(params_sharding, opt_sharding, sharding_lib.replicated(mesh)))
 
 
-def make_eval_step(model_cfg: ModelConfig, mesh=None, *, oracle_length=None):
+def make_eval_step(model_cfg: ModelConfig, mesh=None, *, oracle_length=None, separator=None):
     """A jitted `(params, inputs, targets) -> {"nll_sum", "tokens", "predictions"}`: summed NLL
     (nats) and count over labelled targets, and argmax predictions int32 [b, t]. Each call returns
     a new function (see module docstring). With a `mesh`, the outputs are replicated on it
     (readable on every host). `oracle_length`: `config.oracle_length(config)` (the eidetic
-    oracle's context length), or None."""
+    oracle's context length), or None. `separator`: as in `make_train_step` (packed documents:
+    the targets that cross a document boundary are not scored)."""
     graphdef = nnx.graphdef(abstract_model(model_cfg))
 
     def eval_step(params, inputs, targets):
         model = nnx.merge(graphdef, params)
         scores = context_scores(inputs, oracle_length)
+        segment_ids = None
+        if separator is not None:
+            segment_ids, targets = data_lib.document_segments(inputs, targets, separator)
+            if _sequence_parallel(mesh):
+                raise ValueError("packed documents (config.data.packed_documents) do not run "
+                                 "under sequence parallelism (mesh_shape sequence > 1).")
         logits = (sequence_parallel.sequence_parallel_forward(
             model, inputs, mesh, sharding_lib.SEQUENCE_AXIS, batch_axis=sharding_lib.BATCH_AXES,
             eidetic_scores=scores) if _sequence_parallel(mesh) else
-            model(inputs, eidetic_scores=scores))
+            model(inputs, eidetic_scores=scores, segment_ids=segment_ids))
         nll, mask = token_nll(logits, targets)
         return {"nll_sum": nll.sum(), "tokens": mask.sum(),
                 "predictions": logits.argmax(-1).astype(jnp.int32)}
