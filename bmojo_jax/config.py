@@ -82,6 +82,14 @@ class ModelConfig:
         Any rule is overridden by `eidetic_scores` handed to the model (an oracle).
       eidetic_threshold: the factor of the "threshold" rule (> 0).
       eidetic_seed: the seed of the "random" rule.
+      storage_slots: the in-storage eidetic memory of `B` layers (docs/design.md section 7c; our
+        design, the paper gives none): capacity S in tokens of a per-sequence store of the keys
+        and values of past tokens; 0 = off. A token enters when it is 2 chunks old and stays for
+        the next S tokens (fifo).
+      storage_topk: r, stored tokens each query chunk retrieves (the top r by the dot product of
+        their keys with the previous chunk's mean query, summed over heads), read in the same
+        softmax as the window, fading and eidetic keys; 1 <= r <= storage_slots when storage is
+        on, else 0.
       innovation_predictor: "identity" or "linear" predictor P of X_t from F_{t-1}.
       innovation_loss_weight: weight of the auxiliary predictor loss ||sg(X_t) - P(F_{t-1})||^2.
       tie_embeddings: the LM head reuses the token embedding matrix.
@@ -131,6 +139,8 @@ class ModelConfig:
     eidetic_selection: str = "fading"
     eidetic_threshold: float = 2.0
     eidetic_seed: int = 0
+    storage_slots: int = 0
+    storage_topk: int = 0
     innovation_predictor: str = "linear"
     innovation_loss_weight: float = 0.01
     tie_embeddings: bool = True
@@ -150,7 +160,7 @@ class ModelConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"ModelConfig.{name}={value!r}: must be an integer >= 1.")
-        for name in ("eidetic_per_chunk", "eidetic_slots"):
+        for name in ("eidetic_per_chunk", "eidetic_slots", "storage_slots", "storage_topk"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 0:
                 raise ValueError(f"ModelConfig.{name}={value!r}: must be an integer >= 0.")
@@ -202,6 +212,17 @@ class ModelConfig:
         if self.eidetic_per_chunk and self.eidetic_slots % self.eidetic_per_chunk:
             raise ValueError(f"ModelConfig.eidetic_slots={self.eidetic_slots} must be a multiple of "
                              f"eidetic_per_chunk={self.eidetic_per_chunk}.")
+        if (self.storage_slots > 0) != (self.storage_topk > 0) or \
+                self.storage_topk > self.storage_slots:
+            raise ValueError(f"ModelConfig.storage_topk={self.storage_topk}: must be in [1, "
+                             f"storage_slots] when storage_slots={self.storage_slots} > 0, and 0 "
+                             f"when storage is off.")
+        if self.storage_slots and "B" not in self.pattern:
+            raise ValueError(f"ModelConfig.storage_slots={self.storage_slots}: the store belongs "
+                             f"to `B` layers; pattern {self.pattern!r} has none.")
+        if self.storage_slots and self.eidetic_selection == "learned":
+            raise ValueError("ModelConfig.storage_slots: not with eidetic_selection='learned' "
+                             "(its slot bias would also reach stored keys); use another rule.")
         for name, low in (("innovation_loss_weight", 0.0), ("rope_base", 1.0)):
             value = getattr(self, name)
             if (not isinstance(value, (int, float)) or isinstance(value, bool)

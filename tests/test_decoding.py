@@ -22,6 +22,10 @@ VARIANTS.update({
     "bmojo-state": dict(eidetic_selection="state"),
     "bmojo-state-score": dict(eidetic_selection="state", eidetic_eviction="score"),
     "bmojo-random": dict(eidetic_selection="random", eidetic_seed=3),
+    "bmojo-storage": dict(storage_slots=8, storage_topk=3),
+    "bmojo-storage-score-no-slots": dict(storage_slots=12, storage_topk=2,
+                                         eidetic_eviction="score", eidetic_per_chunk=0,
+                                         eidetic_slots=0),
 })
 PREFIX = 13  # not a multiple of the window
 
@@ -147,7 +151,7 @@ def test_oracle_scores_decode_equals_forward():
 
 
 PACKED = ("transformer", "swa", "mamba", "hybrid", "bmojo_f", "bmojo", "bmojo-score-lag1",
-          "bmojo-lag3-mamba1-untied", "bmojo-learned", "bmojo-random")
+          "bmojo-lag3-mamba1-untied", "bmojo-learned", "bmojo-random", "bmojo-storage")
 STARTS = (8, 12)  # three packed documents in T tokens, starting at multiples of the window
 
 

@@ -35,6 +35,24 @@ def test_shapes_and_causality(models, preset):
         assert not np.allclose(changed[:, p], logits[:, p])
 
 
+def test_storage_is_causal_and_read():
+    """The in-storage memory (storage_slots): no logit depends on a later token, and the
+    retrieved tokens change the logits of chunks 2 and later only (none is stored before)."""
+    with_store = bj.LanguageModel(config("bmojo", storage_slots=8, storage_topk=3),
+                                  rngs=nnx.Rngs(0))
+    without = bj.LanguageModel(config("bmojo"), rngs=nnx.Rngs(0))
+    x = tokens()
+    logits = with_store(x)
+    for p in (5, 17):
+        changed = with_store(x.at[:, p].set((x[:, p] + 1) % VOCAB))
+        np.testing.assert_allclose(changed[:, :p], logits[:, :p], rtol=0, atol=1e-6)
+    plain = without(x)
+    np.testing.assert_allclose(logits[:, :2 * WINDOW], plain[:, :2 * WINDOW], rtol=0, atol=1e-6)
+    assert not np.allclose(logits[:, 2 * WINDOW:], plain[:, 2 * WINDOW:])
+    with pytest.raises(ValueError, match="storage_topk=0: must be in"):
+        config("bmojo", storage_slots=8)
+
+
 def test_eidetic_memory_changes_the_output(models):
     """The `B` model reads its eidetic slots: clearing the slots changes late logits only."""
     model = models["bmojo"]

@@ -58,6 +58,7 @@ from bmojo_jax import ops
 from bmojo_jax.config import ModelConfig
 from bmojo_jax.layers.ssm import SSM, SSMState
 from bmojo_jax.ops import eidetic
+from bmojo_jax.ops.eidetic import storage
 
 
 INNOVATION_RULES = ("fading", "state", "threshold")  # the rules whose scores read the predictor
@@ -81,6 +82,7 @@ class AttentionState:
       without fading (`A`, `W`).
     ssm: the fading SSM's `SSMState`, or None.
     eidetic: the `ops.eidetic.EideticState` of a `B` layer, or None.
+    storage: the `ops.eidetic.storage.StorageState` of a `B` layer with a store, or None.
     start: int32 [b], the first position of the current document (0 unless a packed prefill
       ended inside a later document): older ring entries are invisible.
     """
@@ -92,6 +94,7 @@ class AttentionState:
     v_fading: jax.Array | None = None
     ssm: SSMState | None = None
     eidetic: eidetic.EideticState | None = None
+    storage: storage.StorageState | None = None
 
 
 class MemoryAttention(nnx.Module):
@@ -112,6 +115,9 @@ class MemoryAttention(nnx.Module):
             whole_state=config.eidetic_selection == "state") if letter == "B" and config.eidetic_per_chunk > 0 else None
         self.rule = config.eidetic_selection
         self.seed = config.eidetic_seed
+        # (capacity S, tokens retrieved per chunk r) of the in-storage memory, or None
+        self.storage = (config.storage_slots, config.storage_topk) if (
+            letter == "B" and config.storage_slots) else None
 
         def linear(rngs=rngs):
             return nnx.Linear(d, d, use_bias=False, dtype=dtype, rngs=rngs)
@@ -197,6 +203,9 @@ class MemoryAttention(nnx.Module):
           ValueError: `segment_ids` with `context`, or with the "state" or "threshold" rule.
         """
         t = x.shape[1]
+        if context is not None and self.storage is not None:
+            raise ValueError("storage_slots (the in-storage memory) does not run under sequence "
+                             "parallelism; use one shard.")
         if segment_ids is not None and self.selection is not None and self.rule == "threshold":
             raise ValueError("eidetic_selection='threshold' takes no segment_ids (packed "
                              "documents; its running mean reads across documents); use another "
@@ -262,6 +271,19 @@ class MemoryAttention(nnx.Module):
                 memory = dict(memory_positions=positions_, memory_bias=bias)
             state = state.replace(eidetic=eidetic.state_after(
                 selection, scores, k, v, f[:, -1], x, None if starts is None else state.start))
+        if self.storage is not None:  # the retrieved tokens join the chunk's eidetic slots
+            slots = memory.get("memory_positions")
+            capacity, topk = self.storage
+            stored = storage.retrieve(q, k, window=w, capacity=capacity, topk=topk,
+                                      exclude=slots,
+                                      starts=None if starts is None else starts[:, ::w])
+            memory = dict(memory, memory_positions=stored if slots is None else
+                          jnp.concatenate([slots, stored], axis=-1))
+            state = state.replace(storage=storage.state_after(
+                q, k, v, stored, window=w, capacity=capacity,
+                exclude=None if state.eidetic is None else state.eidetic.memory.positions,
+                start=None if starts is None else state.start))
+            self.sow(EideticTrace, "storage_positions", stored)
         trace = self.selection is not None and context is None  # unless captured, unused: XLA
         with_mass = trace and implementation != "pallas"  # removes it under jit
         # At most one window of tokens: every key is in every query's window, the fading band
@@ -276,7 +298,7 @@ class MemoryAttention(nnx.Module):
             self.sow(EideticTrace, "attention_mass", mass)
         if trace:
             self.sow(EideticTrace, "scores", scores)
-            self.sow(EideticTrace, "memory_positions", memory["memory_positions"])
+            self.sow(EideticTrace, "memory_positions", slots)
         return self._output(y, x.dtype, dropout_key), state
 
     def _output(self, y, dtype, dropout_key):
@@ -319,6 +341,10 @@ class MemoryAttention(nnx.Module):
         if self.selection is not None:
             state = state.replace(eidetic=eidetic.init_state(self.selection, batch_size,
                                                              self.n_heads, e, d))
+        if self.storage is not None:
+            state = state.replace(storage=storage.init_state(
+                batch_size, self.n_heads, e, window=self.window, capacity=self.storage[0],
+                topk=self.storage[1]))
         return state
 
     def step(self, x: at.StepFeatures, state: AttentionState, position: at.IntScalar,
@@ -354,6 +380,10 @@ class MemoryAttention(nnx.Module):
             if slot_bias is not None:
                 bias = jnp.concatenate([jnp.zeros((b, sum(m.shape[1] for m in masks[:-1]))),
                                         slot_bias], axis=1)
+        if self.storage is not None:  # what the current chunk retrieved
+            keys.append(state.storage.retrieved_k)
+            values.append(state.storage.retrieved_v)
+            masks.append(state.storage.retrieved >= 0)
         y = ops.attend_one(q[:, 0], jnp.concatenate(keys, 1), jnp.concatenate(values, 1),
                            jnp.concatenate(masks, 1), bias=bias)
         if self.selection is not None:
@@ -364,6 +394,12 @@ class MemoryAttention(nnx.Module):
             state = state.replace(eidetic=eidetic.update(
                 self._selection(eidetic_scores is not None), state.eidetic, score, f, position,
                 state.k, state.v, x))
+        if self.storage is not None:
+            state = state.replace(storage=storage.update(
+                state.storage, q[:, 0], k[:, 0], v[:, 0], position, window=self.window,
+                capacity=self.storage[0],
+                exclude=None if state.eidetic is None else state.eidetic.memory.positions,
+                start=state.start))
         return self.wo(y.reshape(b, d).astype(x.dtype)), state
 
 

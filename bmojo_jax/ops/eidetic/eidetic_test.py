@@ -145,3 +145,37 @@ class TestSelectWholeState:
         _, scores = ops.select_whole_state(innovation, repeat, window=W, per_chunk=1, slots=4,
                                            lag=1, eviction="score")
         assert float(scores[0, 2 * W + 3]) == 0.0
+
+
+class TestStorage:
+    """`storage.retrieve` against a brute-force loop: per query chunk, the r stored tokens
+    (2 chunks old or more, the last S of them, of the chunk's document, not its eidetic slots)
+    with the largest key . (previous chunk's mean query); no token is retrievable before it is
+    stored."""
+
+    @pytest.mark.parametrize("packed", [False, True])
+    def test_matches_brute_force(self, packed):
+        from bmojo_jax.ops.eidetic import storage
+        b, h, e, capacity, topk = 2, 2, 4, 12, 3
+        keys = jax.random.split(jax.random.PRNGKey(5), 2)
+        q, k = (jax.random.normal(key, (b, T, h, e)) for key in keys)
+        exclude = ops.select_eidetic(_scores(b=b), window=W, per_chunk=K, slots=4)
+        segments = np.searchsorted([23, 40], np.arange(T), side="right")[None].repeat(b, 0)
+        starts = eidetic.document_starts(jnp.asarray(segments), W) if packed else None
+        got = np.asarray(storage.retrieve(q, k, window=W, capacity=capacity, topk=topk,
+                                          exclude=exclude, starts=starts))
+        q, k, exclude = np.asarray(q), np.asarray(k), np.asarray(exclude)
+        for row in range(b):
+            for chunk in range(-(-T // W)):
+                end = (chunk - 1) * W  # the store holds positions < end
+                first = max(end - capacity, 0 if starts is None else int(starts[row, chunk]))
+                candidates = [p for p in range(first, end) if p not in exclude[row, chunk]]
+                if chunk:
+                    mean = q[row, (chunk - 1) * W:chunk * W].mean(0)
+                    score = {p: float(np.sum(mean * k[row, p])) for p in candidates}
+                    expected = sorted(candidates, key=lambda p: -score[p])[:topk]
+                else:
+                    expected = []
+                assert sorted(got[row, chunk][got[row, chunk] >= 0]) == sorted(expected), \
+                    (row, chunk)
+                assert all(p < end for p in got[row, chunk] if p >= 0)  # stored before read
