@@ -269,10 +269,13 @@ class _Held:
 
 
 def _drop_orbax_task_errors(record: logging.LogRecord) -> bool:
-    """A filter for the "asyncio" logger: False (drop) for the failures of orbax's write tasks
-    that nobody awaited, left behind by a failed save already reported as `CheckpointError`."""
+    """A filter for the "asyncio" logger: False (drop) for the failures of orbax's write tasks and
+    futures that nobody awaited ("Task exception was never retrieved", "_GatheringFuture
+    exception was never retrieved"), left behind by a failed save already reported as
+    `CheckpointError`."""
     message = record.getMessage()
-    return not (message.startswith("Task exception was never retrieved") and "orbax" in message)
+    return not ("exception was never retrieved" in message.split("\n", 1)[0]
+                and "orbax" in message)
 
 
 @contextlib.contextmanager

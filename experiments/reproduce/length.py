@@ -149,6 +149,7 @@ def plot(record, s, path) -> None:
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
     plotting.save(fig, path, caption=(
-        f"Mean over the training runs of a preset (seeds {', '.join(map(str, s.seeds))}) at "
+        f"Mean over the training runs of a preset (seeds "
+        f"{', '.join(map(str, s.get('seeds', [s.seed])))}) at "
         f"context {t}; at every context the same {record['eval_tokens']:,} test tokens are "
         f"scored; no error bars (the table gives the std over seeds)."))

@@ -179,10 +179,10 @@ def plot(record, s, path) -> None:
     for order, preset in enumerate(dict.fromkeys(r["preset"] for r in record["runs"])):
         mine = sorted((r for r in record["runs"] if r["preset"] == preset),
                       key=lambda r: r["state_bytes"])
-        left.errorbar([r["state_bytes"] / 1024 for r in mine],
-                      [100 * r["test_accuracy"] for r in mine],
-                      yerr=[100 * r.get("test_accuracy_std", 0.0) for r in mine], capsize=2,
-                      **plotting.series_style(preset, order))
+        xs = [r["state_bytes"] / 1024 for r in mine]
+        left.plot(xs, [100 * r["test_accuracy"] for r in mine],
+                  **plotting.series_style(preset, order))
+        _error_bars(left, xs, mine)
     left.set_xscale("log")
     plotting.log2_ticks(left.xaxis, [r["state_bytes"] / 1024 for r in record["runs"]])
     left.set_title("accuracy vs decoding-state size")
@@ -194,10 +194,10 @@ def plot(record, s, path) -> None:
     ablation = sorted((r for r in record["runs"] if r["preset"] in ("bmojo_f", "bmojo")),
                       key=lambda r: r["eidetic_slots"])
     if ablation:
-        right.errorbar([r["eidetic_slots"] for r in ablation],
-                       [100 * r["test_accuracy"] for r in ablation],
-                       yerr=[100 * r.get("test_accuracy_std", 0.0) for r in ablation], capsize=2,
-                       **plotting.series_style("bmojo"))
+        xs = [r["eidetic_slots"] for r in ablation]
+        right.plot(xs, [100 * r["test_accuracy"] for r in ablation],
+                   **plotting.series_style("bmojo"))
+        _error_bars(right, xs, ablation)
         for r in ablation:
             if r["preset"] == "bmojo_f":  # its own marker over the line's first point
                 right.plot([0], [100 * r["test_accuracy"]], ls="none",
@@ -213,5 +213,15 @@ def plot(record, s, path) -> None:
     plotting.save(fig, path, caption=(
         f"Mean test accuracy over the model seeds {', '.join(map(str, seeds))} (data seed "
         f"{record['seeds']['data']}) at the best learning rate of each point's grid on "
-        f"validation; error bars: +- std over the seeds (none for one seed). Lines join the "
-        f"variants of one preset in order of state size."))
+        f"validation; " + ("error bars (gray): +- std over the seeds" if len(seeds) > 1 else
+                           "one seed, so no error bars") +
+        ". Lines join the variants of one preset in order of state size."))
+
+
+def _error_bars(ax, xs, rows) -> None:
+    """+- std over the seeds of each row's test accuracy (%), in gray; nothing for rows of one
+    seed (or a table made before the seeds)."""
+    if any(len(r.get("seeds", ())) > 1 for r in rows):
+        ax.errorbar(xs, [100 * r["test_accuracy"] for r in rows],
+                    yerr=[100 * r.get("test_accuracy_std", 0.0) for r in rows], fmt="none",
+                    ecolor="gray", capsize=2, lw=1)
