@@ -156,7 +156,9 @@ def _predictions(model, inputs, scores):
 
 
 def accuracy_by_selection(model, batches, context_length: int) -> dict:
-    """Accuracy of `model` on MQAR batches with its own selection rule and with the oracle's.
+    """Accuracy of `model` on MQAR batches with its own selection rule, with the oracle's, and
+    with no eidetic slot at all (every score -inf): selection vs use, and how much of the
+    accuracy the slots carry.
 
     Args:
       model: a `LanguageModel` with `B` layers.
@@ -166,15 +168,17 @@ def accuracy_by_selection(model, batches, context_length: int) -> dict:
 
     Returns:
       {"own": accuracy with the model's `eidetic_selection`, "oracle": accuracy with the oracle
-      scores handed in}: fractions of the labelled positions whose argmax is the target.
+      scores handed in, "no_slots": accuracy with every slot empty}: fractions of the labelled
+      positions whose argmax is the target.
     """
-    hits = {"own": 0, "oracle": 0}
+    hits = {"own": 0, "oracle": 0, "no_slots": 0}
     labelled = 0
     for inputs, targets in batches:
         inputs, targets = np.asarray(inputs), np.asarray(targets)
         mask = targets >= 0
         labelled += int(mask.sum())
-        for name, scores in (("own", None), ("oracle", context_scores(inputs, context_length))):
+        for name, scores in (("own", None), ("oracle", context_scores(inputs, context_length)),
+                             ("no_slots", np.full(inputs.shape, -np.inf, np.float32))):
             predicted = np.asarray(_predictions(model, jnp.asarray(inputs), scores))
             hits[name] += int(((predicted == targets) & mask).sum())
     return {name: hit / max(labelled, 1) for name, hit in hits.items()}

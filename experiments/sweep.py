@@ -28,7 +28,8 @@ validation loss for text) and the mean +- std over seeds at that rate, with the 
 diagnostics (`bmojo_jax.diagnostics`: selection recall, slot precision, attention mass on the
 slots) of every MQAR point that has `B` layers, measured on its final checkpoint (in ROOT) and one
 validation batch, and that checkpoint's validation accuracy with its own selection rule and with
-the oracle's scores (`diagnostics.accuracy_by_selection`: selection vs use). A sweep writes it at the end to `--markdown` (default OUT/summary.md) and prints
+the oracle's scores and with no slot (`diagnostics.accuracy_by_selection`: selection vs use). A
+sweep writes it at the end to `--markdown` (default OUT/summary.md) and prints
 it; `--summary` only summarizes the finished points in OUT (JSON on stdout; the table with
 `--markdown=PATH`).
 
@@ -401,8 +402,8 @@ def summarize(records: list[dict]) -> dict:
 def point_diagnostics(workdir: Path):
     """The eidetic diagnostics of a finished MQAR point's final checkpoint on its first validation
     batch, averaged over its `B` layers, and its validation accuracy with its own selection rule
-    and with the oracle's scores (`diagnostics.accuracy_by_selection`, whole split); None when it
-    has no `B` layers (or is not MQAR)."""
+    with the oracle's scores and with no slot (`diagnostics.accuracy_by_selection`, whole split);
+    None when it has no `B` layers (or is not MQAR)."""
     model, config, _ = training.load_model(workdir)
     if config.data.name != "mqar" or "B" not in model.config.layer_mixers:
         return None
@@ -420,7 +421,7 @@ def point_diagnostics(workdir: Path):
                 eidetic_mass=float(np.mean([d["attention_mass"]["eidetic"]
                                             for d in layers.values()])),
                 recall_ceiling=mean("recall_ceiling"), accuracy_own=swapped["own"],
-                accuracy_oracle=swapped["oracle"])
+                accuracy_oracle=swapped["oracle"], accuracy_no_slots=swapped["no_slots"])
 
 
 def markdown(summary: dict, root: Path) -> str:
@@ -429,7 +430,7 @@ def markdown(summary: dict, root: Path) -> str:
     metric = next(iter(summary.values()))["metric"] if summary else "accuracy"
     lines = [f"| config | best lr | valid {metric} (mean +- std) | seeds | steps | steps to 90% | "
              "selection recall | slot precision | attention on slots | accuracy: own rule / "
-             "oracle scores | lr grid (mean) |",
+             "oracle scores / no slots | lr grid (mean) |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for label, row in summary.items():
         workdir = root / row["points"][0]
@@ -437,7 +438,8 @@ def markdown(summary: dict, root: Path) -> str:
         cells = ("-", "-", "-", "-") if diag is None else (
             f"{diag['selection_recall']:.2f} (ceiling {diag['recall_ceiling']:.2f})",
             f"{diag['slot_precision']:.2f}", f"{diag['eidetic_mass']:.2f}",
-            f"{diag['accuracy_own']:.3f} / {diag['accuracy_oracle']:.3f}")
+            f"{diag['accuracy_own']:.3f} / {diag['accuracy_oracle']:.3f} / "
+            f"{diag['accuracy_no_slots']:.3f}")
         grid = ", ".join(f"{lr:g}: {v:.3f}" for lr, v in row["by_lr"].items())
         value = (f"{row['mean']:.4f} +- {row['std']:.4f}" if len(row["seeds"]) > 1 else
                  f"{row['mean']:.4f} (one seed)")
@@ -453,9 +455,10 @@ def markdown(summary: dict, root: Path) -> str:
               f"stop or num_steps); steps to 90%: the first evaluated step with validation "
               f"accuracy >= 0.9 (None: never). Diagnostics (MQAR points with B layers): the best "
               f"lr's first seed, final checkpoint, one validation batch, mean over the B layers; "
-              f"accuracy own rule / oracle scores: the same checkpoint on the whole validation "
-              f"split with its own selection rule and with the key/value context handed in as "
-              f"eidetic scores (selection vs use). lr grid: the mean over seeds at every lr."]
+              f"accuracy own rule / oracle scores / no slots: the same checkpoint on the whole "
+              f"validation split with its own selection rule, with the key/value context handed "
+              f"in as eidetic scores (selection vs use), and with every eidetic slot empty (what "
+              f"the slots carry). lr grid: the mean over seeds at every lr."]
     return "\n".join(lines) + "\n"
 
 

@@ -69,13 +69,14 @@ def test_per_chunk_cap_is_the_ceiling_and_random_is_worse():
 
 
 def test_accuracy_by_selection_scores_both_selections():
-    """An untrained model: both accuracies are fractions of the 2 K labelled queries per row, and
-    the oracle's scores change the forward (the random rule keeps other tokens than the context)."""
+    """An untrained model: the accuracies (own rule, oracle, no slots) are fractions of the 2 K
+    labelled queries per row, and the oracle's scores change the forward (the random rule keeps
+    other tokens than the context)."""
     inputs, targets = _batch()
     model = _model(eidetic_per_chunk=W, eidetic_slots=2 * K, eidetic_eviction="score",
                    eidetic_selection="random")
     result = diagnostics.accuracy_by_selection(model, [(inputs, targets)], 2 * K)
-    assert set(result) == {"own", "oracle"}
+    assert set(result) == {"own", "oracle", "no_slots"}
     for value in result.values():
         assert 0 <= value <= 1 and (value * 2 * 2 * K).is_integer()
     trace = model.eidetic_trace(np.asarray(inputs))[0]["memory_positions"]
