@@ -187,3 +187,25 @@ def test_packed_documents_refuse_what_does_not_restart():
             _model(name)(x, segment_ids=segment_ids)
     with pytest.raises(ValueError, match=r"segment_ids must be integer \[2, 29\]"):
         _model("swa")(x, segment_ids=segment_ids[:, :-1])
+
+
+@pytest.mark.parametrize("name", ["bmojo", "bmojo-score-lag1", "bmojo-storage-score-no-slots"])
+def test_decoding_after_a_packed_prefill_reproduces_the_packed_forward(name):
+    """Documents that start inside chunks, at other positions in each row: prefill the first
+    PREFILL tokens packed, decode the rest (the last document goes on), and get the packed
+    forward's logits. A prompt shorter than storage_topk runs too."""
+    model = _model(name)
+    x = tokens()
+    starts = ((14,), (9, 22))  # per row; not multiples of the window
+    segment_ids = jnp.asarray(np.stack([np.searchsorted(s, np.arange(T), side="right")
+                                        for s in starts]))
+    expected = model(x, segment_ids=segment_ids)
+    for prefill in (23, 24):
+        logits, cache = model.prefill(x[:, :prefill], model.init_cache(2, max_length=T),
+                                      segment_ids=segment_ids[:, :prefill])
+        got = [logits]
+        for token in x[:, prefill:].T:
+            step, cache = model.decode_step(token, cache)
+            got.append(step[:, None])
+        np.testing.assert_allclose(jnp.concatenate(got, 1), expected, rtol=1e-4, atol=1e-4)
+    model(x[:, :1])  # fewer tokens than storage_topk

@@ -31,7 +31,8 @@ memory restarts at a document (our choices): a key of any group (window, fading,
 visible only to queries of its document (`ops.memory_attention`), the fading SSM restarts
 (`layers.ssm`), the innovation's prediction F_{-1} is 0 at a document's first token, and a
 document's eidetic buffer takes no selection from before its start (`ops.select_eidetic`; the
-same slots as alone when documents start at chunk boundaries). The returned state is the last
+same slots as alone when documents start at chunk boundaries), and a chunk never selects the
+tokens of a document that ends inside it (no later chunk of that document could read them). The returned state is the last
 document's (`AttentionState.start`), so decoding continues it as if it had run alone. The pallas
 kernels take no segment_ids (the `xla` attention runs); the "state" and "threshold" rules read
 across documents and refuse them.
@@ -248,6 +249,9 @@ class MemoryAttention(nnx.Module):
                 self.sow(nnx.Intermediate, "innovation_loss", self.loss_weight * loss)
             if eidetic_scores is not None:
                 scores = eidetic_scores.astype(jnp.float32)
+            if starts is not None:  # a document that ends inside a chunk: never read again
+                last = np.minimum((np.arange(t) // w + 1) * w, t) - 1  # its chunk's last token
+                scores = jnp.where(starts == starts[:, last], scores, -jnp.inf)
             selection = self._selection(eidetic_scores is not None)
             bias = self._slot_bias(scores, eidetic_scores is not None)
             if context is None:
@@ -283,7 +287,6 @@ class MemoryAttention(nnx.Module):
                 q, k, v, stored, window=w, capacity=capacity,
                 exclude=None if state.eidetic is None else state.eidetic.memory.positions,
                 start=None if starts is None else state.start))
-            self.sow(EideticTrace, "storage_positions", stored)
         trace = self.selection is not None and context is None  # unless captured, unused: XLA
         with_mass = trace and implementation != "pallas"  # removes it under jit
         # At most one window of tokens: every key is in every query's window, the fading band
@@ -297,6 +300,8 @@ class MemoryAttention(nnx.Module):
             y, mass = y
             self.sow(EideticTrace, "attention_mass", mass)
         if trace:
+            if self.storage is not None:
+                self.sow(EideticTrace, "storage_positions", stored)
             self.sow(EideticTrace, "scores", scores)
             self.sow(EideticTrace, "memory_positions", slots)
         return self._output(y, x.dtype, dropout_key), state

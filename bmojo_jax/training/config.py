@@ -50,7 +50,8 @@ def default_config(preset: str = "bmojo") -> ml_collections.ConfigDict:
       data.packed_documents: corpora only: a window's documents (each ended by the tokenizer's
         end-of-text token, `data.end_of_text_id`) run as packed documents (`segment_ids`, every
         memory restarts at a document; `data.document_segments`), in training and evaluation.
-        False (default): one stream, the memories run across documents.
+        False (default): one stream, the memories run across documents. PTB's end-of-text token
+        is <eos>, which ends every line: there each sentence is a document.
       optimizer: lr (peak), schedule ("cosine" | "constant"), warmup_steps, min_lr_ratio (cosine
         end / peak), weight_decay (decoupled, AdamW), clip_norm (global gradient norm), b1, b2, eps.
       num_steps, batch_size: training steps and sequences per step.

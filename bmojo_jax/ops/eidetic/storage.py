@@ -79,7 +79,10 @@ def retrieve(q: at.QKV, k: at.QKV, *, window: int, capacity: int, topk: int,
         stored = stored & (position[None, None] >= starts[:, :, None])
     if exclude is not None:
         stored = stored & ~jnp.any(position[None, None, None] == exclude[..., None], axis=2)
-    values, index = jax.lax.top_k(jnp.where(stored, scores, -jnp.inf), topk)
+    scores = jnp.where(stored, scores, -jnp.inf)
+    if t < topk:  # fewer tokens than r: the extra columns stay empty
+        scores = jnp.pad(scores, [(0, 0), (0, 0), (0, topk - t)], constant_values=-jnp.inf)
+    values, index = jax.lax.top_k(scores, topk)
     return jnp.where(values > -jnp.inf, index, -1).astype(jnp.int32)
 
 
@@ -140,8 +143,10 @@ def state_after(q: at.QKV, k: at.QKV, v: at.QKV, retrieved: at.MemoryPositions, 
         chunk_q = q[:, t - window:].astype(jnp.float32).mean(axis=1)
         rows = _from_ring(chunk_q, take(k), take(v), jnp.where(keep, ring, -1), t, window,
                           capacity, retrieved.shape[-1], exclude, start)
-    else:
-        rows = _gather(retrieved[:, current], k, v)
+    else:  # the current chunk's, less what an earlier document retrieved
+        rows = retrieved[:, current]
+        rows = _gather(rows if start is None else jnp.where(rows >= start[:, None], rows, -1),
+                       k, v)
     positions = jnp.full((b, size), -1, jnp.int32).at[:, slot].set(jnp.where(keep, ring, -1))
     return StorageState(k=jnp.zeros((b, size, h, e), jnp.float32).at[:, slot].set(take(k)),
                         v=jnp.zeros((b, size, h, e), jnp.float32).at[:, slot].set(take(v)),
