@@ -286,6 +286,9 @@ def test_resume_with_a_different_model_fails(run, tmp_path):
     ({"optimizer.weight_decay": float("inf")},
      "config.optimizer.weight_decay=inf: must be a finite number"),
     ({"model.rope_base": float("nan")}, "config.model.rope_base=nan: must be a finite number"),
+    ({"data.packed_documents": True}, "config.data.packed_documents: the synthetic task 'mqar'"),
+    ({"data.packed_documents": True, "data.name": "ptb", "data.task": {},
+      "model.eidetic_selection": "state"}, "eidetic_selection='state' reads across documents"),
 ])
 def test_bad_config_values_raise_clear_errors(changes, match):
     config = _tiny_config()

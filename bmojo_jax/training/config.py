@@ -196,6 +196,18 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         raise ValueError(f"config.data.task={dict(config.data.task)}: only synthetic tasks "
                          f"({', '.join(data_lib.SYNTHETIC_TASKS)}) take task arguments.")
     _check_early_stop(config, synthetic)
+    if config.data.get("packed_documents", False):
+        if synthetic:
+            raise ValueError(f"config.data.packed_documents: the synthetic task "
+                             f"{config.data.name!r} has no documents to pack (each example is "
+                             f"one); set it to False.")
+        rule = config.model.eidetic_selection
+        if rule in ("state", "threshold"):
+            raise ValueError(f"config.data.packed_documents: eidetic_selection={rule!r} reads "
+                             f"across documents and takes no segment_ids; use another rule.")
+        if len(config.mesh_shape) == 4 and config.mesh_shape[3] != 1:
+            raise ValueError(f"config.data.packed_documents: not under sequence parallelism "
+                             f"(mesh_shape={tuple(config.mesh_shape)}, sequence axis > 1).")
     if config.eidetic_oracle is not None:
         check_choice("config.eidetic_oracle", config.eidetic_oracle, ("context",))
         if config.data.name != "mqar":
