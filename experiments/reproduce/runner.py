@@ -73,7 +73,8 @@ def row_stats(row: Mapping, metric: str) -> dict:
       metric: the result's metric ("accuracy" or "perplexity").
 
     Returns:
-      {"lr" (the best rate), "lr_grid" ({lr: mean final validation metric}), "seeds", "params",
+      {"lr" (the best rate), "lr_grid" ({lr: the mean final validation metric that chose it:
+       accuracy, or loss for text; `sweep.summarize`'s "by_lr"}), "seeds", "params",
        "valid_<metric>" and "test_<metric>" (means over the seeds), "valid_<metric>_std" and
        "test_<metric>_std" (population std, ddof 0), "test_<metric>_values" (per seed), "steps"
        (per seed), "wall_s" (the row's points together: every rate and seed), "tokens_per_s"
@@ -82,9 +83,7 @@ def row_stats(row: Mapping, metric: str) -> dict:
     """
     best = row["best"]
     out = dict(lr=row["lr"], seeds=[r["seed"] for r in best],
-               lr_grid={f"{lr:g}": float(np.mean([r["result"]["valid"][metric]
-                                                  for r in row["records"] if r["lr"] == lr]))
-                        for lr in dict.fromkeys(r["lr"] for r in row["records"])},
+               lr_grid={f"{lr:g}": value for lr, value in row["by_lr"].items()},
                params=best[0]["result"]["params"], steps=[r["result"]["step"] for r in best],
                wall_s=float(sum(r["result"]["wall_s"] for r in row["records"])),
                tokens_per_s=float(np.median([r["result"]["tokens_per_s"] for r in best])),
