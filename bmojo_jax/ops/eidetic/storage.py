@@ -109,7 +109,10 @@ class StorageState:
 
 def init_state(batch_size: int, heads: int, head_dim: int, *, window: int, capacity: int,
                topk: int) -> StorageState:
-    """The empty store before the first token."""
+    """The empty store before the first token: a ring of capacity + window slots of `heads` x
+    `head_dim` float32 keys and values (4 (S + w) h e bytes each per sequence), positions -1,
+    `topk` empty retrieved slots. Our choice (module docstring); raises nothing (the knobs are
+    checked by `ModelConfig`)."""
     size = capacity + window
     zeros = lambda *shape: jnp.zeros(shape, jnp.float32)  # noqa: E731
     return StorageState(k=zeros(batch_size, size, heads, head_dim),
@@ -124,11 +127,20 @@ def init_state(batch_size: int, heads: int, head_dim: int, *, window: int, capac
 def state_after(q: at.QKV, k: at.QKV, v: at.QKV, retrieved: at.MemoryPositions, *, window: int,
                 capacity: int, exclude: Optional[jax.Array] = None,
                 start: Optional[at.BatchPositions] = None) -> StorageState:
-    """The store after a parallel pass over t tokens: the ring of the last S + w of them (of the
-    last document when `start` [b] is given), the current chunk's query sum and its retrieved
-    tokens (`retrieved` [b, c, r] from `retrieve`; when t ends a chunk, the next chunk retrieves
-    now from the last chunk's queries, as `update` would, skipping `exclude` [b, m], its eidetic
-    slots)."""
+    """The store after a parallel pass over t tokens, so that `update` continues it exactly.
+
+    Args:
+      q, k, v: [b, t, h, e] the pass's queries and keys (RoPE applied) and values.
+      retrieved: int [b, c, r], `retrieve`'s positions of every chunk.
+      window, capacity: w and S (tokens).
+      exclude: int [b, m], the next chunk's eidetic slots (used when t ends a chunk: the next
+        chunk then retrieves now, from the last chunk's queries, as `update` would), or None.
+      start: int [b], the first position of the last document (packed documents: nothing before
+        it is kept), or None.
+
+    Returns:
+      The `StorageState` before token t (float32 ring of the last S + w tokens).
+    """
     b, t, h, e = k.shape
     size = capacity + window
     ring = jnp.arange(t - size, t)  # positions of the ring's slots, some maybe < 0
@@ -158,9 +170,11 @@ def update(state: StorageState, q: at.QueryStep, k: at.QueryStep, v: at.QuerySte
            position: at.IntScalar, *, window: int, capacity: int,
            exclude: Optional[jax.Array] = None,
            start: Optional[at.BatchPositions] = None) -> StorageState:
-    """One decoded token (q, k, v [b, h, e] at `position`) enters the ring and the chunk's query
-    sum; after the last token of a chunk the next chunk's tokens are retrieved (`exclude` [b, m]:
-    the positions it reads as eidetic slots; `start` [b]: its document's first position)."""
+    """One decoded token (q, k, v [b, h, e] at `position`, an int32 scalar) enters the ring and
+    the chunk's query sum; after the last token of a chunk the next chunk's tokens are retrieved
+    (`exclude` int [b, m]: the positions it reads as eidetic slots; `start` int [b]: its
+    document's first position). Returns the next `StorageState`; under jit, one `lax.cond` per
+    token (the retrieval runs at chunk ends only)."""
     size = state.k.shape[1]
     slot = position % size
     state = state.replace(k=state.k.at[:, slot].set(k.astype(jnp.float32)),
