@@ -116,6 +116,55 @@ def test_generator_errors_are_clear(corpus):
         lc.passkey(words, np.zeros(1000, np.int32), 400, 0.5, 1)
 
 
+def test_retrieval_training_rows_end_with_the_answer_of_their_needle(corpus):
+    """Every row is a passkey or needle prompt followed by " " + its answer, exactly t tokens
+    (targets: the inputs shifted by one), both tasks drawn, a pure function of the seed; the
+    answer's digits are written in the row's needle."""
+    inputs, targets = lc.retrieval_training_rows(corpus, corpus.train, 600, 8, seed=3)
+    assert inputs.shape == targets.shape == (8, 600) and inputs.dtype == np.int32
+    np.testing.assert_array_equal(inputs[:, 1:], targets[:, :-1])
+    questions = set()
+    for row_in, row_target in zip(inputs, targets):
+        text = corpus.decode(np.append(row_in, row_target[-1]))
+        for task, question in (("passkey", lc.PASSKEY_QUESTION), ("needle", "text is")):
+            head, _, answer = text.rpartition(question + " ")
+            if head and answer.isdigit():
+                questions.add(task)
+                needle = (lc.PASSKEY_NEEDLE.format(key=answer) if task == "passkey"
+                          else f" is: {answer}.\n")
+                assert needle in head, (task, answer)
+                break
+        else:
+            raise AssertionError(f"row does not end with a question and its answer: {text!r}")
+    assert questions == {"passkey", "needle"}
+    again = lc.retrieval_training_rows(corpus, corpus.train, 600, 8, seed=3)
+    np.testing.assert_array_equal(inputs, again[0])
+    assert not np.array_equal(inputs, lc.retrieval_training_rows(corpus, corpus.train, 600, 8,
+                                                                 seed=4)[0])
+
+
+def test_text_data_mixes_retrieval_rows_into_training_batches(documents, tmp_path):
+    """data.retrieval_fraction: the first round(fraction * b) rows of a training batch are
+    retrieval rows, the others the plain windows of lm_batch; a pure function of the step;
+    settings that cannot work are refused before training."""
+    common = dict(batch_size=4, seq_len=600, path=documents, bpe_vocab_size=300)
+    plain = data.TextData("text_files", **common)
+    mixed = data.TextData("text_files", retrieval_fraction=0.5, **common)
+    for step in (0, 7):
+        (x, y), (mx, my) = plain.train_batch(step), mixed.train_batch(step)
+        np.testing.assert_array_equal(mx[2:], x[2:])
+        np.testing.assert_array_equal(my[2:], y[2:])
+        assert not np.array_equal(mx[:2], x[:2])
+        np.testing.assert_array_equal(mixed.train_batch(step)[0], mx)
+        assert any(question in mixed.corpus.decode(mx[0])
+                   for question in ("What is the pass key?", "What is the special magic number"))
+    with pytest.raises(ValueError, match=r"retrieval_fraction=1.5: must be a number in \[0, 1\]"):
+        data.TextData("text_files", retrieval_fraction=1.5, **common)
+    with pytest.raises(ValueError, match="retrieval_fraction=0.5 on corpus 'text_files' at "
+                                         "seq_len=100: length=.* leaves no room for filler"):
+        data.TextData("text_files", retrieval_fraction=0.5, **{**common, "seq_len": 100})
+
+
 def test_answer_correct():
     assert lc.answer_correct(" 71432. Remember", "71432")
     assert lc.answer_correct("71432", "71432")

@@ -289,6 +289,9 @@ def test_resume_with_a_different_model_fails(run, tmp_path):
     ({"data.packed_documents": True}, "config.data.packed_documents: the synthetic task 'mqar'"),
     ({"data.packed_documents": True, "data.name": "ptb", "data.task": {},
       "model.eidetic_selection": "state"}, "eidetic_selection='state' reads across documents"),
+    ({"data.retrieval_fraction": 0.5}, "config.data.retrieval_fraction=0.5: corpora only"),
+    ({"data.retrieval_fraction": -0.1, "data.name": "ptb", "data.task": {}},
+     r"config.data.retrieval_fraction=-0.1: must be a number in \[0, 1\]"),
 ])
 def test_bad_config_values_raise_clear_errors(changes, match):
     config = _tiny_config()

@@ -22,6 +22,7 @@ A tokenizer is any object with `encode(text) -> int [t]` and `decode(ids) -> str
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 
 import numpy as np
@@ -231,6 +232,55 @@ def multikey_needle(tokenizer, filler, length: int, depth: float, num_examples: 
         depths.append(realized)
     return RetrievalBatch(np.stack(rows), tuple(answers), np.stack(spans), np.stack(depths),
                           float(depth))
+
+
+RETRIEVAL_TASKS = ("passkey", "needle")
+
+
+def retrieval_training_rows(tokenizer, filler, length: int, num_examples: int, *,
+                            seed: int = 0, num_needles: int = 4) -> tuple[np.ndarray, np.ndarray]:
+    """Language-model training rows that teach the retrieval tasks: each row is a passkey or
+    multi-key needle prompt followed by its answer (" " + digits), `length` tokens in all, with
+    every target labelled (the prompt's text and the answer alike; our choice: the row is ordinary
+    text to the loss, and the answer is the only part that needs the needle).
+
+    Row i draws from `np.random.default_rng([seed, i])` its task (passkey or needle, equally
+    likely), the asked needle's depth (uniform in [0, 1]) and a prompt seed, and is built by
+    `passkey` / `multikey_needle` with that seed, so the key and filler offset are as those
+    functions draw them. Keep `seed` apart from the evaluation prompts' seed (and `filler` from
+    their held-out text): the training rows then share no prompt with the evaluation.
+
+    Args:
+      tokenizer, filler: as in `passkey` (the filler: e.g. the training split's token stream).
+      length: t, tokens per row (inputs and targets each); the needle prompt needs about 200.
+      num_examples: n >= 1.
+      seed: >= 0.
+      num_needles: needles per multi-key prompt.
+
+    Returns:
+      (inputs, targets) int32 [n, t]: the row's tokens [0, t) and [1, t + 1).
+
+    Raises:
+      ValueError: as in `passkey` / `multikey_needle`, e.g. a length that leaves no filler.
+    """
+    _check_common(filler, length, 0.0, num_examples, seed)
+    rows = []
+    for i in range(num_examples):
+        rng = np.random.default_rng([seed, i])
+        task = RETRIEVAL_TASKS[int(rng.integers(len(RETRIEVAL_TASKS)))]
+        depth, prompt_seed = float(rng.random()), int(rng.integers(2 ** 31))
+        build = (passkey if task == "passkey"
+                 else functools.partial(multikey_needle, num_needles=num_needles))
+        digits = KEY_DIGITS if task == "passkey" else VALUE_DIGITS
+        # The answer is the same at every prompt length; its tokens are at most one per character.
+        answer = build(tokenizer, filler, length + 1 - (1 + digits), depth, 1,
+                       seed=prompt_seed).answers[0]
+        answer_ids = _encode_exact(tokenizer, " " + answer)
+        prompt = build(tokenizer, filler, length + 1 - len(answer_ids), depth, 1,
+                       seed=prompt_seed).inputs[0]
+        rows.append(np.concatenate([prompt, answer_ids]))
+    rows = np.stack(rows).astype(np.int32)
+    return rows[:, :-1], rows[:, 1:]
 
 
 def answer_correct(continuation: str, answer: str) -> bool:

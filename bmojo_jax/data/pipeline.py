@@ -28,6 +28,7 @@ from typing import Sequence
 import ml_collections
 import numpy as np
 
+from bmojo_jax.data.long_context import retrieval_training_rows
 from bmojo_jax.data.synthetic import IGNORE_INDEX, SYNTHETIC_TASKS
 from bmojo_jax.data.text import SPLITS, lm_batch, lm_eval_batches, load_corpus
 
@@ -49,7 +50,8 @@ class TextData:
 
     def __init__(self, name: str, *, batch_size: int, seq_len: int, seed: int = 0,
                  path: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
-                 split_seed: int = 0, bpe_vocab_size: int = 4096, tokenizer=None):
+                 split_seed: int = 0, bpe_vocab_size: int = 4096, tokenizer=None,
+                 retrieval_fraction: float = 0.0):
         """
         Args:
           name: one of `CORPORA`.
@@ -59,21 +61,45 @@ class TextData:
           split_seed: the document split (`split_documents`).
           bpe_vocab_size: BPE vocabulary of the non-PTB corpora.
           tokenizer: None, or a training run's own tokenizer (`load_corpus`).
+          retrieval_fraction: the fraction of each training batch, round(fraction * b) rows (the
+            first ones), that are passkey / needle prompts with their answers in the training
+            split's text (`long_context.retrieval_training_rows`) instead of plain windows; 0:
+            none. Evaluation batches stay plain text.
 
         Raises:
           MissingDataError: the corpus is not installed; ValueError, FileNotFoundError: as
-          `load_corpus`.
+          `load_corpus`; ValueError: a retrieval_fraction outside [0, 1], or one above 0 with a
+          tokenizer that cannot write the prompts exactly (PTB) or a seq_len too short for them.
         """
         _check_batch(batch_size, seq_len)
+        if not (isinstance(retrieval_fraction, (int, float)) and 0 <= retrieval_fraction <= 1):
+            raise ValueError(f"retrieval_fraction={retrieval_fraction!r}: must be a number in "
+                             f"[0, 1] (the fraction of each training batch).")
         self.corpus = load_corpus(name, path=path, seed=split_seed, vocab_size=bpe_vocab_size,
                                   tokenizer=tokenizer)
         self.vocab_size = self.corpus.vocab_size
         self.fingerprints = dict(self.corpus.fingerprints)
         self.batch_size, self.seq_len, self.seed = batch_size, seq_len, seed
+        self.retrieval_rows = round(retrieval_fraction * batch_size)
+        if self.retrieval_rows:
+            try:
+                self.train_batch(0)  # every bad setting fails here, before training starts
+            except ValueError as error:
+                raise ValueError(f"retrieval_fraction={retrieval_fraction} on corpus {name!r} "
+                                 f"at seq_len={seq_len}: {error}") from None
 
     def train_batch(self, step: int):
-        """(inputs, targets) int32 [b, t] of step `step`: a pure function of (step, seed)."""
-        return lm_batch(self.corpus.train, self.batch_size, self.seq_len, step, self.seed)
+        """(inputs, targets) int32 [b, t] of step `step`: a pure function of (step, seed). The
+        first `retrieval_rows` rows are retrieval prompts (`retrieval_training_rows`, seeded by
+        (seed, step)), the others random windows (`lm_batch`)."""
+        inputs, targets = lm_batch(self.corpus.train, self.batch_size, self.seq_len, step,
+                                   self.seed)
+        if self.retrieval_rows:
+            rows_seed = int(np.random.default_rng([self.seed, step, 1]).integers(2 ** 31))
+            n = self.retrieval_rows
+            inputs[:n], targets[:n] = retrieval_training_rows(
+                self.corpus, self.corpus.train, self.seq_len, n, seed=rows_seed)
+        return inputs, targets
 
     def eval_batches(self, split: str, batch_size: int, seq_len: int):
         """[(inputs, targets) int32 [b, t]] covering the whole split (`lm_eval_batches`)."""
@@ -189,7 +215,8 @@ def load_data(config: ml_collections.ConfigDict, tokenizer=None) -> TextData | S
 
     Reads config.batch_size, config.seed (training-batch order) and config.data: name, seq_len,
     seed (document split, or synthetic-set seed), path ("text_files": a directory, or a
-    comma-separated list of files), bpe_vocab_size, task, num_train, num_eval.
+    comma-separated list of files), bpe_vocab_size, retrieval_fraction, task, num_train,
+    num_eval.
 
     Raises:
       MissingDataError: a corpus is not installed; ValueError: bad task arguments.
@@ -203,4 +230,5 @@ def load_data(config: ml_collections.ConfigDict, tokenizer=None) -> TextData | S
     if path and "," in path:
         path = [p.strip() for p in path.split(",")]
     return TextData(data.name, path=path, split_seed=data.seed,
-                    bpe_vocab_size=data.bpe_vocab_size, tokenizer=tokenizer, **common)
+                    bpe_vocab_size=data.bpe_vocab_size, tokenizer=tokenizer,
+                    retrieval_fraction=data.get("retrieval_fraction", 0.0), **common)

@@ -52,6 +52,11 @@ def default_config(preset: str = "bmojo") -> ml_collections.ConfigDict:
         memory restarts at a document; `data.document_segments`), in training and evaluation.
         False (default): one stream, the memories run across documents. PTB's end-of-text token
         is <eos>, which ends every line: there each sentence is a document.
+      data.retrieval_fraction: corpora only: the fraction of each training batch (round(fraction
+        * batch_size) rows) that are passkey and multi-key needle prompts, each followed by its
+        answer, built from the training split's text (`data.retrieval_training_rows`); 0.0
+        (default): plain text only. Our choice, for the long-context suite (docs/design.md
+        section 7d): small models trained on text alone do not learn to retrieve at all.
       optimizer: lr (peak), schedule ("cosine" | "constant"), warmup_steps, min_lr_ratio (cosine
         end / peak), weight_decay (decoupled, AdamW), clip_norm (global gradient norm), b1, b2, eps.
       num_steps, batch_size: training steps and sequences per step.
@@ -104,7 +109,7 @@ def default_config(preset: str = "bmojo") -> ml_collections.ConfigDict:
         name="ptb", seq_len=128, eval_seq_len=config_dict.placeholder(int),
         path=config_dict.placeholder(str), bpe_vocab_size=4096, seed=0,
         task=ml_collections.ConfigDict(), num_train=10_000, num_eval=1_000,
-        packed_documents=False))
+        packed_documents=False, retrieval_fraction=0.0))
     config.optimizer = ml_collections.ConfigDict(dict(
         lr=1e-3, schedule="cosine", warmup_steps=100, min_lr_ratio=0.1, weight_decay=0.1,
         clip_norm=1.0, b1=0.9, b2=0.95, eps=1e-8))
@@ -196,6 +201,13 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         raise ValueError(f"config.data.task={dict(config.data.task)}: only synthetic tasks "
                          f"({', '.join(data_lib.SYNTHETIC_TASKS)}) take task arguments.")
     _check_early_stop(config, synthetic)
+    fraction = config.data.get("retrieval_fraction", 0.0)
+    if not (isinstance(fraction, (int, float)) and 0 <= fraction <= 1):
+        raise ValueError(f"config.data.retrieval_fraction={fraction!r}: must be a number in "
+                         f"[0, 1] (the fraction of each training batch).")
+    if synthetic and fraction:
+        raise ValueError(f"config.data.retrieval_fraction={fraction}: corpora only; the "
+                         f"synthetic task {config.data.name!r} has its own examples.")
     if config.data.get("packed_documents", False):
         if synthetic:
             raise ValueError(f"config.data.packed_documents: the synthetic task "
