@@ -229,7 +229,8 @@ def evaluate_model(m: Model, s: Settings) -> dict:
                          f"{min(lengths)} (default: half the training context {t}).")
     record = dict(name=m.name, preset=config.model_preset,
                   layer_mixers=model.config.layer_mixers, window=model.config.window,
-                  eidetic_slots=model.config.eidetic_slots, params=bmojo_jax.count_params(model),
+                  eidetic_slots=model.config.eidetic_slots,
+                  storage_slots=model.config.storage_slots, params=bmojo_jax.count_params(model),
                   step=m.step, train_seq_len=t, batch_size=int(config.batch_size),
                   lr=float(config.optimizer.lr), config=config.to_dict(), corpus=config.data.name,
                   vocab_size=model.config.vocab_size, lengths=lengths, score_tokens=score_tokens,
@@ -262,6 +263,17 @@ def _accuracy_grid(record: dict, task: str, depths) -> np.ndarray:
                      for n in record["lengths"]])
 
 
+def _memories(m: dict) -> str:
+    """", window 64, 16 eidetic slots": the memory sizes a model's layers use."""
+    layers = set(m["layer_mixers"])
+    words = [f"window {m['window']}"] if layers & set("WFB") else []
+    if "B" in layers:
+        words.append(f"{m['eidetic_slots']} eidetic slots")
+        if m.get("storage_slots"):  # records written before the store have none
+            words.append(f"a store of {m['storage_slots']:,} tokens")
+    return "".join(", " + w for w in words)
+
+
 def markdown(record: dict) -> str:
     """The tables of every model and the method, from the record."""
     s = record["settings"]
@@ -273,8 +285,8 @@ def markdown(record: dict) -> str:
     for m in record["models"]:
         t = m["train_seq_len"]
         lines += [f"## {m['name']}\n",
-                  f"Preset `{m['preset']}` (layers `{m['layer_mixers']}`, window {m['window']}, "
-                  f"{m['eidetic_slots']} eidetic slots), {m['params']:,} parameters, trained on "
+                  f"Preset `{m['preset']}` (layers `{m['layer_mixers']}`{_memories(m)}), "
+                  f"{m['params']:,} parameters, trained on "
                   f"`{m['corpus']}` (vocabulary {m['vocab_size']:,}) at context T = {t} tokens: "
                   f"{m['step']:,} steps of {m['batch_size']} x {t} tokens, peak learning rate "
                   f"{m['lr']:g} (its training config: the JSON).\n"]

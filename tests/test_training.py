@@ -24,7 +24,7 @@ from flax import nnx
 
 from bmojo_jax import LanguageModel, data, training
 from bmojo_jax import config as bj_config
-from experiments.configs import books, mqar, ptb, tiny
+from experiments.configs import books, long_context, mqar, ptb, tiny
 
 STEPS, EVERY = 12, 6
 
@@ -341,7 +341,7 @@ def test_unknown_and_missing_fields_raise_clear_errors():
         training.validate_config(config)
 
 
-@pytest.mark.parametrize("module", [ptb, mqar, books, tiny])
+@pytest.mark.parametrize("module", [ptb, mqar, books, tiny, long_context])
 @pytest.mark.parametrize("preset", ["transformer", "swa", "mamba", "hybrid", "bmojo_f", "bmojo"])
 def test_experiment_configs_are_valid(module, preset):
     config = module.get_config(preset)
@@ -451,6 +451,15 @@ def test_mqar_far_config_accepts_every_rule():
     assert set(mqar_far.RULES) - {"oracle"} == set(bj_config.SELECTIONS)
     with pytest.raises(ValueError, match="bmojo_oracle"):
         mqar_far.get_config("bmojo_lru")
+
+
+def test_long_context_config_has_a_storage_variant():
+    config = long_context.get_config("bmojo_storage")
+    training.validate_config(config)
+    assert (config.model_preset, config.model.storage_slots) == ("bmojo", 16_384)
+    assert config.data.retrieval_fraction > 0
+    with pytest.raises(ValueError, match="bmojo_storage"):
+        long_context.get_config("bmojo_lru")
 
 
 def test_packed_documents_score_each_document_alone():

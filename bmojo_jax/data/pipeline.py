@@ -32,6 +32,10 @@ from bmojo_jax.data.long_context import retrieval_training_rows
 from bmojo_jax.data.synthetic import IGNORE_INDEX, SYNTHETIC_TASKS
 from bmojo_jax.data.text import SPLITS, lm_batch, lm_eval_batches, load_corpus
 
+# Training batches built when a TextData with retrieval rows starts, so that a seq_len too short for
+# the longer prompts (their length varies with the keys drawn) fails then, not mid-run (our choice).
+RETRIEVAL_CHECK_STEPS = 16
+
 # The length argument of each synthetic generator: MQAR keeps the Zoology name.
 SEQ_LEN_ARGUMENTS = {
     "mqar": "input_seq_len",
@@ -69,7 +73,9 @@ class TextData:
         Raises:
           MissingDataError: the corpus is not installed; ValueError, FileNotFoundError: as
           `load_corpus`; ValueError: a retrieval_fraction outside [0, 1], or one above 0 with a
-          tokenizer that cannot write the prompts exactly (PTB) or a seq_len too short for them.
+          tokenizer that cannot write the prompts exactly (PTB) or a seq_len too short for the
+          prompts of the first `RETRIEVAL_CHECK_STEPS` batches (leave room: the prompts' length
+          varies with their keys).
         """
         _check_batch(batch_size, seq_len)
         if not (isinstance(retrieval_fraction, (int, float)) and 0 <= retrieval_fraction <= 1):
@@ -82,8 +88,9 @@ class TextData:
         self.batch_size, self.seq_len, self.seed = batch_size, seq_len, seed
         self.retrieval_rows = round(retrieval_fraction * batch_size)
         if self.retrieval_rows:
-            try:
-                self.train_batch(0)  # every bad setting fails here, before training starts
+            try:  # a setting that cannot work fails here, before training starts
+                for step in range(RETRIEVAL_CHECK_STEPS):
+                    self.train_batch(step)
             except ValueError as error:
                 raise ValueError(f"retrieval_fraction={retrieval_fraction} on corpus {name!r} "
                                  f"at seq_len={seq_len}: {error}") from None
