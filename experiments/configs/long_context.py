@@ -13,8 +13,10 @@ context; storage_topk = 32).
 
 Our choices: the retrieval rows, because a model of this size trained on text alone never
 retrieves (B'MOJO scored 0 everywhere after 400 steps of plain text, and a Transformer after 1000
-steps with half the rows retrieval prompts still wrote a fixed number); 2500 steps at a peak
-learning rate of 3e-3 (the Transformer began to copy keys at 1000); T = 256, the smallest context
+steps with half the rows retrieval prompts still wrote a fixed number); 5000 steps at a peak
+learning rate of 3e-3 (with three quarters of the rows retrieval prompts, the Transformer wrote
+keys of the right form from step 1000 but, at step 2000 of 2500, predicted only 34% of a passkey's
+digits given the ones before: its copy was still being learned); T = 256, the smallest context
 that holds a needle prompt (about 200 tokens) with room for filler; 2 layers of d_model 128 and a
 window of 64, so that at T the needle is mostly beyond SWA's and B'MOJO's window.
 """
@@ -36,7 +38,7 @@ def get_config(arg: str = "bmojo"):
         config.model.update(**STORAGE)
     config.data.update(name="austen", seq_len=256, bpe_vocab_size=4096, retrieval_fraction=0.75)
     config.optimizer.update(lr=3e-3, warmup_steps=100, weight_decay=0.1)
-    config.update(num_steps=2500, batch_size=16, eval_every=250, eval_batches=10,
+    config.update(num_steps=5000, batch_size=16, eval_every=250, eval_batches=10,
                   checkpoint_every=500, max_to_keep=2, log_every=50)
     config.sample.update(prompt="It is a truth universally acknowledged", max_new_tokens=60)
     return config
