@@ -23,6 +23,7 @@ length). OUT is a new runs/long_context-<timestamp>/ unless --out_dir is given; 
 from __future__ import annotations
 
 import dataclasses
+import json
 import sys
 import time
 from pathlib import Path
@@ -386,9 +387,35 @@ def plot(record: dict, path) -> None:
     plotting.save(fig, path)
 
 
+def evaluate_cached(m: Model, settings: Settings, cache: Optional[Path]) -> dict:
+    """`evaluate_model`, keeping its record in CACHE/<workdir, "/" as "+">.json (None: no cache)
+    with the settings and checkpoint step it was made with, and returning a kept record instead
+    when both are unchanged (our choice: a changed checkpoint or setting is evaluated again and
+    its file replaced)."""
+    if cache is None:
+        return evaluate_model(m, settings)
+    path = cache / (str(m.name).strip("/").replace("/", "+") + ".json")
+    key = json.loads(json.dumps(dict(settings=dataclasses.asdict(settings), step=m.step)))
+    if path.exists():
+        kept = json.loads(path.read_text())
+        if {name: kept.get(name) for name in key} == key:
+            print(f"{m.name}: the record of step {m.step} with these settings is in {path}; "
+                  f"reused", flush=True)
+            return kept["record"]
+    record = evaluate_model(m, settings)
+    cache.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(".json.partial")
+    partial.write_text(json.dumps(dict(**key, record=record), indent=1) + "\n")
+    partial.replace(path)  # atomic: a stop mid-write leaves the old file or none
+    return record
+
+
 def run(settings: Settings, models: Sequence, out_dir=None, command: Optional[str] = None
         ) -> dict:
-    """Evaluates every model and writes OUT/long_context.{md,json,png}.
+    """Evaluates every model and writes OUT/long_context.{md,json,png}. With an explicit
+    `out_dir`, each model's record is also kept in OUT/long_context_models/ as it finishes, and a
+    rerun with the same settings reuses the record of a model whose checkpoint step is unchanged
+    (`evaluate_cached`), so a long run resumes where it stopped.
 
     Args:
       settings: a `Settings`.
@@ -410,7 +437,9 @@ def run(settings: Settings, models: Sequence, out_dir=None, command: Optional[st
         raise ValueError("--workdir: give at least one training workdir.")
     meta = harness.provenance(command or harness.command_line(f"experiments.{NAME}"))
     tic = time.perf_counter()
-    records = [evaluate_model(m if isinstance(m, Model) else load(m), settings) for m in models]
+    cache = Path(out_dir) / f"{NAME}_models" if out_dir else None
+    records = [evaluate_cached(m if isinstance(m, Model) else load(m), settings, cache)
+               for m in models]
     record = dict(**meta, settings=dataclasses.asdict(settings), models=records,
                   wall_seconds=time.perf_counter() - tic)
     prefix = harness.output_prefix(NAME, out_dir=out_dir)  # created once there is a result

@@ -213,8 +213,9 @@ def test_settings_errors_are_clear():
 
 
 @pytest.mark.slow
-def test_runner_end_to_end(corpus, documents, tmp_path):
-    """The suite on a tiny randomly initialised B'MOJO (training context 32), into a tmp dir."""
+def test_runner_end_to_end(corpus, documents, tmp_path, monkeypatch):
+    """The suite on a tiny randomly initialised B'MOJO (training context 32), into a tmp dir; a
+    rerun reuses the model's kept record, and a new checkpoint step is evaluated again."""
     config = training.default_config("bmojo")
     config.data.update(name="text_files", path=str(documents), seq_len=32, bpe_vocab_size=300)
     model = bmojo_jax.LanguageModel(bmojo_jax.ModelConfig.preset(
@@ -224,14 +225,15 @@ def test_runner_end_to_end(corpus, documents, tmp_path):
     settings = runner.Settings(lengths=(320, 480), depths=(0.0, 1.0), examples=2, num_needles=2,
                                windows=3, score_tokens=16, batch_size=4)
     out = tmp_path / "out"
-    record = runner.run(settings, [runner.Model("random", model, corpus.tokenizer, config, 0,
-                                                corpus)],
-                        out_dir=out, command="python -m test")
+    random_model = runner.Model("workdir/random", model, corpus.tokenizer, config, 0, corpus)
+    record = runner.run(settings, [random_model], out_dir=out, command="python -m test")
     assert sorted(p.name for p in out.iterdir()) == [
-        "long_context.json", "long_context.md", "long_context.png"]
+        "long_context.json", "long_context.md", "long_context.png", "long_context_models"]
+    assert [p.name for p in (out / "long_context_models").iterdir()] == ["workdir+random.json"]
     assert json.loads((out / "long_context.json").read_text()) == json.loads(json.dumps(record))
     (m,) = record["models"]
-    assert m["train_seq_len"] == 32 and m["name"] == "random" and m["lengths"] == [320, 480]
+    assert m["train_seq_len"] == 32 and m["name"] == "workdir/random"
+    assert m["lengths"] == [320, 480]
     for task in ("passkey", "needle"):
         for length in ("320", "480"):
             cell = m[task][length]
@@ -247,3 +249,14 @@ def test_runner_end_to_end(corpus, documents, tmp_path):
     assert m["state_bytes"]["320"] == m["state_bytes"]["480"]  # B'MOJO: constant state
     text = (out / "long_context.md").read_text()
     assert "Command: `python -m test`" in text and "| 480 | 15 |" in text
+
+    def evaluate(m, s):
+        assert m.step == 1, "the record of step 0 with the same settings must be reused"
+        return {**record["models"][0], "step": 1}
+
+    monkeypatch.setattr(runner, "evaluate_model", evaluate)
+    again = runner.run(settings, [random_model], out_dir=out, command="python -m test")
+    assert again["models"] == json.loads(json.dumps(record["models"]))
+    newer = runner.run(settings, [random_model._replace(step=1)], out_dir=out,
+                       command="python -m test")
+    assert newer["models"][0]["step"] == 1
