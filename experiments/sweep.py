@@ -275,7 +275,14 @@ def run_point(get_config, arg: str, lr, seed: int, root: Path, out: Path | None 
     arg, lr, seed, config, result (`train_point`) and the other swept `fields` when there are
     any. With `out`, the record also gets the git commit, the machine and the command and is
     written to OUT/<point>.json (committed with `commit`); a reproduce table passes no `out` and
-    keeps its records, with that provenance once, in its own JSON."""
+    keeps its records, with that provenance once, in its own JSON. A rerun finds the point's
+    workdir finished and returns the record already in OUT untouched (its provenance is the run's
+    that trained it).
+
+    Raises:
+      ValueError: OUT/<point>.json records another config (a different --set, say) for the same
+        point name.
+    """
     name, config = point_config(get_config, arg, lr, seed, overrides, fields)
     tic = time.time()
     result = train_point(config, root / name)
@@ -285,12 +292,19 @@ def run_point(get_config, arg: str, lr, seed: int, root: Path, out: Path | None 
         record["fields"] = jsonable(fields)
     if out is None:
         return record
+    path = out / f"{name}.json"
+    if path.exists():  # a rerun of a finished point: the committed record stays as it is
+        kept = json.loads(path.read_text())
+        if kept.get("config") != jsonable(record["config"]):
+            raise ValueError(f"{path} holds point {name} trained with another config: rerun "
+                             f"with the config it records, or give another --out.")
+        if kept.get("result") == json.loads(json.dumps(result)):
+            return kept
     record.update(git_commit=harness.git_commit(), machine=harness.machine(),
                   command=harness.command_line("experiments.sweep"),
                   finished_utc=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                   collect_s=time.time() - tic)
     out.mkdir(parents=True, exist_ok=True)
-    path = out / f"{name}.json"
     path.write_text(json.dumps(record, indent=1) + "\n")
     if commit:
         _commit(path, f"sweep point {name}: {_headline(result)}")

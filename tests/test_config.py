@@ -190,3 +190,23 @@ def test_command_lines_print_config_and_refuse_typos(tmp_path):
         assert "unknown config field 'optimizer.learning_rate'; did you mean" in line
         assert "optimizer.lr" in line
     assert not any(tmp_path.iterdir())
+
+
+def test_sweep_rerun_keeps_the_committed_point_record(tmp_path, monkeypatch):
+    """Rerunning a finished point returns its OUT/<point>.json untouched (its finish time and
+    collection time are the training run's), and a point name that OUT holds with another config
+    is refused, naming the file."""
+    from experiments import sweep
+    from experiments.configs import tiny
+    monkeypatch.setattr(sweep, "train_point", lambda config, workdir: {"step": 7, "valid": {}})
+    first = sweep.run_point(tiny.get_config, "bmojo", 3e-3, 0, tmp_path / "root",
+                            out=tmp_path / "out", overrides=["num_steps=7"])
+    path = tmp_path / "out" / "bmojo-lr0.003-s0.json"
+    written = path.read_text()
+    again = sweep.run_point(tiny.get_config, "bmojo", 3e-3, 0, tmp_path / "root",
+                            out=tmp_path / "out", overrides=["num_steps=7"])
+    assert path.read_text() == written and again["finished_utc"] == first["finished_utc"]
+    with pytest.raises(ValueError, match="bmojo-lr0.003-s0.json holds point bmojo-lr0.003-s0 "
+                                         "trained with another config"):
+        sweep.run_point(tiny.get_config, "bmojo", 3e-3, 0, tmp_path / "root",
+                        out=tmp_path / "out", overrides=["num_steps=8"])
