@@ -29,8 +29,9 @@ diagnostics (`bmojo_jax.diagnostics`: selection recall, slot precision, attentio
 slots) of every MQAR point that has `B` layers, measured on its final checkpoint (in ROOT) and one
 validation batch, and that checkpoint's validation accuracy with its own selection rule and with
 the oracle's scores and with no slot (`diagnostics.accuracy_by_selection`: selection vs use). A
-sweep writes it at the end to `--markdown` (default OUT/summary.md) and prints
-it; `--summary` only summarizes the finished points in OUT (JSON on stdout; the table with
+sweep writes it at the end, for every point in OUT (its own and those of earlier sweeps into the
+same OUT), to `--markdown` (default OUT/summary.md) and prints it; `--summary` only summarizes
+the finished points in OUT of the given arguments (JSON on stdout; the table with
 `--markdown=PATH`).
 
 Points run in the order given; several sweeps can run side by side on one machine (e.g. pinned
@@ -516,8 +517,7 @@ def main(argv):
         root = Path(FLAGS.root) if FLAGS.root else Path("runs/sweeps") / Path(path).stem
         out = Path(FLAGS.out) if FLAGS.out else root / "points"
         if FLAGS.summary:
-            records = [r for r in (json.loads(p.read_text()) for p in sorted(out.glob("*.json")))
-                       if r["arg"] in args]
+            records = [r for r in finished_points(out) if r["arg"] in args]
             summary = summarize(records)
             print(json.dumps(summary, indent=1))
             if FLAGS.markdown:
@@ -537,7 +537,6 @@ def main(argv):
     except ValueError as e:
         sys.exit(f"error: {e}")
     print(f"[sweep] {len(points)} points under {root}", flush=True)
-    records = []
     for arg, lr, seed, fields in points:
         try:
             record = run_point(module.get_config, arg, lr, seed, root, out, FLAGS.commit,
@@ -547,11 +546,15 @@ def main(argv):
             name, _ = point_config(module.get_config, arg, lr, seed, FLAGS.set, fields)
             sys.exit(f"error: point {name}: {e}")
         print(f"[sweep] {record['point']}: {_headline(record['result'])}", flush=True)
-        records.append(record)
-    table = markdown(summarize(records), root)
+    table = markdown(summarize(finished_points(out)), root)
     path = Path(FLAGS.markdown) if FLAGS.markdown else out / "summary.md"
     path.write_text(table)
     print(f"{table}\n[sweep] wrote {path}", flush=True)
+
+
+def finished_points(out: Path) -> list[dict]:
+    """The records of every finished point in OUT (its *.json files), by file name."""
+    return [json.loads(p.read_text()) for p in sorted(out.glob("*.json"))]
 
 
 def _number(source: str, text: str, kind: type):
