@@ -24,7 +24,7 @@ IMPLEMENTATIONS = (None, "reference", "xla", "pallas")
 SCAN_IMPLEMENTATIONS = IMPLEMENTATIONS + ("associative",)
 EVICTIONS = ("fifo", "score")
 PREDICTORS = ("identity", "linear")
-SELECTIONS = ("fading", "state", "threshold", "learned", "random")
+SELECTIONS = ("fading", "state", "threshold", "learned", "random", "projection")
 DTYPES = ("float32", "bfloat16")
 REMATS = ("none", "block", "dots")
 DROPOUTS = ("embedding_dropout", "residual_dropout", "attention_dropout")
@@ -78,10 +78,12 @@ class ModelConfig:
         `eidetic_threshold` times the mean score of the tokens before it: HAM's growth rule),
         "learned" (a linear score of X_t, trained by the language-modelling loss through the
         attention logit of the slot that holds the token, + log sigmoid(score)), "random" (a
-        control: uniform scores, a function of `eidetic_seed` and the position in the document).
+        control: uniform scores, a function of `eidetic_seed` and the position in the document),
+        "projection" (a control that varies with the content yet knows nothing of the task: X_t
+        projected on a fixed random direction drawn from `eidetic_seed`, no gradient).
         Any rule is overridden by `eidetic_scores` handed to the model (an oracle).
       eidetic_threshold: the factor of the "threshold" rule (> 0).
-      eidetic_seed: the seed of the "random" rule.
+      eidetic_seed: the seed of the "random" and "projection" rules.
       storage_slots: the in-storage eidetic memory of `B` layers (docs/design.md section 7c; our
         design, the paper gives none): capacity S in tokens of a per-sequence store of the keys
         and values of past tokens; 0 = off. A token enters when it is 2 chunks old and stays for

@@ -264,3 +264,21 @@ def test_remat_keeps_the_gradients(remat):
     assert none_policies == [] and policies == [bj.model.REMAT_POLICIES[remat]]
     for g, e in zip(jax.tree.leaves(grads), jax.tree.leaves(expected)):
         np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-6)
+
+
+def test_control_rules_random_is_positional_and_projection_follows_the_content():
+    """`random` scores every sequence alike (position only); `projection` scores each token by its
+    layer input on a fixed direction, so different sequences keep different positions, and the
+    same tokens score the same at any batch row."""
+    x = jax.random.randint(jax.random.key(5), (2, T), 0, VOCAB)
+    for rule in ("random", "projection"):
+        model = bj.LanguageModel(config("bmojo", eidetic_selection=rule, eidetic_seed=1),
+                                 rngs=nnx.Rngs(0))
+        scores = np.asarray(model.eidetic_trace(x)[0]["scores"])
+        assert np.isfinite(scores).all()
+        if rule == "random":
+            np.testing.assert_array_equal(scores[0], scores[1])
+        else:
+            assert not np.allclose(scores[0], scores[1])
+            swapped = np.asarray(model.eidetic_trace(x[::-1])[0]["scores"])
+            np.testing.assert_allclose(swapped, scores[::-1], rtol=1e-6, atol=1e-6)

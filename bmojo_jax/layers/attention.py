@@ -169,6 +169,9 @@ class MemoryAttention(nnx.Module):
             key = jax.random.key(self.seed)
             draw = jnp.vectorize(lambda p: jax.random.uniform(jax.random.fold_in(key, p)))
             return jnp.broadcast_to(draw(jnp.asarray(positions)), x.shape[:2])
+        if self.rule == "projection":
+            direction = jax.random.normal(jax.random.key(self.seed), (x.shape[-1],))
+            return jax.lax.stop_gradient(x).astype(jnp.float32) @ direction
         return self._innovation(x, previous_f)
 
     def _selection(self, oracle: bool):
