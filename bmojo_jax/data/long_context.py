@@ -272,13 +272,13 @@ def retrieval_training_rows(tokenizer, filler, length: int, num_examples: int, *
         build = (passkey if task == "passkey"
                  else functools.partial(multikey_needle, num_needles=num_needles))
         digits = KEY_DIGITS if task == "passkey" else VALUE_DIGITS
-        # The answer is the same at every prompt length; its tokens are at most one per character.
-        answer = build(tokenizer, filler, length + 1 - (1 + digits), depth, 1,
-                       seed=prompt_seed).answers[0]
-        answer_ids = _encode_exact(tokenizer, " " + answer)
-        prompt = build(tokenizer, filler, length + 1 - len(answer_ids), depth, 1,
-                       seed=prompt_seed).inputs[0]
-        rows.append(np.concatenate([prompt, answer_ids]))
+        # The answer is the same at every prompt length; " " + digits is at most one token per
+        # character, so the prompt is built again only when the answer takes fewer.
+        guess = build(tokenizer, filler, length + 1 - (1 + digits), depth, 1, seed=prompt_seed)
+        answer_ids = _encode_exact(tokenizer, " " + guess.answers[0])
+        prompt = guess if len(answer_ids) == 1 + digits else build(
+            tokenizer, filler, length + 1 - len(answer_ids), depth, 1, seed=prompt_seed)
+        rows.append(np.concatenate([prompt.inputs[0], answer_ids]))
     rows = np.stack(rows).astype(np.int32)
     return rows[:, :-1], rows[:, 1:]
 

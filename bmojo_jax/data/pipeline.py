@@ -78,9 +78,7 @@ class TextData:
           varies with their keys).
         """
         _check_batch(batch_size, seq_len)
-        if not (isinstance(retrieval_fraction, (int, float)) and 0 <= retrieval_fraction <= 1):
-            raise ValueError(f"retrieval_fraction={retrieval_fraction!r}: must be a number in "
-                             f"[0, 1] (the fraction of each training batch).")
+        check_retrieval_fraction(retrieval_fraction)
         self.corpus = load_corpus(name, path=path, seed=split_seed, vocab_size=bpe_vocab_size,
                                   tokenizer=tokenizer)
         self.vocab_size = self.corpus.vocab_size
@@ -197,6 +195,13 @@ class SyntheticData:
     def n_bytes(self, split: str):
         """None: synthetic examples have no byte count."""
         return None
+
+
+def check_retrieval_fraction(value, name: str = "retrieval_fraction") -> None:
+    """ValueError naming `name` and `value` unless value is a number in [0, 1]."""
+    if not (isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value <= 1):
+        raise ValueError(f"{name}={value!r}: must be a number in [0, 1] (the fraction of each "
+                         f"training batch).")
 
 
 def _check_batch(batch_size, seq_len) -> None:

@@ -32,8 +32,8 @@ visible only to queries of its document (`ops.memory_attention`), the fading SSM
 (`layers.ssm`), the innovation's prediction F_{-1} is 0 at a document's first token, and a
 document's eidetic buffer takes no selection from before its start (`ops.select_eidetic`; the
 same slots as alone when documents start at chunk boundaries), and a chunk never selects the
-tokens of a document that ends inside it (no later chunk of that document could read them). The returned state is the last
-document's (`AttentionState.start`), so decoding continues it as if it had run alone. The pallas
+tokens of a document that ends inside it (no later chunk of that document could read them). The
+returned state is the last document's (`AttentionState.start`), so decoding continues it as if it had run alone. The pallas
 kernels take no segment_ids (the `xla` attention runs); the "state" and "threshold" rules read
 across documents and refuse them.
 

@@ -19,6 +19,7 @@ from ml_collections import config_dict
 
 from bmojo_jax import data as data_lib
 from bmojo_jax import sharding as sharding_lib
+from bmojo_jax.data.pipeline import check_retrieval_fraction
 from bmojo_jax.config import PRESET_PATTERNS, ModelConfig, check_choice
 from bmojo_jax.model import LanguageModel
 
@@ -202,9 +203,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
                          f"({', '.join(data_lib.SYNTHETIC_TASKS)}) take task arguments.")
     _check_early_stop(config, synthetic)
     fraction = config.data.get("retrieval_fraction", 0.0)
-    if not (isinstance(fraction, (int, float)) and 0 <= fraction <= 1):
-        raise ValueError(f"config.data.retrieval_fraction={fraction!r}: must be a number in "
-                         f"[0, 1] (the fraction of each training batch).")
+    check_retrieval_fraction(fraction, "config.data.retrieval_fraction")
     if synthetic and fraction:
         raise ValueError(f"config.data.retrieval_fraction={fraction}: corpora only; the "
                          f"synthetic task {config.data.name!r} has its own examples.")
