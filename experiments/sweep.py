@@ -282,9 +282,15 @@ def run_point(get_config, arg: str, lr, seed: int, root: Path, out: Path | None 
 
     Raises:
       ValueError: OUT/<point>.json records another config (a different --set, say) for the same
-        point name.
+        point name (before any training).
     """
     name, config = point_config(get_config, arg, lr, seed, overrides, fields)
+    as_json = lambda x: json.loads(json.dumps(x))  # noqa: E731  (as a JSON file reads back)
+    path = None if out is None else out / f"{name}.json"
+    kept = json.loads(path.read_text()) if path is not None and path.exists() else None
+    if kept is not None and kept.get("config") != as_json(jsonable(config.to_dict())):
+        raise ValueError(f"{path} holds point {name} trained with another config: rerun with "
+                         f"the config it records, or give another --out.")
     tic = time.time()
     result = train_point(config, root / name)
     record = dict(point=name, arg=arg, lr=config.optimizer.lr, seed=seed,
@@ -293,14 +299,8 @@ def run_point(get_config, arg: str, lr, seed: int, root: Path, out: Path | None 
         record["fields"] = jsonable(fields)
     if out is None:
         return record
-    path = out / f"{name}.json"
-    if path.exists():  # a rerun of a finished point: the committed record stays as it is
-        kept = json.loads(path.read_text())
-        if kept.get("config") != jsonable(record["config"]):
-            raise ValueError(f"{path} holds point {name} trained with another config: rerun "
-                             f"with the config it records, or give another --out.")
-        if kept.get("result") == json.loads(json.dumps(result)):
-            return kept
+    if kept is not None and kept.get("result") == as_json(result):
+        return kept  # a rerun of a finished point: the committed record stays as it is
     record.update(git_commit=harness.git_commit(), machine=harness.machine(),
                   command=harness.command_line("experiments.sweep"),
                   finished_utc=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
