@@ -265,7 +265,8 @@ def _accuracy_grid(record: dict, task: str, depths) -> np.ndarray:
 
 
 def _memories(m: dict) -> str:
-    """", window 64, 16 eidetic slots": the memory sizes a model's layers use."""
+    """The memory sizes a model's layers use, as the report writes them after the layers, e.g.
+    ", window 64, 16 eidetic slots" ("" for a full-attention or SSM-only model)."""
     layers = set(m["layer_mixers"])
     words = [f"window {m['window']}"] if layers & set("WFB") else []
     if "B" in layers:
