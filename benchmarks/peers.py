@@ -35,11 +35,13 @@ from typing import NamedTuple
 
 from absl import app, flags
 
-import bmojo_jax as bj
 from benchmarks import harness, train_step
 
 flags.DEFINE_list("presets", ["transformer", "swa", "mamba", "hybrid", "bmojo_f", "bmojo"],
-                  "Our presets.")
+                  "Our variants: presets, each optionally with ModelConfig overrides, "
+                  "PRESET[/FIELD=VALUE]... (e.g. mamba/d_ff=0: the mixer alone, no MLP).")
+flags.DEFINE_list("ratio_to", ["bmojo", "mamba", "transformer"],
+                  "Our variants that get a ratio column (\"vs ours: ...\").")
 flags.DEFINE_list("peers", ["mamba2-jax", "mamba2-jax+xla", "mamba2-jax-chunk256", "griffin",
                             "griffin+xla", "hawk", "torch-sdpa"],
                   "Peers (see the module docstring).")
@@ -181,13 +183,13 @@ class OurPreset:
     warmed up by `harness.interleave`."""
 
     def __init__(self, preset: str):
-        config = bj.ModelConfig.preset(preset, d_model=FLAGS.d_model, n_layers=FLAGS.n_layers,
-                                       n_heads=4, window=64, vocab_size=FLAGS.vocab_size,
-                                       implementation="xla")
+        config = train_step.variant_config(preset, d_model=FLAGS.d_model,
+                                           n_layers=FLAGS.n_layers, n_heads=4, window=64,
+                                           vocab_size=FLAGS.vocab_size, implementation="xla")
         self.compiled, self.state = train_step.compile_step(config, FLAGS.batch_size,
                                                             FLAGS.context)
-        self.description = (f"bmojo_jax `{preset}` preset (layers {config.layer_mixers}), "
-                            f"implementation xla")
+        self.description = (f"bmojo_jax `{preset}` (layers {config.layer_mixers}, d_ff "
+                            f"{config.hidden_dim}), implementation xla")
         self.info = dict(params=self.state[3])
 
     def step(self) -> None:
@@ -256,16 +258,16 @@ def markdown(meta, rows, ref) -> str:
         f"Shapes: {FLAGS.n_layers} layers, d_model {FLAGS.d_model}, context {FLAGS.context}, "
         f"batch {FLAGS.batch_size}, vocab {FLAGS.vocab_size}; one step = forward + "
         "cross-entropy + backward + AdamW. Tokens/s: median over interleaved rounds (min-max).\n",
-        "| variant | what | params | tokens/s | vs ours: bmojo | vs ours: mamba | "
-        "vs ours: transformer |",
-        "|---|---|---:|---|---:|---:|---:|"]
+        "| variant | what | params | tokens/s | "
+        + " | ".join(f"vs ours: {name}" for name in FLAGS.ratio_to) + " |",
+        "|---|---|---:|---|" + "---:|" * len(FLAGS.ratio_to)]
     for r in rows:
         if "unavailable" in r:
             lines.append(f"| {r['name']} | {r['what']} | - | unavailable: {r['unavailable']} "
-                         "| - | - | - |")
+                         "|" + " - |" * len(FLAGS.ratio_to))
             continue
         ratios = [f"{r['tokens_per_s'] / ref[k]:.2f}x" if k in ref else "-"
-                  for k in ("ours: bmojo", "ours: mamba", "ours: transformer")]
+                  for k in (f"ours: {name}" for name in FLAGS.ratio_to)]
         lines.append(f"| {r['name']} | {r['what']} | {r['params']:,} | {r['tokens_per_s']:.0f} "
                      f"({r['tokens_per_s_min']:.0f}-{r['tokens_per_s_max']:.0f}) | "
                      + " | ".join(ratios) + " |")

@@ -5,6 +5,8 @@ optimizer is plain AdamW, like the peers' steps."""
 
 from __future__ import annotations
 
+import ast
+
 import jax
 import jax.numpy as jnp
 import optax
@@ -13,6 +15,33 @@ from flax import nnx
 import bmojo_jax as bj
 from benchmarks import harness
 from bmojo_jax.training import compiler_options, lm_loss
+
+
+def variant_config(variant: str, **sizes) -> bj.ModelConfig:
+    """A benchmark variant `PRESET[/FIELD=VALUE]...` as a `ModelConfig`: the preset at `sizes`
+    (d_model, n_layers, ...) with the named `ModelConfig` fields overridden, e.g.
+    `bmojo/dtype=bfloat16`, `bmojo/remat=block`, `mamba/d_ff=0` (the mixer alone). A component
+    without "=" is an eidetic selection rule (`bmojo/state` = `bmojo/eidetic_selection=state`).
+    Values are read as Python literals where they parse (`0`, `1e-3`, `True`), else as strings.
+
+    Raises:
+      ValueError: an unknown preset or field, or a value the field refuses (the message names it).
+    """
+    preset, *components = variant.split("/")
+    overrides = dict(sizes)
+    for component in components:
+        field, sep, value = component.partition("=")
+        if not sep:
+            field, value = "eidetic_selection", component
+        try:
+            value = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            pass
+        overrides[field] = value
+    try:
+        return bj.ModelConfig.preset(preset, **overrides)
+    except (ValueError, TypeError) as error:
+        raise ValueError(f"benchmark variant {variant!r}: {error}") from None
 
 
 def compile_step(config: bj.ModelConfig, batch: int, context: int, seed: int = 0):

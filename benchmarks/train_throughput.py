@@ -14,7 +14,10 @@ and context length T the batch is tokens_per_step // T sequences, so every step 
 number of tokens. With `--selections`, every preset that has `B` layers is measured once per
 eidetic selection rule (`ModelConfig.eidetic_selection`), as variants named `PRESET/RULE`, e.g.
 `--presets=bmojo --selections=fading,state,threshold,learned,random --baseline=bmojo/fading` for
-the cost of each rule against the default. The variants are timed with `benchmarks.harness`: compiled once
+the cost of each rule against the default. Any `ModelConfig` field can be set per variant,
+`PRESET/FIELD=VALUE` (`train_step.variant_config`): `--presets=bmojo,bmojo/dtype=bfloat16` gives
+mixed precision against float32 (a "vs float32" column), `bmojo/remat=block` the
+rematerialised step. The variants are timed with `benchmarks.harness`: compiled once
 (`jit(...).lower(...).compile()`), warmed up, then run interleaved in rounds in this one process;
 we report the median and the spread (min, max) over rounds.
 
@@ -56,10 +59,12 @@ from absl import app, flags
 
 import bmojo_jax as bj
 from benchmarks import harness
-from benchmarks.train_step import compile_step, run_step
+from benchmarks.train_step import compile_step, run_step, variant_config
 from experiments import plotting
 
-flags.DEFINE_list("presets", list(bj.PRESETS), "Presets to measure.")
+flags.DEFINE_list("presets", list(bj.PRESETS), "Variants to measure: presets, each optionally "
+                  "with ModelConfig overrides, PRESET[/FIELD=VALUE]... (e.g. bmojo/dtype=bfloat16, "
+                  "bmojo/remat=block, mamba/d_ff=0).")
 flags.DEFINE_list("contexts", ["512", "1024", "2048", "4096", "8192"], "Context lengths (tokens).")
 flags.DEFINE_list("selections", [], "Eidetic selection rules: each preset with B layers is "
                   "measured once per rule, as the variant PRESET/RULE (empty: the preset's own).")
@@ -93,11 +98,11 @@ FLAGS = flags.FLAGS
 
 
 def variant_names() -> list[str]:
-    """The measured variants: each preset, or with --selections each `PRESET/RULE` for the presets
-    with `B` layers (the others once)."""
+    """The measured variants: each of --presets (`PRESET[/FIELD=VALUE]...`), or with --selections
+    each `PRESET/RULE` for the presets with `B` layers (the others once)."""
     names = []
     for preset in FLAGS.presets:
-        has_b = "B" in bj.ModelConfig.preset(preset).layer_mixers
+        has_b = "B" in variant_config(preset).layer_mixers
         names += [f"{preset}/{rule}" for rule in FLAGS.selections] if has_b and FLAGS.selections \
             else [preset]
     return names
@@ -105,18 +110,17 @@ def variant_names() -> list[str]:
 
 @functools.lru_cache(maxsize=None)
 def model_config(variant: str) -> bj.ModelConfig:
-    """The variant (`PRESET` or `PRESET/RULE`) at the flags' size; with --match_params, its d_ff set
-    so that its non-embedding parameter count matches the `transformer`'s at that size
-    (`bj.match_d_ff`; the rule changes no parameter count). Cached: matching builds a few abstract
-    models, and the growth sweep asks again per context."""
-    def at_size(name, **overrides):
-        return bj.ModelConfig.preset(name, d_model=FLAGS.d_model, n_layers=FLAGS.n_layers,
-                                     n_heads=FLAGS.n_heads, window=FLAGS.window,
-                                     vocab_size=FLAGS.vocab_size,
-                                     implementation=FLAGS.implementation, **overrides)
-    preset, _, rule = variant.partition("/")
-    config = at_size(preset, **({"eidetic_selection": rule} if rule else {}))
-    if not FLAGS.match_params:
+    """The variant (`PRESET[/FIELD=VALUE]...`, `train_step.variant_config`) at the flags' size;
+    with --match_params and no d_ff of its own, its d_ff set so that its non-embedding parameter
+    count matches the `transformer`'s at that size (`bj.match_d_ff`; dtype, remat and the rule
+    change no parameter count). Cached: matching builds a few abstract models, and the growth
+    sweep asks again per context."""
+    def at_size(name):
+        return variant_config(name, d_model=FLAGS.d_model, n_layers=FLAGS.n_layers,
+                              n_heads=FLAGS.n_heads, window=FLAGS.window,
+                              vocab_size=FLAGS.vocab_size, implementation=FLAGS.implementation)
+    config = at_size(variant)
+    if not FLAGS.match_params or config.d_ff is not None:
         return config
     return bj.match_d_ff(config, bj.param_count(at_size("transformer"), embedding=False))
 
@@ -306,6 +310,11 @@ def main(argv):
     for r in rows:
         r["vs_baseline"] = r["tokens_per_s"] / base[r["context"]] if r["context"] in base \
             else None
+    float32 = {(model_config(r["preset"]), r["context"]): r["tokens_per_s"] for r in rows}
+    for r in rows:  # mixed precision against the same variant in float32, where it ran
+        config = model_config(r["preset"])
+        twin = float32.get((config.replace(dtype="float32"), r["context"]))
+        r["vs_float32"] = r["tokens_per_s"] / twin if twin and config.dtype != "float32" else None
     del variants  # free the compiled executables and buffers before the subprocesses
 
     if FLAGS.rss:
@@ -340,6 +349,7 @@ def markdown(meta, rows, growth) -> str:
     """The report: provenance, the per-variant table and the memory-growth table (OUT.json's
     fields)."""
     mib = 2 ** 20
+    mixed = any(r.get("vs_float32") for r in rows)
     lines = [
         "# Training throughput, memory and MFU vs context\n",
         *harness.provenance_lines(meta),
@@ -350,17 +360,19 @@ def markdown(meta, rows, growth) -> str:
         "Tokens/s: median over rounds (min-max in brackets). Memory: compiled temp + argument + "
         "output. MFU: analytic model FLOPs / time / matmul peak; HFU: XLA-counted FLOPs instead.\n",
         f"| preset | params | d_ff | context | batch | tokens/s | vs {meta['baseline']} | "
-        "compiled MiB | "
+        + ("vs float32 | " if mixed else "") + "compiled MiB | "
         "peak RSS MiB | model GFLOP/step | XLA GFLOP/step | MFU | HFU |",
-        "|---|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+        "|---|---:|---:|---:|---:|---|---:|" + ("---:|" if mixed else "") +
+        "---:|---:|---:|---:|---:|---:|"]
     for r in rows:
-        ratio = f"{r['vs_baseline']:.2f}x" if r["vs_baseline"] else "-"
+        ratio = _ratio(r["vs_baseline"])
         rss = r.get("peak_rss_bytes")
         rss = f"{rss / mib:.0f}" if rss is not None and np.isfinite(rss) else "-"
         lines.append(
             f"| {r['preset']} | {r['params']:,} | {r['d_ff']} | {r['context']} | {r['batch']} | "
             f"{r['tokens_per_s']:.0f} ({r['tokens_per_s_min']:.0f}-{r['tokens_per_s_max']:.0f}) | "
-            f"{ratio} | {r['memory']['total'] / mib:.0f} | {rss} | "
+            f"{ratio} | " + (f"{_ratio(r['vs_float32'])} | " if mixed else "") +
+            f"{r['memory']['total'] / mib:.0f} | {rss} | "
             f"{r['model_gflop_per_step']:.0f} | {r['xla_gflop_per_step']:.0f} | "
             f"{100 * r['mfu']:.1f}% | {100 * r['hfu']:.1f}% |")
     if growth:
@@ -374,6 +386,10 @@ def markdown(meta, rows, growth) -> str:
             lines.append(f"| {preset} | " + " | ".join(f"{mem[c] / mib:.0f}" for c in contexts) +
                          f" | {mem[contexts[-1]] / mem[contexts[0]]:.2f}x |")
     return "\n".join(lines) + "\n"
+
+
+def _ratio(value) -> str:
+    return f"{value:.2f}x" if value else "-"
 
 
 def plot(rows, path, baseline: str):

@@ -53,7 +53,8 @@ class ModelConfig:
       n_heads: attention heads; head_dim = d_model // n_heads.
       window: sliding-window length W of `W`, `F`, `B` mixers (tokens). Also B'MOJO's chunk size
         (docs/design.md section 2: our choice to tie them).
-      d_ff: hidden width of the SwiGLU MLP (None: 8/3 d_model rounded up to a multiple of 8).
+      d_ff: hidden width of the SwiGLU MLP (None: 8/3 d_model rounded up to a multiple of 8; 0: no
+        MLP, the block is its mixer alone, as in Mamba (Gu and Dao 2023) and mamba2-jax).
       ssm_kind: "mamba2" (scalar decay per head, SSD chunked form) or "mamba1" (decay per channel and
         state).
       d_state: SSM state size per channel (n).
@@ -166,8 +167,9 @@ class ModelConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 0:
                 raise ValueError(f"ModelConfig.{name}={value!r}: must be an integer >= 0.")
-        if self.d_ff is not None and self.d_ff < 1:
-            raise ValueError(f"ModelConfig.d_ff={self.d_ff!r}: must be >= 1 or None.")
+        if self.d_ff is not None and (not isinstance(self.d_ff, int) or self.d_ff < 0):
+            raise ValueError(f"ModelConfig.d_ff={self.d_ff!r}: must be an integer >= 0 (0: no "
+                             "MLP) or None (8/3 d_model).")
         if not self.pattern or any(c not in MIXER_LETTERS for c in self.pattern):
             raise ValueError(f"ModelConfig.pattern={self.pattern!r}: every letter must be one of "
                              f"{' '.join(MIXER_LETTERS)} (A attention, W sliding window, M SSM, "
@@ -261,8 +263,9 @@ class ModelConfig:
 
     @property
     def hidden_dim(self) -> int:
-        """SwiGLU hidden width: d_ff, or 8/3 d_model rounded up to a multiple of 8 (our choice)."""
-        return self.d_ff or -(-8 * self.d_model // 3 // 8) * 8
+        """SwiGLU hidden width: d_ff (0: no MLP), or 8/3 d_model rounded up to a multiple of 8
+        (our choice)."""
+        return self.d_ff if self.d_ff is not None else -(-8 * self.d_model // 3 // 8) * 8
 
     @property
     def has_dropout(self) -> bool:

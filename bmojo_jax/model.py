@@ -39,7 +39,8 @@ class Cache:
 
 
 class Block(nnx.Module):
-    """Pre-norm decoder block. [b, t, d_model] -> [b, t, d_model].
+    """Pre-norm decoder block. [b, t, d_model] -> [b, t, d_model]: x + mixer(norm(x)), then
+    x + mlp(norm(x)) unless `d_ff` = 0 (the mixer alone, as Mamba's blocks).
 
     With a dropout key (training), `residual_dropout` drops the mixer's and the MLP's outputs
     before each residual add and the attention mixer applies `attention_dropout`; `remat`
@@ -57,8 +58,11 @@ class Block(nnx.Module):
                              dtype=dtype, rngs=rngs)
         else:
             self.mixer = MemoryAttention(config, letter, rngs=rngs)
-        self.mlp_norm = nnx.RMSNorm(d, dtype=dtype, rngs=rngs)
-        self.mlp = SwiGLU(d, config.hidden_dim, dtype=dtype, rngs=rngs)
+        if config.hidden_dim:
+            self.mlp_norm = nnx.RMSNorm(d, dtype=dtype, rngs=rngs)
+            self.mlp = SwiGLU(d, config.hidden_dim, dtype=dtype, rngs=rngs)
+        else:
+            self.mlp = None
         self.dropout = nnx.Dropout(config.residual_dropout)
         self.remat = config.remat
 
@@ -88,6 +92,8 @@ class Block(nnx.Module):
                                       **self._attention_args(eidetic_scores=eidetic_scores,
                                                              dropout_key=keys[2]))
         x = x + self.dropout(y, deterministic=dropout_key is None, rngs=keys[0])
+        if self.mlp is None:
+            return x, state
         y = self.mlp(self.mlp_norm(x))
         return x + self.dropout(y, deterministic=dropout_key is None, rngs=keys[1]), state
 
@@ -97,7 +103,7 @@ class Block(nnx.Module):
         y, state = self.mixer.step(self.mixer_norm(x), state, position,
                                    **self._attention_args(eidetic_scores=eidetic_scores))
         x = x + y
-        return x + self.mlp(self.mlp_norm(x)), state
+        return (x if self.mlp is None else x + self.mlp(self.mlp_norm(x))), state
 
 
 class LanguageModel(nnx.Module):

@@ -24,6 +24,7 @@ VARIANTS.update({
     "bmojo-random": dict(eidetic_selection="random", eidetic_seed=3),
     "bmojo-projection": dict(eidetic_selection="projection", eidetic_seed=3),
     "bmojo-storage": dict(storage_slots=8, storage_topk=3),
+    "mamba-no-mlp": dict(d_ff=0),
     "bmojo-storage-score-no-slots": dict(storage_slots=12, storage_topk=2,
                                          eidetic_eviction="score", eidetic_per_chunk=0,
                                          eidetic_slots=0),

@@ -160,6 +160,20 @@ def test_preset_parameter_counts_are_close():
     assert max(counts.values()) <= 1.25 * min(counts.values()), counts
 
 
+def test_d_ff_zero_is_the_mixer_alone():
+    """d_ff = 0 drops each block's MLP and its norm, nothing else (Mamba's block); a negative
+    width is refused by name."""
+    with_mlp, alone = config("mamba", d_ff=16), config("mamba", d_ff=0)
+    d = with_mlp.d_model
+    mlp_params = with_mlp.n_layers * (3 * d * 16 + d)  # SwiGLU gate, up, down + RMSNorm scale
+    assert bj.param_count(with_mlp) - bj.param_count(alone) == mlp_params
+    model = bj.LanguageModel(alone, rngs=nnx.Rngs(0))
+    assert all(block.mlp is None for block in model.blocks)
+    assert np.all(np.isfinite(model(tokens())))
+    with pytest.raises(ValueError, match=r"ModelConfig.d_ff=-8: must be an integer >= 0"):
+        config("mamba", d_ff=-8)
+
+
 def test_match_d_ff_is_closest():
     """`match_d_ff` picks the multiple of 8 whose non-embedding count is closest to the target."""
     target = bj.param_count(config("transformer"), embedding=False)
