@@ -3,7 +3,8 @@
     python -m benchmarks.train_throughput [--presets=transformer,bmojo] [--contexts=512,...,8192]
         [--selections=fading,state,...] [--baseline=transformer]
         [--rounds=3] [--tokens_per_step=8192] [--match_params=true]
-        [--growth_contexts=1024,...,8192] [--rss=true] [--out_dir=DIR | --out=PATH_PREFIX]
+        [--growth_contexts=1024,...,8192] [--rss=true] [--profile_contexts=2048]
+        [--out_dir=DIR | --out=PATH_PREFIX]
 
 One training step = the training loop's loss (`training.lm_loss`: forward, next-token cross-entropy
 fused with the LM head, + aux_loss), backward, and an optax AdamW update, all in one jit-compiled
@@ -37,6 +38,9 @@ Per variant we record:
     rounds of the best of 3). We also give XLA's own count, `compiled.cost_analysis()['flops']`
     (executed work, masked entries included, but the body of a `lax.scan` counted once: it
     under-counts the scans and the chunked cross-entropy), as "XLA GFLOP/step" and "HFU".
+  * with `--profile_contexts`, where the step's time goes: a trace of two more steps, each
+    executed XLA instruction's self time by the Python function that emitted it and its kind
+    (matmul, elementwise, reduction, ...; `benchmarks.op_profile`);
   * memory growth at a fixed batch of 1 sequence (`--growth_contexts`, compile only): the compiled
     footprint vs T, to check that it grows linearly with the context.
 Writes OUT.json, OUT.md and OUT.png (default OUT:
@@ -58,7 +62,7 @@ import numpy as np
 from absl import app, flags
 
 import bmojo_jax as bj
-from benchmarks import harness
+from benchmarks import harness, op_profile
 from benchmarks.train_step import compile_step, run_step, variant_config
 from experiments import plotting
 
@@ -87,6 +91,9 @@ flags.DEFINE_list("growth_contexts", ["1024", "4096", "8192"],
 flags.DEFINE_bool("rss", True, "Measure peak RSS in one subprocess per variant.")
 flags.DEFINE_list("rss_contexts", ["1024", "8192"],
                   "Contexts whose peak RSS is measured (one subprocess each; empty: all).")
+flags.DEFINE_list("profile_contexts", [],
+                  "Contexts at which each variant's step is also profiled op by op "
+                  "(benchmarks.op_profile: self time by Python site and kind; empty: none).")
 flags.DEFINE_string("rss_child", "", "Internal: PRESET:CONTEXT:BATCH, run one variant, print RSS.")
 flags.DEFINE_string("out_dir", None, harness.OUT_DIR_HELP)
 flags.DEFINE_string("out", None, "Output path prefix (instead of --out_dir), e.g. "
@@ -290,6 +297,8 @@ def main(argv):
     peaks.append(time_peak(peak))
     peak_flops = float(np.median(peaks))
     load_after = harness.load_average()
+    profiles = {key: op_profile.profile(variants[key]["compiled"], runners[key])
+                for key in variants if str(key[1]) in FLAGS.profile_contexts}
 
     rows = []
     for (preset, context), variant in variants.items():
@@ -305,7 +314,8 @@ def main(argv):
             model_gflop_per_step=variant["model_flops"] / 1e9,
             xla_gflop_per_step=variant["xla_flops"] / 1e9,
             mfu=variant["model_flops"] / step.median / peak_flops,
-            hfu=variant["xla_flops"] / step.median / peak_flops))
+            hfu=variant["xla_flops"] / step.median / peak_flops,
+            **({"profile": profiles[preset, context]} if (preset, context) in profiles else {})))
     base = {r["context"]: r["tokens_per_s"] for r in rows if r["preset"] == FLAGS.baseline}
     for r in rows:
         r["vs_baseline"] = r["tokens_per_s"] / base[r["context"]] if r["context"] in base \
@@ -375,6 +385,9 @@ def markdown(meta, rows, growth) -> str:
             f"{r['memory']['total'] / mib:.0f} | {rss} | "
             f"{r['model_gflop_per_step']:.0f} | {r['xla_gflop_per_step']:.0f} | "
             f"{100 * r['mfu']:.1f}% | {100 * r['hfu']:.1f}% |")
+    for r in rows:
+        if "profile" in r:
+            lines += profile_lines(r)
     if growth:
         contexts = sorted({g["context"] for g in growth})
         lines += ["", "## Memory growth at batch 1 (compiled temp + argument + output, MiB)\n",
@@ -386,6 +399,22 @@ def markdown(meta, rows, growth) -> str:
             lines.append(f"| {preset} | " + " | ".join(f"{mem[c] / mib:.0f}" for c in contexts) +
                          f" | {mem[contexts[-1]] / mem[contexts[0]]:.2f}x |")
     return "\n".join(lines) + "\n"
+
+
+def profile_lines(row) -> list:
+    """The op-by-op profile of one row (`op_profile.profile`) as a markdown section."""
+    profile = row["profile"]
+    kinds = ", ".join(f"{kind} {100 * share:.0f}%" for kind, share in profile["by_kind"].items())
+    lines = [f"\n## Where the time goes: {row['preset']} at T={row['context']} "
+             f"(batch {row['batch']})\n",
+             f"Self time of the executed XLA instructions, by the Python function that emitted "
+             f"them and their kind (benchmarks/op_profile.py), per step: "
+             f"{1e3 * profile['op_seconds']:.0f} ms of instructions in a "
+             f"{1e3 * row['step_s_median']:.0f} ms step (median). By kind: {kinds}.\n",
+             "| site | kind | ms/step | share |", "|---|---|---:|---:|"]
+    lines += [f"| {p['site']} | {p['kind']} | {1e3 * p['seconds']:.1f} | "
+              f"{100 * p['share']:.1f}% |" for p in profile["rows"]]
+    return lines
 
 
 def _ratio(value) -> str:
