@@ -1,6 +1,6 @@
 """Where a compiled step spends its time, op by op: a `jax.profiler` trace of a few runs, each
 executed XLA instruction's self time attributed to the Python function that emitted it and to
-the kind of work it does (no flags here; `benchmarks.train_throughput --profile_contexts` uses it).
+the kind of work it does (no flags here; `benchmarks.train_throughput --profile` uses it).
 
 The attribution reads two things XLA gives us:
   * the trace (`jax.profiler.trace(..., create_perfetto_trace=True)`): one event per executed

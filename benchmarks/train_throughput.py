@@ -3,7 +3,7 @@
     python -m benchmarks.train_throughput [--presets=transformer,bmojo] [--contexts=512,...,8192]
         [--selections=fading,state,...] [--baseline=transformer]
         [--rounds=3] [--tokens_per_step=8192] [--match_params=true]
-        [--growth_contexts=1024,...,8192] [--rss=true] [--profile_contexts=2048]
+        [--growth_contexts=1024,...,8192] [--rss=true] [--profile=bmojo:2048,...]
         [--out_dir=DIR | --out=PATH_PREFIX]
 
 One training step = the training loop's loss (`training.lm_loss`: forward, next-token cross-entropy
@@ -38,8 +38,8 @@ Per variant we record:
     rounds of the best of 3). We also give XLA's own count, `compiled.cost_analysis()['flops']`
     (executed work, masked entries included, but the body of a `lax.scan` counted once: it
     under-counts the scans and the chunked cross-entropy), as "XLA GFLOP/step" and "HFU".
-  * with `--profile_contexts`, where the step's time goes: a trace of two more steps, each
-    executed XLA instruction's self time by the Python function that emitted it and its kind
+  * with `--profile=VARIANT:CONTEXT,...`, where the step's time goes: a trace of two more steps,
+    each executed XLA instruction's self time by the Python function that emitted it and its kind
     (matmul, elementwise, reduction, ...; `benchmarks.op_profile`);
   * memory growth at a fixed batch of 1 sequence (`--growth_contexts`, compile only): the compiled
     footprint vs T, to check that it grows linearly with the context.
@@ -91,9 +91,9 @@ flags.DEFINE_list("growth_contexts", ["1024", "4096", "8192"],
 flags.DEFINE_bool("rss", True, "Measure peak RSS in one subprocess per variant.")
 flags.DEFINE_list("rss_contexts", ["1024", "8192"],
                   "Contexts whose peak RSS is measured (one subprocess each; empty: all).")
-flags.DEFINE_list("profile_contexts", [],
-                  "Contexts at which each variant's step is also profiled op by op "
-                  "(benchmarks.op_profile: self time by Python site and kind; empty: none).")
+flags.DEFINE_list("profile", [],
+                  "VARIANT:CONTEXT pairs whose step is also profiled op by op "
+                  "(benchmarks.op_profile: self time by Python site and kind), e.g. bmojo:2048.")
 flags.DEFINE_string("rss_child", "", "Internal: PRESET:CONTEXT:BATCH, run one variant, print RSS.")
 flags.DEFINE_string("out_dir", None, harness.OUT_DIR_HELP)
 flags.DEFINE_string("out", None, "Output path prefix (instead of --out_dir), e.g. "
@@ -298,7 +298,7 @@ def main(argv):
     peak_flops = float(np.median(peaks))
     load_after = harness.load_average()
     profiles = {key: op_profile.profile(variants[key]["compiled"], runners[key])
-                for key in variants if str(key[1]) in FLAGS.profile_contexts}
+                for key in variants if f"{key[0]}:{key[1]}" in FLAGS.profile}
 
     rows = []
     for (preset, context), variant in variants.items():
