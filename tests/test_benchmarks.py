@@ -44,3 +44,11 @@ def test_op_profile_attributes_time_to_the_emitting_function_and_kind():
     np.testing.assert_allclose(sum(result["by_kind"].values()), 1.0, rtol=1e-6)
     assert any(r["site"] == "test_benchmarks.py:_matmul_then_tanh" and r["kind"] == "matmul"
                for r in result["rows"]), result["rows"]
+
+
+def test_matmul_dtypes_shapes_are_read_or_refused_by_name():
+    from benchmarks import matmul_dtypes
+    assert matmul_dtypes.parse_shape("8192x256x688") == (8192, 256, 688)
+    for bad in ("8192x256", "8192x0x2", "axbxc"):
+        with pytest.raises(ValueError, match=f"--shapes entry '{bad}'"):
+            matmul_dtypes.parse_shape(bad)
