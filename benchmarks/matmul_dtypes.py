@@ -27,8 +27,9 @@ def define_flags() -> None:
     """The command line's flags, defined only when this module runs as the program (the tests
     import it beside other modules with flags of the same names)."""
     flags.DEFINE_list("shapes", ["2048x2048x2048", "8192x256x256", "8192x256x688", "8192x688x256"],
-                      "m x k x n of the [m, k] @ [k, n] matmuls (the last three: the projections "
-                      "and MLP of benchmarks.train_throughput's default model at 8192 tokens/step).")
+                      "m x k x n of the [m, k] @ [k, n] matmuls (the last three: the "
+                      "projections and MLP of benchmarks.train_throughput's default model at "
+                      "8192 tokens/step).")
     flags.DEFINE_integer("rounds", 7, "Interleaved timing rounds.")
     flags.DEFINE_string("out_dir", None, harness.OUT_DIR_HELP)
     flags.DEFINE_string("out", None, "Output path prefix (instead of --out_dir), e.g. "

@@ -107,7 +107,8 @@ def _site_of(chain) -> str:
 
 
 def instruction_sites(compiled) -> dict:
-    """HLO instruction name -> `Site`, for every instruction of `compiled` (a `jax.stages.Compiled`)."""
+    """HLO instruction name -> `Site`, for every instruction of `compiled`
+    (a `jax.stages.Compiled`)."""
     text = compiled.as_text()
     chains = _stack_frames(text)
     opcodes, computation = collections.defaultdict(set), None
