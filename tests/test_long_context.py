@@ -141,6 +141,17 @@ def test_retrieval_training_rows_end_with_the_answer_of_their_needle(corpus):
     np.testing.assert_array_equal(inputs, again[0])
     assert not np.array_equal(inputs, lc.retrieval_training_rows(corpus, corpus.train, 600, 8,
                                                                  seed=4)[0])
+    answer_only = lc.retrieval_training_rows(corpus, corpus.train, 600, 8, seed=3,
+                                             labels="answer")
+    np.testing.assert_array_equal(answer_only[0], inputs)  # the same rows, fewer labels
+    for row_target, row_answer in zip(targets, answer_only[1]):  # labelled: " " + the digits
+        mask = row_answer != lc.IGNORE_INDEX
+        n = int(mask.sum())
+        assert mask[-n:].all() and 1 < n < 12
+        np.testing.assert_array_equal(row_answer[mask], row_target[-n:])
+        assert corpus.decode(row_answer[mask]).strip().isdigit()
+    with pytest.raises(ValueError, match="labels='prompt': must be one of all, answer"):
+        lc.retrieval_training_rows(corpus, corpus.train, 600, 1, labels="prompt")
 
 
 def test_text_data_mixes_retrieval_rows_into_training_batches(documents, tmp_path):
@@ -158,6 +169,11 @@ def test_text_data_mixes_retrieval_rows_into_training_batches(documents, tmp_pat
         np.testing.assert_array_equal(mixed.train_batch(step)[0], mx)
         assert any(question in mixed.corpus.decode(mx[0])
                    for question in ("What is the pass key?", "What is the special magic number"))
+    answer_only = data.TextData("text_files", retrieval_fraction=0.5, retrieval_labels="answer",
+                                **common).train_batch(7)
+    np.testing.assert_array_equal(answer_only[0], mixed.train_batch(7)[0])
+    assert (answer_only[1][:2] == data.IGNORE_INDEX).mean() > 0.9  # the prompts' targets
+    np.testing.assert_array_equal(answer_only[1][2:], y[2:])  # plain rows: every target
     with pytest.raises(ValueError, match=r"retrieval_fraction=1.5: must be a number in \[0, 1\]"):
         data.TextData("text_files", retrieval_fraction=1.5, **common)
     with pytest.raises(ValueError, match="retrieval_fraction=0.5 on corpus 'text_files' at "

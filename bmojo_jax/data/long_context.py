@@ -237,12 +237,18 @@ def multikey_needle(tokenizer, filler, length: int, depth: float, num_examples: 
 RETRIEVAL_TASKS = ("passkey", "needle")
 
 
+RETRIEVAL_LABELS = ("all", "answer")
+
+
 def retrieval_training_rows(tokenizer, filler, length: int, num_examples: int, *,
-                            seed: int = 0, num_needles: int = 4) -> tuple[np.ndarray, np.ndarray]:
+                            seed: int = 0, num_needles: int = 4,
+                            labels: str = "all") -> tuple[np.ndarray, np.ndarray]:
     """Language-model training rows that teach the retrieval tasks: each row is a passkey or
-    multi-key needle prompt followed by its answer (" " + digits), `length` tokens in all, with
-    every target labelled (the prompt's text and the answer alike; our choice: the row is ordinary
-    text to the loss, and the answer is the only part that needs the needle).
+    multi-key needle prompt followed by its answer (" " + digits), `length` tokens in all.
+    `labels="all"`: every target labelled (the prompt's text and the answer alike: the row is
+    ordinary text to the loss, and the answer is the only part that needs the needle);
+    `"answer"`: only the answer's tokens (the prompt's targets are `IGNORE_INDEX`), so the loss of
+    these rows is the retrieval alone. Both our choices.
 
     Row i draws from `np.random.default_rng([seed, i])` its task (passkey or needle, equally
     likely), the asked needle's depth (uniform in [0, 1]) and a prompt seed, and is built by
@@ -256,15 +262,20 @@ def retrieval_training_rows(tokenizer, filler, length: int, num_examples: int, *
       num_examples: n >= 1.
       seed: >= 0.
       num_needles: needles per multi-key prompt.
+      labels: "all" or "answer" (above).
 
     Returns:
-      (inputs, targets) int32 [n, t]: the row's tokens [0, t) and [1, t + 1).
+      (inputs, targets) int32 [n, t]: the row's tokens [0, t) and [1, t + 1), targets
+      `IGNORE_INDEX` before the answer with `labels="answer"`.
 
     Raises:
-      ValueError: as in `passkey` / `multikey_needle`, e.g. a length that leaves no filler.
+      ValueError: as in `passkey` / `multikey_needle`, e.g. a length that leaves no filler; a
+      `labels` not in `RETRIEVAL_LABELS`.
     """
     _check_common(filler, length, 0.0, num_examples, seed)
-    rows = []
+    if labels not in RETRIEVAL_LABELS:
+        raise ValueError(f"labels={labels!r}: must be one of {', '.join(RETRIEVAL_LABELS)}.")
+    rows, prompt_lengths = [], []
     for i in range(num_examples):
         rng = np.random.default_rng([seed, i])
         task = RETRIEVAL_TASKS[int(rng.integers(len(RETRIEVAL_TASKS)))]
@@ -279,8 +290,12 @@ def retrieval_training_rows(tokenizer, filler, length: int, num_examples: int, *
         prompt = guess if len(answer_ids) == 1 + digits else build(
             tokenizer, filler, length + 1 - len(answer_ids), depth, 1, seed=prompt_seed)
         rows.append(np.concatenate([prompt.inputs[0], answer_ids]))
+        prompt_lengths.append(prompt.inputs.shape[1])
     rows = np.stack(rows).astype(np.int32)
-    return rows[:, :-1], rows[:, 1:]
+    inputs, targets = rows[:, :-1], rows[:, 1:].copy()
+    if labels == "answer":  # target j is token j + 1: the answer's first is target prompt - 1
+        targets[np.arange(length)[None, :] < np.array(prompt_lengths)[:, None] - 1] = IGNORE_INDEX
+    return inputs, targets
 
 
 def answer_correct(continuation: str, answer: str) -> bool:

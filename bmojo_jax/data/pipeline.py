@@ -55,7 +55,7 @@ class TextData:
     def __init__(self, name: str, *, batch_size: int, seq_len: int, seed: int = 0,
                  path: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
                  split_seed: int = 0, bpe_vocab_size: int = 4096, tokenizer=None,
-                 retrieval_fraction: float = 0.0):
+                 retrieval_fraction: float = 0.0, retrieval_labels: str = "all"):
         """
         Args:
           name: one of `CORPORA`.
@@ -69,6 +69,8 @@ class TextData:
             first ones), that are passkey / needle prompts with their answers in the training
             split's text (`long_context.retrieval_training_rows`) instead of plain windows; 0:
             none. Evaluation batches stay plain text.
+          retrieval_labels: which targets of those rows are labelled, "all" or "answer"
+            (`long_context.retrieval_training_rows`).
 
         Raises:
           MissingDataError: the corpus is not installed; ValueError, FileNotFoundError: as
@@ -85,6 +87,7 @@ class TextData:
         self.fingerprints = dict(self.corpus.fingerprints)
         self.batch_size, self.seq_len, self.seed = batch_size, seq_len, seed
         self.retrieval_rows = round(retrieval_fraction * batch_size)
+        self.retrieval_labels = retrieval_labels
         if self.retrieval_rows:
             try:  # a setting that cannot work fails here, before training starts
                 for step in range(RETRIEVAL_CHECK_STEPS):
@@ -100,10 +103,14 @@ class TextData:
         inputs, targets = lm_batch(self.corpus.train, self.batch_size, self.seq_len, step,
                                    self.seed)
         if self.retrieval_rows:
+            # lm_batch's inputs and targets are shifted views of one array: unlabelled targets
+            # written into one would overwrite tokens of the other
+            inputs, targets = inputs.copy(), targets.copy()
             rows_seed = int(np.random.default_rng([self.seed, step, 1]).integers(2 ** 31))
             n = self.retrieval_rows
             inputs[:n], targets[:n] = retrieval_training_rows(
-                self.corpus, self.corpus.train, self.seq_len, n, seed=rows_seed)
+                self.corpus, self.corpus.train, self.seq_len, n, seed=rows_seed,
+                labels=self.retrieval_labels)
         return inputs, targets
 
     def eval_batches(self, split: str, batch_size: int, seq_len: int):
@@ -227,8 +234,8 @@ def load_data(config: ml_collections.ConfigDict, tokenizer=None) -> TextData | S
 
     Reads config.batch_size, config.seed (training-batch order) and config.data: name, seq_len,
     seed (document split, or synthetic-set seed), path ("text_files": a directory, or a
-    comma-separated list of files), bpe_vocab_size, retrieval_fraction, task, num_train,
-    num_eval.
+    comma-separated list of files), bpe_vocab_size, retrieval_fraction, retrieval_labels, task,
+    num_train, num_eval.
 
     Raises:
       MissingDataError: a corpus is not installed; ValueError: bad task arguments.
@@ -243,4 +250,5 @@ def load_data(config: ml_collections.ConfigDict, tokenizer=None) -> TextData | S
         path = [p.strip() for p in path.split(",")]
     return TextData(data.name, path=path, split_seed=data.seed,
                     bpe_vocab_size=data.bpe_vocab_size, tokenizer=tokenizer,
-                    retrieval_fraction=data.get("retrieval_fraction", 0.0), **common)
+                    retrieval_fraction=data.get("retrieval_fraction", 0.0),
+                    retrieval_labels=data.get("retrieval_labels", "all"), **common)

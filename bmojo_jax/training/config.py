@@ -58,6 +58,9 @@ def default_config(preset: str = "bmojo") -> ml_collections.ConfigDict:
         answer, built from the training split's text (`data.retrieval_training_rows`); 0.0
         (default): plain text only. Our choice, for the long-context suite (docs/design.md
         section 7d): small models trained on text alone do not learn to retrieve at all.
+      data.retrieval_labels: which targets of those rows the loss reads: "all" (default: the
+        prompt's text and the answer) or "answer" (the answer's tokens only, so the rows'
+        loss is the retrieval alone; our choice, docs/design.md section 7d).
       optimizer: lr (peak), schedule ("cosine" | "constant"), warmup_steps, min_lr_ratio (cosine
         end / peak), weight_decay (decoupled, AdamW), clip_norm (global gradient norm), b1, b2, eps.
       num_steps, batch_size: training steps and sequences per step.
@@ -110,7 +113,7 @@ def default_config(preset: str = "bmojo") -> ml_collections.ConfigDict:
         name="ptb", seq_len=128, eval_seq_len=config_dict.placeholder(int),
         path=config_dict.placeholder(str), bpe_vocab_size=4096, seed=0,
         task=ml_collections.ConfigDict(), num_train=10_000, num_eval=1_000,
-        packed_documents=False, retrieval_fraction=0.0))
+        packed_documents=False, retrieval_fraction=0.0, retrieval_labels="all"))
     config.optimizer = ml_collections.ConfigDict(dict(
         lr=1e-3, schedule="cosine", warmup_steps=100, min_lr_ratio=0.1, weight_decay=0.1,
         clip_norm=1.0, b1=0.9, b2=0.95, eps=1e-8))
@@ -204,6 +207,10 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     _check_early_stop(config, synthetic)
     fraction = config.data.get("retrieval_fraction", 0.0)
     check_retrieval_fraction(fraction, "config.data.retrieval_fraction")
+    labels = config.data.get("retrieval_labels", "all")
+    if labels not in data_lib.RETRIEVAL_LABELS:
+        raise ValueError(f"config.data.retrieval_labels={labels!r}: must be one of "
+                         f"{', '.join(data_lib.RETRIEVAL_LABELS)}.")
     if synthetic and fraction:
         raise ValueError(f"config.data.retrieval_fraction={fraction}: corpora only; the "
                          f"synthetic task {config.data.name!r} has its own examples.")
