@@ -50,6 +50,7 @@ VARIANTS = {  # name -> (the function, the dtypes of its two inputs)
 
 
 def parse_shape(text: str) -> tuple:
+    """"MxKxN" -> (m, k, n) ints >= 1; ValueError naming the --shapes entry otherwise."""
     try:
         m, k, n = (int(part) for part in text.split("x"))
     except ValueError:

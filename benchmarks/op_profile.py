@@ -156,12 +156,12 @@ def traced_self_seconds(run: Callable[[], object], runs: int) -> dict:
         stack = []  # [end, op, self] of the enclosing events
         for start, duration, op in thread_events:
             while stack and stack[-1][0] <= start:
-                end, name, own = stack.pop()
+                _, name, own = stack.pop()
                 totals[name] += own
             if stack:
                 stack[-1][2] -= duration
             stack.append([start + duration, op, duration])
-        for end, name, own in stack:
+        for _, name, own in stack:
             totals[name] += own
     return {op: microseconds * 1e-6 / runs for op, microseconds in totals.items()}
 

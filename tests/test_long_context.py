@@ -150,7 +150,7 @@ def test_retrieval_training_rows_end_with_the_answer_of_their_needle(corpus):
         assert mask[-n:].all() and 1 < n < 12
         np.testing.assert_array_equal(row_answer[mask], row_target[-n:])
         assert corpus.decode(row_answer[mask]).strip().isdigit()
-    with pytest.raises(ValueError, match="labels='prompt': must be one of all, answer"):
+    with pytest.raises(ValueError, match="labels='prompt': allowed values are all, answer"):
         lc.retrieval_training_rows(corpus, corpus.train, 600, 1, labels="prompt")
 
 
@@ -176,6 +176,8 @@ def test_text_data_mixes_retrieval_rows_into_training_batches(documents, tmp_pat
     np.testing.assert_array_equal(answer_only[1][2:], y[2:])  # plain rows: every target
     with pytest.raises(ValueError, match=r"retrieval_fraction=1.5: must be a number in \[0, 1\]"):
         data.TextData("text_files", retrieval_fraction=1.5, **common)
+    with pytest.raises(ValueError, match="retrieval_labels='prompt': allowed values are all"):
+        data.TextData("text_files", retrieval_labels="prompt", **common)
     with pytest.raises(ValueError, match="retrieval_fraction=0.5 on corpus 'text_files' at "
                                          "seq_len=100: length=.* leaves no room for filler"):
         data.TextData("text_files", retrieval_fraction=0.5, **{**common, "seq_len": 100})

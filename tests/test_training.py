@@ -293,7 +293,7 @@ def test_resume_with_a_different_model_fails(run, tmp_path):
     ({"data.retrieval_fraction": -0.1, "data.name": "ptb", "data.task": {}},
      r"config.data.retrieval_fraction=-0.1: must be a number in \[0, 1\]"),
     ({"data.retrieval_labels": "prompt"},
-     "config.data.retrieval_labels='prompt': must be one of all, answer"),
+     "config.data.retrieval_labels='prompt': allowed values are all, answer"),
 ])
 def test_bad_config_values_raise_clear_errors(changes, match):
     config = _tiny_config()

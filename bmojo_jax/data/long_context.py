@@ -27,6 +27,7 @@ import re
 
 import numpy as np
 
+from bmojo_jax.config import check_choice
 from bmojo_jax.data.synthetic import IGNORE_INDEX
 
 # Passkey retrieval, Mohtashami and Jaggi 2023 ("Landmark Attention", arXiv 2305.16300): their
@@ -273,8 +274,7 @@ def retrieval_training_rows(tokenizer, filler, length: int, num_examples: int, *
       `labels` not in `RETRIEVAL_LABELS`.
     """
     _check_common(filler, length, 0.0, num_examples, seed)
-    if labels not in RETRIEVAL_LABELS:
-        raise ValueError(f"labels={labels!r}: must be one of {', '.join(RETRIEVAL_LABELS)}.")
+    check_choice("labels", labels, RETRIEVAL_LABELS)
     rows, prompt_lengths = [], []
     for i in range(num_examples):
         rng = np.random.default_rng([seed, i])

@@ -28,7 +28,8 @@ from typing import Sequence
 import ml_collections
 import numpy as np
 
-from bmojo_jax.data.long_context import retrieval_training_rows
+from bmojo_jax.config import check_choice
+from bmojo_jax.data.long_context import RETRIEVAL_LABELS, retrieval_training_rows
 from bmojo_jax.data.synthetic import IGNORE_INDEX, SYNTHETIC_TASKS
 from bmojo_jax.data.text import SPLITS, lm_batch, lm_eval_batches, load_corpus
 
@@ -74,13 +75,15 @@ class TextData:
 
         Raises:
           MissingDataError: the corpus is not installed; ValueError, FileNotFoundError: as
-          `load_corpus`; ValueError: a retrieval_fraction outside [0, 1], or one above 0 with a
+          `load_corpus`; ValueError: a retrieval_labels not in `RETRIEVAL_LABELS`, a
+          retrieval_fraction outside [0, 1], or one above 0 with a
           tokenizer that cannot write the prompts exactly (PTB) or a seq_len too short for the
           prompts of the first `RETRIEVAL_CHECK_STEPS` batches (leave room: the prompts' length
           varies with their keys).
         """
         _check_batch(batch_size, seq_len)
         check_retrieval_fraction(retrieval_fraction)
+        check_choice("retrieval_labels", retrieval_labels, RETRIEVAL_LABELS)
         self.corpus = load_corpus(name, path=path, seed=split_seed, vocab_size=bpe_vocab_size,
                                   tokenizer=tokenizer)
         self.vocab_size = self.corpus.vocab_size

@@ -207,10 +207,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     _check_early_stop(config, synthetic)
     fraction = config.data.get("retrieval_fraction", 0.0)
     check_retrieval_fraction(fraction, "config.data.retrieval_fraction")
-    labels = config.data.get("retrieval_labels", "all")
-    if labels not in data_lib.RETRIEVAL_LABELS:
-        raise ValueError(f"config.data.retrieval_labels={labels!r}: must be one of "
-                         f"{', '.join(data_lib.RETRIEVAL_LABELS)}.")
+    check_choice("config.data.retrieval_labels", config.data.get("retrieval_labels", "all"),
+                 data_lib.RETRIEVAL_LABELS)
     if synthetic and fraction:
         raise ValueError(f"config.data.retrieval_fraction={fraction}: corpora only; the "
                          f"synthetic task {config.data.name!r} has its own examples.")
