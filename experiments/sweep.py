@@ -313,7 +313,7 @@ def run_point(get_config, arg: str, lr, seed: int, root: Path, out: Path | None 
 
 
 def run_setting(get_config, arg: str, lrs, seeds, root: Path, *, stop_above=None,
-                log: str = "sweep") -> dict:
+                log: str = "sweep", overrides: list[str] = (), fields: dict | None = None) -> dict:
     """Every point of one setting (one argument of `get_config`, learning rates x seeds) in
     ROOT/<point>, then its `summarize` row: the best learning rate and the mean +- std over the
     seeds. The reproduce tables run their grids through this.
@@ -326,6 +326,7 @@ def run_setting(get_config, arg: str, lrs, seeds, root: Path, *, stop_above=None
         validation accuracy over the seeds (None: never; our choice, to fit a budget: the grid's
         best cannot get much better).
       log: the prefix of the progress lines printed.
+      overrides, fields: `run_point`'s (the "FIELD=VALUE" --set and the other swept fields).
 
     Returns:
       The `summarize` row plus "records" (every point's record, in training order) and "best"
@@ -333,7 +334,8 @@ def run_setting(get_config, arg: str, lrs, seeds, root: Path, *, stop_above=None
     """
     records = []
     for lr in lrs:
-        mine = [run_point(get_config, arg, lr, seed, root) for seed in seeds]
+        mine = [run_point(get_config, arg, lr, seed, root, overrides=overrides, fields=fields)
+                for seed in seeds]
         for r in mine:
             print(f"[{log}] {r['point']}: {_headline(r['result'])} "
                   f"({r['result']['wall_s']:.0f} s)", flush=True)

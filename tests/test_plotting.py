@@ -2,8 +2,8 @@
 every preset one colour and hollow marker, shrinking in drawing order (a point under another
 stays visible); a missing point breaks a line; every panel titled and labelled; captions."""
 
-
 import numpy as np
+import pytest
 
 from experiments import plotting
 
@@ -64,17 +64,29 @@ def test_length_plot_titles_units_gaps_and_caption(tmp_path, monkeypatch):
 
 def test_mqar_memory_plot_draws_every_point(tmp_path, monkeypatch):
     from experiments.reproduce import mqar_memory
-    runs = [dict(preset="transformer", state_bytes=65540, test_accuracy=0.26, eidetic_slots=0),
-            dict(preset="bmojo_f", state_bytes=59652, test_accuracy=0.25, eidetic_slots=0),
-            dict(preset="bmojo", state_bytes=63412, test_accuracy=0.24, eidetic_slots=2),
-            dict(preset="bmojo", state_bytes=66532, test_accuracy=0.26, eidetic_slots=4)]
-    record = dict(runs=runs, seeds=dict(model_init_and_batch_order=0, data=0))
+
+    def row(arg, rule, state_bytes, values, slots=0):
+        return dict(arg=arg, rule=rule, label=arg, state_bytes=state_bytes, eidetic_slots=slots,
+                    seeds=[0, 1], test_accuracy=float(np.mean(values)),
+                    test_accuracy_std=float(np.std(values)), test_accuracy_values=values)
+    runs = [row("transformer", None, 65540, [0.99, 1.0]), row("swa", None, 4096, [0.02, 0.03]),
+            row("bmojo_f", None, 59652, [0.25, 0.26]),
+            row("bmojo", "fading", 63412, [0.9, 0.3], slots=8),
+            row("bmojo", "fading", 61000, [0.5, 0.3], slots=4),
+            row("bmojo_oracle", "oracle", 63412, [1.0, 0.99], slots=8)]
+    record = dict(runs=runs, seeds=dict(model_init_and_batch_order=[0, 1], data=0))
     saved = _axes_of(tmp_path / "m.png", monkeypatch,
                      lambda path: mqar_memory.plot(record, None, path))
-    left = saved["axes"][0]
-    transformer, bmojo_f, bmojo = left.get_lines()
-    assert transformer.get_markerfacecolor() == "none"  # hollow: the bmojo points show inside it
-    assert transformer.get_markersize() > bmojo.get_markersize()
+    left, right = saved["axes"]
+    # One line per family (the error bars' caps are unmarked lines of their own).
+    transformer, swa, bmojo = [line for line in left.get_lines() if line.get_label()[0] != "_"]
+    assert transformer.get_markerfacecolor() == "none"  # hollow: later points show inside it
+    # B'MOJO's line runs over its slots in order of state size, B'MOJO-F (0 slots) first.
+    assert list(bmojo.get_ydata()) == pytest.approx([25.5, 40.0, 60.0])
+    # Right: the rules at 8 slots (the default rule's row at that count first), a dot per seed.
+    assert [t.get_text() for t in right.get_xticklabels()] == ["fading", "oracle"]
+    dots = [line for line in right.get_lines() if line.get_linestyle() == "None"]
+    assert [list(d.get_ydata()) for d in dots] == [[90.0, 30.0], [100.0, 99.0]]
     assert [ax.get_title() for ax in saved["axes"]] == [
-        "accuracy vs decoding-state size", "eidetic-memory ablation (window and SSM fixed)"]
-    assert "no error bars" in saved["caption"]
+        "accuracy vs decoding-state size", "selection rules at m=8 slots"]
+    assert "one dot per seed" in saved["caption"]

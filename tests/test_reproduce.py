@@ -98,26 +98,30 @@ def test_mqar_memory(dirs):
     out_dir, work = dirs
     record = reproduce.reproduce("mqar_memory", "tiny", out_dir, ["swa", "bmojo"], work)
     _, md = _check_files(out_dir, "mqar_memory", ["swa", "bmojo"])
-    assert "Eidetic-memory ablation" in md
-    runs = record["runs"]
+    assert "Eidetic diagnostics" in md
     settings = mqar_memory.budgets()["tiny"]
-    assert [r["preset"] for r in runs] == [p for p, _ in settings["variants"]]
-    window = settings["model"]["window"]
-    assert record["query_distance"]["min"] > window  # the keys lie beyond the window
-    swa = runs[0]
-    assert swa["queries_within_window"] == 0 and swa["eidetic_slots"] == 0
-    (bmojo,) = [r for r in runs if r["preset"] == "bmojo"]
-    assert bmojo["eidetic_slots"] == 2 and bmojo["queries_within_2_windows"] < 0.05
+    runs = {r["label"]: r for r in record["runs"]}
+    assert list(runs) == ["swa (w=4)", "bmojo (m=4, fading)", "bmojo (m=4, oracle)"]
+    swa, fading, oracle = runs.values()
     # The eidetic slots and the fading state make B'MOJO's decoding state larger than the window's.
-    assert bmojo["state_bytes"] > swa["state_bytes"]
+    assert fading["state_bytes"] > swa["state_bytes"] and swa["eidetic_slots"] == 0
+    # Diagnostics for the B'MOJO rows only; the oracle keeps every context token (4 slots, 4 per
+    # chunk: the ceiling is 1), whatever the tiny training did.
+    assert swa["diagnostics"] is None
+    assert oracle["diagnostics"]["selection_recall"] == oracle["diagnostics"]["recall_ceiling"] == 1
+    assert f"| {oracle['label']} | " in md and "1.00 (1.00)" in md
     # Every row runs every seed: mean +- std over them, in the JSON and the table.
-    assert settings["seeds"] == (0, 1) and all(r["seeds"] == [0, 1] for r in runs)
-    for r in runs:
+    assert settings["seeds"] == (0, 1) and all(r["seeds"] == [0, 1] for r in runs.values())
+    for r in runs.values():
         values = r["test_accuracy_values"]
         assert r["test_accuracy"] == pytest.approx(sum(values) / 2)
         assert r["test_accuracy_std"] == pytest.approx(abs(values[0] - values[1]) / 2)
+        assert len(r["solved"]) == len(r["steps_to_90"]) == 2
     assert f"{100 * swa['test_accuracy']:.1f} +- {100 * swa['test_accuracy_std']:.1f}" in md
-    assert "mean +- std over them" in md
+    # The points are the sweep's points of experiments/configs/mqar_far.py: a sweep with the same
+    # fields would train (and collect) the same workdirs.
+    name = sweep.point_name("bmojo_oracle", settings.lrs[0], 1)
+    assert (work / "mqar_memory-tiny" / name / "point.json").is_file()
     # --redraw draws the figure again from the JSON alone.
     png = out_dir / "mqar_memory.png"
     png.unlink()

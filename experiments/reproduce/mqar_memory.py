@@ -1,227 +1,263 @@
-"""Table 2 of docs/design.md section 7: MQAR whose queries sit far beyond the window (power_a > 1
-pushes the queries to the end of the sequence), accuracy vs the decoding-state size, sweeping the
-SSM state size, the window and the eidetic slots; the eidetic-slot ablation."""
+"""Table 2 of docs/design.md section 7, at competence (section 7b): Zoology's frontier of MQAR
+accuracy against decoding-state bytes, on far-query MQAR (every key/value pair has left the
+window and the fading span of a `B` layer when its query comes), one curve per family:
+Transformer, SWA over the window, Mamba over d_state, B'MOJO over its eidetic slots (window and
+d_state fixed); and every eidetic selection rule at one slot count, bracketed by the content-blind
+controls and the oracle, with the eidetic diagnostics of every B'MOJO row.
+
+Every point is a point of `experiments/configs/mqar_far.py` with the budget's fields set
+(`sweep.run_point`), so a sweep of that config with the same fields (several side by side, one per
+core) trains the same points in the same workdirs, and this table collects them.
+"""
 
 from __future__ import annotations
 
-import functools
 from pathlib import Path
 
 import ml_collections
 import numpy as np
 
 from benchmarks import decoding
-from bmojo_jax import data as data_lib
 from bmojo_jax import training
 from experiments import plotting, sweep
-from experiments.reproduce import runner, synthetic
+from experiments.config_fields import load_config_module
+from experiments.reproduce import runner
 
 NAME = "mqar_memory"
-TITLE = "MQAR accuracy vs memory budget, and the eidetic-memory ablation"
-SHORT = {"window": "w", "d_state": "n", "eidetic_slots": "m", "eidetic_per_chunk": "k_e"}
+TITLE = "MQAR accuracy vs decoding-state size at competence, and the eidetic selection rules"
+CONFIG = Path(__file__).resolve().parents[1] / "configs" / "mqar_far.py"
+SHORT = {"model.window": "w", "model.d_state": "n", "model.eidetic_slots": "m"}
 
 
 def budgets() -> dict:
     """{"tiny", "full"}: ConfigDicts of every setting.
 
-    Fields: seq_len, task (`data.mqar` arguments), model (ModelConfig fields), variants ((preset,
-    model overrides), ...: the rows; `bmojo` rows must set their eidetic slots), lrs (the grid),
-    lrs_by_preset (a preset's own grid), seeds (initialisation and batch order: every row runs
-    each, mean +- std), seed (the data's), num_steps, batch_size, warmup_steps, num_train,
-    num_eval. The full budget's learning rates are, per preset, the best of the synthetic table's
-    grid on its MQAR task.
+    Fields: set (the "FIELD=VALUE" overrides of `experiments/configs/mqar_far.py` for every row,
+    the `--set` of a sweep), bmojo_set (added for the rows of B'MOJO with eidetic slots), rows
+    ((argument of mqar_far.get_config, "FIELD=VALUE,..." swept fields or ""), ...), lrs (the
+    grid), lrs_by_arg (an argument's own grid), seeds (initialisation and batch order: every row runs each, mean +- std), seed (the
+    data's).
+
+    The full budget is the far-query probe of results/eidetic.md (item 6, at d_model 64): t = 32,
+    K = 4 pairs in [0, 8), queries from position 16, vocabulary 64, window 4, d_state 4, 20,000
+    training examples, early stop at 99% validation accuracy or 3000 steps (our choice: the
+    smallest size at which full attention, SWA and B'MOJO's slots separate, about 2-7 minutes a
+    point on one core). One learning rate, 3e-3 (the probe's), for every row but the
+    Transformer's, which gets a grid of three (our choice, to fit 2 CPU cores: a grid for the
+    baseline alone can only favour the baseline).
     """
+    probe = ("model.d_model=64", "model.window=4", "model.chunk_size=4", "model.d_state=4",
+             "model.ssm_head_dim=8", "data.seq_len=32", "data.num_train=20000",
+             "data.num_eval=256", "data.task.vocab_size=64", "data.task.query_start=16",
+             "optimizer.warmup_steps=50", "num_steps=3000", "eval_every=100",
+             "checkpoint_every=1000", "eval_batches=4")
     full = dict(
-        seq_len=64, task=dict(vocab_size=128, num_kv_pairs=4, power_a=10.0),
-        model=dict(d_model=64, n_layers=2, n_heads=2, window=16, chunk_size=16, d_state=16,
-                   ssm_head_dim=32),
-        variants=(("transformer", {}),
-                  ("swa", dict(window=8)), ("swa", {}),
-                  ("mamba", dict(d_state=8)), ("mamba", dict(d_state=32)),
-                  ("hybrid", {}),
-                  ("bmojo_f", {}),
-                  ("bmojo", dict(eidetic_per_chunk=1, eidetic_slots=2)),
-                  ("bmojo", dict(eidetic_per_chunk=2, eidetic_slots=4)),
-                  ("bmojo", dict(eidetic_per_chunk=4, eidetic_slots=8)),
-                  ("bmojo", dict(eidetic_per_chunk=8, eidetic_slots=16))),
-        lrs=(3e-3,), lrs_by_preset={"mamba": (1e-2,)}, num_steps=500, batch_size=32,
-        warmup_steps=20, num_train=16000, num_eval=256, seeds=(0,), seed=0)
+        set=probe, bmojo_set=("model.eidetic_per_chunk=4", "model.eidetic_slots=8"),
+        rows=(("transformer", ""),
+              ("swa", "model.window=4"), ("swa", "model.window=8"), ("swa", "model.window=16"),
+              ("mamba", "model.d_state=4"), ("mamba", "model.d_state=16"),
+              ("mamba", "model.d_state=64"),
+              ("bmojo_f", ""),
+              ("bmojo", "model.eidetic_slots=4"), ("bmojo", "model.eidetic_slots=8"),
+              ("bmojo", "model.eidetic_slots=16"),
+              ("bmojo_oracle", ""), ("bmojo_state", ""), ("bmojo_learned", ""),
+              ("bmojo_threshold", ""), ("bmojo_random", ""), ("bmojo_projection", "")),
+        lrs=(3e-3,), lrs_by_arg=dict(transformer=(1e-3, 3e-3, 1e-2)), seeds=(0, 1, 2), seed=0)
     tiny = dict(
-        full, seq_len=32, task=dict(vocab_size=64, num_kv_pairs=2, power_a=10.0),
-        model=dict(d_model=32, n_layers=2, n_heads=2, window=8, chunk_size=8, d_state=8,
-                   ssm_head_dim=16),
-        variants=(("swa", {}), ("bmojo", dict(eidetic_per_chunk=1, eidetic_slots=2))),
-        lrs=(1e-2,), lrs_by_preset={}, num_steps=4, batch_size=8, warmup_steps=1, num_train=64,
-        num_eval=16, seeds=(0, 1))
+        full, set=("model.d_model=16", "model.n_heads=2", "model.window=4", "model.chunk_size=4",
+                   "model.d_state=4", "model.ssm_head_dim=8", "data.seq_len=24",
+                   "data.num_train=64", "data.num_eval=16", "data.task.vocab_size=32",
+                   "data.task.num_kv_pairs=2", "data.task.query_start=12",
+                   "optimizer.warmup_steps=1", "num_steps=4", "batch_size=8", "early_stop.target=0.5",
+                   "eval_every=2", "checkpoint_every=4", "eval_batches=1", "log_every=2"),
+        bmojo_set=("model.eidetic_per_chunk=4", "model.eidetic_slots=4"),
+        rows=(("swa", "model.window=4"), ("bmojo", "model.eidetic_slots=4"), ("bmojo_oracle", "")),
+        lrs=(1e-2,), lrs_by_arg={}, seeds=(0, 1))
     return {"tiny": ml_collections.ConfigDict(tiny), "full": ml_collections.ConfigDict(full)}
 
 
-def short(overrides) -> str:
-    """A row's memory knobs in the table's notation, e.g. "w=8" ("default" when none)."""
-    return ", ".join(f"{SHORT.get(k, k)}={v}" for k, v in overrides.items()) or "default"
+def preset_of(arg: str) -> str:
+    """The preset of a mqar_far argument ("bmojo_state" -> "bmojo", "bmojo_f" -> "bmojo_f")."""
+    return "bmojo" if arg.startswith("bmojo_") and arg != "bmojo_f" else arg
 
 
-def query_distances(s, num_examples: int = 1000) -> np.ndarray:
-    """Distances (tokens) from each query to its key's position in the context, on test-seed
-    examples: int [queries]."""
-    inputs, labels = data_lib.mqar(**s.task, input_seq_len=s.seq_len, num_examples=num_examples,
-                                   seed=s.seed + 2)
-    k = s.task.num_kv_pairs
-    distances = []
-    for x, y in zip(inputs, labels):
-        for pos in np.flatnonzero(y != data_lib.IGNORE_INDEX):
-            distances.append(pos - np.flatnonzero(x[:2 * k] == x[pos])[0])
-    return np.asarray(distances)
+def rule_of(arg: str) -> str | None:
+    """The eidetic selection of a B'MOJO argument ("oracle" included; "fading" for "bmojo"),
+    None for the other presets."""
+    if preset_of(arg) != "bmojo":
+        return None
+    return arg.partition("_")[2] or "fading"
 
 
-def point_config(row: str, s):
-    """The training config of a row "<i>-<preset>", the variant `s.variants[i]` (the sweep sets
-    each point's lr and seed)."""
-    preset, overrides = s.variants[int(row.partition("-")[0])]
-    model = dict(s.model, vocab_size=s.task.vocab_size, **overrides)
-    config = runner.point_config(preset, model, s)
-    config.data.update(name="mqar", seq_len=s.seq_len, num_train=s.num_train,
-                       num_eval=s.num_eval, seed=s.seed)
-    config.data.task = s.task.to_dict()
-    return config
+def overrides(s, arg: str) -> list[str]:
+    """The `--set` of a row: the budget's fields, and bmojo_set for B'MOJO with slots."""
+    return list(s.set) + (list(s.bmojo_set) if preset_of(arg) == "bmojo" else [])
+
+
+def fields_of(text: str) -> dict:
+    """{field: value} of a row's "FIELD=VALUE,..." (one value each)."""
+    return {field: values[0] for field, values in sweep.parse_sweep(text.replace(",", ";"))
+            .items()} if text else {}
+
+
+def label(arg: str, fields: dict, eidetic_slots: int) -> str:
+    """A row's name in the table, e.g. "swa (w=8)", "bmojo (m=8, oracle)"."""
+    knobs = [f"{SHORT.get(k, k)}={v}" for k, v in fields.items()]
+    rule = rule_of(arg)
+    if rule and "model.eidetic_slots" not in fields:
+        knobs.append(f"m={eidetic_slots}")
+    return f"{preset_of(arg)} ({', '.join(knobs + ([rule] if rule else [])) or 'default'})"
 
 
 def run(s, presets, workdir: Path) -> dict:
-    """Every variant of a preset in `presets` over its learning rates x `s.seeds`
-    (`sweep.run_setting`, points in WORKDIR/<i>-<preset>-lr<lr>-s<seed>), at its best rate."""
+    """Every row whose preset is in `presets` over `s.lrs` x `s.seeds` (`sweep.run_setting` of
+    mqar_far.get_config, points in WORKDIR/<point>), at its best rate, with the decoding-state
+    bytes and, for B'MOJO rows, the eidetic diagnostics of every best-rate seed (mean)."""
+    get_config = load_config_module(str(CONFIG)).get_config
     rows = []
-    distances = query_distances(s)
-    for i, (preset, overrides) in enumerate(s.variants):
-        if preset not in presets:
+    for arg, text in s.rows:
+        if preset_of(arg) not in presets:
             continue
-        if preset == "bmojo" and "eidetic_slots" not in overrides:
-            raise ValueError(f"mqar_memory variant {i} (bmojo, {overrides}): give bmojo variants "
-                             f"their eidetic_slots and eidetic_per_chunk.")
-        name = f"{i:02d}-{preset}"
-        row = sweep.run_setting(functools.partial(point_config, s=s), name,
-                                s.lrs_by_preset.get(preset, s.lrs), s.seeds, workdir,
-                                log="mqar_memory")
-        model_cfg = training.model_config(point_config(name, s), s.task.vocab_size)
-        window = None if preset in ("transformer", "mamba") else model_cfg.window
+        fields = fields_of(text)
+        row = sweep.run_setting(get_config, arg, s.lrs_by_arg.get(arg, s.lrs), s.seeds,
+                                workdir, log=NAME,
+                                overrides=overrides(s, arg), fields=fields)
+        _, config = sweep.point_config(get_config, arg, row["lr"], s.seeds[0], overrides(s, arg),
+                                       fields)
+        model_cfg = training.model_config(config, config.data.task.vocab_size)
+        best = row["best"]
+        diags = [sweep.point_diagnostics(workdir / r["point"]) for r in best]
         rows.append(dict(
-            runner.row_stats(row, "accuracy"),
-            preset=preset, overrides=dict(overrides), label=f"{preset} ({short(overrides)})",
-            window=window, d_state=None if preset in ("transformer", "swa") else model_cfg.d_state,
-            eidetic_slots=model_cfg.eidetic_slots if preset == "bmojo" else 0,
-            eidetic_eviction=model_cfg.eidetic_eviction, eidetic_lag=model_cfg.eidetic_lag,
-            state_bytes=decoding.state_bytes(model_cfg, 1, s.seq_len),
-            queries_within_window=(None if window is None
-                                   else float(np.mean(distances < window))),
-            queries_within_2_windows=(None if window is None
-                                      else float(np.mean(distances < 2 * window)))))
-    return dict(runs=rows, optimizer=row["records"][0]["config"]["optimizer"], query_distance=dict(
-        min=int(distances.min()), median=float(np.median(distances)),
-        max=int(distances.max())))
+            runner.row_stats(row, "accuracy"), arg=arg, preset=preset_of(arg), rule=rule_of(arg),
+            fields=fields, label=label(arg, fields, model_cfg.eidetic_slots),
+            window=None if preset_of(arg) in ("transformer", "mamba") else model_cfg.window,
+            d_state=None if preset_of(arg) in ("transformer", "swa") else model_cfg.d_state,
+            eidetic_slots=model_cfg.eidetic_slots if preset_of(arg) == "bmojo" else 0,
+            state_bytes=decoding.state_bytes(
+                model_cfg, 1, config.data.seq_len),
+            solved=[r["result"]["valid"]["accuracy"] >= 0.99 for r in best],
+            steps_to_90=[r["result"].get("steps_to_0.9") for r in best],
+            diagnostics=None if diags[0] is None else {
+                k: float(np.mean([d[k] for d in diags])) for k in diags[0]}))
+    _, config = sweep.point_config(get_config, s.rows[0][0], s.lrs[0], s.seeds[0],
+                                   overrides(s, s.rows[0][0]), fields_of(s.rows[0][1]))
+    return dict(runs=rows, optimizer=config.optimizer.to_dict(), task=config.data.task.to_dict(),
+                seq_len=config.data.seq_len, num_train=config.data.num_train,
+                num_eval=config.data.num_eval, num_steps=config.num_steps,
+                batch_size=config.batch_size, model=config.model.to_dict())
 
 
-def _pct(x):
-    return "—" if x is None else f"{100 * x:.1f}"
+def _pct(row, key="test_accuracy"):
+    return runner.mean_std(row, key, scale=100)
 
 
 def markdown(record, s) -> str:
-    """The memory table, the eidetic-slot ablation and the settings in prose."""
-    d = record["query_distance"]
-    lines = ["| model (memory knobs) | decoding state (KiB) | parameters | lr | queries with key "
-             "in window / in 2 windows (%) | test accuracy (%) | wall (s) |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+    """The frontier table, the selection rules with their diagnostics, and the settings."""
+    lines = ["| model (memory knobs) | decoding state (KiB) | parameters | lr | test accuracy (%) "
+             "| seeds at >= 99% | steps to 90% |", "|---|---:|---:|---:|---:|---:|---|"]
     for r in record["runs"]:
-        within = ("—" if r["queries_within_window"] is None else
-                  f"{_pct(r['queries_within_window'])} / {_pct(r['queries_within_2_windows'])}")
         lines.append(f"| {r['label']} | {r['state_bytes'] / 1024:.1f} | {r['params']:,} | "
-                     f"{r['lr']:g} | {within} | "
-                     f"{runner.mean_std(r, 'test_accuracy', scale=100)} | "
-                     f"{r['wall_s']:.0f} |")
-    ablation = sorted((r for r in record["runs"] if r["preset"] in ("bmojo_f", "bmojo")),
-                      key=lambda r: r["eidetic_slots"])
-    abl = ["| eidetic slots m (k_e per chunk) | test accuracy (%) |", "|---:|---:|"]
-    abl += [f"| {r['eidetic_slots']} ({r['overrides'].get('eidetic_per_chunk', 0)}) | "
-            f"{runner.mean_std(r, 'test_accuracy', scale=100)} |" for r in ablation]
-    bmojo = next((r for r in record["runs"] if r["preset"] == "bmojo"), None)
-    eviction = ("" if bmojo is None else f"; {bmojo['eidetic_eviction']} eviction, lag "
-                f"{bmojo['eidetic_lag']} chunks")
-    lrs = ", ".join(f"{lr:g}" for lr in s.lrs)
-    if s.lrs_by_preset:
-        own = "; ".join(f"{p}: {', '.join(f'{lr:g}' for lr in v)}"
-                        for p, v in s.lrs_by_preset.items())
-        synthetic_grid = ", ".join(f"{lr:g}" for lr in synthetic.budgets()["full"].lrs)
-        lrs += (f" except {own} (per preset, the best of {{{synthetic_grid}}} on the synthetic "
-                f"table's MQAR)")
-    return (f"MQAR (`mqar({runner.describe(s.task)}, input_seq_len={s.seq_len})`): `power_a` > 1 "
-            f"draws the query gaps towards the end of the sequence, so every query is {d['min']} "
-            f"to {d['max']} tokens (median {d['median']:.0f}) after its key: beyond the window, "
-            f"so that the window alone cannot answer. The decoding state is the size of "
-            f"`model.init_cache(1, max_length={s.seq_len})` (float32: KV caches, ring buffers, "
-            f"SSM and conv states, eidetic slots), the memory that a recurrent reading of the "
-            f"model carries.\n\n" + "\n".join(lines) +
-            "\n\n### Eidetic-memory ablation (B'MOJO-F = 0 slots; window and SSM fixed)\n\n"
-            + "\n".join(abl) +
-            f"\n\nModel: {runner.describe(s.model)} unless the row says otherwise (w window, n "
-            f"SSM state, m eidetic slots, k_e eidetic tokens selected per chunk{eviction}). "
-            f"Training: {s.num_steps} steps of {s.batch_size} sequences from {s.num_train} "
-            f"examples, lr {lrs} (best mean on validation), seeds "
-            f"{', '.join(map(str, s.seeds))} (test accuracy: mean +- std over them), "
-            f"{runner.describe_optimizer(record['optimizer'], s.num_steps)}; {s.num_eval} test "
-            f"examples.")
+                     f"{r['lr']:g} | {_pct(r)} | {sum(r['solved'])} of {len(r['solved'])} | "
+                     f"{', '.join('-' if x is None else str(x) for x in r['steps_to_90'])} |")
+    rules = ["| B'MOJO row | test accuracy (%) | selection recall (ceiling) | slot precision | "
+             "attention on slots | valid accuracy: own rule / oracle scores / no slots |",
+             "|---|---:|---:|---:|---:|---|"]
+    for r in record["runs"]:
+        d = r["diagnostics"]
+        if d is not None:
+            rules.append(f"| {r['label']} | {_pct(r)} | {d['selection_recall']:.2f} "
+                         f"({d['recall_ceiling']:.2f}) | {d['slot_precision']:.2f} | "
+                         f"{d['eidetic_mass']:.2f} | {d['accuracy_own']:.3f} / "
+                         f"{d['accuracy_oracle']:.3f} / {d['accuracy_no_slots']:.3f} |")
+    task = record["task"]
+    return (
+        f"Far-query MQAR (`data.mqar({runner.describe(task)}, input_seq_len="
+        f"{record['seq_len']})`): {task['num_kv_pairs']} key/value pairs at the start, every "
+        f"query from position {task['query_start']}, so every key lies beyond a window of up to "
+        f"{task['query_start'] - 2 * task['num_kv_pairs']} tokens; chance is "
+        f"1 / {task['vocab_size'] // 2}. The decoding state is the size of "
+        f"`model.init_cache(1, max_length={record['seq_len']})` (float32: KV caches, ring "
+        f"buffers, SSM and conv states, eidetic slots).\n\n" + "\n".join(lines) +
+        "\n\nRows: w window (= B'MOJO's chunk), n SSM state size, m eidetic slots; the last word "
+        "of a B'MOJO row is its selection rule (`ModelConfig.eidetic_selection`; oracle: the "
+        "key/value context handed in as eidetic scores, `config.eidetic_oracle`; random and "
+        "projection are the content-blind controls). Seeds at >= 99%: final validation "
+        "accuracy; steps to 90%: the first evaluated step at >= 90% validation accuracy per "
+        "seed (-: never).\n\n### Eidetic diagnostics (every B'MOJO row)\n\n" + "\n".join(rules) +
+        "\n\nMeans over the seeds, each on its final checkpoint (`sweep.point_diagnostics`): "
+        "selection recall and slot precision on one validation batch, averaged over the `B` "
+        "layers; attention on slots: the queries' softmax mass on the eidetic keys; valid "
+        "accuracy with the model's own rule, with the oracle's scores instead, and with every "
+        "slot empty (what the slots carry).\n\n"
+        f"Every point is a point of `experiments/configs/mqar_far.py` (2 layers, 2 heads, score "
+        f"eviction) with `{' '.join(s.set)}` and, for B'MOJO with slots, "
+        f"`{' '.join(s.bmojo_set)}`, then the row's own field. Training: batch "
+        f"{record['batch_size']} from {record['num_train']} examples, early stop at 99% "
+        f"validation accuracy or {record['num_steps']} steps, lr "
+        f"{', '.join(f'{lr:g}' for lr in s.lrs)}" + "".join(
+            f" ({arg}: {', '.join(f'{lr:g}' for lr in lrs)})" for arg, lrs in s.lrs_by_arg.items())
+        + " (the best mean on validation), "
+        f"{runner.describe_optimizer(record['optimizer'], record['num_steps'])}; "
+        f"{record['num_eval']} test examples.")
 
 
 def plot(record, s, path) -> None:
-    """Accuracy vs decoding-state size per preset (left); accuracy vs eidetic slots (right). Every
-    point is drawn with its preset's hollow marker (`plotting.series_style`), so points that
-    nearly coincide (the transformer and the B'MOJO points near 64 KiB) all stay visible."""
+    """Left: test accuracy vs decoding-state size, one line per family (B'MOJO: its default rule
+    over the eidetic slots, B'MOJO-F at 0 slots first). Right: every selection rule at the rules'
+    slot count, one dot per seed and the mean, with full attention and B'MOJO-F as references."""
     del s  # everything plotted is in the record
     plt = plotting.pyplot()
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.6))
-    for order, preset in enumerate(dict.fromkeys(r["preset"] for r in record["runs"])):
-        mine = sorted((r for r in record["runs"] if r["preset"] == preset),
-                      key=lambda r: r["state_bytes"])
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.8))
+    runs = record["runs"]
+    families = {"transformer": ("transformer",), "swa": ("swa",), "mamba": ("mamba",),
+                "bmojo": ("bmojo_f", "bmojo")}
+    for order, (family, args) in enumerate(families.items()):
+        mine = sorted((r for r in runs if r["arg"] in args), key=lambda r: r["state_bytes"])
+        if not mine:
+            continue
         xs = [r["state_bytes"] / 1024 for r in mine]
         left.plot(xs, [100 * r["test_accuracy"] for r in mine],
-                  **plotting.series_style(preset, order))
+                  **dict(plotting.series_style(family, order),
+                         label=family + (" (fading rule over slots)" if family == "bmojo" else "")))
         _error_bars(left, xs, mine)
     left.set_xscale("log")
-    plotting.log2_ticks(left.xaxis, [r["state_bytes"] / 1024 for r in record["runs"]])
+    plotting.log2_ticks(left.xaxis, [r["state_bytes"] / 1024 for r in runs])
     left.set_title("accuracy vs decoding-state size")
     left.set_xlabel("decoding state (KiB, log scale)")
-    left.set_ylabel("MQAR test accuracy (%)")
+    left.set_ylabel("far-query MQAR test accuracy (%)")
     left.set_ylim(-2, 102)
     left.grid(alpha=0.3)
     left.legend(fontsize=8)
-    ablation = sorted((r for r in record["runs"] if r["preset"] in ("bmojo_f", "bmojo")),
-                      key=lambda r: r["eidetic_slots"])
-    if ablation:
-        xs = [r["eidetic_slots"] for r in ablation]
-        right.plot(xs, [100 * r["test_accuracy"] for r in ablation],
-                   **plotting.series_style("bmojo"))
-        _error_bars(right, xs, ablation)
-        for r in ablation:
-            if r["preset"] == "bmojo_f":  # its own marker over the line's first point
-                right.plot([0], [100 * r["test_accuracy"]], ls="none",
-                           **plotting.series_style("bmojo_f"))
-        right.legend(fontsize=8)
-    right.set_title("eidetic-memory ablation (window and SSM fixed)")
-    right.set_xlabel("eidetic slots m (0 = B'MOJO-F)")
-    right.set_ylabel("MQAR test accuracy (%)")
+    rules = [r for r in runs if r["rule"] is not None and r["arg"] != "bmojo"]
+    rules = [r for r in runs if r["arg"] == "bmojo" and r["eidetic_slots"] == (
+        rules[0]["eidetic_slots"] if rules else None)] + rules
+    for i, r in enumerate(rules):
+        values = [100 * v for v in r["test_accuracy_values"]]
+        right.plot([i] * len(values), values, ls="none", marker="o", mfc="none", color="C0")
+        right.plot([i - 0.3, i + 0.3], [np.mean(values)] * 2, color="C0", lw=2)
+    for arg, color in (("transformer", "C3"), ("bmojo_f", "C7")):
+        for r in runs:
+            if r["arg"] == arg:
+                right.axhline(100 * r["test_accuracy"], color=color, ls="--", lw=1,
+                              label=f"{r['label']} (mean)")
+    right.set_xticks(range(len(rules)), [r["rule"] for r in rules], rotation=30)
+    right.set_title("selection rules" + (f" at m={rules[0]['eidetic_slots']} slots"
+                                         if rules else ""))
+    right.set_ylabel("far-query MQAR test accuracy (%)")
     right.set_ylim(-2, 102)
     right.grid(alpha=0.3)
+    if right.get_legend_handles_labels()[0]:
+        right.legend(fontsize=8)
     seeds = record["seeds"]["model_init_and_batch_order"]
-    seeds = seeds if isinstance(seeds, list) else [seeds]  # a table made before the seeds
     plotting.save(fig, path, caption=(
-        f"Mean test accuracy over the model seeds {', '.join(map(str, seeds))} (data seed "
-        f"{record['seeds']['data']}) at the best learning rate of each point's grid on "
-        f"validation; " + ("error bars (gray): +- std over the seeds" if len(seeds) > 1 else
-                           "one seed, so no error bars") +
-        ". Lines join the variants of one preset in order of state size."))
+        f"Test accuracy, mean over the model seeds {', '.join(map(str, seeds))} (data seed "
+        f"{record['seeds']['data']}) at each row's best learning rate on validation; left: "
+        f"error bars (gray) +- std over the seeds; right: one dot per seed, the bar the mean."))
 
 
 def _error_bars(ax, xs, rows) -> None:
-    """+- std over the seeds of each row's test accuracy (%), in gray; nothing for rows of one
-    seed (or a table made before the seeds)."""
-    if any(len(r.get("seeds", ())) > 1 for r in rows):
+    """+- std over the seeds of each row's test accuracy (%), in gray; nothing for one seed."""
+    if any(len(r["seeds"]) > 1 for r in rows):
         ax.errorbar(xs, [100 * r["test_accuracy"] for r in rows],
-                    yerr=[100 * r.get("test_accuracy_std", 0.0) for r in rows], fmt="none",
+                    yerr=[100 * r["test_accuracy_std"] for r in rows], fmt="none",
                     ecolor="gray", capsize=2, lw=1)
