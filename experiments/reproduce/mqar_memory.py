@@ -35,8 +35,8 @@ def budgets() -> dict:
     Fields: set (the "FIELD=VALUE" overrides of `experiments/configs/mqar_far.py` for every row,
     the `--set` of a sweep), bmojo_set (added for the rows of B'MOJO with eidetic slots), rows
     ((argument of mqar_far.get_config, "FIELD=VALUE,..." swept fields or "", the row's own
-    learning rates or () for lrs), ...), lrs (the grid), seeds (initialisation and batch order: every row runs each, mean +- std), seed (the
-    data's).
+    learning rates or () for lrs), ...), lrs (the grid), seeds (initialisation and batch order:
+    every row runs each, mean +- std), seed (the data's).
 
     The full budget is the far-query probe of results/eidetic.md (item 6, at d_model 64): t = 32,
     K = 4 pairs in [0, 8), queries from position 16, vocabulary 64, window 4, d_state 4, 20,000
@@ -71,8 +71,8 @@ def budgets() -> dict:
                    "model.d_state=4", "model.ssm_head_dim=8", "data.seq_len=24",
                    "data.num_train=64", "data.num_eval=16", "data.task.vocab_size=32",
                    "data.task.num_kv_pairs=2", "data.task.query_start=12",
-                   "optimizer.warmup_steps=1", "num_steps=4", "batch_size=8", "early_stop.target=0.5",
-                   "eval_every=2", "checkpoint_every=4", "eval_batches=1", "log_every=2"),
+                   "optimizer.warmup_steps=1", "num_steps=4", "batch_size=8",
+                   "early_stop.target=0.5", "eval_every=2", "checkpoint_every=4", "eval_batches=1", "log_every=2"),
         bmojo_set=("model.eidetic_per_chunk=4", "model.eidetic_slots=4"),
         rows=(("swa", "model.window=4", ()), ("bmojo", "model.eidetic_slots=4", ()),
               ("bmojo_oracle", "", ())),
@@ -136,9 +136,8 @@ def run(s, presets, workdir: Path) -> dict:
             window=None if preset_of(arg) in ("transformer", "mamba") else model_cfg.window,
             d_state=None if preset_of(arg) in ("transformer", "swa") else model_cfg.d_state,
             eidetic_slots=model_cfg.eidetic_slots if preset_of(arg) == "bmojo" else 0,
-            state_bytes=decoding.state_bytes(
-                model_cfg, 1, config.data.seq_len),
-            solved=[r["result"]["valid"]["accuracy"] >= 0.99 for r in best],
+            state_bytes=decoding.state_bytes(model_cfg, 1, config.data.seq_len),
+            solved=[r["result"]["valid"]["accuracy"] >= config.early_stop.target for r in best],
             steps_to_90=[r["result"].get("steps_to_0.9") for r in best],
             diagnostics=None if diags[0] is None else {
                 k: float(np.mean([d[k] for d in diags])) for k in diags[0]}))
@@ -147,7 +146,7 @@ def run(s, presets, workdir: Path) -> dict:
     return dict(runs=rows, optimizer=config.optimizer.to_dict(), task=config.data.task.to_dict(),
                 seq_len=config.data.seq_len, num_train=config.data.num_train,
                 num_eval=config.data.num_eval, num_steps=config.num_steps,
-                batch_size=config.batch_size, model=config.model.to_dict())
+                batch_size=config.batch_size, n_layers=config.model.n_layers)
 
 
 def _lr(row) -> str:
@@ -182,16 +181,21 @@ def markdown(record, s) -> str:
     task = record["task"]
     return (
         f"Far-query MQAR (`data.mqar({runner.describe(task)}, input_seq_len="
-        f"{record['seq_len']})`): {task['num_kv_pairs']} key/value pairs at the start, every "
-        f"query from position {task['query_start']}, so every key lies beyond a window of up to "
-        f"{task['query_start'] - 2 * task['num_kv_pairs']} tokens; chance is "
-        f"1 / {task['vocab_size'] // 2}. The decoding state is the size of "
+        f"{record['seq_len']})`): {task['num_kv_pairs']} key/value pairs in the first "
+        f"{2 * task['num_kv_pairs']} tokens, every query from position {task['query_start']}, so "
+        f"every key is more than {task['query_start'] - 2 * task['num_kv_pairs']} tokens before "
+        f"its query: out of reach of {record['n_layers']} layers of a window of "
+        f"{(task['query_start'] - 2 * task['num_kv_pairs']) // record['n_layers']} tokens (a "
+        f"layer reads a window back, so a stack of windows reaches n_layers windows back; the "
+        f"wider SWA rows reach some keys). Chance is 1 / {task['vocab_size'] // 2}. The decoding "
+        f"state is the size of "
         f"`model.init_cache(1, max_length={record['seq_len']})` (float32: KV caches, ring "
         f"buffers, SSM and conv states, eidetic slots).\n\n" + "\n".join(lines) +
         "\n\nRows: w window (= B'MOJO's chunk), n SSM state size, m eidetic slots; the last word "
         "of a B'MOJO row is its selection rule (`ModelConfig.eidetic_selection`; oracle: the "
-        "key/value context handed in as eidetic scores, `config.eidetic_oracle`; random and "
-        "projection are the content-blind controls). Seeds at >= 99%: final validation "
+        "key/value context handed in as eidetic scores, `config.eidetic_oracle`; the controls: "
+        "random, fixed random positions, and projection, a fixed random function of the "
+        "content). Seeds at >= 99%: final validation "
         "accuracy; steps to 90%: the first evaluated step at >= 90% validation accuracy per "
         "seed (-: never).\n\n### Eidetic diagnostics (every B'MOJO row)\n\n" + "\n".join(rules) +
         "\n\nMeans over the seeds, each on its final checkpoint (`sweep.point_diagnostics`): "
