@@ -124,10 +124,9 @@ def run(s, presets, workdir: Path) -> dict:
         fields = fields_of(text)
         row = sweep.run_setting(get_config, arg, lrs or s.lrs, s.seeds, workdir, log=NAME,
                                 overrides=overrides(s, arg), fields=fields)
-        _, config = sweep.point_config(get_config, arg, row["lr"], s.seeds[0], overrides(s, arg),
-                                       fields)
-        model_cfg = training.model_config(config, config.data.task.vocab_size)
         best = row["best"]
+        config = ml_collections.ConfigDict(best[0]["config"])  # the trained config, as recorded
+        model_cfg = training.model_config(config, config.data.task.vocab_size)
         diags = [sweep.point_diagnostics(workdir / r["point"]) for r in best]
         rows.append(dict(
             runner.row_stats(row, "accuracy"), arg=arg, preset=preset_of(arg), rule=rule_of(arg),
