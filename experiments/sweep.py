@@ -52,6 +52,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import ml_collections
 import numpy as np
@@ -269,16 +270,24 @@ def check_points(get_config, points, overrides) -> None:
             raise ValueError(f"point {name}: {e}") from None
 
 
-def run_point(get_config, arg: str, lr, seed: int, root: Path, out: Path | None = None,
-              commit: bool = False, overrides: list[str] = (),
-              fields: dict | None = None) -> dict:
+class Points(NamedTuple):
+    """Where finished points' records go: OUT/<point>.json, git-committed as each lands when
+    `commit` (long runs on a machine that may stop: nothing finished is lost), recording
+    `command` (the command line that trains them)."""
+    out: Path
+    commit: bool = False
+    command: str = ""
+
+
+def run_point(get_config, arg: str, lr, seed: int, root: Path, points: Points | None = None,
+              overrides: list[str] = (), fields: dict | None = None) -> dict:
     """Trains (or collects) one point in ROOT/<point> and returns its record: the point's name,
     arg, lr, seed, config, result (`train_point`) and the other swept `fields` when there are
-    any. With `out`, the record also gets the git commit, the machine and the command and is
-    written to OUT/<point>.json (committed with `commit`); a reproduce table passes no `out` and
-    keeps its records, with that provenance once, in its own JSON. A rerun finds the point's
-    workdir finished and returns the record already in OUT untouched (its provenance is the run's
-    that trained it).
+    any. With `points`, the record also gets the git commit, the machine and the command and is
+    written to OUT/<point>.json (committed with `points.commit`). A rerun that finds the point's
+    workdir finished returns the record already in OUT untouched (its provenance is the run's that
+    trained it); so does a rerun on a machine without the workdir (a fresh clone: the committed
+    record is the point, nothing retrains).
 
     Raises:
       ValueError: OUT/<point>.json records another config (a different --set, say) for the same
@@ -286,34 +295,39 @@ def run_point(get_config, arg: str, lr, seed: int, root: Path, out: Path | None 
     """
     name, config = point_config(get_config, arg, lr, seed, overrides, fields)
     as_json = lambda x: json.loads(json.dumps(x))  # noqa: E731  (as a JSON file reads back)
-    path = None if out is None else out / f"{name}.json"
+    path = None if points is None else points.out / f"{name}.json"
     kept = json.loads(path.read_text()) if path is not None and path.exists() else None
     if kept is not None and kept.get("config") != as_json(jsonable(config.to_dict())):
         raise ValueError(f"{path} holds point {name} trained with another config: rerun with "
                          f"the config it records, or give another --out.")
+    if kept is not None and not (root / name / "point.json").exists():
+        print(f"[sweep] collected the committed point {path} (no workdir {root / name})",
+              flush=True)
+        return kept
     tic = time.time()
     result = train_point(config, root / name)
     record = dict(point=name, arg=arg, lr=config.optimizer.lr, seed=seed,
                   config=jsonable(config.to_dict()), result=result)
     if fields:
         record["fields"] = jsonable(fields)
-    if out is None:
+    if points is None:
         return record
     if kept is not None and kept.get("result") == as_json(result):
         return kept  # a rerun of a finished point: the committed record stays as it is
     record.update(git_commit=harness.git_commit(), machine=harness.machine(),
-                  command=harness.command_line("experiments.sweep"),
+                  command=points.command,
                   finished_utc=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                   collect_s=time.time() - tic)
-    out.mkdir(parents=True, exist_ok=True)
+    points.out.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(record, indent=1) + "\n")
-    if commit:
+    if points.commit:
         _commit(path, f"sweep point {name}: {_headline(result)}")
     return record
 
 
 def run_setting(get_config, arg: str, lrs, seeds, root: Path, *, stop_above=None,
-                log: str = "sweep", overrides: list[str] = (), fields: dict | None = None) -> dict:
+                log: str = "sweep", points: Points | None = None, overrides: list[str] = (),
+                fields: dict | None = None) -> dict:
     """Every point of one setting (one argument of `get_config`, learning rates x seeds) in
     ROOT/<point>, then its `summarize` row: the best learning rate and the mean +- std over the
     seeds. The reproduce tables run their grids through this.
@@ -326,7 +340,8 @@ def run_setting(get_config, arg: str, lrs, seeds, root: Path, *, stop_above=None
         validation accuracy over the seeds (None: never; our choice, to fit a budget: the grid's
         best cannot get much better).
       log: the prefix of the progress lines printed.
-      overrides, fields: `run_point`'s (the "FIELD=VALUE" --set and the other swept fields).
+      points, overrides, fields: `run_point`'s (where the records go, the "FIELD=VALUE" --set
+        and the other swept fields).
 
     Returns:
       The `summarize` row plus "records" (every point's record, in training order) and "best"
@@ -334,7 +349,7 @@ def run_setting(get_config, arg: str, lrs, seeds, root: Path, *, stop_above=None
     """
     records = []
     for lr in lrs:
-        mine = [run_point(get_config, arg, lr, seed, root, overrides=overrides, fields=fields)
+        mine = [run_point(get_config, arg, lr, seed, root, points, overrides, fields)
                 for seed in seeds]
         for r in mine:
             print(f"[{log}] {r['point']}: {_headline(r['result'])} "
@@ -534,15 +549,16 @@ def main(argv):
         seeds = grid.pop("seed", None) or [_number("--seeds", x, int) for x in seeds]
         lrs = grid.pop("optimizer.lr", None) or ([_number("--lrs", x, float) for x in lrs]
                                                   if lrs else [None])
-        points = list(grid_points(args, lrs, seeds, grid))
-        check_points(module.get_config, points, FLAGS.set)
+        planned = list(grid_points(args, lrs, seeds, grid))
+        check_points(module.get_config, planned, FLAGS.set)
     except ValueError as e:
         sys.exit(f"error: {e}")
-    print(f"[sweep] {len(points)} points under {root}", flush=True)
-    for arg, lr, seed, fields in points:
+    print(f"[sweep] {len(planned)} points under {root}", flush=True)
+    points = Points(out, FLAGS.commit, harness.command_line("experiments.sweep"))
+    for arg, lr, seed, fields in planned:
         try:
-            record = run_point(module.get_config, arg, lr, seed, root, out, FLAGS.commit,
-                               FLAGS.set, fields)
+            record = run_point(module.get_config, arg, lr, seed, root, points, FLAGS.set,
+                               fields)
         except (ValueError, FileNotFoundError, training.CheckpointError,
                 training.TrainingDiverged) as e:  # no traceback
             name, _ = point_config(module.get_config, arg, lr, seed, FLAGS.set, fields)

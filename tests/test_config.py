@@ -200,15 +200,15 @@ def test_sweep_rerun_keeps_the_committed_point_record(tmp_path, monkeypatch):
     from experiments.configs import tiny
     monkeypatch.setattr(sweep, "train_point", lambda config, workdir: {"step": 7, "valid": {}})
     first = sweep.run_point(tiny.get_config, "bmojo", 3e-3, 0, tmp_path / "root",
-                            out=tmp_path / "out", overrides=["num_steps=7"])
+                            points=sweep.Points(tmp_path / "out"), overrides=["num_steps=7"])
     path = tmp_path / "out" / "bmojo-lr0.003-s0.json"
     written = path.read_text()
     again = sweep.run_point(tiny.get_config, "bmojo", 3e-3, 0, tmp_path / "root",
-                            out=tmp_path / "out", overrides=["num_steps=7"])
+                            points=sweep.Points(tmp_path / "out"), overrides=["num_steps=7"])
     assert path.read_text() == written and again["finished_utc"] == first["finished_utc"]
     monkeypatch.setattr(sweep, "train_point", lambda config, workdir: pytest.fail(
         "a point whose OUT JSON records another config must be refused before training"))
     with pytest.raises(ValueError, match="bmojo-lr0.003-s0.json holds point bmojo-lr0.003-s0 "
                                          "trained with another config"):
         sweep.run_point(tiny.get_config, "bmojo", 3e-3, 0, tmp_path / "root",
-                        out=tmp_path / "out", overrides=["num_steps=8"])
+                        points=sweep.Points(tmp_path / "out"), overrides=["num_steps=8"])

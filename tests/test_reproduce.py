@@ -5,6 +5,7 @@ runtime."""
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -92,6 +93,12 @@ def test_synthetic(dirs, tmp_path):
     config.model.eidetic_seed = 5
     with pytest.raises(ValueError, match="eidetic_seed"):
         sweep.train_point(config, point)
+    # Every point's record is also in OUT_DIR/synthetic/points/<task>/: a rerun without the
+    # workdirs (a fresh clone of the committed results) collects them and trains nothing.
+    assert (out_dir / "synthetic" / "points" / "mqar" / f"{point.name}.json").is_file()
+    shutil.rmtree(work / "synthetic-tiny")
+    fresh = reproduce.reproduce("synthetic", "tiny", out_dir, ["swa"], work)
+    assert fresh["rows"] == record["rows"] and not point.exists()
 
 
 def test_mqar_memory(dirs):

@@ -34,12 +34,12 @@ BUDGETS = runner.BUDGETS
 
 
 def reproduce(table: str, budget: str = "full", out_dir=None, presets=None, workdir=None,
-              command: Optional[str] = None) -> dict:
+              command: Optional[str] = None, commit: bool = False) -> dict:
     """Runs one table (`runner.run_table`) and writes OUT_DIR/TABLE.{md,json[,png]}.
 
     Args:
       table: one of TABLES.
-      budget, out_dir, presets, workdir, command: see `runner.run_table` (out_dir None: a new
+      budget, out_dir, presets, workdir, command, commit: see `runner.run_table` (out_dir None: a new
         runs/TABLE-YYYYmmdd-HHMMSS/).
 
     Returns:
@@ -50,4 +50,5 @@ def reproduce(table: str, budget: str = "full", out_dir=None, presets=None, work
     """
     if table not in TABLES:
         raise ValueError(f"table={table!r}: allowed values are {', '.join(TABLES)}.")
-    return runner.run_table(TABLES[table], budget, out_dir, presets, workdir, command)
+    return runner.run_table(TABLES[table], budget, out_dir, presets, workdir, command,
+                            commit)

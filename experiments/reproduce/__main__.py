@@ -21,6 +21,8 @@ flags.DEFINE_string("workdir", str(runner.DEFAULT_WORKDIR), "Root of the points'
                     "workdirs (rerunning resumes them) and of the JAX compilation cache.")
 flags.DEFINE_bool("redraw", False, "Only draw OUT_DIR/TABLE.png again from OUT_DIR/TABLE.json (no "
                   "training; needs --out_dir): the committed figures after a plotting change.")
+flags.DEFINE_bool("commit", False, "git-commit each trained point's record "
+                  "(OUT_DIR/TABLE/points/<point>.json) as it lands.")
 flags.mark_flag_as_required("table")
 FLAGS = flags.FLAGS
 
@@ -45,7 +47,8 @@ def main(argv):
     command = harness.command_line("experiments.reproduce")
     out_dir = harness.output_dir(FLAGS.table, FLAGS.out_dir)  # one directory for --table=all
     for table in tables:
-        reproduce(table, FLAGS.budget, out_dir, FLAGS.presets, FLAGS.workdir, command)
+        reproduce(table, FLAGS.budget, out_dir, FLAGS.presets, FLAGS.workdir, command,
+                  FLAGS.commit)
 
 
 if __name__ == "__main__":

@@ -52,9 +52,9 @@ def runners(preset: str, s) -> dict:
                 dtype=model_cfg.dtype, implementation=model_cfg.implementation)
 
 
-def run(s, presets, workdir: Path) -> dict:
+def run(s, presets, workdir: Path, points) -> dict:
     """Prefill and decode of every preset, interleaved in `s.rounds` rounds."""
-    del workdir  # nothing is trained
+    del workdir, points  # nothing is trained
     compiled = {}
     for preset in presets:
         tic = time.perf_counter()

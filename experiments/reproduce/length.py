@@ -70,14 +70,14 @@ def point_config(preset: str, s):
     return config
 
 
-def run(s, presets, workdir: Path) -> dict:
+def run(s, presets, workdir: Path, points: sweep.Points) -> dict:
     """Every preset trained at T over `s.lrs` x `s.seeds` (`sweep.run_setting`); the best rate's
     seeds are each evaluated at every context, and their perplexities averaged."""
     corpus = data_lib.load_corpus(s.corpus, vocab_size=s.bpe_vocab_size, seed=s.seed)
     runs = []
     for preset in presets:
         row = sweep.run_setting(functools.partial(point_config, s=s), preset, s.lrs, s.seeds,
-                                workdir, log="length")
+                                workdir, log="length", points=points)
         tic = time.perf_counter()
         by_seed = [perplexities(workdir / r["point"], corpus.test, s) for r in row["best"]]
         lengths = list(by_seed[0])

@@ -68,14 +68,14 @@ def point_config(preset: str, models, s):
     return config
 
 
-def run(s, presets, workdir: Path) -> dict:
+def run(s, presets, workdir: Path, points: sweep.Points) -> dict:
     """Every preset on PTB over `s.lrs` x `s.seeds` (`sweep.run_setting`), at its best rate."""
     corpus = data_lib.load_corpus("ptb")
     models = matched_models(dict(s.model, vocab_size=corpus.vocab_size), presets, s.bmojo_model)
     runs = []
     for preset in presets:
         row = sweep.run_setting(functools.partial(point_config, models=models, s=s), preset,
-                                s.lrs, s.seeds, workdir, log="lm")
+                                s.lrs, s.seeds, workdir, log="lm", points=points)
         model_cfg = training.model_config(point_config(preset, models, s), corpus.vocab_size)
         runs.append(dict(runner.row_stats(row, "perplexity"), preset=preset,
                          d_ff=model_cfg.hidden_dim,

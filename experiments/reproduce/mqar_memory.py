@@ -112,7 +112,7 @@ def label(arg: str, fields: dict, eidetic_slots: int) -> str:
     return f"{preset_of(arg)} ({', '.join(knobs + ([rule] if rule else [])) or 'default'})"
 
 
-def run(s, presets, workdir: Path) -> dict:
+def run(s, presets, workdir: Path, points: sweep.Points) -> dict:
     """Every row whose preset is in `presets` over `s.lrs` x `s.seeds` (`sweep.run_setting` of
     mqar_far.get_config, points in WORKDIR/<point>), at its best rate, with the decoding-state
     bytes and, for B'MOJO rows, the eidetic diagnostics of every best-rate seed (mean)."""
@@ -123,7 +123,7 @@ def run(s, presets, workdir: Path) -> dict:
             continue
         fields = fields_of(text)
         row = sweep.run_setting(get_config, arg, lrs or s.lrs, s.seeds, workdir, log=NAME,
-                                overrides=overrides(s, arg), fields=fields)
+                                points=points, overrides=overrides(s, arg), fields=fields)
         best = row["best"]
         config = ml_collections.ConfigDict(best[0]["config"])  # the trained config, as recorded
         model_cfg = training.model_config(config, config.data.task.vocab_size)
@@ -136,7 +136,6 @@ def run(s, presets, workdir: Path) -> dict:
             eidetic_slots=model_cfg.eidetic_slots if preset_of(arg) == "bmojo" else 0,
             state_bytes=decoding.state_bytes(model_cfg, 1, config.data.seq_len),
             solved=[r["result"]["valid"]["accuracy"] >= config.early_stop.target for r in best],
-            steps_to_90=[r["result"].get("steps_to_0.9") for r in best],
             diagnostics=None if diags[0] is None else {
                 k: float(np.mean([d[k] for d in diags])) for k in diags[0]}))
     _, config = sweep.point_config(get_config, s.rows[0][0], s.lrs[0], s.seeds[0],

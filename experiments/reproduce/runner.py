@@ -6,7 +6,8 @@ generated from config values.
 A table is a module with:
     NAME, TITLE                 its file name (NAME.md, .json, .png) and its heading
     budgets()                   {"tiny": ConfigDict, "full": ConfigDict}: every setting of the table
-    run(settings, presets, workdir) -> dict     the measurements (JSON-able)
+    run(settings, presets, workdir, points) -> dict     the measurements (JSON-able); points
+                                (`sweep.Points`): where the trained points' records go
     markdown(record, settings) -> str           the table and its prose, from the record
     plot(record, settings, path) or plot = None the figure (PNG)
 
@@ -17,7 +18,10 @@ optimizer's unset fields keep the library's defaults, and the prose quotes the v
 `sweep.run_setting`, each point in WORKDIR/<row>-lr<lr>-s<seed> (`sweep.train_point`), and
 returns the best rate's mean +- std. Rerunning a table resumes it: finished points are collected
 from their `point.json`, unfinished ones resume from their latest checkpoint (the library's exact
-resume). Delete the workdir to retrain from scratch.
+resume). Delete the workdir to retrain from scratch. Every trained point's record also goes to
+OUT_DIR/NAME/points/ (git-committed as it lands with `commit`: hours of training on a machine that
+may stop lose nothing finished), and a rerun without the workdir (a fresh clone) collects the
+committed records instead of training again.
 """
 
 from __future__ import annotations
@@ -77,7 +81,8 @@ def row_stats(row: Mapping, metric: str) -> dict:
        accuracy, or loss for text; `sweep.summarize`'s "by_lr"}), "seeds", "params",
        "valid_<metric>" and "test_<metric>" (means over the seeds), "valid_<metric>_std" and
        "test_<metric>_std" (population std, ddof 0), "test_<metric>_values" (per seed), "steps"
-       (per seed), "wall_s" (the row's points together: every rate and seed), "tokens_per_s"
+       (per seed), "steps_to_90" (per seed: the first evaluated step at >= 90% validation
+       accuracy, None if never or not evaluated), "wall_s" (the row's points together: every rate and seed), "tokens_per_s"
        (median over the best rate's seeds), "train_s" (their mean), "final_train_loss" (their
        mean, nats)}.
     """
@@ -85,6 +90,7 @@ def row_stats(row: Mapping, metric: str) -> dict:
     out = dict(lr=row["lr"], seeds=[r["seed"] for r in best],
                lr_grid={f"{lr:g}": value for lr, value in row["by_lr"].items()},
                params=best[0]["result"]["params"], steps=[r["result"]["step"] for r in best],
+               steps_to_90=[r["result"].get("steps_to_0.9") for r in best],
                wall_s=float(sum(r["result"]["wall_s"] for r in row["records"])),
                tokens_per_s=float(np.median([r["result"]["tokens_per_s"] for r in best])),
                train_s=float(np.mean([r["result"]["train_s"] for r in best])),
@@ -132,7 +138,7 @@ def describe(values: Mapping) -> str:
 
 
 def run_table(table, budget: str = "full", out_dir=None, presets=None, workdir=None,
-              command: Optional[str] = None) -> dict:
+              command: Optional[str] = None, commit: bool = False) -> dict:
     """Runs one table and writes OUT_DIR/NAME.md, NAME.json and (where the table has a figure)
     NAME.png.
 
@@ -146,6 +152,7 @@ def run_table(table, budget: str = "full", out_dir=None, presets=None, workdir=N
         resumes them (`run_setting`).
       command: the command line to record (None: the `python -m experiments.reproduce` command
         equivalent to these arguments).
+      commit: git-commit each trained point's record (OUT_DIR/NAME/points/...) as it lands.
 
     Returns:
       The JSON object written.
@@ -165,12 +172,14 @@ def run_table(table, budget: str = "full", out_dir=None, presets=None, workdir=N
         args = [f"--table={table.NAME}", f"--budget={budget}", f"--out_dir={out_dir}"]
         args += [f"--presets={','.join(presets)}"] if presets else []
         args += [f"--workdir={workdir}"] if workdir else []
+        args += ["--commit"] if commit else []
         command = "python -m experiments.reproduce " + " ".join(shlex.quote(a) for a in args)
     workdir = Path(workdir or DEFAULT_WORKDIR) / f"{table.NAME}-{budget}"
     workdir.mkdir(parents=True, exist_ok=True)
     meta = harness.provenance(command)
     tic = time.perf_counter()
-    out = table.run(settings, presets, workdir)
+    out = table.run(settings, presets, workdir,
+                    sweep.Points(out_dir / table.NAME / "points", commit, command))
     wall = time.perf_counter() - tic
     seeds = list(settings.get("seeds", ()))  # tables that train: every row over these seeds
     trained = dict(seeds=dict(model_init_and_batch_order=seeds, data=settings.seed)) if seeds \
