@@ -94,10 +94,12 @@ def test_synthetic(dirs, tmp_path):
     with pytest.raises(ValueError, match="eidetic_seed"):
         sweep.train_point(config, point)
     # Every point's record is also in OUT_DIR/synthetic/points/<task>/: a rerun without the
-    # workdirs (a fresh clone of the committed results) collects them and trains nothing.
+    # workdirs (a fresh clone of the committed results), told where the records are, collects
+    # them and trains nothing.
     assert (out_dir / "synthetic" / "points" / "mqar" / f"{point.name}.json").is_file()
     shutil.rmtree(work / "synthetic-tiny")
-    fresh = reproduce.reproduce("synthetic", "tiny", out_dir, ["swa"], work)
+    fresh = reproduce.reproduce("synthetic", "tiny", tmp_path / "elsewhere", ["swa"], work,
+                                points_dir=out_dir)
     assert fresh["rows"] == record["rows"] and not point.exists()
 
 
@@ -154,7 +156,7 @@ def test_lm(dirs):
     out_dir, work = dirs
     record = reproduce.reproduce("lm", "tiny", out_dir, ["swa"], work)
     _, md = _check_files(out_dir, "lm", ["swa"], figure=False)
-    assert "Zaremba" in md and "114.5" in md
+    assert "Zaremba" in md and "114.5" in md and "improved by less than 1%" in md
     (run,) = record["runs"]
     assert run["test_perplexity"] > 1 and run["train_s"] > 0 and run["tokens_per_s"] > 0
     assert run["params"] > run["non_embedding_params"] > 0

@@ -34,12 +34,13 @@ BUDGETS = runner.BUDGETS
 
 
 def reproduce(table: str, budget: str = "full", out_dir=None, presets=None, workdir=None,
-              command: Optional[str] = None, commit: bool = False) -> dict:
+              command: Optional[str] = None, commit: bool = False, points_dir=None) -> dict:
     """Runs one table (`runner.run_table`) and writes OUT_DIR/TABLE.{md,json[,png]}.
 
     Args:
       table: one of TABLES.
-      budget, out_dir, presets, workdir, command, commit: see `runner.run_table` (out_dir None: a new
+      budget, out_dir, presets, workdir, command, commit, points_dir: see
+        `runner.run_table` (out_dir None: a new
         runs/TABLE-YYYYmmdd-HHMMSS/).
 
     Returns:
@@ -51,4 +52,4 @@ def reproduce(table: str, budget: str = "full", out_dir=None, presets=None, work
     if table not in TABLES:
         raise ValueError(f"table={table!r}: allowed values are {', '.join(TABLES)}.")
     return runner.run_table(TABLES[table], budget, out_dir, presets, workdir, command,
-                            commit)
+                            commit, points_dir)

@@ -22,7 +22,9 @@ flags.DEFINE_string("workdir", str(runner.DEFAULT_WORKDIR), "Root of the points'
 flags.DEFINE_bool("redraw", False, "Only draw OUT_DIR/TABLE.png again from OUT_DIR/TABLE.json (no "
                   "training; needs --out_dir): the committed figures after a plotting change.")
 flags.DEFINE_bool("commit", False, "git-commit each trained point's record "
-                  "(OUT_DIR/TABLE/points/<point>.json) as it lands.")
+                  "(POINTS_DIR/TABLE/points/<point>.json) as it lands.")
+flags.DEFINE_string("points_dir", None, "Where the trained points' records go: "
+                    "POINTS_DIR/TABLE/points/ (default: --out_dir's).")
 flags.mark_flag_as_required("table")
 FLAGS = flags.FLAGS
 
@@ -48,7 +50,7 @@ def main(argv):
     out_dir = harness.output_dir(FLAGS.table, FLAGS.out_dir)  # one directory for --table=all
     for table in tables:
         reproduce(table, FLAGS.budget, out_dir, FLAGS.presets, FLAGS.workdir, command,
-                  FLAGS.commit)
+                  FLAGS.commit, FLAGS.points_dir)
 
 
 if __name__ == "__main__":

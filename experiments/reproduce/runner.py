@@ -19,7 +19,7 @@ optimizer's unset fields keep the library's defaults, and the prose quotes the v
 returns the best rate's mean +- std. Rerunning a table resumes it: finished points are collected
 from their `point.json`, unfinished ones resume from their latest checkpoint (the library's exact
 resume). Delete the workdir to retrain from scratch. Every trained point's record also goes to
-OUT_DIR/NAME/points/ (git-committed as it lands with `commit`: hours of training on a machine that
+OUT_DIR/NAME/points/ (or POINTS_DIR/NAME/points/; git-committed as it lands with `commit`: hours of training on a machine that
 may stop lose nothing finished), and a rerun without the workdir (a fresh clone) collects the
 committed records instead of training again.
 """
@@ -66,6 +66,24 @@ def point_config(preset: str, model: Mapping, settings) -> ml_collections.Config
                   log_every=max(1, min(25, settings.num_steps // 4)))
     config.sample.max_new_tokens = 0
     return config
+
+
+def until_converged(config: ml_collections.ConfigDict, settings) -> ml_collections.ConfigDict:
+    """A text point trained to convergence (docs/design.md section 7b): a validation pass over the
+    whole split every `settings.eval_every` steps, and a stop once `settings.patience` passes in a
+    row have not improved the best validation perplexity by more than `settings.min_delta`
+    (relative), or at num_steps (the cap). Returns `config`, changed in place."""
+    config.update(eval_every=settings.eval_every, eval_batches=0)
+    config.early_stop.update(metric="perplexity", patience=settings.patience,
+                             min_delta=settings.min_delta)
+    return config
+
+
+def seeds_of(preset: str, settings) -> tuple:
+    """The seeds a preset runs: all of `settings.seeds` for the headline presets
+    (`settings.headline`), the first alone for the others (our choice, to fit the budget: the
+    claims compare the headline rows)."""
+    return tuple(settings.seeds if preset in settings.headline else settings.seeds[:1])
 
 
 def row_stats(row: Mapping, metric: str) -> dict:
@@ -138,7 +156,7 @@ def describe(values: Mapping) -> str:
 
 
 def run_table(table, budget: str = "full", out_dir=None, presets=None, workdir=None,
-              command: Optional[str] = None, commit: bool = False) -> dict:
+              command: Optional[str] = None, commit: bool = False, points_dir=None) -> dict:
     """Runs one table and writes OUT_DIR/NAME.md, NAME.json and (where the table has a figure)
     NAME.png.
 
@@ -152,7 +170,10 @@ def run_table(table, budget: str = "full", out_dir=None, presets=None, workdir=N
         resumes them (`run_setting`).
       command: the command line to record (None: the `python -m experiments.reproduce` command
         equivalent to these arguments).
-      commit: git-commit each trained point's record (OUT_DIR/NAME/points/...) as it lands.
+      commit: git-commit each trained point's record (POINTS_DIR/NAME/points/...) as it lands.
+      points_dir: where the points' records go, POINTS_DIR/NAME/points/ (None: OUT_DIR); e.g. a
+        subset of presets run on one core with --out_dir=runs/... --points_dir=results --commit
+        adds its points to the committed ones without writing a partial table into results/.
 
     Returns:
       The JSON object written.
@@ -173,13 +194,14 @@ def run_table(table, budget: str = "full", out_dir=None, presets=None, workdir=N
         args += [f"--presets={','.join(presets)}"] if presets else []
         args += [f"--workdir={workdir}"] if workdir else []
         args += ["--commit"] if commit else []
+        args += [f"--points_dir={points_dir}"] if points_dir else []
         command = "python -m experiments.reproduce " + " ".join(shlex.quote(a) for a in args)
     workdir = Path(workdir or DEFAULT_WORKDIR) / f"{table.NAME}-{budget}"
     workdir.mkdir(parents=True, exist_ok=True)
     meta = harness.provenance(command)
     tic = time.perf_counter()
-    out = table.run(settings, presets, workdir,
-                    sweep.Points(out_dir / table.NAME / "points", commit, command))
+    points = Path(points_dir or out_dir) / table.NAME / "points"
+    out = table.run(settings, presets, workdir, sweep.Points(points, commit, command))
     wall = time.perf_counter() - tic
     seeds = list(settings.get("seeds", ()))  # tables that train: every row over these seeds
     trained = dict(seeds=dict(model_init_and_batch_order=seeds, data=settings.seed)) if seeds \
