@@ -66,12 +66,13 @@ def test_synthetic(dirs, tmp_path):
     assert sorted(r["task"] for r in record["rows"]) == sorted(tasks)
     for r in record["rows"]:
         assert 0 <= r["test_accuracy"] <= 1 and r["params"] > 0 and r["seeds"] == [0]
-    # The grid runs on lr_task only; the other tasks reuse the chosen learning rate.
+    # The grid runs on lr_task first; the other tasks try the rates in the order of their
+    # accuracy there, and stop once one reaches skip_grid_above (never in 4 steps).
     (grid,) = [r for r in record["rows"] if r["task"] == settings["lr_task"]]
     assert len(grid["lr_grid"]) in (1, len(settings["lrs"]))
     assert grid["lr"] == float(max(grid["lr_grid"], key=grid["lr_grid"].get))
-    assert all(r["lr"] == grid["lr"] and len(r["lr_grid"]) == 1 for r in record["rows"]
-               if r["task"] != settings["lr_task"])
+    assert all(r["lr_grid"].keys() == grid["lr_grid"].keys() for r in record["rows"])
+    assert synthetic.lr_order([3e-3, 1e-3, 1e-2], {1e-2: 0.9, 3e-3: 0.2}) == [1e-2, 3e-3, 1e-3]
     # Rerunning with the same workdir collects the finished points (no training); a point
     # directory holding another config is refused, never overwritten. Points are the sweep's.
     again = reproduce.reproduce("synthetic", "tiny", tmp_path, ["swa"], work)

@@ -23,9 +23,11 @@ def budgets() -> dict:
     Fields: tasks ((name of a `bmojo_jax.data` generator, its keyword arguments), ...), all at one
     seq_len so that every task reuses one compiled train step per (preset, lr); model_vocab (the
     vocabulary of every model); model (ModelConfig fields), eidetic (added for `bmojo`); lrs (the
-    grid, in the order tried), lr_task (the grid runs on this task, the others reuse each preset's
-    best lr there; our choice, to fit the budget; None: the grid on every task), skip_grid_above
-    (a grid stops once a rate reaches this mean validation accuracy); seeds (initialisation and
+    grid, in the order tried), lr_task (the grid runs on this task first; every other task tries
+    each preset's rates in the order of their mean validation accuracy there, untried rates last,
+    so that a task where the first rate reaches skip_grid_above trains one rate only; our choice,
+    to fit the budget; None: the grid in the order of lrs on every task), skip_grid_above (a grid
+    stops once a rate reaches this mean validation accuracy); seeds (initialisation and
     batch order: every row runs each, mean +- std), seed (the data's); num_steps (the step cap),
     target (a point stops at this validation accuracy), eval_every and eval_batches (the
     validation evaluations that decide the stop), batch_size, warmup_steps, num_train and
@@ -74,22 +76,30 @@ def point_config(preset: str, task: str, s) -> ml_collections.ConfigDict:
     return config
 
 
+def lr_order(lrs, by_lr: dict) -> list:
+    """The rates `lrs` in the order a task tries them: by decreasing mean validation accuracy on
+    the lr task (`by_lr`, {lr: accuracy}), the rates it did not try last, in the order of `lrs`."""
+    return sorted(lrs, key=lambda lr: (lr not in by_lr, -by_lr.get(lr, 0.0)))
+
+
 def run(s, presets, workdir: Path, points: sweep.Points) -> dict:
-    """Every (task, preset) row over its learning rates x `s.seeds` (`sweep.run_setting`): the
-    grid `s.lrs` on `s.lr_task` for every preset (every task when None); the other tasks reuse
-    each preset's best learning rate there."""
+    """Every (task, preset) row over its learning rates x `s.seeds` (`sweep.run_setting`, which
+    stops the grid once a rate reaches `s.skip_grid_above`): the grid `s.lrs` on `s.lr_task`
+    first, then on every other task in the order of `lr_order` (`s.lrs` on every task when
+    `s.lr_task` is None)."""
     tasks = [name for name, _ in s.tasks]
     if s.lr_task:
         tasks.remove(s.lr_task)
         tasks.insert(0, s.lr_task)
-    rows, chosen = [], {}
+    rows, ranked = [], {}
     for task in tasks:
         for preset in presets:
-            lrs = s.lrs if not s.lr_task or task == s.lr_task else [chosen[preset]]
+            lrs = lr_order(s.lrs, ranked[preset]) if preset in ranked else s.lrs
             row = sweep.run_setting(functools.partial(point_config, task=task, s=s), preset,
                                     lrs, s.seeds, workdir / task, stop_above=s.skip_grid_above,
                                     log="synthetic", points=points._replace(out=points.out / task))
-            chosen.setdefault(preset, row["lr"])
+            if task == s.lr_task:
+                ranked[preset] = row["by_lr"]
             rows.append(dict(runner.row_stats(row, "accuracy"), task=task, preset=preset))
     return dict(rows=rows, optimizer=row["records"][0]["config"]["optimizer"])
 
@@ -130,8 +140,8 @@ def markdown(record, s) -> str:
     task_lines = [f"* `{name}`: `{name}({runner.describe(kwargs)})`, seq_len {s.seq_len}"
                   for name, kwargs in s.tasks]
     grid = ", ".join(f"{lr:g}" for lr in s.lrs)
-    where = (f"on `{s.lr_task}` for each preset; the other tasks reuse that preset's chosen "
-             f"learning rate" if s.lr_task else "on every task")
+    where = (f"on `{s.lr_task}` first, then on every other task in the order of the preset's "
+             f"validation accuracy on `{s.lr_task}`" if s.lr_task else "on every task")
     seeds = ", ".join(map(str, s.seeds))
     return (f"Test accuracy (%) on labelled positions (Zoology/MAD metric), {s.num_eval} test "
             f"examples per task, mean +- std over the seeds {seeds} (one training run each; std "
