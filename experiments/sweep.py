@@ -78,7 +78,9 @@ def train_point(config: ml_collections.ConfigDict, run_dir) -> dict:
       that finished it: compilation, training, evaluation), "tokens_per_s" (median over the logged
       training intervals; the compiling first step of each start is in none of them), "train_s"
       (steps trained * batch_size * seq_len / tokens_per_s: training time without compilation and
-      evaluation; early stopping can end a run before num_steps) and "final_train_loss" (mean cross-entropy of the last logged interval, nats).
+      evaluation; early stopping can end a run before num_steps), "final_train_loss" (mean
+      cross-entropy of the last logged interval, nats) and "valid_curve" ([[step, perplexity or
+      accuracy], ...]: every validation evaluation of the run, in step order).
 
     Raises:
       ValueError: `run_dir` holds a point of another config, or files but no point.json.
@@ -113,11 +115,22 @@ def train_point(config: ml_collections.ConfigDict, run_dir) -> dict:
     rate = float(np.median(rates)) if rates else float("nan")
     result.update(tokens_per_s=rate,
                   train_s=result["step"] * config.batch_size * config.data.seq_len / rate,
-                  final_train_loss=train[-1]["ce"])
+                  final_train_loss=train[-1]["ce"], valid_curve=valid_curve(records))
     result.pop("sample", None)
     point["result"] = jsonable(result)
     path.write_text(json.dumps(point, indent=1) + "\n")
     return point["result"]
+
+
+def valid_curve(records) -> list:
+    """[[step, value], ...] of the validation records of a run's metrics.jsonl (`records`, its
+    lines as dicts), the final evaluation included: perplexity for text, accuracy for synthetic
+    tasks; the last record of a step wins (the final one, or a resumed run's repeat)."""
+    curve = {}
+    for r in records:
+        if r["split"] in ("valid", "valid_final"):
+            curve[r["step"]] = r["perplexity"] if "perplexity" in r else r["accuracy"]
+    return [[step, value] for step, value in sorted(curve.items())]
 
 
 def _differences(saved, wanted, defaults, prefix=""):

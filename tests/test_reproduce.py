@@ -161,6 +161,17 @@ def test_lm(dirs):
     (run,) = record["runs"]
     assert run["test_perplexity"] > 1 and run["train_s"] > 0 and run["tokens_per_s"] > 0
     assert run["params"] > run["non_embedding_params"] > 0
+    # Each point keeps its validation curve (every evaluation, the final one last); the table's
+    # convergence column is computed from it.
+    (point,) = (out_dir / "lm" / "points").glob("swa-*.json")
+    result = json.loads(point.read_text())["result"]
+    steps = [step for step, _ in result["valid_curve"]]
+    assert steps == sorted(set(steps)) and steps[-1] == result["step"]
+    assert result["valid_curve"][-1][1] == pytest.approx(result["valid"]["perplexity"])
+    assert run["late_gain"] == [runner.late_gain(result["valid_curve"])]
+    assert runner.late_gain([[250, 110.0], [900, 108.0], [1000, 99.0]]) == \
+        pytest.approx(1 - 99 / 108)
+    assert runner.late_gain([[1000, 99.0]]) is None
 
 
 def test_matched_parameter_counts():

@@ -102,22 +102,27 @@ def markdown(record, s) -> str:
     """The perplexity and speed table with the LSTM references, and the settings in prose."""
     transformer = next((r for r in record["runs"] if r["preset"] == "transformer"), None)
     epoch = s.batch_size * s.seq_len / record["train_tokens"]  # epochs per step
-    lines = ["| model | d_ff | parameters (non-embedding) | valid ppl | test ppl | steps "
-             "(epochs) | train tokens/s | train time (s) | vs transformer |",
-             "|---|---:|---:|---:|---:|---|---:|---:|---:|"]
+    lstm = ZAREMBA[0][1]
+    lines = ["| model | d_ff | parameters (non-embedding) | valid ppl | test ppl | test ppl / "
+             f"small LSTM ({lstm}) | steps (epochs) | valid ppl gain, last 10% of steps | "
+             "train tokens/s | train time (s) | vs transformer |",
+             "|---|---:|---:|---:|---:|---:|---|---|---:|---:|---:|"]
     for r in record["runs"]:
         speed = ("—" if transformer is None else
                  f"{transformer['train_s'] / r['train_s']:.2f}x speed, "
                  f"{r['test_perplexity'] / transformer['test_perplexity']:.2f}x ppl")
+        gains = ", ".join("-" if g is None else f"{100 * g:.1f}%" for g in r["late_gain"])
         lines.append(f"| {r['preset']} | {r['d_ff']} | {r['params']:,} "
                      f"({r['non_embedding_params']:,}) | "
                      f"{runner.mean_std(r, 'valid_perplexity')} | "
                      f"{runner.mean_std(r, 'test_perplexity')} | "
-                     f"{', '.join(f'{n} ({n * epoch:.1f})' for n in r['steps'])} | "
+                     f"{r['test_perplexity'] / lstm:.2f}x | "
+                     f"{', '.join(f'{n} ({n * epoch:.1f})' for n in r['steps'])} | {gains} | "
                      f"{r['tokens_per_s']:,.0f} | "
                      f"{r['train_s']:.0f} | {speed} |")
     for ref in record["reference"]:
-        lines.append(f"| *{ref['model']}* | | | | *{ref['test_perplexity']}* | | | | |")
+        lines.append(f"| *{ref['model']}* | | | | *{ref['test_perplexity']}* | "
+                     f"*{ref['test_perplexity'] / lstm:.2f}x* | | | | | |")
     vocab = record["vocab_size"]
     return ("\n".join(lines) +
             f"\n\nPenn Treebank, word level (Mikolov split, vocabulary {vocab:,}; "
@@ -130,7 +135,10 @@ def markdown(record, s) -> str:
             f"{s.seq_len} tokens until validation perplexity (the whole split, every "
             f"{s.eval_every} steps) has improved by less than {100 * s.min_delta:g}% on its best "
             f"for {s.patience} evaluations in a row, at most {s.num_steps} steps "
-            f"({s.num_steps * epoch:.1f} epochs); the perplexities are the last checkpoint's. "
+            f"({s.num_steps * epoch:.1f} epochs); the perplexities are the last checkpoint's, "
+            f"and the gain column says how much validation perplexity still fell over the last "
+            f"10% of each seed's steps (converged: under 1%; a run that the step cap ended "
+            f"under a cosine schedule keeps gaining as the rate anneals). "
             f"Peak lr {', '.join(f'{lr:g}' for lr in s.lrs)} (the best mean validation "
             f"perplexity), seeds {', '.join(map(str, s.seeds))} for "
             f"{', '.join(s.headline)} (perplexities: mean +- std over them), the first for the "

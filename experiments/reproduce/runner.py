@@ -86,6 +86,19 @@ def seeds_of(preset: str, settings) -> tuple:
     return tuple(settings.seeds if preset in settings.headline else settings.seeds[:1])
 
 
+def late_gain(curve, fraction: float = 0.1) -> Optional[float]:
+    """How much a text point was still improving when it stopped: 1 - (final validation
+    perplexity) / (the last one evaluated at or before (1 - fraction) x its final step), e.g.
+    0.017 for 107.5 -> 105.7 (docs/design.md section 7b: converged is < 1% over the last 10% of
+    steps). `curve`: the point's "valid_curve" ([[step, perplexity], ...]); None when it is
+    missing (a point trained before the curve was recorded) or has no evaluation that early."""
+    if not curve:
+        return None
+    final_step, final = curve[-1]
+    before = [value for step, value in curve if step <= (1 - fraction) * final_step]
+    return float(1 - final / before[-1]) if before else None
+
+
 def row_stats(row: Mapping, metric: str) -> dict:
     """The JSON of one table row from a `sweep.run_setting` row (a setting over learning rates x
     seeds), at its best learning rate.
@@ -102,7 +115,7 @@ def row_stats(row: Mapping, metric: str) -> dict:
        (per seed), "steps_to_90" (per seed: the first evaluated step at >= 90% validation
        accuracy, None if never or not evaluated), "wall_s" (the row's points together: every rate and seed), "tokens_per_s"
        (median over the best rate's seeds), "train_s" (their mean), "final_train_loss" (their
-       mean, nats)}.
+       mean, nats)}; for perplexity also "late_gain" (per seed: `late_gain`).
     """
     best = row["best"]
     out = dict(lr=row["lr"], seeds=[r["seed"] for r in best],
@@ -113,6 +126,8 @@ def row_stats(row: Mapping, metric: str) -> dict:
                tokens_per_s=float(np.median([r["result"]["tokens_per_s"] for r in best])),
                train_s=float(np.mean([r["result"]["train_s"] for r in best])),
                final_train_loss=float(np.mean([r["result"]["final_train_loss"] for r in best])))
+    if metric == "perplexity":
+        out["late_gain"] = [late_gain(r["result"].get("valid_curve")) for r in best]
     for split in ("valid", "test"):
         values = [float(r["result"][split][metric]) for r in best]
         out.update({f"{split}_{metric}": float(np.mean(values)),
