@@ -189,13 +189,15 @@ def test_matched_parameter_counts():
 def test_length(dirs):
     out_dir, work = dirs
     record = reproduce.reproduce("length", "tiny", out_dir, ["swa"], work)
-    _check_files(out_dir, "length", ["swa"])
+    _, md = _check_files(out_dir, "length", ["swa"])
     settings = length.budgets()["tiny"]
     (run,) = record["runs"]
     lengths = [str(m * settings["seq_len"]) for m in settings["multipliers"]]
     assert list(run["perplexity"]) == lengths
     assert all(v > 1 for v in run["perplexity"].values())
     assert record["eval_tokens"] == settings["eval_batch_size"] * int(lengths[-1])
+    (gain,) = run["late_gain"]
+    assert gain is not None and f"swa 4 ({100 * gain:.1f}%)" in md
 
 
 def test_bad_arguments(tmp_path):

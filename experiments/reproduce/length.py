@@ -95,6 +95,7 @@ def run(s, presets, workdir: Path, points: sweep.Points) -> dict:
             seeds=row["seeds"], wall_s=float(sum(r["result"]["wall_s"] for r in row["records"])),
             eval_s=time.perf_counter() - tic, train_seq_len=s.seq_len,
             steps=[r["result"]["step"] for r in row["best"]],
+            late_gain=[runner.late_gain(r["result"].get("valid_curve")) for r in row["best"]],
             perplexity={str(L): float(np.mean([p[L] for p in by_seed])) for L in lengths},
             perplexity_std={str(L): float(np.std([p[L] for p in by_seed])) for L in lengths}))
         print(f"[length] {preset}: " + ", ".join(f"{L}: {runs[-1]['perplexity'][str(L)]:.1f}"
@@ -132,9 +133,13 @@ def markdown(record, s) -> str:
             f"{runner.describe(s.bmojo_model)}. Training: batches of {s.batch_size} x {t} "
             f"tokens until validation perplexity at T (the whole split, every {s.eval_every} "
             f"steps) has improved by less than {100 * s.min_delta:g}% on its best for "
-            f"{s.patience} evaluations in a row, at most {s.num_steps} steps (steps trained: "
-            + "; ".join(f"{r['preset']} {', '.join(map(str, r['steps']))}"
-                        for r in record["runs"]) +
+            f"{s.patience} evaluations in a row, at most {s.num_steps} steps (steps trained, "
+            f"and in brackets how much validation perplexity still fell over the last 10% of "
+            f"them; converged: under 1%: "
+            + "; ".join(f"{r['preset']} " + ", ".join(
+                f"{n} ({'-' if g is None else f'{100 * g:.1f}%'})"
+                for n, g in zip(r["steps"], r["late_gain"]))
+                for r in record["runs"]) +
             f"), peak lr {', '.join(f'{lr:g}' for lr in s.lrs)} (the best mean validation "
             f"perplexity at T), seeds {', '.join(map(str, s.seeds))} for {', '.join(s.headline)} "
             f"(perplexities: mean +- std over them), the first for the others, "
