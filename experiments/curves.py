@@ -12,13 +12,13 @@ runs/curves-<timestamp>/curves.
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
 from absl import app, flags
 
 from benchmarks import harness
+from bmojo_jax import training
 from experiments import plotting
 
 FLAGS = flags.FLAGS
@@ -46,14 +46,7 @@ def valid_curve(workdir) -> list[dict]:
     if not path.is_file():
         raise FileNotFoundError(f"--workdirs: {workdir} has no metrics.jsonl (not a training "
                                 f"workdir?).")
-    records = []
-    for line in path.read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue
-        if record.get("split") == "valid":
-            records.append(record)
+    records = [r for r in training.read_records(path) if r["split"] == "valid"]
     return sorted(records, key=lambda r: r["step"])
 
 

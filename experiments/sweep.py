@@ -108,7 +108,7 @@ def train_point(config: ml_collections.ConfigDict, run_dir) -> dict:
     tic = time.perf_counter()
     result = training.train_and_evaluate(config, run_dir)
     result["wall_s"] = time.perf_counter() - tic
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    records = training.read_records(run_dir / "metrics.jsonl")
     train = [r for r in records if r["split"] == "train"]
     # None: a record whose only step was a start's compiling first step (nothing timed)
     rates = [r["tokens_per_s"] for r in train if r["tokens_per_s"] is not None]
@@ -123,8 +123,8 @@ def train_point(config: ml_collections.ConfigDict, run_dir) -> dict:
 
 
 def valid_curve(records) -> list:
-    """[[step, value], ...] of the validation records of a run's metrics.jsonl (`records`, its
-    lines as dicts), the final evaluation included: perplexity for text, accuracy for synthetic
+    """[[step, value], ...] of the validation records of a run's metrics.jsonl (`records`:
+    `training.read_records`), the final evaluation included: perplexity for text, accuracy for synthetic
     tasks; the last record of a step wins (the final one, or a resumed run's repeat)."""
     curve = {}
     for r in records:
