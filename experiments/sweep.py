@@ -124,8 +124,8 @@ def train_point(config: ml_collections.ConfigDict, run_dir) -> dict:
 
 def valid_curve(records) -> list:
     """[[step, value], ...] of the validation records of a run's metrics.jsonl (`records`:
-    `training.read_records`), the final evaluation included: perplexity for text, accuracy for synthetic
-    tasks; the last record of a step wins (the final one, or a resumed run's repeat)."""
+    `training.read_records`), the final evaluation included: perplexity for text, accuracy for
+    synthetic tasks; the last record of a step wins (the final one, or a resumed run's repeat)."""
     curve = {}
     for r in records:
         if r["split"] in ("valid", "valid_final"):
