@@ -146,5 +146,5 @@ def markdown(record, s) -> str:
             f"{runner.describe_optimizer(record['optimizer'], s.num_steps)}. Training throughput "
             f"is the median over logged intervals (compilation excluded); train time = tokens / "
             f"throughput. The machine is shared, so throughputs carry ~10-20% noise. The LSTM "
-            f"rows are external references trained for 13-55 epochs with dropout, not runs of "
-            f"this code.")
+            f"rows are external references trained for 13-55 epochs (the small one without "
+            f"dropout), not runs of this code.")
