@@ -158,12 +158,21 @@ def test_lm(dirs):
     record = reproduce.reproduce("lm", "tiny", out_dir, ["swa"], work)
     _, md = _check_files(out_dir, "lm", ["swa"], figure=False)
     assert "Zaremba" in md and "114.5" in md and "improved by less than 1%" in md
-    (run,) = record["runs"]
+    run, ablated = record["runs"]
     assert run["test_perplexity"] > 1 and run["train_s"] > 0 and run["tokens_per_s"] > 0
     assert run["params"] > run["non_embedding_params"] > 0
+    # The dropout ablation: the same preset, rate and first seed with both dropouts at 0, its own
+    # point and row.
+    assert "dropout" not in run and ablated["dropout"] == 0.0 and ablated["seeds"] == [0]
+    assert ablated["lr"] == run["lr"] and ablated["params"] == run["params"]
+    assert ablated["test_perplexity"] != run["test_perplexity"]
+    assert "| swa, dropout 0 |" in md
+    ablation_point, = (out_dir / "lm" / "points").glob("swa-*dropout=0*.json")
+    config = json.loads(ablation_point.read_text())["config"]["model"]
+    assert config["embedding_dropout"] == config["residual_dropout"] == 0.0
     # Each point keeps its validation curve (every evaluation, the final one last); the table's
     # convergence column is computed from it.
-    (point,) = (out_dir / "lm" / "points").glob("swa-*.json")
+    (point,) = set((out_dir / "lm" / "points").glob("swa-*.json")) - {ablation_point}
     result = json.loads(point.read_text())["result"]
     steps = [step for step, _ in result["valid_curve"]]
     assert steps == sorted(set(steps)) and steps[-1] == result["step"]

@@ -25,6 +25,7 @@ ZAREMBA = (("LSTM small, non-regularized (Zaremba et al. 2014)", 114.5),
            ("LSTM large, dropout (Zaremba et al. 2014)", 78.4))
 
 plot = None  # a table only
+ABLATED = ("embedding_dropout", "residual_dropout")  # the knobs the dropout ablation sets
 
 
 def budgets() -> dict:
@@ -34,14 +35,18 @@ def budgets() -> dict:
     per preset), bmojo_model (added for `bmojo`), seq_len, batch_size, num_steps (the cap), lrs
     (the grid: the best mean validation perplexity is reported), warmup_steps, eval_batch_size,
     eval_every, patience and min_delta (`runner.until_converged`), seeds (initialisation and
-    batch order, mean +- std) for the `headline` presets (the others run the first seed).
+    batch order, mean +- std) for the `headline` presets (the others run the first seed),
+    ablation_presets and ablation_dropouts (each of these presets is also trained, at its best
+    rate and first seed, with its embedding and residual dropout at each of these rates: the
+    rows that say whether dropout helps).
 
     The full budget trains to convergence (docs/design.md section 7b; our choices): validation
     perplexity over the whole split every 250 steps (0.55 epochs), stopping once 4 passes in a row
     improve on the best by less than 1%, at most 8000 steps (17.6 epochs); dropout 0.1 on the
     embeddings and on each block's residual branches for every preset (1.7M parameters on 0.93M
-    training tokens; which presets it helps is not measured here); three seeds for the presets
-    the paper's claim compares (transformer, bmojo_f, bmojo).
+    training tokens; the ablation rows say where it helps); three seeds for the presets
+    the paper's claim compares (transformer, bmojo_f, bmojo); the transformer and bmojo also
+    without dropout.
     """
     full = dict(
         model=dict(d_model=128, n_layers=2, n_heads=4, window=32, embedding_dropout=0.1,
@@ -49,11 +54,12 @@ def budgets() -> dict:
         bmojo_model=dict(innovation_loss_weight=0.001),
         seq_len=128, batch_size=16, num_steps=8000, lrs=(3e-3,), warmup_steps=100,
         eval_batch_size=32, eval_every=250, patience=4, min_delta=0.01, seeds=(0, 1, 2),
-        headline=("transformer", "bmojo_f", "bmojo"), seed=0)
+        headline=("transformer", "bmojo_f", "bmojo"), ablation_presets=("transformer", "bmojo"),
+        ablation_dropouts=(0.0,), seed=0)
     tiny = dict(full, model=dict(d_model=32, n_layers=2, n_heads=2, window=16,
                                  residual_dropout=0.1),
                 seq_len=32, batch_size=8, num_steps=4, warmup_steps=1, eval_batch_size=128,
-                eval_every=2, patience=1, seeds=(0,))
+                eval_every=2, patience=1, seeds=(0,), ablation_presets=("swa",))
     return {"tiny": ml_collections.ConfigDict(tiny), "full": ml_collections.ConfigDict(full)}
 
 
@@ -81,18 +87,25 @@ def point_config(preset: str, models, s):
 
 
 def run(s, presets, workdir: Path, points: sweep.Points) -> dict:
-    """Every preset on PTB over `s.lrs` x `s.seeds` (`sweep.run_setting`), at its best rate."""
+    """Every preset on PTB over `s.lrs` x `s.seeds` (`sweep.run_setting`), at its best rate; then
+    the dropout ablation of `s.ablation_presets` at that rate and the first seed (rows with a
+    "dropout" key: the rate of both dropouts)."""
     corpus = data_lib.load_corpus("ptb")
     models = matched_models(dict(s.model, vocab_size=corpus.vocab_size), presets, s.bmojo_model)
+    get_config = functools.partial(point_config, models=models, s=s)
     runs = []
     for preset in presets:
-        row = sweep.run_setting(functools.partial(point_config, models=models, s=s), preset,
-                                s.lrs, runner.seeds_of(preset, s), workdir, log="lm",
-                                points=points)
-        model_cfg = training.model_config(point_config(preset, models, s), corpus.vocab_size)
-        runs.append(dict(runner.row_stats(row, "perplexity"), preset=preset,
-                         d_ff=model_cfg.hidden_dim,
-                         non_embedding_params=bj.param_count(model_cfg, embedding=False)))
+        row = sweep.run_setting(get_config, preset, s.lrs, runner.seeds_of(preset, s), workdir,
+                                log="lm", points=points)
+        model_cfg = training.model_config(get_config(preset), corpus.vocab_size)
+        shared = dict(preset=preset, d_ff=model_cfg.hidden_dim,
+                      non_embedding_params=bj.param_count(model_cfg, embedding=False))
+        runs.append(dict(runner.row_stats(row, "perplexity"), **shared))
+        for rate in s.ablation_dropouts if preset in s.ablation_presets else ():
+            fields = {f"model.{knob}": rate for knob in ABLATED}
+            ablated = sweep.run_setting(get_config, preset, [row["lr"]], s.seeds[:1], workdir,
+                                        log="lm", points=points, fields=fields)
+            runs.append(dict(runner.row_stats(ablated, "perplexity"), dropout=rate, **shared))
     return dict(runs=runs, optimizer=row["records"][0]["config"]["optimizer"],
                 vocab_size=corpus.vocab_size, train_tokens=int(len(corpus.train)),
                 reference=[dict(model=m, test_perplexity=p) for m, p in ZAREMBA])
@@ -100,7 +113,8 @@ def run(s, presets, workdir: Path, points: sweep.Points) -> dict:
 
 def markdown(record, s) -> str:
     """The perplexity and speed table with the LSTM references, and the settings in prose."""
-    transformer = next((r for r in record["runs"] if r["preset"] == "transformer"), None)
+    transformer = next((r for r in record["runs"]
+                        if r["preset"] == "transformer" and "dropout" not in r), None)
     epoch = s.batch_size * s.seq_len / record["train_tokens"]  # epochs per step
     lstm = ZAREMBA[0][1]
     lines = ["| model | d_ff | parameters (non-embedding) | valid ppl | test ppl | test ppl / "
@@ -112,7 +126,8 @@ def markdown(record, s) -> str:
                  f"{transformer['train_s'] / r['train_s']:.2f}x speed, "
                  f"{r['test_perplexity'] / transformer['test_perplexity']:.2f}x ppl")
         gains = ", ".join("-" if g is None else f"{100 * g:.1f}%" for g in r["late_gain"])
-        lines.append(f"| {r['preset']} | {r['d_ff']} | {r['params']:,} "
+        label = r["preset"] + (f", dropout {r['dropout']:g}" if "dropout" in r else "")
+        lines.append(f"| {label} | {r['d_ff']} | {r['params']:,} "
                      f"({r['non_embedding_params']:,}) | "
                      f"{runner.mean_std(r, 'valid_perplexity')} | "
                      f"{runner.mean_std(r, 'test_perplexity')} | "
@@ -142,8 +157,9 @@ def markdown(record, s) -> str:
             f"Peak lr {', '.join(f'{lr:g}' for lr in s.lrs)} (the best mean validation "
             f"perplexity), seeds {', '.join(map(str, s.seeds))} for "
             f"{', '.join(s.headline)} (perplexities: mean +- std over them), the first for the "
-            f"others, "
-            f"{runner.describe_optimizer(record['optimizer'], s.num_steps)}. Training throughput "
+            f"others, {runner.describe_optimizer(record['optimizer'], s.num_steps)}. A row "
+            f"\"PRESET, dropout R\" is the dropout ablation: that preset at its best rate and "
+            f"first seed with embedding and residual dropout R. Training throughput "
             f"is the median over logged intervals (compilation excluded); train time = tokens / "
             f"throughput. The machine is shared, so throughputs carry ~10-20% noise. The LSTM "
             f"rows are external references trained for 13-55 epochs (the small one without "
