@@ -12,6 +12,7 @@ import ml_collections
 import bmojo_jax as bj
 from bmojo_jax import data as data_lib
 from bmojo_jax import training
+from bmojo_jax.config import DROPOUTS
 from experiments import sweep
 from experiments.reproduce import runner
 
@@ -25,7 +26,6 @@ ZAREMBA = (("LSTM small, non-regularized (Zaremba et al. 2014)", 114.5),
            ("LSTM large, dropout (Zaremba et al. 2014)", 78.4))
 
 plot = None  # a table only
-ABLATED = ("embedding_dropout", "residual_dropout")  # the knobs the dropout ablation sets
 
 
 def budgets() -> dict:
@@ -37,8 +37,8 @@ def budgets() -> dict:
     eval_every, patience and min_delta (`runner.until_converged`), seeds (initialisation and
     batch order, mean +- std) for the `headline` presets (the others run the first seed),
     ablation_presets and ablation_dropouts (each of these presets is also trained, at its best
-    rate and first seed, with its embedding and residual dropout at each of these rates: the
-    rows that say whether dropout helps).
+    rate and first seed, with every dropout that `model` sets at each of these rates: the rows
+    that say whether dropout helps).
 
     The full budget trains to convergence (docs/design.md section 7b; our choices): validation
     perplexity over the whole split every 250 steps (0.55 epochs), stopping once 4 passes in a row
@@ -57,7 +57,7 @@ def budgets() -> dict:
         headline=("transformer", "bmojo_f", "bmojo"), ablation_presets=("transformer", "bmojo"),
         ablation_dropouts=(0.0,), seed=0)
     tiny = dict(full, model=dict(d_model=32, n_layers=2, n_heads=2, window=16,
-                                 residual_dropout=0.1),
+                                 embedding_dropout=0.1, residual_dropout=0.1),
                 seq_len=32, batch_size=8, num_steps=4, warmup_steps=1, eval_batch_size=128,
                 eval_every=2, patience=1, seeds=(0,), ablation_presets=("swa",))
     return {"tiny": ml_collections.ConfigDict(tiny), "full": ml_collections.ConfigDict(full)}
@@ -102,7 +102,7 @@ def run(s, presets, workdir: Path, points: sweep.Points) -> dict:
                       non_embedding_params=bj.param_count(model_cfg, embedding=False))
         runs.append(dict(runner.row_stats(row, "perplexity"), **shared))
         for rate in s.ablation_dropouts if preset in s.ablation_presets else ():
-            fields = {f"model.{knob}": rate for knob in ABLATED}
+            fields = {f"model.{knob}": rate for knob in DROPOUTS if knob in s.model}
             ablated = sweep.run_setting(get_config, preset, [row["lr"]], s.seeds[:1], workdir,
                                         log="lm", points=points, fields=fields)
             runs.append(dict(runner.row_stats(ablated, "perplexity"), dropout=rate, **shared))
@@ -159,7 +159,7 @@ def markdown(record, s) -> str:
             f"{', '.join(s.headline)} (perplexities: mean +- std over them), the first for the "
             f"others, {runner.describe_optimizer(record['optimizer'], s.num_steps)}. A row "
             f"\"PRESET, dropout R\" is the dropout ablation: that preset at its best rate and "
-            f"first seed with embedding and residual dropout R. Training throughput "
+            f"first seed with every dropout above at R. Training throughput "
             f"is the median over logged intervals (compilation excluded); train time = tokens / "
             f"throughput. The machine is shared, so throughputs carry ~10-20% noise. The LSTM "
             f"rows are external references trained for 13-55 epochs (the small one without "
