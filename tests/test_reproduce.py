@@ -104,6 +104,7 @@ def test_synthetic(dirs, tmp_path):
     assert fresh["rows"] == record["rows"] and not point.exists()
 
 
+@pytest.mark.slow  # ~70 s on 2 cores: six tiny trainings
 def test_mqar_memory(dirs):
     out_dir, work = dirs
     record = reproduce.reproduce("mqar_memory", "tiny", out_dir, ["swa", "bmojo"], work)
@@ -152,6 +153,7 @@ def test_inference(dirs):
     assert run["state_bytes"] > 0 and run["params"] > 0
 
 
+@pytest.mark.slow  # ~65 s on 2 cores: two tiny PTB trainings and their evaluations
 @needs_ptb
 def test_lm(dirs):
     out_dir, work = dirs
