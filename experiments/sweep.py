@@ -293,14 +293,20 @@ class Points(NamedTuple):
 
 
 def run_point(get_config, arg: str, lr, seed: int, root: Path, points: Points | None = None,
-              overrides: list[str] = (), fields: dict | None = None) -> dict:
+              overrides: list[str] = (), fields: dict | None = None, evaluate=None) -> dict:
     """Trains (or collects) one point in ROOT/<point> and returns its record: the point's name,
-    arg, lr, seed, config, result (`train_point`) and the other swept `fields` when there are
-    any. With `points`, the record also gets the git commit, the machine and the command and is
-    written to OUT/<point>.json (committed with `points.commit`). A rerun that finds the point's
-    workdir finished returns the record already in OUT untouched (its provenance is the run's that
-    trained it); so does a rerun on a machine without the workdir (a fresh clone: the committed
-    record is the point, nothing retrains).
+    arg, lr, seed, config, result (`train_point`), the other swept `fields` when there are any,
+    and "evaluation" with `evaluate`. With `points`, the record also gets the git commit, the
+    machine and the command and is written to OUT/<point>.json (committed with `points.commit`).
+    A rerun that finds the point's workdir finished returns the record already in OUT untouched
+    (its provenance is the run's that trained it); so does a rerun on a machine without the
+    workdir (a fresh clone: the committed record is the point, nothing retrains).
+
+    `evaluate`: None, or a function of the finished point's workdir that returns what a table
+    measures on its final checkpoint beyond the result (JSON-able), kept in the record as
+    "evaluation" so that it is committed with it (our choice: a fresh clone has it without the
+    workdir). A committed record without one gets it from the workdir, added with
+    "evaluation_git_commit"; where the workdir is gone too, the point trains again.
 
     Raises:
       ValueError: OUT/<point>.json records another config (a different --set, say) for the same
@@ -313,34 +319,50 @@ def run_point(get_config, arg: str, lr, seed: int, root: Path, points: Points | 
     if kept is not None and kept.get("config") != as_json(jsonable(config.to_dict())):
         raise ValueError(f"{path} holds point {name} trained with another config: rerun with "
                          f"the config it records, or give another --out.")
+    complete = kept is not None and (evaluate is None or "evaluation" in kept)
     if kept is not None and not (root / name / "point.json").exists():
-        print(f"[sweep] collected the committed point {path} (no workdir {root / name})",
-              flush=True)
-        return kept
+        if complete:
+            print(f"[sweep] collected the committed point {path} (no workdir {root / name})",
+                  flush=True)
+            return kept
+        print(f"[sweep] {path} has no evaluation and there is no workdir {root / name} to "
+              f"evaluate: training the point again", flush=True)
     tic = time.time()
     result = train_point(config, root / name)
+    if kept is not None and kept.get("result") == as_json(result):  # a rerun of a finished point
+        if complete:
+            return kept  # the committed record stays as it is
+        kept.update(evaluation=as_json(evaluate(root / name)),
+                    evaluation_git_commit=harness.git_commit())
+        _save(path, kept, points.commit, f"sweep point {name}: its evaluation added")
+        return kept
     record = dict(point=name, arg=arg, lr=config.optimizer.lr, seed=seed,
                   config=jsonable(config.to_dict()), result=result)
     if fields:
         record["fields"] = jsonable(fields)
+    if evaluate is not None:
+        record["evaluation"] = as_json(evaluate(root / name))
     if points is None:
         return record
-    if kept is not None and kept.get("result") == as_json(result):
-        return kept  # a rerun of a finished point: the committed record stays as it is
     record.update(git_commit=harness.git_commit(), machine=harness.machine(),
                   command=points.command,
                   finished_utc=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                   collect_s=time.time() - tic)
-    points.out.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(record, indent=1) + "\n")
-    if points.commit:
-        _commit(path, f"sweep point {name}: {_headline(result)}")
+    _save(path, record, points.commit, f"sweep point {name}: {_headline(result)}")
     return record
+
+
+def _save(path: Path, record: dict, commit: bool, message: str) -> None:
+    """Writes a point's record to PATH (git-committed with `commit`)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=1) + "\n")
+    if commit:
+        _commit(path, message)
 
 
 def run_setting(get_config, arg: str, lrs, seeds, root: Path, *, stop_above=None,
                 log: str = "sweep", points: Points | None = None, overrides: list[str] = (),
-                fields: dict | None = None) -> dict:
+                fields: dict | None = None, evaluate=None) -> dict:
     """Every point of one setting (one argument of `get_config`, learning rates x seeds) in
     ROOT/<point>, then its `summarize` row: the best learning rate and the mean +- std over the
     seeds. The reproduce tables run their grids through this.
@@ -353,8 +375,8 @@ def run_setting(get_config, arg: str, lrs, seeds, root: Path, *, stop_above=None
         validation accuracy over the seeds (None: never; our choice, to fit a budget: the grid's
         best cannot get much better).
       log: the prefix of the progress lines printed.
-      points, overrides, fields: `run_point`'s (where the records go, the "FIELD=VALUE" --set
-        and the other swept fields).
+      points, overrides, fields, evaluate: `run_point`'s (where the records go, the
+        "FIELD=VALUE" --set, the other swept fields, what is measured on each final checkpoint).
 
     Returns:
       The `summarize` row plus "records" (every point's record, in training order) and "best"
@@ -362,7 +384,7 @@ def run_setting(get_config, arg: str, lrs, seeds, root: Path, *, stop_above=None
     """
     records = []
     for lr in lrs:
-        mine = [run_point(get_config, arg, lr, seed, root, points, overrides, fields)
+        mine = [run_point(get_config, arg, lr, seed, root, points, overrides, fields, evaluate)
                 for seed in seeds]
         for r in mine:
             print(f"[{log}] {r['point']}: {_headline(r['result'])} "

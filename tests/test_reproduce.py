@@ -209,6 +209,25 @@ def test_length(dirs):
     assert record["eval_tokens"] == settings["eval_batch_size"] * int(lengths[-1])
     (gain,) = run["late_gain"]
     assert gain is not None and f"swa 4 ({100 * gain:.1f}%)" in md
+    # The perplexities by context are the point's evaluation, committed with its record: a record
+    # without one gets it from the workdir, and a fresh clone (no workdir) collects it as it is.
+    (point,) = (out_dir / "length" / "points").glob("*.json")
+    kept = json.loads(point.read_text())
+    assert kept["evaluation"] == run["perplexity"] and "evaluation_git_commit" not in kept
+    del kept["evaluation"]
+    point.write_text(json.dumps(kept))
+    again = reproduce.reproduce("length", "tiny", tmp_out := out_dir / "again", ["swa"], work,
+                                points_dir=out_dir)
+    added = json.loads(point.read_text())
+    assert added["evaluation"] == run["perplexity"] and added["evaluation_git_commit"]
+    shutil.rmtree(work / "length-tiny")
+    fresh = reproduce.reproduce("length", "tiny", tmp_out, ["swa"], work, points_dir=out_dir)
+    assert fresh["runs"] == again["runs"] == record["runs"]
+    assert not (work / "length-tiny" / point.stem).exists()  # collected, not trained again
+    point.write_text(json.dumps(kept))  # no evaluation and no workdir: the point trains again
+    reproduce.reproduce("length", "tiny", tmp_out, ["swa"], work, points_dir=out_dir)
+    assert (work / "length-tiny" / point.stem / "point.json").is_file()
+    assert "evaluation" in json.loads(point.read_text())
 
 
 def test_bad_arguments(tmp_path):

@@ -123,11 +123,11 @@ def run(s, presets, workdir: Path, points: sweep.Points) -> dict:
         fields = fields_of(text)
         row = sweep.run_setting(get_config, arg, s.lrs, s.seeds, workdir, log=NAME,
                                 points=points, overrides=overrides(s, arg), fields=fields,
-                                stop_above=s.skip_grid_above)
+                                stop_above=s.skip_grid_above, evaluate=sweep.point_diagnostics)
         best = row["best"]
         config = ml_collections.ConfigDict(best[0]["config"])  # the trained config, as recorded
         model_cfg = training.model_config(config, config.data.task.vocab_size)
-        diags = [sweep.point_diagnostics(workdir / r["point"]) for r in best]
+        diags = [r["evaluation"] for r in best]
         rows.append(dict(
             runner.row_stats(row, "accuracy"), arg=arg, preset=preset_of(arg), rule=rule_of(arg),
             fields=fields, label=label(arg, fields, model_cfg.eidetic_slots),
