@@ -1,5 +1,6 @@
 """The paper's size ladder (130M, 370M, 790M, 1.4B parameters) at 2k and 8k context, every preset
-at one parameter count per rung (docs/design.md section 9: planning at scale).
+at one parameter count per rung (planned on CPU by `python -m benchmarks.scale_plan`:
+results/scale_plan.md).
 
     python -m experiments.train --config=experiments/configs/scale.py:bmojo:370M:2k \\
         --workdir=workdir/scale/bmojo-370M-2k
@@ -40,7 +41,8 @@ Our choices for the other knobs (the paper does not give them):
   * Mesh: data parallelism over every device (`default_config`'s mesh_shape (-1, 1, 1)). An
     FSDP mesh (1, -1, 1) splits the parameters and AdamW state, but with today's sharding rules
     XLA's propagation leaves much of the activations unsplit by batch (more memory per device
-    than data parallelism; docs/design.md section 9), so it is not the default here.
+    than data parallelism, seen with `benchmarks.scale_plan` while choosing the mesh; the committed
+    table has data parallelism only), so it is not the default here.
 """
 
 from __future__ import annotations

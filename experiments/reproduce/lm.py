@@ -117,14 +117,14 @@ def markdown(record, s) -> str:
                         if r["preset"] == "transformer" and "dropout" not in r), None)
     epoch = s.batch_size * s.seq_len / record["train_tokens"]  # epochs per step
     lstm = ZAREMBA[0][1]
-    lines = ["| model | d_ff | parameters (non-embedding) | valid ppl | test ppl | test ppl / "
-             f"small LSTM ({lstm}) | steps (epochs) | valid ppl gain, last 10% of steps | "
-             "train tokens/s | train time (s) | vs transformer |",
+    lines = ["| model | d_ff | parameters (non-embedding) | valid perplexity | test perplexity | "
+             f"test perplexity / small LSTM ({lstm}) | steps (epochs) | valid perplexity gain, "
+             "last 10% of steps | train tokens/s | train time (s) | vs transformer |",
              "|---|---:|---:|---:|---:|---:|---|---|---:|---:|---:|"]
     for r in record["runs"]:
         speed = ("—" if transformer is None else
-                 f"{transformer['train_s'] / r['train_s']:.2f}x speed, "
-                 f"{r['test_perplexity'] / transformer['test_perplexity']:.2f}x ppl")
+                 f"{r['tokens_per_s'] / transformer['tokens_per_s']:.2f}x tokens/s, "
+                 f"{r['test_perplexity'] / transformer['test_perplexity']:.2f}x perplexity")
         gains = ", ".join("-" if g is None else f"{100 * g:.1f}%" for g in r["late_gain"])
         label = r["preset"] + (f", dropout {r['dropout']:g}" if "dropout" in r else "")
         lines.append(f"| {label} | {r['d_ff']} | {r['params']:,} "
@@ -159,8 +159,8 @@ def markdown(record, s) -> str:
             f"{', '.join(s.headline)} (perplexities: mean +- std over them), the first for the "
             f"others, {runner.describe_optimizer(record['optimizer'], s.num_steps)}. A row "
             f"\"PRESET, dropout R\" is the dropout ablation: that preset at its best rate and "
-            f"first seed with every dropout above at R. Training throughput "
-            f"is the median over logged intervals (compilation excluded); train time = tokens / "
-            f"throughput. The machine is shared, so throughputs carry ~10-20% noise. The LSTM "
+            f"first seed with every dropout above at R. Training throughput (tokens/s) is the "
+            f"median over logged intervals (compilation excluded), the median over seeds; train "
+            f"time is the mean over seeds of each run's tokens / throughput. The machine is shared, so throughputs carry ~10-20% noise. The LSTM "
             f"rows are external references trained for 13-55 epochs (the small one without "
             f"dropout), not runs of this code.")
