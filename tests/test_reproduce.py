@@ -112,7 +112,8 @@ def test_mqar_memory(dirs):
     assert "Eidetic diagnostics" in md
     settings = mqar_memory.budgets()["tiny"]
     runs = {r["label"]: r for r in record["runs"]}
-    assert list(runs) == ["swa (w=4)", "bmojo (m=4, fading)", "bmojo (m=4, oracle)"]
+    assert list(runs) == ["swa (window=4)", "bmojo (eidetic_slots=4, fading)",
+                          "bmojo (eidetic_slots=4, oracle)"]
     swa, fading, oracle = runs.values()
     # The eidetic slots and the fading state make B'MOJO's decoding state larger than the window's.
     assert fading["state_bytes"] > swa["state_bytes"] and swa["eidetic_slots"] == 0

@@ -26,9 +26,6 @@ from experiments.reproduce import runner
 NAME = "mqar_memory"
 TITLE = "MQAR accuracy vs decoding-state size at competence, and the eidetic selection rules"
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "mqar_far.py"
-SHORT = {"model.window": "w", "model.d_state": "n", "model.eidetic_slots": "m"}
-
-
 def budgets() -> dict:
     """{"tiny", "full"}: ConfigDicts of every setting.
 
@@ -102,11 +99,11 @@ def fields_of(text: str) -> dict:
 
 
 def label(arg: str, fields: dict, eidetic_slots: int) -> str:
-    """A row's name in the table, e.g. "swa (w=8)", "bmojo (m=8, oracle)"."""
-    knobs = [f"{SHORT.get(k, k)}={v}" for k, v in fields.items()]
+    """A row's name in the table, e.g. "swa (window=8)", "bmojo (eidetic_slots=8, oracle)"."""
+    knobs = [f"{k.removeprefix('model.')}={v}" for k, v in fields.items()]
     rule = rule_of(arg)
     if rule and "model.eidetic_slots" not in fields:
-        knobs.append(f"m={eidetic_slots}")
+        knobs.append(f"eidetic_slots={eidetic_slots}")
     return f"{preset_of(arg)} ({', '.join(knobs + ([rule] if rule else [])) or 'default'})"
 
 
@@ -188,7 +185,8 @@ def markdown(record, s) -> str:
         f"state is the size of "
         f"`model.init_cache(1, max_length={record['seq_len']})` (float32: KV caches, ring "
         f"buffers, SSM and conv states, eidetic slots).\n\n" + "\n".join(lines) +
-        "\n\nRows: w window (= B'MOJO's chunk), n SSM state size, m eidetic slots; the last word "
+        "\n\nRows: the row's own memory knob (window, d_state or eidetic_slots; B'MOJO's "
+        "chunk_size is its window); the last word "
         "of a B'MOJO row is its selection rule (`ModelConfig.eidetic_selection`; oracle: the "
         "key/value context handed in as eidetic scores, `config.eidetic_oracle`; the controls: "
         "random, fixed random positions, and projection, a fixed random function of the "
@@ -252,7 +250,7 @@ def plot(record, s, path) -> None:
                 right.axhline(100 * r["test_accuracy"], color=color, ls="--", lw=1,
                               label=f"{r['label']} (mean)")
     right.set_xticks(range(len(rules)), [r["rule"] for r in rules], rotation=30)
-    right.set_title("selection rules" + (f" at m={rules[0]['eidetic_slots']} slots"
+    right.set_title("selection rules" + (f" at {rules[0]['eidetic_slots']} eidetic slots"
                                          if rules else ""))
     right.set_ylabel("far-query MQAR test accuracy (%)")
     right.set_ylim(-2, 102)
