@@ -334,7 +334,7 @@ def run_point(get_config, arg: str, lr, seed: int, root: Path, points: Points | 
             return kept  # the committed record stays as it is
         kept.update(evaluation=as_json(evaluate(root / name)),
                     evaluation_git_commit=harness.git_commit())
-        _save(path, kept, points.commit, f"sweep point {name}: its evaluation added")
+        _save(path, kept, f"sweep point {name}: its evaluation added" if points.commit else None)
         return kept
     record = dict(point=name, arg=arg, lr=config.optimizer.lr, seed=seed,
                   config=jsonable(config.to_dict()), result=result)
@@ -348,16 +348,16 @@ def run_point(get_config, arg: str, lr, seed: int, root: Path, points: Points | 
                   command=points.command,
                   finished_utc=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                   collect_s=time.time() - tic)
-    _save(path, record, points.commit, f"sweep point {name}: {_headline(result)}")
+    _save(path, record, f"sweep point {name}: {_headline(result)}" if points.commit else None)
     return record
 
 
-def _save(path: Path, record: dict, commit: bool, message: str) -> None:
-    """Writes a point's record to PATH (git-committed with `commit`)."""
+def _save(path: Path, record: dict, commit_message: str | None) -> None:
+    """Writes a point's record to PATH, and git-commits it with `commit_message` unless None."""
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(record, indent=1) + "\n")
-    if commit:
-        _commit(path, message)
+    if commit_message is not None:
+        _commit(path, commit_message)
 
 
 def run_setting(get_config, arg: str, lrs, seeds, root: Path, *, stop_above=None,

@@ -88,5 +88,5 @@ def test_mqar_memory_plot_draws_every_point(tmp_path, monkeypatch):
     dots = [line for line in right.get_lines() if line.get_linestyle() == "None"]
     assert [list(d.get_ydata()) for d in dots] == [[90.0, 30.0], [100.0, 99.0]]
     assert [ax.get_title() for ax in saved["axes"]] == [
-        "accuracy vs decoding-state size", "selection rules at m=8 slots"]
+        "accuracy vs decoding-state size", "selection rules at 8 eidetic slots"]
     assert "one dot per seed" in saved["caption"]
