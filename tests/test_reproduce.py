@@ -197,6 +197,7 @@ def test_matched_parameter_counts():
         assert abs(count / counts["transformer"] - 1) < 0.02, (preset, counts)
 
 
+@pytest.mark.slow  # ~75 s on 2 cores: three tiny trainings, evaluations at every context
 @needs_ptb
 def test_length(dirs):
     out_dir, work = dirs
