@@ -87,18 +87,17 @@ def run(s, presets, workdir: Path, points: sweep.Points) -> dict:
                                 runner.seeds_of(preset, s), workdir, log="length",
                                 points=points, evaluate=functools.partial(
                                     perplexities, tokens=corpus.test, s=s))
-        by_seed = [r["evaluation"] for r in row["best"]]  # {"L": perplexity}, JSON keys
-        lengths = [int(L) for L in by_seed[0]]
+        by_seed = [r["evaluation"] for r in row["best"]]  # {"L": perplexity}: JSON keys
+        lengths = list(by_seed[0])
         runs.append(dict(
             preset=preset, params=row["best"][0]["result"]["params"], lr=row["lr"],
             seeds=row["seeds"], wall_s=float(sum(r["result"]["wall_s"] for r in row["records"])),
             train_seq_len=s.seq_len,
             steps=[r["result"]["step"] for r in row["best"]],
             late_gain=[runner.late_gain(r["result"].get("valid_curve")) for r in row["best"]],
-            perplexity={str(L): float(np.mean([p[str(L)] for p in by_seed])) for L in lengths},
-            perplexity_std={str(L): float(np.std([p[str(L)] for p in by_seed]))
-                            for L in lengths}))
-        print(f"[length] {preset}: " + ", ".join(f"{L}: {runs[-1]['perplexity'][str(L)]:.1f}"
+            perplexity={L: float(np.mean([p[L] for p in by_seed])) for L in lengths},
+            perplexity_std={L: float(np.std([p[L] for p in by_seed])) for L in lengths}))
+        print(f"[length] {preset}: " + ", ".join(f"{L}: {runs[-1]['perplexity'][L]:.1f}"
                                                  for L in lengths), flush=True)
     return dict(runs=runs, optimizer=row["records"][0]["config"]["optimizer"],
                 eval_tokens=s.eval_batch_size * s.seq_len * max(s.multipliers),
