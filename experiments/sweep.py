@@ -375,16 +375,19 @@ def run_setting(get_config, arg: str, lrs, seeds, root: Path, *, stop_above=None
         validation accuracy over the seeds (None: never; our choice, to fit a budget: the grid's
         best cannot get much better).
       log: the prefix of the progress lines printed.
-      points, overrides, fields, evaluate: `run_point`'s (where the records go, the
-        "FIELD=VALUE" --set, the other swept fields, what is measured on each final checkpoint).
+      points, overrides, fields: `run_point`'s (where the records go, the "FIELD=VALUE" --set,
+        the other swept fields).
+      evaluate: `run_point`'s, applied to the best rate's points only, once the grid is done
+        (our choice: a table reads the evaluation of those alone, so the other rates' points
+        never train again for one on a machine without their workdirs).
 
     Returns:
       The `summarize` row plus "records" (every point's record, in training order) and "best"
-      (the best rate's records, one per seed).
+      (the best rate's records, one per seed, with "evaluation" when `evaluate` is given).
     """
     records = []
     for lr in lrs:
-        mine = [run_point(get_config, arg, lr, seed, root, points, overrides, fields, evaluate)
+        mine = [run_point(get_config, arg, lr, seed, root, points, overrides, fields)
                 for seed in seeds]
         for r in mine:
             print(f"[{log}] {r['point']}: {_headline(r['result'])} "
@@ -395,7 +398,11 @@ def run_setting(get_config, arg: str, lrs, seeds, root: Path, *, stop_above=None
                 np.mean([v["accuracy"] for v in valid]) >= stop_above:
             break
     row, = summarize(records).values()
-    return dict(row, records=records, best=[r for r in records if r["lr"] == row["lr"]])
+    best = [r for r in records if r["lr"] == row["lr"]]
+    if evaluate is not None:
+        best = [run_point(get_config, arg, r["lr"], r["seed"], root, points, overrides, fields,
+                          evaluate) for r in best]
+    return dict(row, records=records, best=best)
 
 
 def _headline(result: dict) -> str:

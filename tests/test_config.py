@@ -212,3 +212,22 @@ def test_sweep_rerun_keeps_the_committed_point_record(tmp_path, monkeypatch):
                                          "trained with another config"):
         sweep.run_point(tiny.get_config, "bmojo", 3e-3, 0, tmp_path / "root",
                         points=sweep.Points(tmp_path / "out"), overrides=["num_steps=8"])
+
+
+def test_sweep_grid_evaluates_only_the_best_rate(tmp_path, monkeypatch):
+    """`run_setting` stops its grid at `stop_above` and measures `evaluate` on the best rate's
+    points alone: the other rates' records carry no evaluation."""
+    from experiments import sweep
+    from experiments.configs import tiny
+    accuracy = {1e-3: 0.6, 3e-3: 0.8, 1e-2: 0.99, 3e-2: 1.0}
+    monkeypatch.setattr(sweep, "train_point", lambda config, workdir: {
+        "step": 7, "stop_reason": "num_steps", "wall_s": 1.0,
+        "valid": {"accuracy": accuracy[config.optimizer.lr], "loss": 1.0}})
+    evaluated = []
+    row = sweep.run_setting(tiny.get_config, "bmojo", [1e-3, 1e-2, 3e-3, 3e-2], [0, 1],
+                            tmp_path, stop_above=0.99, overrides=["num_steps=7"],
+                            evaluate=lambda workdir: evaluated.append(workdir.name) or "measured")
+    assert [r["lr"] for r in row["records"]] == [1e-3, 1e-3, 1e-2, 1e-2]  # stopped at 1e-2
+    assert row["lr"] == 1e-2 and evaluated == ["bmojo-lr0.01-s0", "bmojo-lr0.01-s1"]
+    assert [r["evaluation"] for r in row["best"]] == ["measured", "measured"]
+    assert not any("evaluation" in r for r in row["records"])
