@@ -67,9 +67,10 @@ def test_eidetic_memory_changes_the_output(models):
         for block, selection in zip(model.blocks, selections):
             block.mixer.selection = selection
     first_visible = 2 * WINDOW  # selections of chunk 0 are visible from chunk 2 on
+    # float32 rounding: the slots' masked keys change the softmax's summation order (~2e-6 seen)
     np.testing.assert_allclose(without[:, :first_visible], with_memory[:, :first_visible],
-                               atol=1e-6)
-    assert not np.allclose(without[:, first_visible:], with_memory[:, first_visible:])
+                               atol=1e-5)
+    assert np.abs(without[:, first_visible:] - with_memory[:, first_visible:]).max() > 1e-2
 
 
 def test_bmojo_without_eidetic_slots_is_bmojo_f():
