@@ -397,12 +397,14 @@ def run_setting(get_config, arg: str, lrs, seeds, root: Path, *, stop_above=None
         if stop_above is not None and "accuracy" in valid[0] and \
                 np.mean([v["accuracy"] for v in valid]) >= stop_above:
             break
-    row, = summarize(records).values()
-    best = [r for r in records if r["lr"] == row["lr"]]
-    if evaluate is not None:
-        best = [run_point(get_config, arg, r["lr"], r["seed"], root, points, overrides, fields,
-                          evaluate) for r in best]
-    return dict(row, records=records, best=best)
+    while True:  # a point trained again for its evaluation may change the row, its best rate too
+        row, = summarize(records).values()
+        best = [r for r in records if r["lr"] == row["lr"]]
+        if evaluate is None or all("evaluation" in r for r in best):
+            return dict(row, records=records, best=best)
+        evaluated = {r["point"]: run_point(get_config, arg, r["lr"], r["seed"], root, points,
+                                           overrides, fields, evaluate) for r in best}
+        records = [evaluated.get(r["point"], r) for r in records]
 
 
 def _headline(result: dict) -> str:
