@@ -379,7 +379,9 @@ def run_setting(get_config, arg: str, lrs, seeds, root: Path, *, stop_above=None
         the other swept fields).
       evaluate: `run_point`'s, applied to the best rate's points only, once the grid is done
         (our choice: a table reads the evaluation of those alone, so the other rates' points
-        never train again for one on a machine without their workdirs).
+        never train again for one on a machine without their workdirs). A point that trains
+        again for it can change its result: the row is then summarised again, and if its best
+        rate moves, the new best rate's points are evaluated in turn.
 
     Returns:
       The `summarize` row plus "records" (every point's record, in training order) and "best"
