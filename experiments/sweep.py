@@ -377,19 +377,23 @@ def run_setting(get_config, arg: str, lrs, seeds, root: Path, *, stop_above=None
       log: the prefix of the progress lines printed.
       points, overrides, fields: `run_point`'s (where the records go, the "FIELD=VALUE" --set,
         the other swept fields).
-      evaluate: `run_point`'s, applied to the best rate's points only, once the grid is done
-        (our choice: a table reads the evaluation of those alone, so the other rates' points
-        never train again for one on a machine without their workdirs). A point that trains
-        again for it can change its result: the row is then summarised again, and if its best
-        rate moves, the new best rate's points are evaluated in turn.
+      evaluate: `run_point`'s, applied to the best rate's points only (our choice: a table
+        reads the evaluation of those alone, so the other rates' points never train again for
+        one on a machine without their workdirs). With one rate it is the best from the start,
+        and each point is evaluated as it lands, so that its committed record is complete
+        before the next point trains (a stop between points loses no evaluation); with several,
+        once the grid is done. A point that trains again for it can change its result: the row
+        is then summarised again, and if its best rate moves, the new best rate's points are
+        evaluated in turn.
 
     Returns:
       The `summarize` row plus "records" (every point's record, in training order) and "best"
       (the best rate's records, one per seed, with "evaluation" when `evaluate` is given).
     """
     records = []
+    eager = evaluate if len(lrs) == 1 else None  # the only rate is the best one
     for lr in lrs:
-        mine = [run_point(get_config, arg, lr, seed, root, points, overrides, fields)
+        mine = [run_point(get_config, arg, lr, seed, root, points, overrides, fields, eager)
                 for seed in seeds]
         for r in mine:
             print(f"[{log}] {r['point']}: {_headline(r['result'])} "

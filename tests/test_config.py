@@ -232,3 +232,20 @@ def test_sweep_grid_evaluates_only_the_best_rate(tmp_path, monkeypatch):
     assert row["lr"] == 1e-2 and evaluated == ["bmojo-lr0.01-s0", "bmojo-lr0.01-s1"]
     assert [r["evaluation"] for r in row["best"]] == ["measured", "measured"]
     assert ["evaluation" in r for r in row["records"]] == [False, False, True, True]
+
+
+def test_sweep_single_rate_evaluates_each_point_as_it_lands(tmp_path, monkeypatch):
+    """With one learning rate, `run_setting` evaluates each point before the next one trains, so
+    a stop between points leaves every finished point's record complete."""
+    from experiments import sweep
+    from experiments.configs import tiny
+    calls = []
+    monkeypatch.setattr(sweep, "train_point", lambda config, workdir: calls.append(
+        f"train {workdir.name}") or {"step": 7, "stop_reason": "num_steps", "wall_s": 1.0,
+                                     "valid": {"accuracy": 0.5, "loss": 1.0}})
+    row = sweep.run_setting(tiny.get_config, "bmojo", [1e-3], [0, 1], tmp_path,
+                            overrides=["num_steps=7"],
+                            evaluate=lambda workdir: calls.append(f"evaluate {workdir.name}"))
+    assert calls == ["train bmojo-lr0.001-s0", "evaluate bmojo-lr0.001-s0",
+                     "train bmojo-lr0.001-s1", "evaluate bmojo-lr0.001-s1"]
+    assert all("evaluation" in r for r in row["best"])
