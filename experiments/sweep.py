@@ -174,7 +174,7 @@ def _text(value) -> str:
     return f"{value:g}" if isinstance(value, float) else str(value)
 
 
-def _literal(text: str):
+def literal(text: str):
     """A Python literal, or the text itself (a string)."""
     try:
         return ast.literal_eval(text)
@@ -215,7 +215,7 @@ def apply_overrides(config, overrides: list[str]):
         field, sep, text = item.partition("=")
         if not sep:
             raise ValueError(f"--set {item!r}: must be FIELD=VALUE.")
-        set_field(config, field, _literal(text), f"--set {item!r}")
+        set_field(config, field, literal(text), f"--set {item!r}")
     return config
 
 
@@ -236,7 +236,7 @@ def parse_sweep(text: str | None) -> dict:
             raise ValueError(f"--sweep: {part!r} must be FIELD=V1,V2,... (parts separated by ';').")
         if field in grid:
             raise ValueError(f"--sweep: the field {field!r} is given twice.")
-        grid[field] = [_literal(v) for v in values]
+        grid[field] = [literal(v) for v in values]
     return grid
 
 

@@ -5,6 +5,7 @@ One tiny MQAR run (2 layers, d_model 32, vocab 64, seq 32) is shared by the modu
 time dominates, so shapes are few and runs are short.
 """
 
+import dataclasses
 import gc
 import inspect
 import json
@@ -224,6 +225,33 @@ def test_load_model_gives_the_trained_model(run):
     tokens = np.arange(32, dtype=np.int32)[None] % 64
     np.testing.assert_array_equal(logits(model, tokens), logits(reference, tokens))
     assert training.load_model(run[0], step=EVERY)[2] == EVERY
+
+
+def test_model_overrides_run_the_trained_weights_with_another_memory(run):
+    """`model_overrides`: the eidetic memory turned off at inference = a model built without it
+    that holds the checkpoint's parameters; an override that changes nothing changes nothing;
+    knobs that change the parameters, unknown fields and invalid values are clear errors."""
+    off = dict(eidetic_per_chunk=0, eidetic_slots=0)
+    trained, _, _ = training.load_model(run[0])
+    model, _, _ = training.load_model(run[0], model_overrides=off)
+    reference = LanguageModel(dataclasses.replace(trained.config, **off), rngs=nnx.Rngs(1))
+    saved = dict(nnx.to_flat_state(nnx.state(trained, nnx.Param)))
+    for path, variable in nnx.to_flat_state(nnx.state(reference, nnx.Param)):
+        variable[...] = saved[path][...]
+    tokens = np.arange(64, dtype=np.int32)[None] % 64  # 4 chunks: lag-2 slots are read
+    np.testing.assert_array_equal(model(tokens), reference(tokens))
+    assert not np.allclose(model(tokens), trained(tokens), atol=1e-4)
+    base = training.evaluate_checkpoint(run[0], "test", seq_len=48)
+    same = training.evaluate_checkpoint(run[0], "test", seq_len=48, model_overrides=dict(
+        eidetic_selection=trained.config.eidetic_selection))
+    assert same.pop("model_overrides") and same == base
+    without = training.evaluate_checkpoint(run[0], "test", seq_len=48, model_overrides=off)
+    assert without["model_overrides"] == off and without["loss"] != base["loss"]
+    for overrides, match in (({"d_model": 64}, "change the parameters"),
+                             ({"widow": 8}, r"\['widow'\] are not ModelConfig fields"),
+                             ({"eidetic_slots": 3}, "eidetic_slots=3")):
+        with pytest.raises(ValueError, match=match):
+            training.load_checkpoint(run[0], model_overrides=overrides)
 
 
 def test_steps_are_not_cached():

@@ -25,6 +25,7 @@ keeps the newest checkpoints and, besides them, the newest one whose meta says "
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gc
 import logging
 import os
@@ -386,33 +387,42 @@ def describe_differences(differences: dict) -> str:
 # --------------------------------------------------------------------------------------------------
 
 
-def load_checkpoint(workdir, step: int | None = None):
+def load_checkpoint(workdir, step: int | None = None, model_overrides: dict | None = None):
     """Reads a checkpoint of a training workdir (never writes), verified (`Checkpoints.restore`).
 
     Args:
       workdir: a training workdir (its `checkpoints/`).
       step: the checkpoint's step (None: the latest).
+      model_overrides: {ModelConfig field: value} applied to the saved model config, for knobs
+        that leave the parameters as they are (e.g. eidetic_slots, eidetic_per_chunk = 0 to turn
+        the eidetic memory off, eidetic_selection, window): the trained weights run with another
+        memory at inference (our choice, for ablations). Saved parameters the changed model does
+        not read (say, the innovation predictor of a memory turned off) are left out.
 
     Returns:
       (meta, model_cfg, params): meta {"step", "config": the training config as a dict, "model",
-      ...}, the `ModelConfig`, and the `nnx.Param` state on the default device (merge with the
-      graphdef of `abstract_model(model_cfg)`, or use `load_model`).
+      ...} as saved, the `ModelConfig` (with the overrides), and the `nnx.Param` state on the
+      default device (merge with the graphdef of `abstract_model(model_cfg)`, or use
+      `load_model`).
 
     Raises:
       FileNotFoundError: no checkpoint (the message names the path); CheckpointError: unreadable
       or damaged.
+      ValueError: an override names no ModelConfig field, has an invalid value, or changes a
+        parameter's shape or adds one (the message names the parameter).
     """
-    meta, model_cfg, _, params = _read(workdir, step)
+    meta, model_cfg, _, params = _read(workdir, step, model_overrides)
     return meta, model_cfg, params
 
 
-def load_model(workdir, step: int | None = None
+def load_model(workdir, step: int | None = None, model_overrides: dict | None = None
                ) -> tuple[LanguageModel, ml_collections.ConfigDict, int]:
     """The trained model of a checkpoint of a training workdir, ready to call (never writes).
 
     Args:
       workdir: a training workdir (its `checkpoints/`).
       step: the checkpoint's step (None: the latest).
+      model_overrides: as in `load_checkpoint`.
 
     Returns:
       (model, config, step): the `LanguageModel` with the saved parameters on the default device,
@@ -422,11 +432,11 @@ def load_model(workdir, step: int | None = None
       FileNotFoundError: no checkpoint (the message names the path); CheckpointError: unreadable
       or damaged.
     """
-    meta, _, graphdef, params = _read(workdir, step)
+    meta, _, graphdef, params = _read(workdir, step, model_overrides)
     return nnx.merge(graphdef, params), ml_collections.ConfigDict(meta["config"]), meta["step"]
 
 
-def _read(workdir, step):
+def _read(workdir, step, model_overrides=None):
     """(meta, model_cfg, graphdef, params) of a checkpoint; see `load_checkpoint`."""
     directory = Path(workdir) / "checkpoints"
     if not directory.is_dir():
@@ -440,7 +450,33 @@ def _read(workdir, step):
         params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
                               params)
         _, params, _ = checkpoints.restore(meta["step"], params)
+    if model_overrides:
+        model_cfg, graphdef, params = _overridden(model_cfg, params, model_overrides)
     return meta, model_cfg, graphdef, params
+
+
+def _overridden(model_cfg: ModelConfig, params, overrides: dict):
+    """(model_cfg, graphdef, params) of the model with `overrides` applied, reading the saved
+    `params` it has; see `load_checkpoint`."""
+    fields = {f.name for f in dataclasses.fields(ModelConfig)}
+    unknown = sorted(set(overrides) - fields)
+    if unknown:
+        raise ValueError(f"model_overrides: {unknown} are not ModelConfig fields; valid fields: "
+                         f"{sorted(fields)}.")
+    changed = dataclasses.replace(model_cfg, **overrides)  # ValueError for an invalid value
+    graphdef, wanted = nnx.split(abstract_model(changed), nnx.Param)
+    saved = dict(nnx.to_flat_state(params))
+    for path, variable in nnx.to_flat_state(wanted):
+        have, shape = saved.get(path), variable.get_value().shape
+        if have is None or have.get_value().shape != shape:
+            found = "absent" if have is None else f"of shape {have.get_value().shape}"
+            raise ValueError(
+                f"model_overrides {overrides} change the parameters: "
+                f"{'/'.join(map(str, path))} of shape {shape} is {found} in the checkpoint."
+                f" Only knobs that keep the trained parameters (e.g. eidetic_slots, "
+                f"eidetic_per_chunk, eidetic_selection, window) can change at evaluation.")
+    return changed, graphdef, nnx.from_flat_state(
+        {path: saved[path] for path, _ in nnx.to_flat_state(wanted)})
 
 
 class SyntheticTask:

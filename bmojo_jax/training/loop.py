@@ -402,7 +402,7 @@ def _log_eval(metrics: MetricsLog, split: str, step: int, result: dict) -> None:
 
 def evaluate_checkpoint(workdir, split: str = "test", *, step: int | None = None,
                         seq_len: int | None = None, batch_size: int | None = None,
-                        max_batches: int = 0) -> dict:
+                        max_batches: int = 0, model_overrides: dict | None = None) -> dict:
     """Evaluates a checkpoint of `workdir` with the config saved in it.
 
     Args:
@@ -413,14 +413,18 @@ def evaluate_checkpoint(workdir, split: str = "test", *, step: int | None = None
         examples at this length.
       batch_size: None: the config's eval batch size.
       max_batches: evaluate the first batches only (0: the whole split).
+      model_overrides: {ModelConfig field: value} for knobs that keep the trained parameters
+        (`load_checkpoint`; e.g. {"eidetic_per_chunk": 0, "eidetic_slots": 0}: the eidetic memory
+        off at inference).
 
     Returns:
-      `evaluate`'s result plus "step", "split", "seq_len".
+      `evaluate`'s result plus "step", "split", "seq_len" (and "model_overrides" when given).
 
     Raises:
       FileNotFoundError: no checkpoint (the message names the path); CheckpointError: unreadable
         or damaged (the message offers the earlier steps).
-      ValueError: a bad split, seq_len, batch_size or max_batches; a damaged saved tokenizer.
+      ValueError: a bad split, seq_len, batch_size, max_batches or model override; a damaged
+        saved tokenizer.
 
     Warns:
       DataMismatchWarning: the data differs from the data the checkpoint was trained on (both
@@ -432,7 +436,7 @@ def evaluate_checkpoint(workdir, split: str = "test", *, step: int | None = None
             raise ValueError(f"{name}={value!r}: must be an integer >= 1 (or None).")
     if not isinstance(max_batches, int) or max_batches < 0:
         raise ValueError(f"max_batches={max_batches!r}: must be an integer >= 0 (0: all).")
-    meta, model_cfg, params = load_checkpoint(workdir, step)
+    meta, model_cfg, params = load_checkpoint(workdir, step, model_overrides)
     config = ml_collections.ConfigDict(meta["config"])
     seq_len = seq_len or config.data.eval_seq_len or config.data.seq_len
     data = data_lib.load_data(config, tokenizer=data_lib.load_tokenizer(workdir))  # the run's own
@@ -446,7 +450,8 @@ def evaluate_checkpoint(workdir, split: str = "test", *, step: int | None = None
                             data, split,
                             batch_size or config.eval_batch_size or config.batch_size, seq_len,
                             max_batches)
-    return {"step": meta["step"], "split": split, "seq_len": seq_len, **result}
+    overrides = {"model_overrides": dict(model_overrides)} if model_overrides else {}
+    return {"step": meta["step"], "split": split, "seq_len": seq_len, **overrides, **result}
 
 
 # --------------------------------------------------------------------------------------------------
