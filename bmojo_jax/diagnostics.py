@@ -113,9 +113,36 @@ def layer_diagnostics(trace: dict, queries, needed, context, window: int) -> dic
     precision = float(in_context[occupied].mean()) if occupied.any() else float("nan")
     result = {"selection_recall": recall, "slot_precision": precision}
     if "attention_mass" in trace and rows.size:
-        mass = np.asarray(trace["attention_mass"])[rows, cols].mean(0)
-        result["attention_mass"] = dict(zip(("window", "fading", "eidetic"), map(float, mass)))
+        result["attention_mass"] = attention_mass(trace, queries)
     return result
+
+
+def attention_mass(trace: dict, queries) -> dict:
+    """{"window", "fading", "eidetic": float}: the mean softmax weight that the positions of
+    `queries` (bool [b, t], at least one True) put on each kind of key, from one layer's entry of
+    `LanguageModel.eidetic_trace`; the three sum to 1."""
+    mass = np.asarray(trace["attention_mass"])[np.asarray(queries)].mean(0)
+    return dict(zip(("window", "fading", "eidetic"), map(float, mass)))
+
+
+def attention_mass_by_span(trace: dict, edges) -> dict:
+    """{"A-B": `attention_mass` of the positions [A, B)} for consecutive `edges` (tokens,
+    increasing, within the traced length), for every layer of `LanguageModel.eidetic_trace`:
+    where a model looks inside its training context and beyond it, say (edges 0, T, L).
+
+    Raises:
+      ValueError: edges not increasing, or beyond the traced length t.
+    """
+    edges = [int(e) for e in edges]
+    t = next(iter(trace.values()))["attention_mass"].shape[1] if trace else edges[-1]
+    if any(b <= a for a, b in zip(edges, edges[1:])) or edges[0] < 0 or edges[-1] > t:
+        raise ValueError(f"attention_mass_by_span: edges {edges} must increase within [0, {t}] "
+                         f"(the traced length).")
+    position = np.arange(t)
+    spans = {f"{a}-{b}": (position >= a) & (position < b) for a, b in zip(edges, edges[1:])}
+    return {layer: {name: attention_mass(entry, np.broadcast_to(
+        span, entry["attention_mass"].shape[:2])) for name, span in spans.items()}
+        for layer, entry in trace.items()}
 
 
 def eidetic_diagnostics(model, inputs, targets, context_length: int, *,

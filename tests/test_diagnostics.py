@@ -107,3 +107,20 @@ def test_answer_breakdown_sorts_the_answers():
     untrained = diagnostics.answer_breakdown(_model(), [(inputs, targets)], 2 * K, oracle=True)
     assert sum(untrained[k] for k in ("correct", "other_value", "key", "elsewhere")) == (
         pytest.approx(1.0))
+
+
+def test_attention_mass_by_span_averages_the_positions_of_each_span():
+    """Before the first lagged slots (2 chunks) no query reads an eidetic key; each span's mass
+    is the mean of the trace over its positions and sums to 1."""
+    inputs, _ = _batch()
+    trace = _model().eidetic_trace(np.asarray(inputs))
+    result = diagnostics.attention_mass_by_span(trace, (0, 2 * W, T))[0]
+    mass = np.asarray(trace[0]["attention_mass"])  # [b, t, 3]
+    for name, (a, b) in (("0-8", (0, 2 * W)), ("8-48", (2 * W, T))):
+        np.testing.assert_allclose(list(result[name].values()), mass[:, a:b].mean((0, 1)),
+                                   rtol=1e-6)
+        assert abs(sum(result[name].values()) - 1) < 1e-5
+    assert result["0-8"]["eidetic"] == 0 and result["8-48"]["eidetic"] > 0
+    for edges in ((0, 8, 8), (0, T + 1)):
+        with pytest.raises(ValueError, match="must increase within"):
+            diagnostics.attention_mass_by_span(trace, edges)

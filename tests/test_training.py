@@ -249,7 +249,8 @@ def test_model_overrides_run_the_trained_weights_with_another_memory(run):
     assert without["model_overrides"] == off and without["loss"] != base["loss"]
     for overrides, match in (({"d_model": 64}, "change the parameters"),
                              ({"widow": 8}, r"\['widow'\] are not ModelConfig fields"),
-                             ({"eidetic_slots": 3}, "eidetic_slots=3")):
+                             ({"eidetic_slots": 3}, r"model_overrides \{'eidetic_slots': 3\}: "
+                                                    "ModelConfig.eidetic_slots=3")):
         with pytest.raises(ValueError, match=match):
             training.load_checkpoint(run[0], model_overrides=overrides)
 
@@ -450,10 +451,16 @@ def test_command_line_train_then_evaluate(tmp_path):
     assert done.returncode == 0, done.stderr
     assert training.model_config(ml_collections.ConfigDict(
         json.loads((tmp_path / "config.json").read_text())["config"]), 64).d_model == 16
-    evaluated = cli("experiments.evaluate", f"--workdir={tmp_path}", "--split=valid")
+    evaluated = cli("experiments.evaluate", f"--workdir={tmp_path}", "--split=valid",
+                    "--attention_mass")
     assert evaluated.returncode == 0, evaluated.stderr
     result = json.loads(evaluated.stdout.strip().splitlines()[-1])
     assert result["step"] == 4 and 0 <= result["accuracy"] <= 1
+    assert result["workdir"] == str(tmp_path) and result["git_commit"] and result["machine"]
+    assert result["attention_mass"] == {}  # no B layer
+    bad = cli("experiments.evaluate", f"--workdir={tmp_path}", "--set=d_model=32")
+    assert bad.returncode == 1 and "error: model_overrides {'d_model': 32} change the parameters" \
+        in bad.stderr
 
 
 def test_divergence_stops_before_a_nan_checkpoint(run, tmp_path):

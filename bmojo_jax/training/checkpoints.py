@@ -463,7 +463,10 @@ def _overridden(model_cfg: ModelConfig, params, overrides: dict):
     if unknown:
         raise ValueError(f"model_overrides: {unknown} are not ModelConfig fields; valid fields: "
                          f"{sorted(fields)}.")
-    changed = dataclasses.replace(model_cfg, **overrides)  # ValueError for an invalid value
+    try:
+        changed = dataclasses.replace(model_cfg, **overrides)
+    except ValueError as e:
+        raise ValueError(f"model_overrides {overrides}: {e}") from None
     graphdef, wanted = nnx.split(abstract_model(changed), nnx.Param)
     saved = dict(nnx.to_flat_state(params))
     for path, variable in nnx.to_flat_state(wanted):
