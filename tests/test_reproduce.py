@@ -241,6 +241,24 @@ def test_bad_arguments(tmp_path):
         reproduce.reproduce("lm", "huge", tmp_path)
     with pytest.raises(ValueError, match="presets"):
         reproduce.reproduce("lm", "tiny", tmp_path, ["gpt"])
+    with pytest.raises(ValueError, match=r"seeds \[5\]: the tiny budget of the lm table runs "
+                       r"seeds \[0\]"):
+        reproduce.reproduce("lm", "tiny", tmp_path, ["swa"], seeds=[5])
+
+
+def test_seeds_of_restricts_a_table_to_some_seeds():
+    """--seeds=2 runs seed 2 of the headline presets (one part of a table per core); a preset
+    that runs only the first seed then has nothing to run, which is an error, not a silent skip."""
+    settings = ml_collections.ConfigDict(dict(seeds=(0, 1, 2), headline=("bmojo",)))
+    assert runner.seeds_of("bmojo", settings) == (0, 1, 2)
+    assert runner.seeds_of("swa", settings) == (0,)
+    settings.only_seeds = (2,)
+    assert runner.seeds_of("bmojo", settings) == (2,)
+    with pytest.raises(ValueError, match=r"seeds=\[2\] leaves swa nothing to run: this table "
+                                         r"runs it with seed\(s\) \[0\]"):
+        runner.seeds_of("swa", settings)
+    no_headline = ml_collections.ConfigDict(dict(seeds=(0, 1), only_seeds=(1,)))
+    assert runner.seeds_of("transformer", no_headline) == (1,)
 
 
 def test_command_line_requires_a_table():

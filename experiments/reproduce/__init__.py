@@ -34,12 +34,13 @@ BUDGETS = runner.BUDGETS
 
 
 def reproduce(table: str, budget: str = "full", out_dir=None, presets=None, workdir=None,
-              command: Optional[str] = None, commit: bool = False, points_dir=None) -> dict:
+              command: Optional[str] = None, commit: bool = False, points_dir=None,
+              seeds=None) -> dict:
     """Runs one table (`runner.run_table`) and writes OUT_DIR/TABLE.{md,json[,png]}.
 
     Args:
       table: one of TABLES.
-      budget, out_dir, presets, workdir, command, commit, points_dir: see
+      budget, out_dir, presets, workdir, command, commit, points_dir, seeds: see
         `runner.run_table` (out_dir None: a new
         runs/TABLE-YYYYmmdd-HHMMSS/).
 
@@ -47,9 +48,9 @@ def reproduce(table: str, budget: str = "full", out_dir=None, presets=None, work
       The JSON object written.
 
     Raises:
-      ValueError: an unknown table, budget or preset.
+      ValueError: an unknown table, budget, preset or seed.
     """
     if table not in TABLES:
         raise ValueError(f"table={table!r}: allowed values are {', '.join(TABLES)}.")
     return runner.run_table(TABLES[table], budget, out_dir, presets, workdir, command,
-                            commit, points_dir)
+                            commit, points_dir, seeds)

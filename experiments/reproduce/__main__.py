@@ -1,5 +1,5 @@
 """`python -m experiments.reproduce --table=NAME|all [--budget=tiny|full] [--out_dir=DIR]
-[--presets=...] [--workdir=DIR] [--redraw]`: see the package docstring."""
+[--presets=...] [--seeds=...] [--workdir=DIR] [--redraw]`: see the package docstring."""
 
 from __future__ import annotations
 
@@ -17,6 +17,8 @@ flags.DEFINE_enum("budget", "full", BUDGETS, "tiny: seconds (tests); full: the c
                   "(minutes per table on 2 CPU cores).")
 flags.DEFINE_string("out_dir", None, harness.OUT_DIR_HELP)
 flags.DEFINE_list("presets", None, "Presets to run (default: all six; tiny: swa,bmojo).")
+flags.DEFINE_list("seeds", None, "Only these of the budget's seeds (default: all), e.g. one "
+                  "seed per core with --points_dir=results --commit.")
 flags.DEFINE_string("workdir", str(runner.DEFAULT_WORKDIR), "Root of the points' training "
                     "workdirs (rerunning resumes them) and of the JAX compilation cache.")
 flags.DEFINE_bool("redraw", False, "Only draw OUT_DIR/TABLE.png again from OUT_DIR/TABLE.json (no "
@@ -48,9 +50,14 @@ def main(argv):
         return
     command = harness.command_line("experiments.reproduce")
     out_dir = harness.output_dir(FLAGS.table, FLAGS.out_dir)  # one directory for --table=all
+    try:
+        seeds = None if FLAGS.seeds is None else [int(seed) for seed in FLAGS.seeds]
+    except ValueError:
+        raise app.UsageError(f"--seeds={','.join(FLAGS.seeds)}: expected integers, e.g. "
+                             f"--seeds=1,2.") from None
     for table in tables:
         reproduce(table, FLAGS.budget, out_dir, FLAGS.presets, FLAGS.workdir, command,
-                  FLAGS.commit, FLAGS.points_dir)
+                  FLAGS.commit, FLAGS.points_dir, seeds)
 
 
 if __name__ == "__main__":

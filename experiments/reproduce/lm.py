@@ -103,7 +103,8 @@ def run(s, presets, workdir: Path, points: sweep.Points) -> dict:
         runs.append(dict(runner.row_stats(row, "perplexity"), **shared))
         for rate in s.ablation_dropouts if preset in s.ablation_presets else ():
             fields = {f"model.{knob}": rate for knob in DROPOUTS if knob in s.model}
-            ablated = sweep.run_setting(get_config, preset, [row["lr"]], s.seeds[:1], workdir,
+            ablated = sweep.run_setting(get_config, preset, [row["lr"]],
+                                        runner.seeds_of(preset, s)[:1], workdir,
                                         log="lm", points=points, fields=fields)
             runs.append(dict(runner.row_stats(ablated, "perplexity"), dropout=rate, **shared))
     return dict(runs=runs, optimizer=row["records"][0]["config"]["optimizer"],

@@ -118,8 +118,8 @@ def run(s, presets, workdir: Path, points: sweep.Points) -> dict:
         if preset_of(arg) not in presets:
             continue
         fields = fields_of(text)
-        row = sweep.run_setting(get_config, arg, s.lrs, s.seeds, workdir, log=NAME,
-                                points=points, overrides=overrides(s, arg), fields=fields,
+        row = sweep.run_setting(get_config, arg, s.lrs, runner.seeds_of(arg, s), workdir,
+                                log=NAME, points=points, overrides=overrides(s, arg), fields=fields,
                                 stop_above=s.skip_grid_above, evaluate=sweep.point_diagnostics)
         best = row["best"]
         config = ml_collections.ConfigDict(best[0]["config"])  # the trained config, as recorded

@@ -81,9 +81,25 @@ def until_converged(config: ml_collections.ConfigDict, settings) -> ml_collectio
 
 def seeds_of(preset: str, settings) -> tuple:
     """The seeds a preset runs: all of `settings.seeds` for the headline presets
-    (`settings.headline`), the first alone for the others (our choice, to fit the budget: the
-    claims compare the headline rows)."""
-    return tuple(settings.seeds if preset in settings.headline else settings.seeds[:1])
+    (`settings.headline`; every preset where a table has none), the first alone for the others
+    (our choice, to fit the budget: the claims compare the headline rows); only those in
+    `settings.only_seeds` where it is set (`run_table`'s `seeds`: one part of a table on one
+    core or machine).
+
+    Raises:
+      ValueError: `only_seeds` leaves the preset no seed to run.
+    """
+    headline = settings.get("headline")
+    seeds = tuple(settings.seeds if headline is None or preset in headline
+                  else settings.seeds[:1])
+    only = settings.get("only_seeds")
+    if only is None:
+        return seeds
+    chosen = tuple(seed for seed in seeds if seed in only)
+    if not chosen:
+        raise ValueError(f"seeds={list(only)} leaves {preset} nothing to run: this table runs "
+                         f"it with seed(s) {list(seeds)}.")
+    return chosen
 
 
 def late_gain(curve, fraction: float = 0.1) -> Optional[float]:
@@ -171,7 +187,8 @@ def describe(values: Mapping) -> str:
 
 
 def run_table(table, budget: str = "full", out_dir=None, presets=None, workdir=None,
-              command: Optional[str] = None, commit: bool = False, points_dir=None) -> dict:
+              command: Optional[str] = None, commit: bool = False, points_dir=None,
+              seeds=None) -> dict:
     """Runs one table and writes OUT_DIR/NAME.md, NAME.json and (where the table has a figure)
     NAME.png.
 
@@ -189,12 +206,14 @@ def run_table(table, budget: str = "full", out_dir=None, presets=None, workdir=N
       points_dir: where the points' records go, POINTS_DIR/NAME/points/ (None: OUT_DIR); e.g. a
         subset of presets run on one core with --out_dir=runs/... --points_dir=results --commit
         adds its points to the committed ones without writing a partial table into results/.
+      seeds: only these of the budget's seeds (None: all; `seeds_of`), e.g. one seed per core
+        with --out_dir=runs/... --points_dir=results --commit, like a subset of presets.
 
     Returns:
       The JSON object written.
 
     Raises:
-      ValueError: an unknown budget or preset.
+      ValueError: an unknown budget, preset or seed, or seeds that leave a preset none.
     """
     if budget not in BUDGETS:
         raise ValueError(f"budget={budget!r}: allowed values are {', '.join(BUDGETS)}.")
@@ -203,6 +222,14 @@ def run_table(table, budget: str = "full", out_dir=None, presets=None, workdir=N
     if unknown:
         raise ValueError(f"presets {unknown}: allowed values are {', '.join(PRESETS)}.")
     settings = table.budgets()[budget]
+    if seeds is not None:
+        unknown = [seed for seed in seeds if seed not in settings.get("seeds", ())]
+        if unknown:
+            raise ValueError(f"seeds {unknown}: the {budget} budget of the {table.NAME} table "
+                             f"runs seeds {list(settings.get('seeds', ()))}.")
+        settings.only_seeds = tuple(seeds)
+        for preset in presets:  # before anything trains
+            seeds_of(preset, settings)
     out_dir = harness.output_dir(table.NAME, out_dir)
     if command is None:
         args = [f"--table={table.NAME}", f"--budget={budget}", f"--out_dir={out_dir}"]
@@ -210,6 +237,7 @@ def run_table(table, budget: str = "full", out_dir=None, presets=None, workdir=N
         args += [f"--workdir={workdir}"] if workdir else []
         args += ["--commit"] if commit else []
         args += [f"--points_dir={points_dir}"] if points_dir else []
+        args += [f"--seeds={','.join(map(str, seeds))}"] if seeds is not None else []
         command = "python -m experiments.reproduce " + " ".join(shlex.quote(a) for a in args)
     workdir = Path(workdir or DEFAULT_WORKDIR) / f"{table.NAME}-{budget}"
     workdir.mkdir(parents=True, exist_ok=True)
@@ -218,7 +246,7 @@ def run_table(table, budget: str = "full", out_dir=None, presets=None, workdir=N
     points = Path(points_dir or out_dir) / table.NAME / "points"
     out = table.run(settings, presets, workdir, sweep.Points(points, commit, command))
     wall = time.perf_counter() - tic
-    seeds = list(settings.get("seeds", ()))  # tables that train: every row over these seeds
+    seeds = list(settings.get("only_seeds") or settings.get("seeds", ()))  # tables that train
     trained = dict(seeds=dict(model_init_and_batch_order=seeds, data=settings.seed)) if seeds \
         else {}
     record = sweep.jsonable(dict(table=table.NAME, title=table.TITLE, **meta, budget=budget,

@@ -96,8 +96,9 @@ def run(s, presets, workdir: Path, points: sweep.Points) -> dict:
         for preset in presets:
             lrs = lr_order(s.lrs, ranked[preset]) if preset in ranked else s.lrs
             row = sweep.run_setting(functools.partial(point_config, task=task, s=s), preset,
-                                    lrs, s.seeds, workdir / task, stop_above=s.skip_grid_above,
-                                    log="synthetic", points=points._replace(out=points.out / task))
+                                    lrs, runner.seeds_of(preset, s), workdir / task,
+                                    stop_above=s.skip_grid_above, log="synthetic",
+                                    points=points._replace(out=points.out / task))
             if task == s.lr_task:
                 ranked[preset] = row["by_lr"]
             rows.append(dict(runner.row_stats(row, "accuracy"), task=task, preset=preset))
