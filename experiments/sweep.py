@@ -609,8 +609,7 @@ def main(argv):
         try:
             record = run_point(module.get_config, arg, lr, seed, root, points, FLAGS.set,
                                fields)
-        except (ValueError, FileNotFoundError, training.CheckpointError,
-                training.TrainingDiverged) as e:  # no traceback
+        except training.USER_ERRORS as e:  # no traceback
             name, _ = point_config(module.get_config, arg, lr, seed, FLAGS.set, fields)
             sys.exit(f"error: point {name}: {e}")
         print(f"[sweep] {record['point']}: {_headline(record['result'])}", flush=True)

@@ -267,6 +267,14 @@ def test_command_line_requires_a_table():
     assert result.returncode != 0 and "--table" in result.stderr
 
 
+def test_command_line_bad_preset_is_one_line(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "experiments.reproduce", "--table=lm",
+                             "--budget=tiny", "--presets=gpt", f"--out_dir={tmp_path}"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "error: presets ['gpt']: allowed values are" in result.stderr
+
+
 def _snapshot(directory: Path) -> dict:
     return {p.relative_to(directory): (p.stat().st_size, p.stat().st_mtime_ns)
             for p in sorted(directory.rglob("*")) if p.is_file()}

@@ -10,6 +10,7 @@ import jax
 from absl import app, flags, logging
 
 from benchmarks import harness
+from bmojo_jax import training
 from experiments.reproduce import BUDGETS, TABLES, reproduce, runner
 
 flags.DEFINE_enum("table", None, tuple(TABLES) + ("all",), "Which table to reproduce.")
@@ -56,8 +57,11 @@ def main(argv):
         raise app.UsageError(f"--seeds={','.join(FLAGS.seeds)}: expected integers, e.g. "
                              f"--seeds=1,2.") from None
     for table in tables:
-        reproduce(table, FLAGS.budget, out_dir, FLAGS.presets, FLAGS.workdir, command,
-                  FLAGS.commit, FLAGS.points_dir, seeds)
+        try:
+            reproduce(table, FLAGS.budget, out_dir, FLAGS.presets, FLAGS.workdir, command,
+                      FLAGS.commit, FLAGS.points_dir, seeds)
+        except training.USER_ERRORS as e:  # one line, no traceback
+            sys.exit(f"error: {e}")
 
 
 if __name__ == "__main__":
