@@ -139,8 +139,8 @@ def markdown(record, s) -> str:
                 f"{n} ({'-' if g is None else f'{100 * g:.1f}%'})"
                 for n, g in zip(r["steps"], r["late_gain"]))
                 for r in record["runs"]) +
-            f"), peak lr {', '.join(f'{lr:g}' for lr in s.lrs)} (the best mean validation "
-            f"perplexity at T), seeds {', '.join(map(str, s.seeds))} for {', '.join(s.headline)} "
+            f"), {runner.describe_lrs(s.lrs, 'the mean validation perplexity at T')}, "
+            f"seeds {', '.join(map(str, s.seeds))} for {', '.join(s.headline)} "
             f"(perplexities: mean +- std over them), the first for the others, "
             f"{runner.describe_optimizer(record['optimizer'], s.num_steps)}. RoPE positions "
             f"continue past T for the attention layers (no interpolation).")

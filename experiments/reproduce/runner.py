@@ -162,6 +162,14 @@ def mean_std(row: Mapping, key: str, fmt: str = "{:.1f}", scale: float = 1.0) ->
     return f"{mean} +- {fmt.format(scale * row[key + '_std'])}"
 
 
+def describe_lrs(lrs, metric: str) -> str:
+    """Prose for a table's learning rates: "peak lr 0.003 (one rate; no grid)" or "peak lr the
+    best of 0.001, 0.003 by METRIC"."""
+    if len(lrs) == 1:
+        return f"peak lr {lrs[0]:g} (one rate; no grid)"
+    return f"peak lr the best of {', '.join(f'{lr:g}' for lr in lrs)} by {metric}"
+
+
 def describe_optimizer(optimizer: Mapping, num_steps: int) -> str:
     """Prose for a training config's `optimizer` fields (all but the peak lr, which the tables
     state), e.g. "AdamW (b1 0.9, b2 0.95, eps 1e-08, weight decay 0.1 on matrices only,
