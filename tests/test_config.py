@@ -249,3 +249,17 @@ def test_sweep_single_rate_evaluates_each_point_as_it_lands(tmp_path, monkeypatc
     assert calls == ["train bmojo-lr0.001-s0", "evaluate bmojo-lr0.001-s0",
                      "train bmojo-lr0.001-s1", "evaluate bmojo-lr0.001-s1"]
     assert all("evaluation" in r for r in row["best"])
+
+
+def test_length_config_file_trains_the_length_tables_points():
+    """experiments/configs/length.py: the `length` table's point config, valid for every preset
+    (the sweep CLI runs variants of that table's points from it)."""
+    import bmojo_jax as bj
+    from bmojo_jax import training
+    from experiments.configs import length as config_file
+    from experiments.reproduce import length
+    for preset in bj.PRESETS:
+        config = config_file.get_config(preset)
+        training.validate_config(config)
+        assert config == length.point_config(preset, length.budgets()["full"])
+    assert config_file.get_config("bmojo").data.name == "books"
