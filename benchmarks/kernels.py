@@ -5,8 +5,16 @@
 Each (shape, implementation, pass) is timed with `benchmarks.harness`: compiled once
 (`jit(...).lower().compile()`, recording `compiled.memory_analysis()`), warmed up, then all
 variants are interleaved in rounds; we report the median and the spread (min, max) over rounds.
-"fwd" times the op; "fwd+bwd" the gradient of <random cotangent, outputs> with respect to every
-float input.
+"fwd" times the op; "fwd+bwd" its outputs and the gradient of <cotangent, outputs> with respect
+to every float input (cotangent: ones / size).
+
+Every variant is also checked against the float32 reference (`implementation="reference"` on the
+same inputs upcast to float32, matmuls at `precision="highest"`): the relative error
+||out - ref|| / ||ref|| (Frobenius, float64 on the host) of each output and each gradient, the
+largest reported as `relative_error`. It passes within `TOLERANCE[dtype]` (bfloat16 operands:
+1e-3 to 1e-2 is normal; float32 on a GPU's matrix units runs at tf32, about 3e-4); a NaN never
+passes. The command exits 1 after writing its report when any variant fails: this is how the
+Pallas kernels are checked compiled on an accelerator, at sizes the unit tests cannot reach.
 
 On GPU/TPU the kernels run compiled, and the JSON gives the model FLOPs (useful work: visible keys
 only; backward counted as 2.5x the forward, as for FlashAttention-2) and bytes (inputs and outputs
@@ -52,6 +60,9 @@ SHAPES = {
         "selective_scan_4k": ("selective_scan", dict(b=2, t=4096, d=1024, n=16)),
     },
 }
+# Largest relative error vs the float32 reference that passes, by input dtype (our choice, from
+# the rounding of each dtype: bfloat16 has 8 significand bits, tf32 10).
+TOLERANCE = {"float32": 1e-3, "bfloat16": 2e-2}
 # Dense bf16 FLOP/s and HBM bytes/s by `device_kind` substring (vendor data sheets).
 PEAKS = {
     "H200": (989e12, 4.8e12), "H100": (989e12, 3.35e12), "A100": (312e12, 2.0e12),
@@ -151,6 +162,28 @@ def compile_variant(call, args, implementation, backward):
     return (lambda: jax.block_until_ready(compiled(*values))), memory
 
 
+def relative_error(actual, expected) -> float:
+    """The largest ||a - e|| / ||e|| (Frobenius, float64) over the leaves of two pytrees of
+    arrays; NaN where any leaf of `actual` is not finite."""
+    worst = 0.0
+    for a, e in zip(jax.tree.leaves(actual), jax.tree.leaves(expected), strict=True):
+        a, e = np.asarray(a, np.float64), np.asarray(e, np.float64)
+        if not np.isfinite(a).all():
+            return float("nan")
+        worst = max(worst, float(np.linalg.norm(a - e) / max(np.linalg.norm(e), 1e-30)))
+    return worst
+
+
+def reference_results(call, args, backward):
+    """The float32 reference's outputs (and gradients) on `args` upcast to float32, matmuls at
+    `precision="highest"`."""
+    upcast = tuple(a.astype(jnp.float32) if a is not None and jnp.issubdtype(a.dtype, jnp.floating)
+                   else a for a in args)
+    with jax.default_matmul_precision("highest"):
+        run, _ = compile_variant(call, upcast, "reference", backward)
+        return run()
+
+
 def main(argv):
     del argv
     meta = harness.provenance(harness.command_line("benchmarks.kernels"))
@@ -164,6 +197,7 @@ def main(argv):
     table = SHAPES["cpu" if interpret else "accelerator"]
     names = FLAGS.shapes or list(table)
     dtype = jnp.float32 if interpret else jnp.dtype(FLAGS.dtype)
+    tolerance = TOLERANCE[jnp.dtype(dtype).name]
     device_kind = jax.devices()[0].device_kind
     peak = next((v for k, v in PEAKS.items() if k.lower() in device_kind.lower()), None)
 
@@ -172,15 +206,20 @@ def main(argv):
         op, sizes = table[name]
         args, call = make_inputs(op, sizes, dtype)
         flops, nbytes = work(op, sizes, jnp.dtype(dtype).itemsize)
+        expected = {backward: reference_results(call, args, backward)
+                    for backward in (False, True)}
         for implementation in FLAGS.implementations:
             for backward in (False, True):
                 run, memory = compile_variant(call, args, implementation, backward)
+                error = relative_error(run(), expected[backward])
                 runners[len(rows)] = run
                 rows.append(dict(shape=name, op=op, sizes=sizes, implementation=implementation,
                                  passes="fwd+bwd" if backward else "fwd",
                                  model_flops=flops * (3.5 if backward else 1.0),
                                  model_bytes=nbytes * (3 if backward else 1),
-                                 memory_analysis=memory))
+                                 memory_analysis=memory, relative_error=error,
+                                 within_tolerance=bool(error <= tolerance)))
+        del expected
     for index, seconds in harness.interleave(runners, FLAGS.rounds).seconds.items():
         rows[index]["times_s"] = seconds
 
@@ -205,17 +244,22 @@ def main(argv):
               "kernel speed on an accelerator" if interpret else "compiled"),
         peak_bf16_flops_per_s=peak[0] if peak else None,
         peak_hbm_bytes_per_s=peak[1] if peak else None,
+        tolerance=tolerance, all_within_tolerance=all(r["within_tolerance"] for r in rows),
         results=rows)
     harness.write_report(prefix, report)
     print(f"mode: {report['mode']}")
     last = FLAGS.implementations[-1]
     print(f"{'shape':<22}{'impl':<8}{'pass':<9}{'median ms':>11}{'(min, max)':>22}"
-          f"{'vs ' + last:>10}")
+          f"{'vs ' + last:>10}{'rel. error':>12}")
     for row in rows:
         print(f"{row['shape']:<22}{row['implementation']:<8}{row['passes']:<9}"
               f"{row['median_ms']:>11.2f}   "
               f"({row['spread_ms'][0]:8.2f}, {row['spread_ms'][1]:8.2f})"
-              f"{row['time_vs_' + last]:>10.2f}")
+              f"{row['time_vs_' + last]:>10.2f}{row['relative_error']:>12.2e}"
+              f"{'' if row['within_tolerance'] else '  FAILED'}")
+    if not report["all_within_tolerance"]:
+        raise SystemExit(f"relative error vs the float32 reference above {tolerance} "
+                         f"({report['dtype']}) in the rows marked FAILED.")
 
 
 if __name__ == "__main__":

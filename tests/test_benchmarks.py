@@ -1,5 +1,6 @@
 """The benchmarks' variant names (`PRESET[/FIELD=VALUE]...`) read as the configs they name; the
-op-by-op profile attributes a step's time to the code that emitted it."""
+op-by-op profile attributes a step's time to the code that emitted it; the kernel benchmark's
+check against the reference tells a right result from a wrong one."""
 
 import jax
 import jax.numpy as jnp
@@ -52,3 +53,19 @@ def test_matmul_dtypes_shapes_are_read_or_refused_by_name():
     for bad in ("8192x256", "8192x0x2", "axbxc"):
         with pytest.raises(ValueError, match=f"--shapes entry '{bad}'"):
             matmul_dtypes.parse_shape(bad)
+
+
+def test_kernels_check_measures_the_error_against_the_reference():
+    """`benchmarks.kernels`' check: the `xla` selective scan (outputs and gradients) is within the
+    float32 tolerance of the reference; a 1% perturbation reads as 1e-2 and fails it; a NaN fails
+    any tolerance."""
+    from benchmarks import kernels
+    args, call = kernels.make_inputs("selective_scan", dict(b=1, t=16, d=4, n=2), jnp.float32)
+    expected = kernels.reference_results(call, args, backward=True)
+    run, _ = kernels.compile_variant(call, args, "xla", backward=True)
+    actual = run()
+    assert kernels.relative_error(actual, expected) <= kernels.TOLERANCE["float32"]
+    perturbed = jax.tree.map(lambda a: a * 1.01, expected)
+    np.testing.assert_allclose(kernels.relative_error(perturbed, expected), 1e-2, rtol=1e-3)
+    broken = jax.tree.map(lambda a: a.at[0].set(jnp.nan), actual)
+    assert not kernels.relative_error(broken, expected) <= kernels.TOLERANCE["bfloat16"]
