@@ -13,7 +13,8 @@ same inputs upcast to float32, matmuls at `precision="highest"`): the relative e
 ||out - ref|| / ||ref|| (Frobenius, float64 on the host) of each output and each gradient, the
 largest reported as `relative_error`. It passes within `TOLERANCE[dtype]` (bfloat16 operands:
 1e-3 to 1e-2 is normal; float32 on a GPU's matrix units runs at tf32, about 3e-4); a NaN never
-passes. The command exits 1 after writing its report when any variant fails: this is how the
+passes. A variant that does not compile is recorded with its error (`failure`) and the others
+still run. The command exits 1 after writing its report when any variant fails: this is how the
 Pallas kernels are checked compiled on an accelerator, at sizes the unit tests cannot reach.
 
 On GPU/TPU the kernels run compiled, and the JSON gives the model FLOPs (useful work: visible keys
@@ -63,6 +64,9 @@ SHAPES = {
 # Largest relative error vs the float32 reference that passes, by input dtype (our choice, from
 # the rounding of each dtype: bfloat16 has 8 significand bits, tf32 10).
 TOLERANCE = {"float32": 1e-3, "bfloat16": 2e-2}
+# What a variant that cannot be built raises (e.g. a kernel's tiles over the chip's shared memory:
+# JaxRuntimeError RESOURCE_EXHAUSTED); it is recorded as a failed row and the run goes on.
+COMPILE_FAILURES = (jax.errors.JaxRuntimeError, ValueError, NotImplementedError)
 # Dense bf16 FLOP/s and HBM bytes/s by `device_kind` substring (vendor data sheets).
 PEAKS = {
     "H200": (989e12, 4.8e12), "H100": (989e12, 3.35e12), "A100": (312e12, 2.0e12),
@@ -70,13 +74,17 @@ PEAKS = {
     "TPU v5p": (459e12, 2.76e12), "TPU v6": (918e12, 1.64e12),
 }
 
-flags.DEFINE_list("shapes", None, "Shape names to run (default: all for the backend).")
-flags.DEFINE_list("implementations", ["pallas", "xla"], "Implementations to compare.")
-flags.DEFINE_integer("rounds", 7, "Interleaved timing rounds.")
-flags.DEFINE_string("dtype", "bfloat16", "Input dtype on accelerators (CPU: float32).")
-flags.DEFINE_string("out_dir", None, harness.OUT_DIR_HELP)
-flags.DEFINE_string("out", None, "Output JSON path (instead of --out_dir), e.g. "
-                    "results/kernels_cpu.json.")
+def define_flags() -> None:
+    """The command line's flags (defined only when this module is the program)."""
+    flags.DEFINE_list("shapes", None, "Shape names to run (default: all for the backend).")
+    flags.DEFINE_list("implementations", ["pallas", "xla"], "Implementations to compare.")
+    flags.DEFINE_integer("rounds", 7, "Interleaved timing rounds.")
+    flags.DEFINE_string("dtype", "bfloat16", "Input dtype on accelerators (CPU: float32).")
+    flags.DEFINE_string("out_dir", None, harness.OUT_DIR_HELP)
+    flags.DEFINE_string("out", None, "Output JSON path (instead of --out_dir), e.g. "
+                        "results/kernels_cpu.json.")
+
+
 FLAGS = flags.FLAGS
 
 
@@ -184,6 +192,22 @@ def reference_results(call, args, backward):
         return run()
 
 
+def check_variant(call, args, implementation, backward, expected, tolerance):
+    """Compiles one variant and checks it against the reference's `expected` results.
+
+    Returns (run, fields): `run` as from `compile_variant`, and the row's `memory_analysis`,
+    `relative_error` and `within_tolerance`; or (None, fields with the `failure` message) where it
+    does not build (`COMPILE_FAILURES`)."""
+    try:
+        run, memory = compile_variant(call, args, implementation, backward)
+        error = relative_error(run(), expected)
+    except COMPILE_FAILURES as failure:
+        return None, dict(failure=f"{type(failure).__name__}: {failure}",
+                          relative_error=float("nan"), within_tolerance=False)
+    return run, dict(memory_analysis=memory, relative_error=error,
+                     within_tolerance=bool(error <= tolerance))
+
+
 def main(argv):
     del argv
     meta = harness.provenance(harness.command_line("benchmarks.kernels"))
@@ -210,20 +234,22 @@ def main(argv):
                     for backward in (False, True)}
         for implementation in FLAGS.implementations:
             for backward in (False, True):
-                run, memory = compile_variant(call, args, implementation, backward)
-                error = relative_error(run(), expected[backward])
-                runners[len(rows)] = run
-                rows.append(dict(shape=name, op=op, sizes=sizes, implementation=implementation,
-                                 passes="fwd+bwd" if backward else "fwd",
-                                 model_flops=flops * (3.5 if backward else 1.0),
-                                 model_bytes=nbytes * (3 if backward else 1),
-                                 memory_analysis=memory, relative_error=error,
-                                 within_tolerance=bool(error <= tolerance)))
+                row = dict(shape=name, op=op, sizes=sizes, implementation=implementation,
+                           passes="fwd+bwd" if backward else "fwd",
+                           model_flops=flops * (3.5 if backward else 1.0),
+                           model_bytes=nbytes * (3 if backward else 1))
+                run, fields = check_variant(call, args, implementation, backward,
+                                            expected[backward], tolerance)
+                if run is not None:
+                    runners[len(rows)] = run
+                rows.append(dict(row, **fields))
         del expected
     for index, seconds in harness.interleave(runners, FLAGS.rounds).seconds.items():
         rows[index]["times_s"] = seconds
 
-    for row in rows:
+    last = FLAGS.implementations[-1]
+    timed = [row for row in rows if "times_s" in row]
+    for row in timed:
         median, low, high = harness.spread(row["times_s"])
         row.update(median_ms=1e3 * median, spread_ms=[1e3 * low, 1e3 * high])
         if not interpret:
@@ -232,11 +258,10 @@ def main(argv):
             if peak:
                 row.update(fraction_of_peak_flops=row["achieved_flops_per_s"] / peak[0],
                            fraction_of_peak_bandwidth=row["achieved_bytes_per_s"] / peak[1])
-        reference = next(r for r in rows if r["shape"] == row["shape"]
-                         and r["passes"] == row["passes"]
-                         and r["implementation"] == FLAGS.implementations[-1])
-        row["time_vs_" + FLAGS.implementations[-1]] = median / float(
-            np.median(reference["times_s"]))
+    for row in timed:
+        reference = next((r for r in timed if r["shape"] == row["shape"]
+                          and r["passes"] == row["passes"] and r["implementation"] == last), None)
+        row["time_vs_" + last] = reference and row["median_ms"] / reference["median_ms"]
 
     report = dict(
         meta, backend=backend, device_kind=device_kind, dtype=jnp.dtype(dtype).name,
@@ -248,19 +273,23 @@ def main(argv):
         results=rows)
     harness.write_report(prefix, report)
     print(f"mode: {report['mode']}")
-    last = FLAGS.implementations[-1]
     print(f"{'shape':<22}{'impl':<8}{'pass':<9}{'median ms':>11}{'(min, max)':>22}"
           f"{'vs ' + last:>10}{'rel. error':>12}")
     for row in rows:
-        print(f"{row['shape']:<22}{row['implementation']:<8}{row['passes']:<9}"
-              f"{row['median_ms']:>11.2f}   "
+        line = f"{row['shape']:<22}{row['implementation']:<8}{row['passes']:<9}"
+        if "failure" in row:
+            print(f"{line}  FAILED: {row['failure'][:200]}")
+            continue
+        ratio = row["time_vs_" + last]
+        print(f"{line}{row['median_ms']:>11.2f}   "
               f"({row['spread_ms'][0]:8.2f}, {row['spread_ms'][1]:8.2f})"
-              f"{row['time_vs_' + last]:>10.2f}{row['relative_error']:>12.2e}"
+              f"{'-' if ratio is None else f'{ratio:.2f}':>10}{row['relative_error']:>12.2e}"
               f"{'' if row['within_tolerance'] else '  FAILED'}")
     if not report["all_within_tolerance"]:
         raise SystemExit(f"relative error vs the float32 reference above {tolerance} "
-                         f"({report['dtype']}) in the rows marked FAILED.")
-
+                         f"({report['dtype']}), or no compiled program, in the rows marked "
+                         "FAILED.")
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

@@ -58,14 +58,18 @@ def test_matmul_dtypes_shapes_are_read_or_refused_by_name():
 def test_kernels_check_measures_the_error_against_the_reference():
     """`benchmarks.kernels`' check: the `xla` selective scan (outputs and gradients) is within the
     float32 tolerance of the reference; a 1% perturbation reads as 1e-2 and fails it; a NaN fails
-    any tolerance."""
+    any tolerance; a variant that cannot be built is a failed row, not the end of the run."""
     from benchmarks import kernels
     args, call = kernels.make_inputs("selective_scan", dict(b=1, t=16, d=4, n=2), jnp.float32)
     expected = kernels.reference_results(call, args, backward=True)
-    run, _ = kernels.compile_variant(call, args, "xla", backward=True)
+    tolerance = kernels.TOLERANCE["float32"]
+    run, fields = kernels.check_variant(call, args, "xla", True, expected, tolerance)
+    assert fields["within_tolerance"] and fields["relative_error"] <= tolerance, fields
     actual = run()
-    assert kernels.relative_error(actual, expected) <= kernels.TOLERANCE["float32"]
     perturbed = jax.tree.map(lambda a: a * 1.01, expected)
     np.testing.assert_allclose(kernels.relative_error(perturbed, expected), 1e-2, rtol=1e-3)
     broken = jax.tree.map(lambda a: a.at[0].set(jnp.nan), actual)
     assert not kernels.relative_error(broken, expected) <= kernels.TOLERANCE["bfloat16"]
+    run, fields = kernels.check_variant(call, args, "triton", True, expected, tolerance)
+    assert run is None and not fields["within_tolerance"], fields
+    assert "triton" in fields["failure"], fields  # names the implementation the op lacks
