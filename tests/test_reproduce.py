@@ -247,13 +247,16 @@ def test_bad_arguments(tmp_path):
 
 
 def test_seeds_of_restricts_a_table_to_some_seeds():
-    """--seeds=2 runs seed 2 of the headline presets (one part of a table per core); a preset
-    that runs only the first seed then has nothing to run, which is an error, not a silent skip."""
+    """--seeds=2 runs seed 2 of the headline presets (one part of a table per core), and the
+    table's text lists seed 2 alone; a preset that runs only the first seed then has nothing to
+    run, which is an error, not a silent skip."""
     settings = ml_collections.ConfigDict(dict(seeds=(0, 1, 2), headline=("bmojo",)))
     assert runner.seeds_of("bmojo", settings) == (0, 1, 2)
     assert runner.seeds_of("swa", settings) == (0,)
+    assert runner.seeds_run(settings) == [0, 1, 2]
     settings.only_seeds = (2,)
     assert runner.seeds_of("bmojo", settings) == (2,)
+    assert runner.seeds_run(settings) == [2]  # what the header and the prose list
     with pytest.raises(ValueError, match=r"seeds=\[2\] leaves swa nothing to run: this table "
                                          r"runs it with seed\(s\) \[0\]"):
         runner.seeds_of("swa", settings)

@@ -162,6 +162,12 @@ def mean_std(row: Mapping, key: str, fmt: str = "{:.1f}", scale: float = 1.0) ->
     return f"{mean} +- {fmt.format(scale * row[key + '_std'])}"
 
 
+def seeds_run(settings) -> list:
+    """The seeds this run of a table trains: `settings.only_seeds` where set (`run_table`'s
+    `seeds`), else all of the budget's `settings.seeds` ([] for a table that trains nothing)."""
+    return list(settings.get("only_seeds") or settings.get("seeds", ()))
+
+
 def describe_lrs(lrs, metric: str) -> str:
     """Prose for a table's learning rates: "peak lr 0.003 (one rate; no grid)" or "peak lr the
     best of 0.001, 0.003 by METRIC"."""
@@ -254,7 +260,7 @@ def run_table(table, budget: str = "full", out_dir=None, presets=None, workdir=N
     points = Path(points_dir or out_dir) / table.NAME / "points"
     out = table.run(settings, presets, workdir, sweep.Points(points, commit, command))
     wall = time.perf_counter() - tic
-    seeds = list(settings.get("only_seeds") or settings.get("seeds", ()))  # tables that train
+    seeds = seeds_run(settings)
     trained = dict(seeds=dict(model_init_and_batch_order=seeds, data=settings.seed)) if seeds \
         else {}
     record = sweep.jsonable(dict(table=table.NAME, title=table.TITLE, **meta, budget=budget,
