@@ -13,8 +13,8 @@ same inputs upcast to float32, matmuls at `precision="highest"`): the relative e
 ||out - ref|| / ||ref|| (Frobenius, float64 on the host) of each output and each gradient, the
 largest reported as `relative_error`. It passes within `TOLERANCE[dtype]` (bfloat16 operands:
 1e-3 to 1e-2 is normal; float32 on a GPU's matrix units runs at tf32, about 3e-4); a NaN never
-passes. A variant that does not compile is recorded with its error (`failure`) and the others
-still run. The command exits 1 after writing its report when any variant fails: this is how the
+passes. A variant that does not compile or run (or whose shape's reference does not) is recorded
+with its error (`failure`) and the others still run. The command exits 1 after writing its report when any variant fails: this is how the
 Pallas kernels are checked compiled on an accelerator, at sizes the unit tests cannot reach.
 
 On GPU/TPU the kernels run compiled, and the JSON gives the model FLOPs (useful work: visible keys
@@ -27,6 +27,8 @@ Writes kernels_<backend>.json (default: under runs/kernels-<timestamp>/).
 """
 
 from __future__ import annotations
+
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -79,7 +81,8 @@ def define_flags() -> None:
     flags.DEFINE_list("shapes", None, "Shape names to run (default: all for the backend).")
     flags.DEFINE_list("implementations", ["pallas", "xla"], "Implementations to compare.")
     flags.DEFINE_integer("rounds", 7, "Interleaved timing rounds.")
-    flags.DEFINE_string("dtype", "bfloat16", "Input dtype on accelerators (CPU: float32).")
+    flags.DEFINE_enum("dtype", "bfloat16", list(TOLERANCE),
+                      "Input dtype on accelerators (CPU: float32).")
     flags.DEFINE_string("out_dir", None, harness.OUT_DIR_HELP)
     flags.DEFINE_string("out", None, "Output JSON path (instead of --out_dir), e.g. "
                         "results/kernels_cpu.json.")
@@ -141,11 +144,14 @@ def work(op: str, s: dict, itemsize: int):
     return 6.0 * b * t * d * n, (2 * b * t * d + 2 * b * t * n) * itemsize + 4 * b * t * d
 
 
+def _is_float(a) -> bool:
+    return a is not None and jnp.issubdtype(a.dtype, jnp.floating)
+
+
 def compile_variant(call, args, implementation, backward):
     """A compiled zero-argument runner and its `compiled.memory_analysis()` (None where the
     backend has none)."""
-    live = [i for i, a in enumerate(args) if a is not None and jnp.issubdtype(a.dtype,
-                                                                              jnp.floating)]
+    live = [i for i, a in enumerate(args) if _is_float(a)]
 
     def forward(*values):
         full = list(args)
@@ -170,14 +176,15 @@ def compile_variant(call, args, implementation, backward):
     return (lambda: jax.block_until_ready(compiled(*values))), memory
 
 
-def relative_error(actual, expected) -> float:
+def relative_error(actual, expected) -> Optional[float]:
     """The largest ||a - e|| / ||e|| (Frobenius, float64) over the leaves of two pytrees of
-    arrays; NaN where any leaf of `actual` is not finite."""
+    arrays of the same structure; None (never within a tolerance) where any leaf of either is not
+    finite."""
     worst = 0.0
     for a, e in zip(jax.tree.leaves(actual), jax.tree.leaves(expected), strict=True):
         a, e = np.asarray(a, np.float64), np.asarray(e, np.float64)
-        if not np.isfinite(a).all():
-            return float("nan")
+        if not (np.isfinite(a).all() and np.isfinite(e).all()):
+            return None
         worst = max(worst, float(np.linalg.norm(a - e) / max(np.linalg.norm(e), 1e-30)))
     return worst
 
@@ -185,8 +192,7 @@ def relative_error(actual, expected) -> float:
 def reference_results(call, args, backward):
     """The float32 reference's outputs (and gradients) on `args` upcast to float32, matmuls at
     `precision="highest"`."""
-    upcast = tuple(a.astype(jnp.float32) if a is not None and jnp.issubdtype(a.dtype, jnp.floating)
-                   else a for a in args)
+    upcast = tuple(a.astype(jnp.float32) if _is_float(a) else a for a in args)
     with jax.default_matmul_precision("highest"):
         run, _ = compile_variant(call, upcast, "reference", backward)
         return run()
@@ -202,10 +208,15 @@ def check_variant(call, args, implementation, backward, expected, tolerance):
         run, memory = compile_variant(call, args, implementation, backward)
         error = relative_error(run(), expected)
     except COMPILE_FAILURES as failure:
-        return None, dict(failure=f"{type(failure).__name__}: {failure}",
-                          relative_error=float("nan"), within_tolerance=False)
+        return None, _failed(failure)
     return run, dict(memory_analysis=memory, relative_error=error,
-                     within_tolerance=bool(error <= tolerance))
+                     within_tolerance=error is not None and error <= tolerance)
+
+
+def _failed(failure, what: str = "") -> dict:
+    """A row's fields for a variant that did not build or run (`what`: which step failed)."""
+    return dict(failure=f"{what}{type(failure).__name__}: {failure}", relative_error=None,
+                within_tolerance=False)
 
 
 def main(argv):
@@ -221,7 +232,7 @@ def main(argv):
     table = SHAPES["cpu" if interpret else "accelerator"]
     names = FLAGS.shapes or list(table)
     dtype = jnp.float32 if interpret else jnp.dtype(FLAGS.dtype)
-    tolerance = TOLERANCE[jnp.dtype(dtype).name]
+    tolerance = TOLERANCE[jnp.dtype(dtype).name]  # --dtype is one of its keys
     device_kind = jax.devices()[0].device_kind
     peak = next((v for k, v in PEAKS.items() if k.lower() in device_kind.lower()), None)
 
@@ -230,25 +241,34 @@ def main(argv):
         op, sizes = table[name]
         args, call = make_inputs(op, sizes, dtype)
         flops, nbytes = work(op, sizes, jnp.dtype(dtype).itemsize)
-        expected = {backward: reference_results(call, args, backward)
-                    for backward in (False, True)}
+        try:  # outputs and gradients; the forward's results are its outputs
+            outputs_and_grads = reference_results(call, args, backward=True)
+            expected = {True: outputs_and_grads, False: outputs_and_grads[0]}
+        except COMPILE_FAILURES as failure:
+            expected = _failed(failure, "the reference: ")
         for implementation in FLAGS.implementations:
             for backward in (False, True):
                 row = dict(shape=name, op=op, sizes=sizes, implementation=implementation,
                            passes="fwd+bwd" if backward else "fwd",
                            model_flops=flops * (3.5 if backward else 1.0),
                            model_bytes=nbytes * (3 if backward else 1))
+                if "failure" in expected:
+                    rows.append(dict(row, **expected))
+                    continue
                 run, fields = check_variant(call, args, implementation, backward,
                                             expected[backward], tolerance)
                 if run is not None:
                     runners[len(rows)] = run
                 rows.append(dict(row, **fields))
         del expected
-    for index, seconds in harness.interleave(runners, FLAGS.rounds).seconds.items():
+    timings = harness.interleave(runners, FLAGS.rounds, catch=COMPILE_FAILURES)
+    for index, seconds in timings.seconds.items():
         rows[index]["times_s"] = seconds
+    for index, message in timings.failures.items():
+        rows[index].update(failure=f"while timed: {message}", within_tolerance=False)
 
     last = FLAGS.implementations[-1]
-    timed = [row for row in rows if "times_s" in row]
+    timed = [row for row in rows if "failure" not in row]
     for row in timed:
         median, low, high = harness.spread(row["times_s"])
         row.update(median_ms=1e3 * median, spread_ms=[1e3 * low, 1e3 * high])
@@ -280,10 +300,11 @@ def main(argv):
         if "failure" in row:
             print(f"{line}  FAILED: {row['failure'][:200]}")
             continue
-        ratio = row["time_vs_" + last]
+        ratio, error = row["time_vs_" + last], row["relative_error"]
         print(f"{line}{row['median_ms']:>11.2f}   "
               f"({row['spread_ms'][0]:8.2f}, {row['spread_ms'][1]:8.2f})"
-              f"{'-' if ratio is None else f'{ratio:.2f}':>10}{row['relative_error']:>12.2e}"
+              f"{'-' if ratio is None else f'{ratio:.2f}':>10}"
+              f"{'not finite' if error is None else f'{error:.2e}':>12}"
               f"{'' if row['within_tolerance'] else '  FAILED'}")
     if not report["all_within_tolerance"]:
         raise SystemExit(f"relative error vs the float32 reference above {tolerance} "

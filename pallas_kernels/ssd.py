@@ -23,7 +23,8 @@ to bfloat16 rounding, but 13x slower than the `xla` SSD forward and 48x forward 
 b x h programs (32 on 132 multiprocessors) each walking its chunks in order, the chip is mostly
 idle; the `xla` form runs every chunk's [q, q] products at once and only the small state pass in
 order. A fast GPU kernel needs that split (intra-chunk work parallel over chunks, then the state
-pass); until then, use `scan_implementation="xla"` beside `implementation="pallas"`.
+pass); until then, use `scan_implementation="xla"` beside `implementation="pallas"` (that pair is
+not measured yet as a whole model).
 
 Padding: t is padded to a multiple of q with dt = 0 (identity steps: no decay, no input), so the
 final state is exact. B and C are shared by all heads: the backward returns per-head dB, dC and sums
