@@ -140,7 +140,7 @@ def markdown(record, s) -> str:
                 for n, g in zip(r["steps"], r["late_gain"]))
                 for r in record["runs"]) +
             f"), {runner.describe_lrs(s.lrs, 'the mean validation perplexity at T')}, "
-            f"seeds {', '.join(map(str, runner.seeds_run(s)))} for {', '.join(s.headline)} "
+            f"seeds {runner.describe_seeds(s)} for {', '.join(s.headline)} "
             f"(perplexities: mean +- std over them), the first for the others, "
             f"{runner.describe_optimizer(record['optimizer'], s.num_steps)}. RoPE positions "
             f"continue past T for the attention layers (no interpolation).")
@@ -169,6 +169,6 @@ def plot(record, s, path) -> None:
     ax.legend(fontsize=8)
     plotting.save(fig, path, caption=(
         f"Mean over the training runs of a preset (seeds "
-        f"{', '.join(map(str, runner.seeds_run(s)))}) at "
+        f"{runner.describe_seeds(s)}) at "
         f"context {t}; at every context the same {record['eval_tokens']:,} test tokens are "
         f"scored; no error bars (the table gives the std over seeds)."))

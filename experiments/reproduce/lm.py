@@ -156,7 +156,7 @@ def markdown(record, s) -> str:
             f"10% of each seed's steps (converged: under 1%; a run that the step cap ended "
             f"under a cosine schedule keeps gaining as the rate anneals). "
             f"Learning rate: {runner.describe_lrs(s.lrs, 'the mean validation perplexity')}, "
-            f"seeds {', '.join(map(str, runner.seeds_run(s)))} for "
+            f"seeds {runner.describe_seeds(s)} for "
             f"{', '.join(s.headline)} (perplexities: mean +- std over them), the first for the "
             f"others, {runner.describe_optimizer(record['optimizer'], s.num_steps)}. A row "
             f"\"PRESET, dropout R\" is the dropout ablation: that preset at its best rate and "

@@ -168,6 +168,11 @@ def seeds_run(settings) -> list:
     return list(settings.get("only_seeds") or settings.get("seeds", ()))
 
 
+def describe_seeds(settings) -> str:
+    """`seeds_run` as prose: "0, 1, 2"."""
+    return ", ".join(map(str, seeds_run(settings)))
+
+
 def describe_lrs(lrs, metric: str) -> str:
     """Prose for a table's learning rates: "peak lr 0.003 (one rate; no grid)" or "peak lr the
     best of 0.001, 0.003 by METRIC"."""

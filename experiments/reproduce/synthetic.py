@@ -143,7 +143,7 @@ def markdown(record, s) -> str:
     grid = ", ".join(f"{lr:g}" for lr in s.lrs)
     where = (f"on `{s.lr_task}` first, then on every other task in the order of the preset's "
              f"validation accuracy on `{s.lr_task}`" if s.lr_task else "on every task")
-    seeds = ", ".join(map(str, runner.seeds_run(s)))
+    seeds = runner.describe_seeds(s)
     return (f"Test accuracy (%) on labelled positions (Zoology/MAD metric), {s.num_eval} test "
             f"examples per task, mean +- std over the seeds {seeds} (one training run each; std "
             f"over seeds, ddof 0). Learning rate: the best mean validation accuracy over "
@@ -192,6 +192,6 @@ def plot(record, s, path) -> None:
     seeds = runner.seeds_run(s)
     plotting.save(fig, path, caption=(
         f"Mean test accuracy over {len(seeds)} training run(s) per (task, preset) (seeds "
-        f"{', '.join(map(str, seeds))}) at the best learning rate on validation; "
+        f"{runner.describe_seeds(s)}) at the best learning rate on validation; "
         f"{s.num_eval} test examples; error bars: +- std over the seeds (none for one seed). "
         f"The number over a bar is its mean accuracy in %."))
