@@ -4,6 +4,7 @@ files; outputs go to a new runs/ directory unless one is given, with the exact c
 runtime."""
 
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -173,9 +174,16 @@ def test_lm(dirs):
     ablation_point, = (out_dir / "lm" / "points").glob("swa-*dropout=0*.json")
     config = json.loads(ablation_point.read_text())["config"]["model"]
     assert config["embedding_dropout"] == config["residual_dropout"] == 0.0
+    # The learning-rate grid runs on the first seed; its best rate (lowest validation loss) is the
+    # row's, shown in bold in the grid column.
+    grid = {json.loads(p.read_text())["lr"]: json.loads(p.read_text())["result"]["valid"]["loss"]
+            for p in set((out_dir / "lm" / "points").glob("swa-*.json")) - {ablation_point}}
+    assert sorted(grid) == [3e-3, 1e-2] and run["lr"] == min(grid, key=grid.get)
+    assert run["lr_grid"] == {f"{lr:g}": loss for lr, loss in grid.items()}
+    assert f"**{run['lr']:g}: {math.exp(grid[run['lr']]):.1f}**" in md
     # Each point keeps its validation curve (every evaluation, the final one last); the table's
     # convergence column is computed from it.
-    (point,) = set((out_dir / "lm" / "points").glob("swa-*.json")) - {ablation_point}
+    point = out_dir / "lm" / "points" / f"swa-lr{run['lr']:g}-s0.json"
     result = json.loads(point.read_text())["result"]
     steps = [step for step, _ in result["valid_curve"]]
     assert steps == sorted(set(steps)) and steps[-1] == result["step"]

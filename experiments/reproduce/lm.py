@@ -5,6 +5,7 @@ with Zaremba et al. 2014's LSTMs as an external reference."""
 from __future__ import annotations
 
 import functools
+import math
 from pathlib import Path
 
 import ml_collections
@@ -26,6 +27,7 @@ ZAREMBA = (("LSTM small, non-regularized (Zaremba et al. 2014)", 114.5),
            ("LSTM large, dropout (Zaremba et al. 2014)", 78.4))
 
 plot = None  # a table only
+GRID_METRIC = "the first seed's validation perplexity (the grid column; the best in bold)"
 
 
 def budgets() -> dict:
@@ -33,7 +35,8 @@ def budgets() -> dict:
 
     Fields: model (ModelConfig fields shared by every preset, dropout included; d_ff is matched
     per preset), bmojo_model (added for `bmojo`), seq_len, batch_size, num_steps (the cap), lrs
-    (the grid: the best mean validation perplexity is reported), warmup_steps, eval_batch_size,
+    (the grid, run on the first seed: its best validation perplexity picks the rate of every
+    seed; `runner.tune_then_seeds`), warmup_steps, eval_batch_size,
     eval_every, patience and min_delta (`runner.until_converged`), seeds (initialisation and
     batch order, mean +- std) for the `headline` presets (the others run the first seed),
     ablation_presets and ablation_dropouts (each of these presets is also trained, at its best
@@ -44,7 +47,8 @@ def budgets() -> dict:
     perplexity over the whole split every 250 steps (0.55 epochs), stopping once 4 passes in a row
     improve on the best by less than 1%, at most 8000 steps (17.6 epochs); dropout 0.1 on the
     embeddings and on each block's residual branches for every preset (1.7M parameters on 0.93M
-    training tokens; the ablation rows say where it helps); three seeds for the presets
+    training tokens; the ablation rows say where it helps); peak learning rates 1e-3, 3e-3 and
+    1e-2 (the synthetic tables' grid); three seeds for the presets
     the paper's claim compares (transformer, bmojo_f, bmojo); the transformer and bmojo also
     without dropout.
     """
@@ -52,13 +56,14 @@ def budgets() -> dict:
         model=dict(d_model=128, n_layers=2, n_heads=4, window=32, embedding_dropout=0.1,
                    residual_dropout=0.1),
         bmojo_model=dict(innovation_loss_weight=0.001),
-        seq_len=128, batch_size=16, num_steps=8000, lrs=(3e-3,), warmup_steps=100,
+        seq_len=128, batch_size=16, num_steps=8000, lrs=(1e-3, 3e-3, 1e-2), warmup_steps=100,
         eval_batch_size=32, eval_every=250, patience=4, min_delta=0.01, seeds=(0, 1, 2),
         headline=("transformer", "bmojo_f", "bmojo"), ablation_presets=("transformer", "bmojo"),
         ablation_dropouts=(0.0,), seed=0)
     tiny = dict(full, model=dict(d_model=32, n_layers=2, n_heads=2, window=16,
                                  embedding_dropout=0.1, residual_dropout=0.1),
-                seq_len=32, batch_size=8, num_steps=4, warmup_steps=1, eval_batch_size=128,
+                seq_len=32, batch_size=8, num_steps=4, lrs=(3e-3, 1e-2), warmup_steps=1,
+                eval_batch_size=128,
                 eval_every=2, patience=1, seeds=(0,), ablation_presets=("swa",))
     return {"tiny": ml_collections.ConfigDict(tiny), "full": ml_collections.ConfigDict(full)}
 
@@ -87,7 +92,8 @@ def point_config(preset: str, models, s):
 
 
 def run(s, presets, workdir: Path, points: sweep.Points) -> dict:
-    """Every preset on PTB over `s.lrs` x `s.seeds` (`sweep.run_setting`), at its best rate; then
+    """Every preset on PTB: `s.lrs` on the first seed, then `s.seeds` at the best rate
+    (`runner.tune_then_seeds`); then
     the dropout ablation of `s.ablation_presets` at that rate and the first seed (rows with a
     "dropout" key: the rate of both dropouts)."""
     corpus = data_lib.load_corpus("ptb")
@@ -95,8 +101,8 @@ def run(s, presets, workdir: Path, points: sweep.Points) -> dict:
     get_config = functools.partial(point_config, models=models, s=s)
     runs = []
     for preset in presets:
-        row = sweep.run_setting(get_config, preset, s.lrs, runner.seeds_of(preset, s), workdir,
-                                log="lm", points=points)
+        row = runner.tune_then_seeds(get_config, preset, s.lrs, runner.seeds_of(preset, s),
+                                     workdir, log="lm", points=points)
         model_cfg = training.model_config(get_config(preset), corpus.vocab_size)
         shared = dict(preset=preset, d_ff=model_cfg.hidden_dim,
                       non_embedding_params=bj.param_count(model_cfg, embedding=False))
@@ -119,26 +125,29 @@ def markdown(record, s) -> str:
     epoch = s.batch_size * s.seq_len / record["train_tokens"]  # epochs per step
     lstm = ZAREMBA[0][1]
     lines = ["| model | d_ff | parameters (non-embedding) | valid perplexity | test perplexity | "
-             f"test perplexity / small LSTM ({lstm}) | steps (epochs) | valid perplexity gain, "
-             "last 10% of steps | train tokens/s | train time (s) | vs transformer |",
-             "|---|---:|---:|---:|---:|---:|---|---|---:|---:|---:|"]
+             f"test perplexity / small LSTM ({lstm}) | valid perplexity by peak lr, first seed "
+             "| steps (epochs) | valid perplexity gain, last 10% of steps | train tokens/s | "
+             "train time (s) | vs transformer |",
+             "|---|---:|---:|---:|---:|---:|---|---|---|---:|---:|---:|"]
     for r in record["runs"]:
         speed = ("—" if transformer is None else
                  f"{r['tokens_per_s'] / transformer['tokens_per_s']:.2f}x tokens/s, "
                  f"{r['test_perplexity'] / transformer['test_perplexity']:.2f}x perplexity")
         gains = ", ".join("-" if g is None else f"{100 * g:.1f}%" for g in r["late_gain"])
         label = r["preset"] + (f", dropout {r['dropout']:g}" if "dropout" in r else "")
+        grid = ", ".join(f"**{lr}: {math.exp(loss):.1f}**" if float(lr) == r["lr"] else
+                         f"{lr}: {math.exp(loss):.1f}" for lr, loss in r["lr_grid"].items())
         lines.append(f"| {label} | {r['d_ff']} | {r['params']:,} "
                      f"({r['non_embedding_params']:,}) | "
                      f"{runner.mean_std(r, 'valid_perplexity')} | "
                      f"{runner.mean_std(r, 'test_perplexity')} | "
-                     f"{r['test_perplexity'] / lstm:.2f}x | "
+                     f"{r['test_perplexity'] / lstm:.2f}x | {grid} | "
                      f"{', '.join(f'{n} ({n * epoch:.1f})' for n in r['steps'])} | {gains} | "
                      f"{r['tokens_per_s']:,.0f} | "
                      f"{r['train_s']:.0f} | {speed} |")
     for ref in record["reference"]:
         lines.append(f"| *{ref['model']}* | | | | *{ref['test_perplexity']}* | "
-                     f"*{ref['test_perplexity'] / lstm:.2f}x* | | | | | |")
+                     f"*{ref['test_perplexity'] / lstm:.2f}x* | | | | | | |")
     vocab = record["vocab_size"]
     return ("\n".join(lines) +
             f"\n\nPenn Treebank, word level (Mikolov split, vocabulary {vocab:,}; "
@@ -155,8 +164,8 @@ def markdown(record, s) -> str:
             f"and the gain column says how much validation perplexity still fell over the last "
             f"10% of each seed's steps (converged: under 1%; a run that the step cap ended "
             f"under a cosine schedule keeps gaining as the rate anneals). "
-            f"Learning rate: {runner.describe_lrs(s.lrs, 'the mean validation perplexity')}, "
-            f"seeds {runner.describe_seeds(s)} for "
+            f"Learning rate: {runner.describe_lrs(s.lrs, GRID_METRIC)}; seeds "
+            f"{runner.describe_seeds(s)} at that rate for "
             f"{', '.join(s.headline)} (perplexities: mean +- std over them), the first for the "
             f"others, {runner.describe_optimizer(record['optimizer'], s.num_steps)}. A row "
             f"\"PRESET, dropout R\" is the dropout ablation: that preset at its best rate and "

@@ -102,6 +102,26 @@ def seeds_of(preset: str, settings) -> tuple:
     return chosen
 
 
+def tune_then_seeds(get_config, arg: str, lrs, seeds, root: Path, **kwargs) -> dict:
+    """`sweep.run_setting` with the learning rate tuned on the first seed alone: the grid `lrs` x
+    seeds[:1], then every seed at the grid's best rate (our choice, for tables whose points take
+    an hour each: a grid over every seed would triple their cost).
+
+    Args:
+      get_config, arg, root, kwargs: as in `sweep.run_setting`.
+      lrs: the grid, in the order tried; seeds: the seeds of the row (the first tunes).
+
+    Returns:
+      The second `run_setting` row (its best rate is the grid's), with "by_lr" (the first seed's
+      final validation metric at every rate) and "records" (every point trained, the grid's
+      other rates included) of both calls.
+    """
+    grid = sweep.run_setting(get_config, arg, lrs, seeds[:1], root, **kwargs)
+    row = sweep.run_setting(get_config, arg, [grid["lr"]], seeds, root, **kwargs)
+    others = [r for r in grid["records"] if r["lr"] != grid["lr"]]
+    return dict(row, by_lr=grid["by_lr"], records=others + row["records"])
+
+
 def late_gain(curve, fraction: float = 0.1) -> Optional[float]:
     """How much a text point was still improving when it stopped: 1 - (final validation
     perplexity) / (the last one evaluated at or before (1 - fraction) x its final step), e.g.
