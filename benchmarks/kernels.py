@@ -206,9 +206,10 @@ def check_variant(call, args, implementation, backward, expected, tolerance):
     does not build (`COMPILE_FAILURES`)."""
     try:
         run, memory = compile_variant(call, args, implementation, backward)
-        error = relative_error(run(), expected)
+        outputs = run()
     except COMPILE_FAILURES as failure:
         return None, _failed(failure)
+    error = relative_error(outputs, expected)  # outside: a mismatch is a bug, not a build failure
     return run, dict(memory_analysis=memory, relative_error=error,
                      within_tolerance=error is not None and error <= tolerance)
 

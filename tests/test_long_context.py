@@ -183,6 +183,42 @@ def test_text_data_mixes_retrieval_rows_into_training_batches(documents, tmp_pat
         data.TextData("text_files", retrieval_fraction=0.5, **{**common, "seq_len": 100})
 
 
+def test_held_out_retrieval_rows_are_scored_teacher_forced(documents):
+    """A source that trains on retrieval rows evaluates `RETRIEVAL_EVAL_EXAMPLES` held-out rows of
+    each split (the split's own text, only the answers labelled); `evaluate_retrieval` counts
+    answer tokens and whole answers, and `evaluate_split` adds both to its result."""
+    common = dict(batch_size=4, seq_len=600, path=documents, bpe_vocab_size=300)
+    mixed = data.TextData("text_files", retrieval_fraction=0.5, **common)
+    assert data.TextData("text_files", **common).retrieval_batches("valid", 16) == []
+    batches = mixed.retrieval_batches("valid", 16)
+    inputs = np.concatenate([x for x, _ in batches])
+    targets = np.concatenate([y for _, y in batches])
+    assert inputs.shape == (data.RETRIEVAL_EVAL_EXAMPLES, 600) and len(batches[0][0]) == 16
+    labelled = targets != data.IGNORE_INDEX
+    assert labelled.any(axis=1).all() and labelled.mean() < 0.05  # the answers alone
+    assert all(mixed.corpus.decode(row[m]).strip().isdigit() for row, m in zip(targets, labelled))
+    filler = set(mixed.corpus.valid.tolist())
+    assert len(set(inputs[0].tolist()) - filler) < len(set(inputs[0].tolist())) // 2
+    assert not np.array_equal(mixed.retrieval_batches("test", 16)[0][0], batches[0][0])
+
+    def eval_step(params, inputs, targets):  # wrong at the last answer token of a batch's row 0
+        predictions = np.where(targets == data.IGNORE_INDEX, 0, targets)
+        predictions[0, np.flatnonzero(targets[0] != data.IGNORE_INDEX)[-1]] += 1
+        return {"predictions": predictions}
+    scores = training.evaluate_retrieval(eval_step, None, batches)
+    assert scores["retrieval_exact"] == 1 - len(batches) / data.RETRIEVAL_EVAL_EXAMPLES
+    assert scores["retrieval_accuracy"] == 1 - len(batches) / labelled.sum()
+    with pytest.raises(ValueError, match="a row has no labelled target"):
+        training.evaluate_retrieval(eval_step, None, [(inputs[:1], np.full_like(targets[:1], data.IGNORE_INDEX))])
+
+    model_cfg = bmojo_jax.ModelConfig.preset("transformer", vocab_size=300, d_model=16,
+                                             n_heads=2, n_layers=1, ssm_head_dim=8)
+    params = nnx.state(bmojo_jax.LanguageModel(model_cfg, rngs=nnx.Rngs(0)), nnx.Param)
+    result = training.evaluate_split(training.make_eval_step(model_cfg), params, mixed, "valid",
+                                     batch_size=16, seq_len=600, max_batches=1)
+    assert 0 <= result["retrieval_exact"] <= result["retrieval_accuracy"] < 0.5  # untrained
+
+
 def test_answer_correct():
     assert lc.answer_correct(" 71432. Remember", "71432")
     assert lc.answer_correct("71432", "71432")

@@ -265,6 +265,13 @@ def test_seeds_of_restricts_a_table_to_some_seeds():
     settings.only_seeds = (2,)
     assert runner.seeds_of("bmojo", settings) == (2,)
     assert runner.seeds_run(settings) == [2]  # what the header and the prose list
+    # The prose names "the others" only when the run trained presets outside the headline.
+    assert runner.describe_headline_seeds(settings, ["bmojo"]) == \
+        "seed 2 for bmojo (perplexities: mean +- std over them)"
+    settings.only_seeds = None
+    assert runner.describe_headline_seeds(settings, ["swa", "bmojo"]).endswith(
+        "seeds 0, 1, 2 for bmojo (perplexities: mean +- std over them), seed 0 for the others")
+    settings.only_seeds = (2,)
     with pytest.raises(ValueError, match=r"seeds=\[2\] leaves swa nothing to run: this table "
                                          r"runs it with seed\(s\) \[0\]"):
         runner.seeds_of("swa", settings)

@@ -323,6 +323,9 @@ def test_resume_with_a_different_model_fails(run, tmp_path):
      r"config.data.retrieval_fraction=-0.1: must be a number in \[0, 1\]"),
     ({"data.retrieval_labels": "prompt"},
      "config.data.retrieval_labels='prompt': allowed values are all, answer"),
+    ({"early_stop.metric": "retrieval_exact", "early_stop.target": 0.9},
+     "metric='retrieval_exact' is measured on held-out retrieval rows, which only a run with "
+     "config.data.retrieval_fraction > 0 evaluates"),
 ])
 def test_bad_config_values_raise_clear_errors(changes, match):
     config = _tiny_config()

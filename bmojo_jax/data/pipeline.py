@@ -12,6 +12,8 @@ describes the fields). Both sources offer the same interface:
                                            every split's text; synthetic tasks: the training set)
     train_batch(step)                      (inputs, targets) int32 [b, t]
     eval_batches(split, batch_size, t)     [(inputs, targets) int32 [b, t]] covering the split
+    retrieval_batches(split, batch_size)   [(inputs, targets) int32 [b, t]]: held-out retrieval
+                                           rows, only the answers labelled ([] without them)
     n_bytes(split)                         UTF-8 bytes of the split, or None where unknown
 
 Exact resume: the training batch of a step is a pure function of (step, seed), so a run restarted
@@ -36,6 +38,11 @@ from bmojo_jax.data.text import SPLITS, lm_batch, lm_eval_batches, load_corpus
 # Training batches built when a TextData with retrieval rows starts, so that a seq_len too short for
 # the longer prompts (their length varies with the keys drawn) fails then, not mid-run (our choice).
 RETRIEVAL_CHECK_STEPS = 16
+# Held-out retrieval rows of every evaluation split when a TextData trains on retrieval rows
+# (`TextData.retrieval_batches`; our choice: 64 rows give the accuracy to +- 6 points), seeded
+# apart from the training rows (whose prompt seeds are drawn below 2**31).
+RETRIEVAL_EVAL_EXAMPLES = 64
+RETRIEVAL_EVAL_SEED = 2 ** 31
 
 # The length argument of each synthetic generator: MQAR keeps the Zoology name.
 SEQ_LEN_ARGUMENTS = {
@@ -91,6 +98,7 @@ class TextData:
         self.batch_size, self.seq_len, self.seed = batch_size, seq_len, seed
         self.retrieval_rows = round(retrieval_fraction * batch_size)
         self.retrieval_labels = retrieval_labels
+        self._retrieval_eval = {}  # split -> (inputs, targets), built on first use
         if self.retrieval_rows:
             try:  # a setting that cannot work fails here, before training starts
                 for step in range(RETRIEVAL_CHECK_STEPS):
@@ -119,6 +127,21 @@ class TextData:
     def eval_batches(self, split: str, batch_size: int, seq_len: int):
         """[(inputs, targets) int32 [b, t]] covering the whole split (`lm_eval_batches`)."""
         return lm_eval_batches(getattr(self.corpus, split), batch_size, seq_len)
+
+    def retrieval_batches(self, split: str, batch_size: int):
+        """[(inputs, targets) int32 [b, t]]: `RETRIEVAL_EVAL_EXAMPLES` passkey and needle rows
+        built from the split's text at the training context t (`retrieval_training_rows`, seed
+        `RETRIEVAL_EVAL_SEED`, labels "answer": only the answers' targets labelled), in batches of
+        at most `batch_size` rows; [] when this source trains on no retrieval rows."""
+        if not self.retrieval_rows:
+            return []
+        if split not in self._retrieval_eval:
+            self._retrieval_eval[split] = retrieval_training_rows(
+                self.corpus, getattr(self.corpus, split), self.seq_len, RETRIEVAL_EVAL_EXAMPLES,
+                seed=RETRIEVAL_EVAL_SEED, labels="answer")
+        inputs, targets = self._retrieval_eval[split]
+        return [(inputs[i:i + batch_size], targets[i:i + batch_size])
+                for i in range(0, len(inputs), batch_size)]
 
     def n_bytes(self, split: str):
         """UTF-8 bytes of the split, or None where unknown (PTB)."""
@@ -185,6 +208,10 @@ class SyntheticData:
             index[chosen] = np.random.default_rng([self.seed, int(epoch)]).permutation(n)[
                 offsets[chosen]]
         return inputs[index], targets[index]
+
+    def retrieval_batches(self, split: str, batch_size: int):
+        """[]: a synthetic task trains on no retrieval rows."""
+        return []
 
     def eval_batches(self, split: str, batch_size: int, seq_len: int):
         """[(inputs, targets) int32 [b, t]]: `num_eval` examples of the split at length t (for

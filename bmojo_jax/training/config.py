@@ -28,7 +28,8 @@ SCHEDULES = ("cosine", "constant")
 # (`default_config`: on_divergence).
 ON_DIVERGENCE = ("stop", "skip", "rollback")
 # Early-stopping metrics of the validation evaluations: True where higher is better.
-EARLY_STOP_METRICS = {"accuracy": True, "loss": False, "perplexity": False}
+EARLY_STOP_METRICS = {"accuracy": True, "loss": False, "perplexity": False,
+                      "retrieval_exact": True}
 DATA_NAMES = data_lib.CORPORA + tuple(data_lib.SYNTHETIC_TASKS)
 
 
@@ -57,7 +58,9 @@ def default_config(preset: str = "bmojo") -> ml_collections.ConfigDict:
         * batch_size) rows) that are passkey and multi-key needle prompts, each followed by its
         answer, built from the training split's text (`data.retrieval_training_rows`); 0.0
         (default): plain text only. Our choice, for the long-context suite (docs/design.md
-        section 7d): small models trained on text alone do not learn to retrieve at all.
+        section 7d): small models trained on text alone do not learn to retrieve at all. Every
+        evaluation of such a run also reports `retrieval_accuracy` and `retrieval_exact` on
+        held-out retrieval rows of the split (`TextData.retrieval_batches`).
       data.retrieval_labels: which targets of those rows the loss reads: "all" (default: the
         prompt's text and the answer) or "answer" (the answer's tokens only, so the rows'
         loss is the retrieval alone; our choice, docs/design.md section 7d).
@@ -71,7 +74,9 @@ def default_config(preset: str = "bmojo") -> ml_collections.ConfigDict:
       log_every: steps between training-metric lines.
       early_stop: stopping before num_steps on the periodic validation evaluations (our choice of
         rules; docs/design.md section 7b: train to 99% validation accuracy or a step cap).
-        metric: None (off, the default), "accuracy" (synthetic tasks; higher is better), "loss"
+        metric: None (off, the default), "accuracy" (synthetic tasks; higher is better),
+        "retrieval_exact" (runs with retrieval rows: the fraction of held-out retrieval prompts
+        answered exactly, teacher-forced, `training.evaluate_retrieval`; higher is better), "loss"
         (nats) or "perplexity" (lower is better). target: stop at the first evaluation whose
         metric reaches it (accuracy >= target, loss or perplexity <= target); None = off.
         patience: stop when `patience` evaluations in a row have not improved on the best one by
@@ -250,6 +255,10 @@ def _check_early_stop(config, synthetic: bool) -> None:
             raise ValueError(f"config.early_stop.metric='accuracy': only synthetic tasks report "
                              f"accuracy, config.data.name={config.data.name!r} is a corpus; use "
                              f"'loss' or 'perplexity'.")
+        if stop.metric == "retrieval_exact" and not config.data.get("retrieval_fraction", 0.0):
+            raise ValueError("config.early_stop.metric='retrieval_exact' is measured on held-out "
+                             "retrieval rows, which only a run with config.data."
+                             "retrieval_fraction > 0 evaluates; it is 0.")
         if stop.target is None and stop.patience is None:
             raise ValueError(f"config.early_stop.metric={stop.metric!r}: set "
                              f"config.early_stop.target or config.early_stop.patience (or both); "
@@ -259,7 +268,8 @@ def _check_early_stop(config, synthetic: bool) -> None:
                              f"evaluations, but config.eval_every={config.eval_every} >= "
                              f"config.num_steps={config.num_steps} leaves none.")
     if stop.target is not None:
-        low, high = {"accuracy": (0, 1), "loss": (0, None), "perplexity": (1, None)}[stop.metric]
+        low, high = {"accuracy": (0, 1), "retrieval_exact": (0, 1), "loss": (0, None),
+                     "perplexity": (1, None)}[stop.metric]
         if (not isinstance(stop.target, (int, float)) or isinstance(stop.target, bool)
                 or not low <= stop.target <= (math.inf if high is None else high)
                 or stop.target == math.inf):  # also rejects NaN

@@ -274,12 +274,41 @@ def evaluate(eval_step, params, batches, *, n_bytes=None, with_accuracy=False) -
     return result
 
 
+def evaluate_retrieval(eval_step, params, batches) -> dict:
+    """Teacher-forced retrieval answers: `batches` [(inputs, targets) int32 [b, t]] whose labelled
+    targets are the answers alone (`data.retrieval_training_rows` with labels="answer", e.g.
+    `TextData.retrieval_batches`).
+
+    Returns:
+      {"retrieval_accuracy": the fraction of answer tokens that are the argmax prediction,
+       "retrieval_exact": the fraction of rows whose every answer token is: the rows that greedy
+       decoding answers with exactly the answer's tokens (it could still write a digit after
+       them, which `data.answer_correct` counts wrong)}.
+
+    Raises:
+      ValueError: a row with no labelled target.
+    """
+    right = labelled = exact = rows = 0
+    for inputs, targets in batches:
+        targets = np.asarray(targets)
+        mask = targets != data_lib.IGNORE_INDEX
+        if not mask.any(axis=1).all():
+            raise ValueError("evaluate_retrieval: a row has no labelled target (its answer).")
+        predictions = np.asarray(jax.device_get(eval_step(params, inputs, targets)["predictions"]))
+        hits = (predictions == targets) & mask
+        right, labelled = right + int(hits.sum()), labelled + int(mask.sum())
+        exact, rows = exact + int((hits == mask).all(axis=1).sum()), rows + len(targets)
+    return {"retrieval_accuracy": right / labelled, "retrieval_exact": exact / rows}
+
+
 def evaluate_split(eval_step, params, data, split: str, batch_size: int, seq_len: int,
                    max_batches: int = 0) -> dict:
     """`evaluate` on `split` of `data` (a `data.load_data` source) at context `seq_len`, on its
     first `max_batches` batches (0: all; bits per byte only then), with a progress bar (tqdm, on
     stderr, removed when done). The bar counts finished batches: each batch is waited for before
-    the next is dispatched (our choice: a true count and ETA for a small pipeline bubble)."""
+    the next is dispatched (our choice: a true count and ETA for a small pipeline bubble). A
+    source that trains on retrieval rows adds `evaluate_retrieval` of its held-out rows
+    (`retrieval_batches`, always all of them)."""
     batches = data.eval_batches(split, batch_size, seq_len)
     complete = not max_batches or max_batches >= len(batches)
     batches = batches if complete else batches[:max_batches]
@@ -289,6 +318,8 @@ def evaluate_split(eval_step, params, data, split: str, batch_size: int, seq_len
             outputs = jax.block_until_ready(eval_step(params, inputs, targets))
             bar.update(1)
             return outputs
-        return evaluate(counted_step, params, batches,
-                        n_bytes=data.n_bytes(split) if complete else None,
-                        with_accuracy=data.with_accuracy)
+        result = evaluate(counted_step, params, batches,
+                          n_bytes=data.n_bytes(split) if complete else None,
+                          with_accuracy=data.with_accuracy)
+    retrieval = data.retrieval_batches(split, batch_size)
+    return {**result, **(evaluate_retrieval(eval_step, params, retrieval) if retrieval else {})}

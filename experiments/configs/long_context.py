@@ -18,7 +18,10 @@ learning rate of 3e-3 (with three quarters of the rows retrieval prompts, the Tr
 keys of the right form from step 1000 but, at step 2000 of 2500, predicted only 34% of a passkey's
 digits given the ones before: its copy was still being learned); T = 256, the smallest context
 that holds a needle prompt (about 200 tokens) with room for filler; 2 layers of d_model 128 and a
-window of 64, so that at T the needle is mostly beyond SWA's and B'MOJO's window.
+window of 64, so that at T the needle is mostly beyond SWA's and B'MOJO's window. Every
+validation also scores 64 held-out retrieval prompts of the validation split teacher-forced
+(`retrieval_accuracy`, `retrieval_exact`: the fraction answered exactly), and a run stops once 95%
+are (the step cap otherwise).
 """
 
 from bmojo_jax import PRESETS
@@ -40,5 +43,6 @@ def get_config(arg: str = "bmojo"):
     config.optimizer.update(lr=3e-3, warmup_steps=100, weight_decay=0.1)
     config.update(num_steps=5000, batch_size=16, eval_every=250, eval_batches=10,
                   checkpoint_every=500, max_to_keep=2, log_every=50)
+    config.early_stop.update(metric="retrieval_exact", target=0.95)
     config.sample.update(prompt="It is a truth universally acknowledged", max_new_tokens=60)
     return config

@@ -140,8 +140,7 @@ def markdown(record, s) -> str:
                 for n, g in zip(r["steps"], r["late_gain"]))
                 for r in record["runs"]) +
             f"), {runner.describe_lrs(s.lrs, 'the mean validation perplexity at T')}, "
-            f"seeds {runner.describe_seeds(s)} for {', '.join(s.headline)} "
-            f"(perplexities: mean +- std over them), the first for the others, "
+            f"{runner.describe_headline_seeds(s, [r['preset'] for r in record['runs']])}, "
             f"{runner.describe_optimizer(record['optimizer'], s.num_steps)}. RoPE positions "
             f"continue past T for the attention layers (no interpolation).")
 

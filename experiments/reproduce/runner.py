@@ -193,6 +193,18 @@ def describe_seeds(settings) -> str:
     return ", ".join(map(str, seeds_run(settings)))
 
 
+def describe_headline_seeds(settings, presets) -> str:
+    """Prose for the seeds of a table with headline presets: "seeds 0, 1, 2 for transformer,
+    bmojo (perplexities: mean +- std over them)", then ", seed 0 for the others" where `presets`
+    (those the table's run trained) hold others (`seeds_of`: they run the first seed alone)."""
+    seeds = "seed" if len(seeds_run(settings)) == 1 else "seeds"
+    text = (f"{seeds} {describe_seeds(settings)} for {', '.join(settings.headline)} "
+            f"(perplexities: mean +- std over them)")
+    if any(p not in settings.headline for p in presets):
+        text += f", seed {settings.seeds[0]} for the others"
+    return text
+
+
 def describe_lrs(lrs, metric: str) -> str:
     """Prose for a table's learning rates: "peak lr 0.003 (one rate; no grid)" or "peak lr the
     best of 0.001, 0.003 by METRIC"."""
