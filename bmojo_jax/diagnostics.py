@@ -26,6 +26,12 @@ slots; a model trained with the oracle that stays high under its own rule shows 
 selections are good enough to use. `answer_breakdown` says what the wrong answers are: other
 values of the context (retrieval without matching the key: the 1/K plateau) or anything else.
 
+One test is not about the eidetic memory: `induction_test` (Olsson et al. 2022, "In-context
+learning and induction heads", section 2) feeds random tokens repeated once and compares the loss
+on the second copy with the first: a model with induction heads copies (the second copy's loss
+falls far below the first's), one without does not. Every retrieval task (MQAR on text, passkey,
+needles) needs this copy.
+
 `mqar_needs` describes an MQAR batch (`data.mqar`: the key/value context at [0, 2 K passes), each
 query needs the key and the value of its pair, at their last occurrence in the context).
 Everything here runs on the host (numpy) on concrete arrays.
@@ -35,6 +41,7 @@ from __future__ import annotations
 
 import math
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
@@ -258,3 +265,38 @@ def answer_breakdown(model, batches, context_length: int, *, oracle: bool = Fals
 
 __all__ = ["mqar_needs", "recall_ceiling", "layer_diagnostics", "eidetic_diagnostics",
            "context_scores", "accuracy_by_selection", "answer_breakdown"]
+
+
+def induction_test(model, low: int, high: int, *, span: int = 64, batch_size: int = 8,
+                   seed: int = 0) -> dict:
+    """The repeated-random-tokens test of induction heads (Olsson et al. 2022, section 2).
+
+    Args:
+      model: a `LanguageModel` (any callable inputs int32 [b, t] -> logits [b, t, V]).
+      low, high: the tokens are drawn uniformly from [low, high) (pick ordinary tokens: no
+        special or end-of-text ids).
+      span: tokens per copy; each row is span random tokens, then the same span again (t = 2
+        span).
+      batch_size: rows; seed: numpy seed of the tokens.
+
+    Returns:
+      {"first_copy_nll": mean NLL (nats) of the first copy's targets 1 .. span - 1 (nothing to
+       copy yet), "second_copy_nll": of the second copy's targets span + 1 .. 2 span - 1 (each
+       predictable by copying the token after its earlier occurrence), "copy_accuracy": the
+       fraction of those second-copy targets that are the argmax}. Induction: second_copy_nll
+       far below first_copy_nll (our choice of summary: the field reports the loss gap).
+
+    Raises:
+      ValueError: span < 2, or not 0 <= low < high.
+    """
+    if span < 2 or not 0 <= low < high:
+        raise ValueError(f"induction_test: span={span} must be >= 2 and [low, high) = "
+                         f"[{low}, {high}) a non-empty range of token ids >= 0.")
+    tokens = np.random.default_rng(seed).integers(low, high, size=(batch_size, span))
+    rows = np.concatenate([tokens, tokens], axis=1).astype(np.int32)
+    log_probs = np.asarray(jax.nn.log_softmax(model(jnp.asarray(rows)), axis=-1), np.float64)
+    nll = -np.take_along_axis(log_probs[:, :-1], rows[:, 1:, None], axis=-1)[..., 0]  # [b, 2s-1]
+    predicted = log_probs[:, :-1].argmax(-1)
+    return {"first_copy_nll": float(nll[:, :span - 1].mean()),
+            "second_copy_nll": float(nll[:, span:].mean()),
+            "copy_accuracy": float((predicted[:, span:] == rows[:, span + 1:]).mean())}

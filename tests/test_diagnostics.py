@@ -124,3 +124,24 @@ def test_attention_mass_by_span_averages_the_positions_of_each_span():
     for edges in ((0, 8, 8), (0, T + 1)):
         with pytest.raises(ValueError, match="must increase within"):
             diagnostics.attention_mass_by_span(trace, edges)
+
+
+def test_induction_test_separates_a_copier_from_a_model_that_cannot_copy():
+    """A model that copies the token after the earlier occurrence scores the second copy at ~0
+    nats and every argmax right; a model with uniform logits scores both copies at ln V."""
+    vocab, span = 50, 16
+
+    def copier(rows):  # at p >= span, all its mass on rows[p + 1 - span]: the next token
+        shifted = jnp.roll(rows, span - 1, axis=1)  # shifted[:, p] = rows[:, p + 1 - span]
+        logits = 30.0 * jax.nn.one_hot(shifted, vocab)
+        return jnp.where((jnp.arange(rows.shape[1]) >= span)[None, :, None], logits, 0.0)
+
+    copied = diagnostics.induction_test(copier, 1, vocab, span=span)
+    assert copied["first_copy_nll"] == pytest.approx(np.log(vocab))
+    assert copied["second_copy_nll"] < 1e-6 and copied["copy_accuracy"] == 1.0
+    uniform = diagnostics.induction_test(lambda rows: jnp.zeros((*rows.shape, vocab)), 1, vocab,
+                                         span=span)
+    assert uniform["second_copy_nll"] == pytest.approx(np.log(vocab))
+    assert uniform["copy_accuracy"] == 0.0  # the argmax of equal logits is token 0, never drawn
+    with pytest.raises(ValueError, match=r"span=1 must be >= 2"):
+        diagnostics.induction_test(copier, 1, vocab, span=1)
