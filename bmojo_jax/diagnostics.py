@@ -263,10 +263,6 @@ def answer_breakdown(model, batches, context_length: int, *, oracle: bool = Fals
             "accuracy_by_pair": (hits / np.maximum(asked, 1)).tolist()}
 
 
-__all__ = ["mqar_needs", "recall_ceiling", "layer_diagnostics", "eidetic_diagnostics",
-           "context_scores", "accuracy_by_selection", "answer_breakdown"]
-
-
 def induction_test(model, low: int, high: int, *, span: int = 64, batch_size: int = 8,
                    seed: int = 0) -> dict:
     """The repeated-random-tokens test of induction heads (Olsson et al. 2022, section 2).
@@ -300,3 +296,7 @@ def induction_test(model, low: int, high: int, *, span: int = 64, batch_size: in
     return {"first_copy_nll": float(nll[:, :span - 1].mean()),
             "second_copy_nll": float(nll[:, span:].mean()),
             "copy_accuracy": float((predicted[:, span:] == rows[:, span + 1:]).mean())}
+
+
+__all__ = ["mqar_needs", "recall_ceiling", "layer_diagnostics", "eidetic_diagnostics",
+           "context_scores", "accuracy_by_selection", "answer_breakdown", "induction_test"]
