@@ -90,8 +90,7 @@ def train_point(config: ml_collections.ConfigDict, run_dir) -> dict:
     wanted = jsonable(config.to_dict())
     if path.exists():
         saved = json.loads(path.read_text())
-        defaults = jsonable(training.default_config(config.model_preset).to_dict())
-        changed = sorted(_differences(saved["config"], wanted, defaults))
+        changed = config_changes(saved["config"], config)
         if changed:
             raise ValueError(f"{run_dir} holds a point of another config (fields {changed}); "
                              f"delete it or pass another --workdir.")
@@ -131,6 +130,15 @@ def valid_curve(records) -> list:
         if r["split"] in ("valid", "valid_final"):
             curve[r["step"]] = r["perplexity"] if "perplexity" in r else r["accuracy"]
     return [[step, value] for step, value in sorted(curve.items())]
+
+
+def config_changes(saved: dict, config: ml_collections.ConfigDict) -> list[str]:
+    """Sorted dotted names of the fields where a saved point's config (JSON) differs from
+    `config`. A field the saved config lacks (a point trained before the field existed) differs
+    only when `config` sets it to other than its default: the default keeps the old behaviour."""
+    defaults = jsonable(training.default_config(config.model_preset).to_dict())
+    wanted = json.loads(json.dumps(jsonable(config.to_dict())))  # as a JSON file reads back
+    return sorted(_differences(saved, wanted, defaults))
 
 
 def _differences(saved, wanted, defaults, prefix=""):
@@ -316,9 +324,10 @@ def run_point(get_config, arg: str, lr, seed: int, root: Path, points: Points | 
     as_json = lambda x: json.loads(json.dumps(x))  # noqa: E731  (as a JSON file reads back)
     path = None if points is None else points.out / f"{name}.json"
     kept = json.loads(path.read_text()) if path is not None and path.exists() else None
-    if kept is not None and kept.get("config") != as_json(jsonable(config.to_dict())):
-        raise ValueError(f"{path} holds point {name} trained with another config: rerun with "
-                         f"the config it records, or give another --out.")
+    changed = [] if kept is None else config_changes(kept.get("config", {}), config)
+    if changed:
+        raise ValueError(f"{path} holds point {name} trained with another config (fields "
+                         f"{changed}): rerun with the config it records, or give another --out.")
     complete = kept is not None and (evaluate is None or "evaluation" in kept)
     if kept is not None and not (root / name / "point.json").exists():
         if complete:

@@ -1,5 +1,7 @@
 """Config validation: every bad value names itself and what is allowed."""
 
+import json
+
 import pytest
 
 from bmojo_jax import ModelConfig
@@ -206,10 +208,17 @@ def test_sweep_rerun_keeps_the_committed_point_record(tmp_path, monkeypatch):
     again = sweep.run_point(tiny.get_config, "bmojo", 3e-3, 0, tmp_path / "root",
                             points=sweep.Points(tmp_path / "out"), overrides=["num_steps=7"])
     assert path.read_text() == written and again["finished_utc"] == first["finished_utc"]
+    # a record from before a config field existed matches while the field keeps its default
+    record = json.loads(written)
+    del record["config"]["data"]["copy_fraction"]
+    path.write_text(json.dumps(record))
+    assert sweep.run_point(tiny.get_config, "bmojo", 3e-3, 0, tmp_path / "root",
+                           points=sweep.Points(tmp_path / "out"),
+                           overrides=["num_steps=7"])["config"] == record["config"]
     monkeypatch.setattr(sweep, "train_point", lambda config, workdir: pytest.fail(
         "a point whose OUT JSON records another config must be refused before training"))
-    with pytest.raises(ValueError, match="bmojo-lr0.003-s0.json holds point bmojo-lr0.003-s0 "
-                                         "trained with another config"):
+    with pytest.raises(ValueError, match=r"bmojo-lr0.003-s0.json holds point bmojo-lr0.003-s0 "
+                                         r"trained with another config \(fields \['num_steps'\]"):
         sweep.run_point(tiny.get_config, "bmojo", 3e-3, 0, tmp_path / "root",
                         points=sweep.Points(tmp_path / "out"), overrides=["num_steps=8"])
 

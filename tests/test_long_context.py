@@ -154,6 +154,34 @@ def test_retrieval_training_rows_end_with_the_answer_of_their_needle(corpus):
         lc.retrieval_training_rows(corpus, corpus.train, 600, 1, labels="prompt")
 
 
+def test_copy_rows_write_one_passage_twice():
+    """copy_training_rows: each row is a run of the filler with one passage of it (4 to
+    (t + 1) // 4 tokens) written again later, at a varying length and distance; every target
+    labelled; a pure function of the seed; clear errors. A filler of distinct tokens
+    (0, 1, 2, ...) makes the passage and the run readable from the row."""
+    filler = np.arange(5_000)
+    inputs, targets = lc.copy_training_rows(filler, 63, 40, seed=3)
+    assert inputs.shape == targets.shape == (40, 63) and inputs.dtype == np.int32
+    np.testing.assert_array_equal(targets[:, :-1], inputs[:, 1:])
+    lengths, distances = set(), set()
+    for row in np.concatenate([inputs, targets[:, -1:]], axis=1):
+        values, counts = np.unique(row, return_counts=True)
+        passage = values[counts == 2]
+        assert counts.max() == 2 and lc.COPY_MIN_SPAN <= len(passage) <= 64 // 4
+        assert np.all(np.diff(passage) == 1)  # a contiguous passage of the filler
+        first, second = (np.array([np.flatnonzero(row == v)[k] for v in passage]) for k in (0, 1))
+        assert np.all(np.diff(second) == 1) and second[0] >= first[-1] + 1
+        assert np.all(np.diff(np.delete(row, second)) == 1)  # the rest: one run of the filler
+        lengths.add(len(passage)), distances.add(int(second[0] - first[0]))
+    assert len(lengths) > 5 and len(distances) > 10
+    np.testing.assert_array_equal(lc.copy_training_rows(filler, 63, 40, seed=3)[0], inputs)
+    assert not np.array_equal(lc.copy_training_rows(filler, 63, 40, seed=4)[0], inputs)
+    with pytest.raises(ValueError, match="length=10: copy rows need at least 15 tokens"):
+        lc.copy_training_rows(filler, 10, 1)
+    with pytest.raises(ValueError, match="the filler holds 50 tokens, fewer than the 64"):
+        lc.copy_training_rows(filler[:50], 63, 1)
+
+
 def test_text_data_mixes_retrieval_rows_into_training_batches(documents, tmp_path):
     """data.retrieval_fraction: the first round(fraction * b) rows of a training batch are
     retrieval rows, the others the plain windows of lm_batch; a pure function of the step;
@@ -169,6 +197,13 @@ def test_text_data_mixes_retrieval_rows_into_training_batches(documents, tmp_pat
         np.testing.assert_array_equal(mixed.train_batch(step)[0], mx)
         assert any(question in mixed.corpus.decode(mx[0])
                    for question in ("What is the pass key?", "What is the special magic number"))
+    copying = data.TextData("text_files", retrieval_fraction=0.5, copy_fraction=0.25, **common)
+    cx, cy = copying.train_batch(7)
+    np.testing.assert_array_equal(cx[:2], mx[:2])  # the retrieval rows first, unchanged
+    np.testing.assert_array_equal(cx[3:], x[3:])  # then one copy row, then the plain window
+    row = np.append(cx[2], cy[2, -1])
+    grams = [tuple(row[j:j + lc.COPY_MIN_SPAN]) for j in range(len(row) - lc.COPY_MIN_SPAN + 1)]
+    assert len(set(grams)) < len(grams) and not np.array_equal(cx[2], x[2])
     answer_only = data.TextData("text_files", retrieval_fraction=0.5, retrieval_labels="answer",
                                 **common).train_batch(7)
     np.testing.assert_array_equal(answer_only[0], mixed.train_batch(7)[0])
@@ -178,8 +213,12 @@ def test_text_data_mixes_retrieval_rows_into_training_batches(documents, tmp_pat
         data.TextData("text_files", retrieval_fraction=1.5, **common)
     with pytest.raises(ValueError, match="retrieval_labels='prompt': allowed values are all"):
         data.TextData("text_files", retrieval_labels="prompt", **common)
-    with pytest.raises(ValueError, match="retrieval_fraction=0.5 on corpus 'text_files' at "
-                                         "seq_len=100: length=.* leaves no room for filler"):
+    with pytest.raises(ValueError, match="retrieval_fraction=0.5 and copy_fraction=0.75: "
+                                         "together at most 1"):
+        data.TextData("text_files", retrieval_fraction=0.5, copy_fraction=0.75, **common)
+    with pytest.raises(ValueError, match="retrieval_fraction=0.5, copy_fraction=0.0 on corpus "
+                                         "'text_files' at seq_len=100: length=.* leaves no room "
+                                         "for filler"):
         data.TextData("text_files", retrieval_fraction=0.5, **{**common, "seq_len": 100})
 
 

@@ -321,6 +321,10 @@ def test_resume_with_a_different_model_fails(run, tmp_path):
     ({"data.retrieval_fraction": 0.5}, "config.data.retrieval_fraction=0.5: corpora only"),
     ({"data.retrieval_fraction": -0.1, "data.name": "ptb", "data.task": {}},
      r"config.data.retrieval_fraction=-0.1: must be a number in \[0, 1\]"),
+    ({"data.copy_fraction": 0.25}, "config.data.copy_fraction=0.25: corpora only"),
+    ({"data.retrieval_fraction": 0.75, "data.copy_fraction": 0.5, "data.name": "ptb",
+      "data.task": {}}, "config.data.retrieval_fraction=0.75 and config.data.copy_fraction=0.5: "
+                        "together at most 1"),
     ({"data.retrieval_labels": "prompt"},
      "config.data.retrieval_labels='prompt': allowed values are all, answer"),
     ({"early_stop.metric": "retrieval_exact", "early_stop.target": 0.9},

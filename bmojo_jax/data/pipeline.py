@@ -31,7 +31,8 @@ import ml_collections
 import numpy as np
 
 from bmojo_jax.config import check_choice
-from bmojo_jax.data.long_context import RETRIEVAL_LABELS, retrieval_training_rows
+from bmojo_jax.data.long_context import (RETRIEVAL_LABELS, copy_training_rows,
+                                         retrieval_training_rows)
 from bmojo_jax.data.synthetic import IGNORE_INDEX, SYNTHETIC_TASKS
 from bmojo_jax.data.text import SPLITS, lm_batch, lm_eval_batches, load_corpus
 
@@ -63,7 +64,8 @@ class TextData:
     def __init__(self, name: str, *, batch_size: int, seq_len: int, seed: int = 0,
                  path: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
                  split_seed: int = 0, bpe_vocab_size: int = 4096, tokenizer=None,
-                 retrieval_fraction: float = 0.0, retrieval_labels: str = "all"):
+                 retrieval_fraction: float = 0.0, retrieval_labels: str = "all",
+                 copy_fraction: float = 0.0):
         """
         Args:
           name: one of `CORPORA`.
@@ -79,17 +81,21 @@ class TextData:
             none. Evaluation batches stay plain text.
           retrieval_labels: which targets of those rows are labelled, "all" or "answer"
             (`long_context.retrieval_training_rows`).
+          copy_fraction: the fraction of each training batch, round(fraction * b) rows (after
+            the retrieval rows), that are training text with one passage written twice
+            (`long_context.copy_training_rows`); 0: none.
 
         Raises:
           MissingDataError: the corpus is not installed; ValueError, FileNotFoundError: as
           `load_corpus`; ValueError: a retrieval_labels not in `RETRIEVAL_LABELS`, a
-          retrieval_fraction outside [0, 1], or one above 0 with a
+          retrieval_fraction or copy_fraction outside [0, 1] or the two above 1 together, a
+          retrieval_fraction above 0 with a
           tokenizer that cannot write the prompts exactly (PTB) or a seq_len too short for the
           prompts of the first `RETRIEVAL_CHECK_STEPS` batches (leave room: the prompts' length
           varies with their keys).
         """
         _check_batch(batch_size, seq_len)
-        check_retrieval_fraction(retrieval_fraction)
+        check_fractions(retrieval_fraction, copy_fraction)
         check_choice("retrieval_labels", retrieval_labels, RETRIEVAL_LABELS)
         self.corpus = load_corpus(name, path=path, seed=split_seed, vocab_size=bpe_vocab_size,
                                   tokenizer=tokenizer)
@@ -98,30 +104,38 @@ class TextData:
         self.batch_size, self.seq_len, self.seed = batch_size, seq_len, seed
         self.retrieval_rows = round(retrieval_fraction * batch_size)
         self.retrieval_labels = retrieval_labels
+        self.copy_rows = round(copy_fraction * batch_size)
         self._retrieval_eval = {}  # split -> (inputs, targets), built on first use
-        if self.retrieval_rows:
+        if self.retrieval_rows or self.copy_rows:
             try:  # a setting that cannot work fails here, before training starts
                 for step in range(RETRIEVAL_CHECK_STEPS):
                     self.train_batch(step)
             except ValueError as error:
-                raise ValueError(f"retrieval_fraction={retrieval_fraction} on corpus {name!r} "
-                                 f"at seq_len={seq_len}: {error}") from None
+                raise ValueError(f"retrieval_fraction={retrieval_fraction}, copy_fraction="
+                                 f"{copy_fraction} on corpus {name!r} at seq_len={seq_len}: "
+                                 f"{error}") from None
 
     def train_batch(self, step: int):
         """(inputs, targets) int32 [b, t] of step `step`: a pure function of (step, seed). The
-        first `retrieval_rows` rows are retrieval prompts (`retrieval_training_rows`, seeded by
-        (seed, step)), the others random windows (`lm_batch`)."""
+        first `retrieval_rows` rows are retrieval prompts (`retrieval_training_rows`), the next
+        `copy_rows` copy rows (`copy_training_rows`), both seeded by (seed, step); the others
+        random windows (`lm_batch`)."""
         inputs, targets = lm_batch(self.corpus.train, self.batch_size, self.seq_len, step,
                                    self.seed)
-        if self.retrieval_rows:
-            # lm_batch's inputs and targets are shifted views of one array: unlabelled targets
-            # written into one would overwrite tokens of the other
-            inputs, targets = inputs.copy(), targets.copy()
-            rows_seed = int(np.random.default_rng([self.seed, step, 1]).integers(2 ** 31))
-            n = self.retrieval_rows
+        n, c = self.retrieval_rows, self.copy_rows
+        if not (n or c):
+            return inputs, targets
+        # lm_batch's inputs and targets are shifted views of one array: unlabelled targets
+        # written into one would overwrite tokens of the other
+        inputs, targets = inputs.copy(), targets.copy()
+        rows_seed = int(np.random.default_rng([self.seed, step, 1]).integers(2 ** 31))
+        if n:
             inputs[:n], targets[:n] = retrieval_training_rows(
                 self.corpus, self.corpus.train, self.seq_len, n, seed=rows_seed,
                 labels=self.retrieval_labels)
+        if c:
+            inputs[n:n + c], targets[n:n + c] = copy_training_rows(
+                self.corpus.train, self.seq_len, c, seed=rows_seed)
         return inputs, targets
 
     def eval_batches(self, split: str, batch_size: int, seq_len: int):
@@ -234,11 +248,20 @@ class SyntheticData:
         return None
 
 
-def check_retrieval_fraction(value, name: str = "retrieval_fraction") -> None:
-    """ValueError naming `name` and `value` unless value is a number in [0, 1]."""
-    if not (isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value <= 1):
-        raise ValueError(f"{name}={value!r}: must be a number in [0, 1] (the fraction of each "
-                         f"training batch).")
+def check_fractions(retrieval_fraction, copy_fraction, prefix: str = "") -> None:
+    """ValueError naming the field and its value unless retrieval_fraction and copy_fraction
+    are numbers in [0, 1] with a sum of at most 1 (fractions of one training batch); `prefix`
+    goes before the names in the message (e.g. "config.data.")."""
+    for name, value in (("retrieval_fraction", retrieval_fraction),
+                        ("copy_fraction", copy_fraction)):
+        if not (isinstance(value, (int, float)) and not isinstance(value, bool)
+                and 0 <= value <= 1):
+            raise ValueError(f"{prefix}{name}={value!r}: must be a number in [0, 1] (the "
+                             f"fraction of each training batch).")
+    if retrieval_fraction + copy_fraction > 1:
+        raise ValueError(f"{prefix}retrieval_fraction={retrieval_fraction} and "
+                         f"{prefix}copy_fraction={copy_fraction}: together at most 1 (fractions "
+                         f"of one training batch).")
 
 
 def _check_batch(batch_size, seq_len) -> None:
@@ -264,7 +287,8 @@ def load_data(config: ml_collections.ConfigDict, tokenizer=None) -> TextData | S
 
     Reads config.batch_size, config.seed (training-batch order) and config.data: name, seq_len,
     seed (document split, or synthetic-set seed), path ("text_files": a directory, or a
-    comma-separated list of files), bpe_vocab_size, retrieval_fraction, retrieval_labels, task,
+    comma-separated list of files), bpe_vocab_size, retrieval_fraction, retrieval_labels,
+    copy_fraction, task,
     num_train, num_eval.
 
     Raises:
@@ -281,4 +305,5 @@ def load_data(config: ml_collections.ConfigDict, tokenizer=None) -> TextData | S
     return TextData(data.name, path=path, split_seed=data.seed,
                     bpe_vocab_size=data.bpe_vocab_size, tokenizer=tokenizer,
                     retrieval_fraction=data.get("retrieval_fraction", 0.0),
-                    retrieval_labels=data.get("retrieval_labels", "all"), **common)
+                    retrieval_labels=data.get("retrieval_labels", "all"),
+                    copy_fraction=data.get("copy_fraction", 0.0), **common)

@@ -19,7 +19,7 @@ from ml_collections import config_dict
 
 from bmojo_jax import data as data_lib
 from bmojo_jax import sharding as sharding_lib
-from bmojo_jax.data.pipeline import check_retrieval_fraction
+from bmojo_jax.data.pipeline import check_fractions
 from bmojo_jax.config import PRESET_PATTERNS, ModelConfig, check_choice
 from bmojo_jax.model import LanguageModel
 
@@ -64,6 +64,11 @@ def default_config(preset: str = "bmojo") -> ml_collections.ConfigDict:
       data.retrieval_labels: which targets of those rows the loss reads: "all" (default: the
         prompt's text and the answer) or "answer" (the answer's tokens only, so the rows'
         loss is the retrieval alone; our choice, docs/design.md section 7d).
+      data.copy_fraction: corpora only: the fraction of each training batch (round(fraction *
+        batch_size) rows, after the retrieval rows) that are training text with one passage
+        written twice at a random distance (`data.copy_training_rows`); 0.0 (default): none.
+        Our choice, for the long-context suite (docs/design.md section 7d): the copy teaches
+        induction, which the suite's small models do not learn from text and retrieval rows.
       optimizer: lr (peak), schedule ("cosine" | "constant"), warmup_steps, min_lr_ratio (cosine
         end / peak), weight_decay (decoupled, AdamW), clip_norm (global gradient norm), b1, b2, eps.
       num_steps, batch_size: training steps and sequences per step.
@@ -118,7 +123,8 @@ def default_config(preset: str = "bmojo") -> ml_collections.ConfigDict:
         name="ptb", seq_len=128, eval_seq_len=config_dict.placeholder(int),
         path=config_dict.placeholder(str), bpe_vocab_size=4096, seed=0,
         task=ml_collections.ConfigDict(), num_train=10_000, num_eval=1_000,
-        packed_documents=False, retrieval_fraction=0.0, retrieval_labels="all"))
+        packed_documents=False, retrieval_fraction=0.0, retrieval_labels="all",
+        copy_fraction=0.0))
     config.optimizer = ml_collections.ConfigDict(dict(
         lr=1e-3, schedule="cosine", warmup_steps=100, min_lr_ratio=0.1, weight_decay=0.1,
         clip_norm=1.0, b1=0.9, b2=0.95, eps=1e-8))
@@ -211,12 +217,14 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
                          f"({', '.join(data_lib.SYNTHETIC_TASKS)}) take task arguments.")
     _check_early_stop(config, synthetic)
     fraction = config.data.get("retrieval_fraction", 0.0)
-    check_retrieval_fraction(fraction, "config.data.retrieval_fraction")
+    copy_fraction = config.data.get("copy_fraction", 0.0)
+    check_fractions(fraction, copy_fraction, "config.data.")
     check_choice("config.data.retrieval_labels", config.data.get("retrieval_labels", "all"),
                  data_lib.RETRIEVAL_LABELS)
-    if synthetic and fraction:
-        raise ValueError(f"config.data.retrieval_fraction={fraction}: corpora only; the "
-                         f"synthetic task {config.data.name!r} has its own examples.")
+    for name, value in (("retrieval_fraction", fraction), ("copy_fraction", copy_fraction)):
+        if synthetic and value:
+            raise ValueError(f"config.data.{name}={value}: corpora only; the synthetic task "
+                             f"{config.data.name!r} has its own examples.")
     if config.data.get("packed_documents", False):
         if synthetic:
             raise ValueError(f"config.data.packed_documents: the synthetic task "
