@@ -155,11 +155,12 @@ def test_retrieval_training_rows_end_with_the_answer_of_their_needle(corpus):
 
 
 def test_copy_rows_write_one_passage_twice():
-    """copy_training_rows: each row is a run of the filler with one passage of it (4 to
-    (t + 1) // 4 tokens) written again later, at a varying length and distance; every target
-    labelled; a pure function of the seed; clear errors. A filler of distinct tokens
-    (0, 1, 2, ...) makes the passage and the run readable from the row."""
-    filler = np.arange(5_000)
+    """copy_training_rows: each row is a run of the filler with one passage of tokens drawn from
+    it ((t + 1) // 8 to (t + 1) // 4 of them) written twice, at a varying length and distance;
+    every target labelled; a pure function of the seed; clear errors. A filler of a million
+    distinct tokens (0, 1, 2, ...) makes the passage (the tokens that occur twice) and the run
+    readable from the row."""
+    filler = np.arange(10 ** 6)
     inputs, targets = lc.copy_training_rows(filler, 63, 40, seed=3)
     assert inputs.shape == targets.shape == (40, 63) and inputs.dtype == np.int32
     np.testing.assert_array_equal(targets[:, :-1], inputs[:, 1:])
@@ -167,11 +168,14 @@ def test_copy_rows_write_one_passage_twice():
     for row in np.concatenate([inputs, targets[:, -1:]], axis=1):
         values, counts = np.unique(row, return_counts=True)
         passage = values[counts == 2]
-        assert counts.max() == 2 and lc.COPY_MIN_SPAN <= len(passage) <= 64 // 4
-        assert np.all(np.diff(passage) == 1)  # a contiguous passage of the filler
-        first, second = (np.array([np.flatnonzero(row == v)[k] for v in passage]) for k in (0, 1))
-        assert np.all(np.diff(second) == 1) and second[0] >= first[-1] + 1
-        assert np.all(np.diff(np.delete(row, second)) == 1)  # the rest: one run of the filler
+        assert counts.max() == 2 and 64 // 8 <= len(passage) <= 64 // 4
+        first, second = (np.array(sorted(np.flatnonzero(row == v)[k] for v in passage))
+                         for k in (0, 1))
+        assert np.all(np.diff(first) == 1) and np.all(np.diff(second) == 1)
+        np.testing.assert_array_equal(row[first], row[second])
+        assert second[0] > first[-1]
+        rest = np.delete(row, np.concatenate([first, second]))
+        assert np.all(np.diff(rest) == 1)  # the rest: one run of the filler
         lengths.add(len(passage)), distances.add(int(second[0] - first[0]))
     assert len(lengths) > 5 and len(distances) > 10
     np.testing.assert_array_equal(lc.copy_training_rows(filler, 63, 40, seed=3)[0], inputs)
@@ -202,7 +206,8 @@ def test_text_data_mixes_retrieval_rows_into_training_batches(documents, tmp_pat
     np.testing.assert_array_equal(cx[:2], mx[:2])  # the retrieval rows first, unchanged
     np.testing.assert_array_equal(cx[3:], x[3:])  # then one copy row, then the plain window
     row = np.append(cx[2], cy[2, -1])
-    grams = [tuple(row[j:j + lc.COPY_MIN_SPAN]) for j in range(len(row) - lc.COPY_MIN_SPAN + 1)]
+    span = len(row) // 8  # the shortest passage, written twice
+    grams = [tuple(row[j:j + span]) for j in range(len(row) - span + 1)]
     assert len(set(grams)) < len(grams) and not np.array_equal(cx[2], x[2])
     answer_only = data.TextData("text_files", retrieval_fraction=0.5, retrieval_labels="answer",
                                 **common).train_batch(7)

@@ -298,29 +298,33 @@ def retrieval_training_rows(tokenizer, filler, length: int, num_examples: int, *
     return inputs, targets
 
 
-# The repeated passage of a copy row is 4 to (t + 1) // 4 tokens long (our choice: a passkey
-# question repeats a phrase of about 4 tokens; a quarter of the row leaves room for both copies).
-COPY_MIN_SPAN = 4
+# The passage of a copy row is (t + 1) // 8 to (t + 1) // 4 tokens long (our choice: long enough
+# that the copy is a large share of the row's loss, short enough that both copies leave room for
+# text).
+COPY_SPAN_FRACTIONS = (8, 4)
 
 
 def copy_training_rows(filler, length: int, num_examples: int, *,
                        seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Language-model training rows of real text in which one passage occurs twice: the copy
-    (induction, Olsson et al. 2022) as a training signal, every target labelled. Our choice, for
-    the long-context suite (docs/design.md section 7d): small models trained on text, even with
-    retrieval rows, learn no induction heads in the suite's budget.
+    """Language-model training rows of real text with one passage of random tokens written twice:
+    the copy (induction, Olsson et al. 2022) as a training signal, every target labelled. Our
+    choice, for the long-context suite (docs/design.md section 7d): the suite's small models learn
+    no induction heads from text and retrieval rows in their budget, and a passage of text
+    repeated is too weak a signal (its second copy is partly predictable without copying); a
+    passage of tokens drawn independently is predictable only by the copy.
 
     Row i (t + 1 tokens) draws from `np.random.default_rng([seed, i])`, in this order: the
-    passage's length m (uniform in [`COPY_MIN_SPAN`, (t + 1) // 4]), the offset of a run of
-    t + 1 - m filler tokens (uniform over the stream), the passage's first place p (uniform in
-    [0, t + 1 - 2m]: the filler's own tokens there) and the place q where it is written again
-    (uniform in [p + m, t + 1 - m]); the row is run[:q] + run[p : p + m] + run[q:]. The second
-    copy starts at an unpredictable place and at an unpredictable distance, so only a search for
-    the earlier occurrence of its first tokens, then a copy, predicts its rest.
+    passage's length m (uniform in [(t + 1) // 8, (t + 1) // 4]), its m tokens (each an
+    independent uniform draw of a filler position: the filler's unigram distribution), the
+    offset of a run of t + 1 - 2m filler tokens (uniform over the stream), and the places of the
+    two copies: the first after p run tokens, the second after q >= p (uniform pairs, sorted).
+    The row is run[:p] + passage + run[p:q] + passage + run[q:]. The second copy starts at an
+    unpredictable place and distance, so only a search for the earlier occurrence of its first
+    tokens, then a copy, predicts its rest.
 
     Args:
       filler: int [N] token stream (e.g. the training split), N >= t + 1.
-      length: t, tokens per row (inputs and targets each), >= 4 * COPY_MIN_SPAN - 1.
+      length: t, tokens per row (inputs and targets each), >= 15.
       num_examples: n >= 1.
       seed: >= 0.
 
@@ -332,19 +336,19 @@ def copy_training_rows(filler, length: int, num_examples: int, *,
     """
     filler = _check_common(filler, length, 0.0, num_examples, seed)
     total = length + 1
-    _require(total // 4 >= COPY_MIN_SPAN, f"length={length}: copy rows need at least "
-             f"{4 * COPY_MIN_SPAN - 1} tokens (two passages of {COPY_MIN_SPAN}).")
+    shortest, longest = (total // k for k in COPY_SPAN_FRACTIONS)
+    _require(shortest >= 2, f"length={length}: copy rows need at least 15 tokens.")
     _require(len(filler) >= total, f"the filler holds {len(filler)} tokens, fewer than the "
              f"{total} a copy row of length={length} needs.")
     rows = []
     for i in range(num_examples):
         rng = np.random.default_rng([seed, i])
-        m = int(rng.integers(COPY_MIN_SPAN, total // 4 + 1))
-        offset = int(rng.integers(len(filler) - (total - m) + 1))
-        run = filler[offset:offset + total - m]
-        p = int(rng.integers(total - 2 * m + 1))
-        q = int(rng.integers(p + m, total - m + 1))
-        rows.append(np.concatenate([run[:q], run[p:p + m], run[q:]]))
+        m = int(rng.integers(shortest, longest + 1))
+        passage = filler[rng.integers(len(filler), size=m)]
+        offset = int(rng.integers(len(filler) - (total - 2 * m) + 1))
+        run = filler[offset:offset + total - 2 * m]
+        p, q = np.sort(rng.integers(len(run) + 1, size=2))
+        rows.append(np.concatenate([run[:p], passage, run[p:q], passage, run[q:]]))
     rows = np.stack(rows).astype(np.int32)
     return rows[:, :-1], rows[:, 1:]
 
