@@ -310,12 +310,14 @@ def copy_training_rows(filler, length: int, num_examples: int, *,
     the copy (induction, Olsson et al. 2022) as a training signal, every target labelled. Our
     choice, for the long-context suite (docs/design.md section 7d): the suite's small models learn
     no induction heads from text and retrieval rows in their budget, and a passage of text
-    repeated is too weak a signal (its second copy is partly predictable without copying); a
-    passage of tokens drawn independently is predictable only by the copy.
+    repeated is too weak a signal (its second copy is partly predictable without copying), and
+    so is a passage of the text's frequent tokens (their earlier occurrences are many, so the
+    token does not say where to copy from); a passage of tokens drawn uniformly from the
+    vocabulary of the filler is predictable only by the copy, from a unique earlier occurrence.
 
     Row i (t + 1 tokens) draws from `np.random.default_rng([seed, i])`, in this order: the
-    passage's length m (uniform in [(t + 1) // 8, (t + 1) // 4]), its m tokens (each an
-    independent uniform draw of a filler position: the filler's unigram distribution), the
+    passage's length m (uniform in [(t + 1) // 8, (t + 1) // 4]), its m tokens (independent
+    uniform draws from the distinct tokens of the filler: rare tokens as often as frequent), the
     offset of a run of t + 1 - 2m filler tokens (uniform over the stream), and the places of the
     two copies: the first after p run tokens, the second after q >= p (uniform pairs, sorted).
     The row is run[:p] + passage + run[p:q] + passage + run[q:]. The second copy starts at an
@@ -340,11 +342,11 @@ def copy_training_rows(filler, length: int, num_examples: int, *,
     _require(shortest >= 2, f"length={length}: copy rows need at least 15 tokens.")
     _require(len(filler) >= total, f"the filler holds {len(filler)} tokens, fewer than the "
              f"{total} a copy row of length={length} needs.")
-    rows = []
+    vocabulary, rows = np.unique(filler), []
     for i in range(num_examples):
         rng = np.random.default_rng([seed, i])
         m = int(rng.integers(shortest, longest + 1))
-        passage = filler[rng.integers(len(filler), size=m)]
+        passage = vocabulary[rng.integers(len(vocabulary), size=m)]
         offset = int(rng.integers(len(filler) - (total - 2 * m) + 1))
         run = filler[offset:offset + total - 2 * m]
         p, q = np.sort(rng.integers(len(run) + 1, size=2))
