@@ -298,35 +298,33 @@ def retrieval_training_rows(tokenizer, filler, length: int, num_examples: int, *
     return inputs, targets
 
 
-# The passage of a copy row is (t + 1) // 8 to (t + 1) // 4 tokens long (our choice: long enough
-# that the copy is a large share of the row's loss, short enough that both copies leave room for
-# text).
-COPY_SPAN_FRACTIONS = (8, 4)
+# The passage of a copy row is (t + 1) // 4 to (t + 1) // 2 tokens long (our choice: the copy is
+# a large share of the row's loss, as in the induction test of Olsson et al. 2022, where it is half).
+COPY_SPAN_FRACTIONS = (4, 2)
 
 
 def copy_training_rows(filler, length: int, num_examples: int, *,
                        seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Language-model training rows of real text with one passage of random tokens written twice:
-    the copy (induction, Olsson et al. 2022) as a training signal, every target labelled. Our
-    choice, for the long-context suite (docs/design.md section 7d): the suite's small models learn
-    no induction heads from text and retrieval rows in their budget, and a passage of text
-    repeated is too weak a signal (its second copy is partly predictable without copying), and
-    so is a passage of the text's frequent tokens (their earlier occurrences are many, so the
-    token does not say where to copy from); a passage of tokens drawn uniformly from the
-    vocabulary of the filler is predictable only by the copy, from a unique earlier occurrence.
+    """Training rows of random tokens in which one passage is written twice: the copy
+    (induction, Olsson et al. 2022) as a training signal, every target labelled. Our choice, for
+    the long-context suite (docs/design.md section 7d): the suite's small models learn no
+    induction heads from text and retrieval rows in their budget, nor from passages repeated
+    inside text; rows of random tokens repeated, mixed into the text batches, teach them (the
+    copy is then the only thing to learn in the row). Unlike Olsson's rows (a span, then the same
+    span), the passage's length and the distance between its copies vary, so that a head
+    attending at a fixed distance cannot predict it.
 
     Row i (t + 1 tokens) draws from `np.random.default_rng([seed, i])`, in this order: the
-    passage's length m (uniform in [(t + 1) // 8, (t + 1) // 4]), its m tokens (independent
-    uniform draws from the distinct tokens of the filler: rare tokens as often as frequent), the
-    offset of a run of t + 1 - 2m filler tokens (uniform over the stream), and the places of the
-    two copies: the first after p run tokens, the second after q >= p (uniform pairs, sorted).
-    The row is run[:p] + passage + run[p:q] + passage + run[q:]. The second copy starts at an
-    unpredictable place and distance, so only a search for the earlier occurrence of its first
-    tokens, then a copy, predicts its rest.
+    passage's length m (uniform in [(t + 1) // 4, (t + 1) // 2]), its m tokens, t + 1 - 2m other
+    tokens (all independent uniform draws from the distinct tokens of the filler, so every token
+    is one the model embeds and a copy's source is unique), and the places of the two copies:
+    the first after p of the other tokens, the second after q >= p (uniform pairs, sorted). The
+    row is other[:p] + passage + other[p:q] + passage + other[q:].
 
     Args:
-      filler: int [N] token stream (e.g. the training split), N >= t + 1.
-      length: t, tokens per row (inputs and targets each), >= 15.
+      filler: int [N] token stream (e.g. the training split): its distinct tokens are the
+        vocabulary of the rows.
+      length: t, tokens per row (inputs and targets each), >= 7.
       num_examples: n >= 1.
       seed: >= 0.
 
@@ -334,23 +332,20 @@ def copy_training_rows(filler, length: int, num_examples: int, *,
       (inputs, targets) int32 [n, t]: the row's tokens [0, t) and [1, t + 1).
 
     Raises:
-      ValueError: a bad argument, or a filler stream shorter than t + 1 tokens.
+      ValueError: a bad argument.
     """
     filler = _check_common(filler, length, 0.0, num_examples, seed)
     total = length + 1
     shortest, longest = (total // k for k in COPY_SPAN_FRACTIONS)
-    _require(shortest >= 2, f"length={length}: copy rows need at least 15 tokens.")
-    _require(len(filler) >= total, f"the filler holds {len(filler)} tokens, fewer than the "
-             f"{total} a copy row of length={length} needs.")
+    _require(shortest >= 2, f"length={length}: copy rows need at least 7 tokens.")
     vocabulary, rows = np.unique(filler), []
     for i in range(num_examples):
         rng = np.random.default_rng([seed, i])
         m = int(rng.integers(shortest, longest + 1))
         passage = vocabulary[rng.integers(len(vocabulary), size=m)]
-        offset = int(rng.integers(len(filler) - (total - 2 * m) + 1))
-        run = filler[offset:offset + total - 2 * m]
-        p, q = np.sort(rng.integers(len(run) + 1, size=2))
-        rows.append(np.concatenate([run[:p], passage, run[p:q], passage, run[q:]]))
+        other = vocabulary[rng.integers(len(vocabulary), size=total - 2 * m)]
+        p, q = np.sort(rng.integers(len(other) + 1, size=2))
+        rows.append(np.concatenate([other[:p], passage, other[p:q], passage, other[q:]]))
     rows = np.stack(rows).astype(np.int32)
     return rows[:, :-1], rows[:, 1:]
 

@@ -82,8 +82,8 @@ class TextData:
           retrieval_labels: which targets of those rows are labelled, "all" or "answer"
             (`long_context.retrieval_training_rows`).
           copy_fraction: the fraction of each training batch, round(fraction * b) rows (after
-            the retrieval rows), that are training text with one passage of random tokens
-            written twice (`long_context.copy_training_rows`); 0: none.
+            the retrieval rows), that are random tokens of the training split's vocabulary with
+            one passage written twice (`long_context.copy_training_rows`); 0: none.
 
         Raises:
           MissingDataError: the corpus is not installed; ValueError, FileNotFoundError: as

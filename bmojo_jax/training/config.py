@@ -65,9 +65,8 @@ def default_config(preset: str = "bmojo") -> ml_collections.ConfigDict:
         prompt's text and the answer) or "answer" (the answer's tokens only, so the rows'
         loss is the retrieval alone; our choice, docs/design.md section 7d).
       data.copy_fraction: corpora only: the fraction of each training batch (round(fraction *
-        batch_size) rows, after the retrieval rows) that are training text with one passage of
-        random tokens written twice at a random distance (`data.copy_training_rows`); 0.0
-        (default): none.
+        batch_size) rows, after the retrieval rows) that are random tokens with one passage
+        written twice at a random distance (`data.copy_training_rows`); 0.0 (default): none.
         Our choice, for the long-context suite (docs/design.md section 7d): the copy teaches
         induction, which the suite's small models do not learn from text and retrieval rows.
       optimizer: lr (peak), schedule ("cosine" | "constant"), warmup_steps, min_lr_ratio (cosine
