@@ -207,6 +207,11 @@ def test_text_data_mixes_retrieval_rows_into_training_batches(documents, tmp_pat
     span = len(row) // 8  # the shortest passage, written twice
     grams = [tuple(row[j:j + span]) for j in range(len(row) - span + 1)]
     assert len(set(grams)) < len(grams) and not np.array_equal(cx[2], x[2])
+    assert set(np.unique(cx[2])) <= set(np.unique(copying.corpus.train))
+    halves = data.TextData("text_files", retrieval_fraction=0.3, copy_fraction=0.7,
+                           **{**common, "batch_size": 5})  # round(1.5) + round(3.5) = 6 rows
+    assert (halves.retrieval_rows, halves.copy_rows) == (2, 3)
+    assert halves.train_batch(0)[0].shape == (5, 600)
     answer_only = data.TextData("text_files", retrieval_fraction=0.5, retrieval_labels="answer",
                                 **common).train_batch(7)
     np.testing.assert_array_equal(answer_only[0], mixed.train_batch(7)[0])

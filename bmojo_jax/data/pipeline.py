@@ -104,7 +104,11 @@ class TextData:
         self.batch_size, self.seq_len, self.seed = batch_size, seq_len, seed
         self.retrieval_rows = round(retrieval_fraction * batch_size)
         self.retrieval_labels = retrieval_labels
-        self.copy_rows = round(copy_fraction * batch_size)
+        # round() halves to even: 0.3 and 0.7 of 5 rows would make 2 + 4
+        self.copy_rows = min(round(copy_fraction * batch_size), batch_size - self.retrieval_rows)
+        # the copy rows' tokens: the training split's distinct tokens, found once (a sort of the
+        # whole split at every step otherwise)
+        self._copy_vocabulary = np.unique(self.corpus.train) if self.copy_rows else None
         self._retrieval_eval = {}  # split -> (inputs, targets), built on first use
         if self.retrieval_rows or self.copy_rows:
             try:  # a setting that cannot work fails here, before training starts
@@ -135,7 +139,7 @@ class TextData:
                 labels=self.retrieval_labels)
         if c:
             inputs[n:n + c], targets[n:n + c] = copy_training_rows(
-                self.corpus.train, self.seq_len, c, seed=rows_seed)
+                self._copy_vocabulary, self.seq_len, c, seed=rows_seed)
         return inputs, targets
 
     def eval_batches(self, split: str, batch_size: int, seq_len: int):
