@@ -46,6 +46,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from bmojo_jax import data as data_lib
 from bmojo_jax.config import ModelConfig
 
 
@@ -288,8 +289,7 @@ def induction_test(model, low: int, high: int, *, span: int = 64, batch_size: in
     if span < 2 or not 0 <= low < high:
         raise ValueError(f"induction_test: span={span} must be >= 2 and [low, high) = "
                          f"[{low}, {high}) a non-empty range of token ids >= 0.")
-    tokens = np.random.default_rng(seed).integers(low, high, size=(batch_size, span))
-    rows = np.concatenate([tokens, tokens], axis=1).astype(np.int32)
+    rows = data_lib.repeated_span(np.arange(low, high), span, batch_size, seed=seed)
     log_probs = np.asarray(jax.nn.log_softmax(model(jnp.asarray(rows)), axis=-1), np.float64)
     nll = -np.take_along_axis(log_probs[:, :-1], rows[:, 1:, None], axis=-1)[..., 0]  # [b, 2s-1]
     predicted = log_probs[:, :-1].argmax(-1)

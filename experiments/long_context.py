@@ -5,6 +5,9 @@ text:
   MK-NIAH): accuracy by context length and needle depth, greedy decoding through
   `bmojo_jax.generate` (parallel prefill of the prompt, then decode steps on the fixed-size
   streaming state);
+* the copy test (Olsson et al. 2022's repeated random tokens) at every context length L: a span of
+  L / 2 random tokens written twice; the accuracy on the second copy says whether a model copies
+  from L / 2 tokens back, with no prompt format to learn;
 * perplexity against context length on the longest held-out documents, scoring the last
   `score_tokens` of every window so that every length is scored on the same tokens.
 
@@ -42,7 +45,7 @@ from bmojo_jax.data import long_context as lc
 from experiments import plotting
 
 NAME = "long_context"
-TASKS = ("passkey", "needle", "perplexity")
+TASKS = ("passkey", "needle", "copy", "perplexity")
 RETRIEVAL = {"passkey": "passkey retrieval", "needle": "multi-key needle in a haystack"}
 FILLERS = ("test", "austen", "shakespeare")
 # Tokens generated per prompt: one per character of " " + the longest answer, room for any
@@ -192,6 +195,32 @@ def retrieval(model, tokenizer, task: str, length: int, filler: np.ndarray, s: S
             "seconds": seconds}
 
 
+def copy_test(model, corpus, lengths: Sequence[int], s: Settings) -> dict:
+    """The copy test at every context length (`lc.copy_test_rows`: `s.examples` rows of tokens
+    drawn uniformly from the distinct tokens of the training split, so every token is one the
+    model embeds), through the library's evaluation step.
+
+    Returns:
+      {length: {"accuracy": argmax accuracy on the second copy's predictable tokens, "loss": their
+      mean NLL (nats/token; a model that does not copy pays about ln of the vocabulary),
+      "seconds"}}.
+    """
+    vocabulary = np.unique(corpus.train)
+    eval_step = training.make_eval_step(model.config)
+    params = nnx.state(model, nnx.Param)
+    out = {}
+    for length in lengths:
+        inputs, targets = lc.copy_test_rows(vocabulary, length, s.examples, seed=s.seed)
+        batches = list(zip(_batches(inputs, s.batch_size, 0),
+                           _batches(targets, s.batch_size, data_lib.IGNORE_INDEX)))
+        tic = time.perf_counter()
+        result = training.evaluate(eval_step, params, batches, with_accuracy=True)
+        out[str(length)] = dict(accuracy=result["accuracy"], loss=result["loss"],
+                                seconds=time.perf_counter() - tic)
+        print(f"[{NAME}] copy at {length} tokens: accuracy {result['accuracy']:.2f}", flush=True)
+    return out
+
+
 def perplexity(model, corpus, lengths: Sequence[int], score_tokens: int, s: Settings) -> dict:
     """Test perplexity at every context length on the same scored tokens (`lc.scoring_ends`,
     `lc.scored_windows`), through the library's evaluation step.
@@ -247,6 +276,8 @@ def evaluate_model(m: Model, s: Settings) -> dict:
             summary = (f"skipped: {cell['skipped']}" if "skipped" in cell else
                        f"accuracy {np.mean(list(cell['accuracy'].values())):.2f}")
             print(f"[{NAME}] {m.name} {task} at {length} tokens: {summary}", flush=True)
+    if "copy" in s.tasks:
+        record["copy"] = copy_test(model, corpus, lengths, s)
     if "perplexity" in s.tasks:
         record["perplexity"] = perplexity(model, corpus, lengths, score_tokens, s)
     return record
@@ -307,6 +338,18 @@ def markdown(record: dict) -> str:
                 lines.append(f"| {n:,} | {n / t:g} | " + " | ".join(cells) + f" | {mean} |")
             reasons = sorted({c["skipped"] for c in m[task].values() if "skipped" in c})
             lines += [""] + [f"— not run: {r}" for r in reasons] + ([""] if reasons else [])
+        if "copy" in m:
+            lines += [f"**Copy**: the second copy of {s['examples']} spans of L / 2 + 1 random "
+                      f"tokens, each written twice (accuracy: the argmax is the copied token; "
+                      f"a model that does not copy scores about 0% and ln "
+                      f"{m['vocab_size']:,} = {np.log(m['vocab_size']):.2f} nats).\n",
+                      "| length | x T | copy distance (tokens) | accuracy (%) | loss (nats/token) |",
+                      "|---:|---:|---:|---:|---:|"]
+            for n in m["lengths"]:
+                r = m["copy"][str(n)]
+                lines.append(f"| {n:,} | {n / t:g} | {n // 2 + 1:,} | {100 * r['accuracy']:.0f} | "
+                             f"{r['loss']:.2f} |")
+            lines.append("")
         if "perplexity" in m:
             p = m["perplexity"]
             documents = ", ".join(f"{d:,}" for d in p["documents"])
@@ -335,7 +378,10 @@ def markdown(record: dict) -> str:
         f"every length and depth. Answers: greedy decoding with `bmojo_jax.generate` (parallel "
         f"prefill, then decode steps on the fixed-size state of every model but full attention, "
         f"whose KV cache grows with the length); a prompt counts as answered when the "
-        f"continuation's leading digits equal the key exactly. Perplexity: windows of L tokens "
+        f"continuation's leading digits equal the key exactly. Copy (`copy_test_rows`): "
+        f"tokens drawn uniformly from the distinct tokens of the training split, scored in one "
+        f"parallel forward pass (teacher-forced), only the second copy's tokens after its first. "
+        f"Perplexity: windows of L tokens "
         f"ending at the same positions for every L, inside one document, each run from an empty "
         f"state; only the last tokens of each window are scored, so every length is scored on "
         f"the same tokens and differences come from the context alone. RoPE positions continue "
@@ -345,13 +391,15 @@ def markdown(record: dict) -> str:
 
 
 def plot(record: dict, path) -> None:
-    """Per model, an accuracy heatmap (length x depth) for each retrieval task; perplexity
-    against length for every model on one axis."""
+    """Per model, an accuracy heatmap (length x depth) for each retrieval task; copy accuracy and
+    perplexity against length, every model on one axis each."""
     plt = plotting.pyplot()
     models, depths = record["models"], record["settings"]["depths"]
     tasks = [task for task in RETRIEVAL if any(task in m for m in models)]
-    with_ppl = any("perplexity" in m for m in models)
-    columns = len(tasks) + with_ppl
+    curves = [(key, label) for key, label in (
+        ("copy", "copy accuracy (%), from L / 2 + 1 tokens back"),
+        ("perplexity", "test perplexity of the same scored tokens")) if any(key in m for m in models)]
+    columns = len(tasks) + len(curves)
     fig = plt.figure(figsize=(4.6 * columns, 0.4 + 3.4 * len(models)))
     grid = fig.add_gridspec(len(models), columns)
     for row, m in enumerate(models):
@@ -372,17 +420,19 @@ def plot(record: dict, path) -> None:
             ax.set_ylabel("context length (tokens)")
             ax.set_title(f"{Path(m['name']).name}: {task} accuracy (%)", fontsize=9)
             fig.colorbar(image, ax=ax, fraction=0.046)
-    if with_ppl:
-        ax = fig.add_subplot(grid[:, -1])
+    for col, (key, label) in enumerate(curves, start=len(tasks)):
+        ax = fig.add_subplot(grid[:, col])
         for m in models:
-            if "perplexity" in m:
-                by = m["perplexity"]["by_length"]
-                ax.plot(m["lengths"], [by[str(n)]["perplexity"] for n in m["lengths"]],
-                        marker="o", label=f"{Path(m['name']).name} (T = {m['train_seq_len']})")
+            if key in m:
+                values = ([100 * m["copy"][str(n)]["accuracy"] for n in m["lengths"]]
+                          if key == "copy" else
+                          [m["perplexity"]["by_length"][str(n)]["perplexity"] for n in m["lengths"]])
+                ax.plot(m["lengths"], values, marker="o",
+                        label=f"{Path(m['name']).name} (T = {m['train_seq_len']})")
                 ax.axvline(m["train_seq_len"], color="gray", ls="--", lw=1)
         ax.set_xscale("log", base=2)
         ax.set_xlabel("context length (tokens); dashed: training context T")
-        ax.set_ylabel("test perplexity of the same scored tokens")
+        ax.set_ylabel(label)
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=8)
     plotting.save(fig, path)

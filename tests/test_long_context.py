@@ -184,6 +184,34 @@ def test_copy_rows_write_one_passage_twice():
         lc.copy_training_rows(filler, 6, 1)
 
 
+def test_copy_test_rows_label_the_second_copy_only():
+    """repeated_span: a span of the vocabulary's tokens, then the same span. copy_test_rows cuts
+    such rows (span length // 2 + 1) to the context length and labels only the second copy after
+    its first token, each target the token after the input's earlier occurrence, so a perfect
+    copier scores 1."""
+    vocabulary = np.array([3, 8, 13, 21, 40])
+    rows = lc.repeated_span(vocabulary, 5, 3, seed=2)
+    assert rows.shape == (3, 10) and rows.dtype == np.int32
+    np.testing.assert_array_equal(rows[:, :5], rows[:, 5:])
+    assert set(np.unique(rows)) <= set(vocabulary)
+    np.testing.assert_array_equal(lc.repeated_span(vocabulary, 5, 3, seed=2), rows)
+    for length in (8, 9):  # s = 5 both times: 2 s - 1 tokens kept, or all 2 s
+        inputs, targets = lc.copy_test_rows(np.arange(10 ** 6), length, 3, seed=1)
+        assert inputs.shape == targets.shape == (3, length)
+        assert np.all(targets[:, :5] == data.IGNORE_INDEX)
+        copier = inputs.copy()
+        copier[:, 5:] = inputs[:, 1:length - 4]  # the token after the earlier occurrence
+        np.testing.assert_array_equal(targets[:, 5:], copier[:, 5:])
+        assert data.accuracy(copier, targets) == 1.0
+        assert data.accuracy(inputs, targets) == 0.0  # distinct tokens: no copy, no credit
+    with pytest.raises(ValueError, match="span=1: must be an integer >= 2"):
+        lc.repeated_span(vocabulary, 1, 3)
+    with pytest.raises(ValueError, match="vocabulary: must be a non-empty 1-D int array"):
+        lc.repeated_span(np.zeros(0, np.int32), 4, 3)
+    with pytest.raises(ValueError, match="length=2: must be an integer >= 3"):
+        lc.copy_test_rows(vocabulary, 2, 3)
+
+
 def test_text_data_mixes_retrieval_rows_into_training_batches(documents, tmp_path):
     """data.retrieval_fraction: the first round(fraction * b) rows of a training batch are
     retrieval rows, the others the plain windows of lm_batch; a pure function of the step;
@@ -305,8 +333,8 @@ def test_perplexity_windows_score_the_same_tokens_at_every_length():
 
 
 def test_settings_errors_are_clear():
-    with pytest.raises(ValueError, match="--tasks=passkey,copy: allowed values"):
-        runner.check_settings(runner.Settings(tasks=("passkey", "copy")))
+    with pytest.raises(ValueError, match="--tasks=passkey,summary: allowed values"):
+        runner.check_settings(runner.Settings(tasks=("passkey", "summary")))
     with pytest.raises(ValueError, match=r"--depths=\(0.5, 2.0\): must be numbers in \[0, 1\]"):
         runner.check_settings(runner.Settings(depths=(0.5, 2.0)))
     with pytest.raises(ValueError, match="--lengths=\\(0,\\): must be positive integers"):
@@ -350,8 +378,11 @@ def test_runner_end_to_end(corpus, documents, tmp_path, monkeypatch):
     assert by_length["320"]["tokens"] == by_length["480"]["tokens"] == 3 * 16
     assert all(np.isfinite(r["perplexity"]) and r["perplexity"] > 1 for r in by_length.values())
     assert m["state_bytes"]["320"] == m["state_bytes"]["480"]  # B'MOJO: constant state
+    for r in m["copy"].values():  # an untrained model of 300 tokens copies next to nothing
+        assert 0 <= r["accuracy"] < 0.1 and np.isfinite(r["loss"]) and r["loss"] > 3
     text = (out / "long_context.md").read_text()
     assert "Command: `python -m test`" in text and "| 480 | 15 |" in text
+    assert "**Copy**" in text and "| 480 | 15 | 241 |" in text
 
     def evaluate(m, s):
         assert m.step == 1, "the record of step 0 with the same settings must be reused"

@@ -350,6 +350,64 @@ def copy_training_rows(filler, length: int, num_examples: int, *,
     return rows[:, :-1], rows[:, 1:]
 
 
+def repeated_span(vocabulary, span: int, num_examples: int, *, seed: int = 0) -> np.ndarray:
+    """Olsson et al.'s (2022, section 2) rows for the copy test: `span` random tokens, then the
+    same `span` again, so the second copy is predictable only by copying.
+
+    Args:
+      vocabulary: int [V] the tokens to draw from (uniformly, independently).
+      span: tokens per copy, >= 2.
+      num_examples: n >= 1.
+      seed: the numpy seed; the draws are `np.random.default_rng(seed).integers(V, size=(n,
+        span))`.
+
+    Returns:
+      int32 [n, 2 span].
+
+    Raises:
+      ValueError: a bad argument.
+    """
+    vocabulary = np.asarray(vocabulary)
+    _require(vocabulary.ndim == 1 and vocabulary.size >= 1 and
+             np.issubdtype(vocabulary.dtype, np.integer),
+             f"vocabulary: must be a non-empty 1-D int array; got {vocabulary.dtype} "
+             f"{vocabulary.shape}.")
+    _require(_is_int(span) and span >= 2, f"span={span}: must be an integer >= 2.")
+    _require(_is_int(num_examples) and num_examples >= 1,
+             f"num_examples={num_examples}: must be an integer >= 1.")
+    _require(_is_int(seed) and seed >= 0, f"seed={seed}: must be an integer >= 0.")
+    tokens = vocabulary[np.random.default_rng(seed).integers(len(vocabulary),
+                                                             size=(num_examples, span))]
+    return np.concatenate([tokens, tokens], axis=1).astype(np.int32)
+
+
+def copy_test_rows(vocabulary, length: int, num_examples: int, *,
+                   seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """The copy test at a context length: `repeated_span` rows with span s = length // 2 + 1,
+    cut to length + 1 tokens, only the second copy's predictable tokens labelled, so a model's
+    accuracy on them says whether it copies from s tokens back (our choice, for the long-context
+    suite: retrieval from beyond a memory's reach without a prompt format to learn).
+
+    Args:
+      vocabulary: int [V] the tokens to draw from.
+      length: t, tokens per row (inputs and targets each), >= 3.
+      num_examples: n >= 1; seed: >= 0.
+
+    Returns:
+      (inputs, targets) int32 [n, t]; targets[:, j] is `IGNORE_INDEX` for j < s (the first copy
+      and the second's first token, which nothing predicts) and the copied token for j >= s.
+
+    Raises:
+      ValueError: a bad argument.
+    """
+    _require(_is_int(length) and length >= 3, f"length={length}: must be an integer >= 3.")
+    span = length // 2 + 1
+    rows = repeated_span(vocabulary, span, num_examples, seed=seed)[:, :length + 1]
+    targets = rows[:, 1:].copy()
+    targets[:, :span] = IGNORE_INDEX
+    return rows[:, :-1], targets
+
+
 def answer_correct(continuation: str, answer: str) -> bool:
     """Whether a continuation writes exactly the answer's digits: after optional whitespace, the
     run of digits it starts with equals `answer` (so "71432." and " 71432" are right, "7143",
