@@ -307,6 +307,15 @@ def _memories(m: dict) -> str:
     return "".join(", " + w for w in words)
 
 
+def _by_length(m: dict, columns: Sequence[str], cells) -> list:
+    """A markdown table of one model with a row per context length n: "| n | n / T |" and then
+    `cells(n)` (strings) under `columns`; a blank line after it."""
+    t = m["train_seq_len"]
+    return ["| length | x T | " + " | ".join(columns) + " |",
+            "|---:|---:|" + "---:|" * len(columns),
+            *(f"| {n:,} | {n / t:g} | " + " | ".join(cells(n)) + " |" for n in m["lengths"]), ""]
+
+
 def markdown(record: dict) -> str:
     """The tables of every model and the method, from the record."""
     s = record["settings"]
@@ -326,30 +335,25 @@ def markdown(record: dict) -> str:
         for task, title in RETRIEVAL.items():
             if task not in m:
                 continue
-            grid = _accuracy_grid(m, task, depths)
+            grid = dict(zip(m["lengths"], _accuracy_grid(m, task, depths)))
             lines += [f"**{title[0].upper() + title[1:]}**: accuracy (%) of {s['examples']} "
                       f"prompts per cell, by context length (tokens) and depth of the asked "
                       f"needle.\n",
-                      "| length | x T | " + " | ".join(f"depth {d:g}" for d in depths) +
-                      " | mean |", "|---:|---:|" + "---:|" * (len(depths) + 1)]
-            for n, row in zip(m["lengths"], grid):
-                cells = ["—" if np.isnan(a) else f"{100 * a:.0f}" for a in row]
-                mean = "—" if np.isnan(row).all() else f"{100 * np.nanmean(row):.0f}"
-                lines.append(f"| {n:,} | {n / t:g} | " + " | ".join(cells) + f" | {mean} |")
+                      *_by_length(m, [f"depth {d:g}" for d in depths] + ["mean"], lambda n: [
+                          *("—" if np.isnan(a) else f"{100 * a:.0f}" for a in grid[n]),
+                          "—" if np.isnan(grid[n]).all() else f"{100 * np.nanmean(grid[n]):.0f}"])]
             reasons = sorted({c["skipped"] for c in m[task].values() if "skipped" in c})
-            lines += [""] + [f"— not run: {r}" for r in reasons] + ([""] if reasons else [])
+            lines += [f"— not run: {r}" for r in reasons] + ([""] if reasons else [])
         if "copy" in m:
+            copied = m["copy"]
             lines += [f"**Copy**: the second copy of {s['examples']} spans of L / 2 + 1 random "
                       f"tokens, each written twice (accuracy: the argmax is the copied token; "
                       f"a model that does not copy scores about 0% and ln "
                       f"{m['vocab_size']:,} = {np.log(m['vocab_size']):.2f} nats).\n",
-                      "| length | x T | copy distance (tokens) | accuracy (%) | loss (nats/token) |",
-                      "|---:|---:|---:|---:|---:|"]
-            for n in m["lengths"]:
-                r = m["copy"][str(n)]
-                lines.append(f"| {n:,} | {n / t:g} | {n // 2 + 1:,} | {100 * r['accuracy']:.0f} | "
-                             f"{r['loss']:.2f} |")
-            lines.append("")
+                      *_by_length(m, ["copy distance (tokens)", "accuracy (%)",
+                                      "loss (nats/token)"], lambda n: [
+                          f"{n // 2 + 1:,}", f"{100 * copied[str(n)]['accuracy']:.0f}",
+                          f"{copied[str(n)]['loss']:.2f}"])]
         if "perplexity" in m:
             p = m["perplexity"]
             documents = ", ".join(f"{d:,}" for d in p["documents"])
@@ -357,13 +361,10 @@ def markdown(record: dict) -> str:
                       f"length: the last {m['score_tokens']} targets of each of {p['windows']} "
                       f"windows, from the longest held-out documents ({documents} tokens). "
                       f"State: the decoding state of one sequence at that length.\n",
-                      "| length | x T | perplexity | loss (nats/token) | state (MiB) |",
-                      "|---:|---:|---:|---:|---:|"]
-            for n in m["lengths"]:
-                r = p["by_length"][str(n)]
-                lines.append(f"| {n:,} | {n / t:g} | {r['perplexity']:.2f} | {r['loss']:.4f} | "
-                             f"{m['state_bytes'][str(n)] / 2 ** 20:.2f} |")
-            lines.append("")
+                      *_by_length(m, ["perplexity", "loss (nats/token)", "state (MiB)"],
+                                  lambda n: [f"{p['by_length'][str(n)]['perplexity']:.2f}",
+                                             f"{p['by_length'][str(n)]['loss']:.4f}",
+                                             f"{m['state_bytes'][str(n)] / 2 ** 20:.2f}"])]
     lines += [
         "## Method\n",
         f"Prompts (`bmojo_jax.data.long_context`; seed {s['seed']}): prefix, filler, needle(s), "
