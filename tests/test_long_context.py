@@ -214,8 +214,9 @@ def test_copy_test_rows_label_the_second_copy_only():
 
 def test_text_data_mixes_retrieval_rows_into_training_batches(documents, tmp_path):
     """data.retrieval_fraction: the first round(fraction * b) rows of a training batch are
-    retrieval rows, the others the plain windows of lm_batch; a pure function of the step;
-    settings that cannot work are refused before training."""
+    retrieval rows, then data.copy_fraction's copy rows, the others the plain windows of
+    lm_batch; with copy_only_steps, the batches before that step are copy rows only; a pure
+    function of the step; settings that cannot work are refused before training."""
     common = dict(batch_size=4, seq_len=600, path=documents, bpe_vocab_size=300)
     plain = data.TextData("text_files", **common)
     mixed = data.TextData("text_files", retrieval_fraction=0.5, **common)
@@ -236,6 +237,17 @@ def test_text_data_mixes_retrieval_rows_into_training_batches(documents, tmp_pat
     grams = [tuple(row[j:j + span]) for j in range(len(row) - span + 1)]
     assert len(set(grams)) < len(grams) and not np.array_equal(cx[2], x[2])
     assert set(np.unique(cx[2])) <= set(np.unique(copying.corpus.train))
+    curriculum = data.TextData("text_files", retrieval_fraction=0.5, copy_fraction=0.25,
+                               copy_only_steps=7, **common)
+    for step in (0, 6):  # copy rows only: every row holds a repeated passage of train tokens
+        ox, oy = curriculum.train_batch(step)
+        np.testing.assert_array_equal(ox[:, 1:], oy[:, :-1])
+        for row in np.concatenate([ox, oy[:, -1:]], axis=1):
+            grams = [tuple(row[j:j + span]) for j in range(len(row) - span + 1)]
+            assert len(set(grams)) < len(grams)
+        assert set(np.unique(ox)) <= set(np.unique(copying.corpus.train))
+    for got, want in zip(curriculum.train_batch(7), (cx, cy)):  # then the mix, as without
+        np.testing.assert_array_equal(got, want)
     halves = data.TextData("text_files", retrieval_fraction=0.3, copy_fraction=0.7,
                            **{**common, "batch_size": 5})  # round(1.5) + round(3.5) = 6 rows
     assert (halves.retrieval_rows, halves.copy_rows) == (2, 3)
@@ -252,6 +264,8 @@ def test_text_data_mixes_retrieval_rows_into_training_batches(documents, tmp_pat
     with pytest.raises(ValueError, match="retrieval_fraction=0.5 and copy_fraction=0.75: "
                                          "together at most 1"):
         data.TextData("text_files", retrieval_fraction=0.5, copy_fraction=0.75, **common)
+    with pytest.raises(ValueError, match="copy_only_steps=-1: must be an integer >= 0"):
+        data.TextData("text_files", copy_only_steps=-1, **common)
     with pytest.raises(ValueError, match="retrieval_fraction=0.5, copy_fraction=0.0 on corpus "
                                          "'text_files' at seq_len=100: length=.* leaves no room "
                                          "for filler"):

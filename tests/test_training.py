@@ -325,6 +325,8 @@ def test_resume_with_a_different_model_fails(run, tmp_path):
     ({"data.retrieval_fraction": 0.75, "data.copy_fraction": 0.5, "data.name": "ptb",
       "data.task": {}}, "config.data.retrieval_fraction=0.75 and config.data.copy_fraction=0.5: "
                         "together at most 1"),
+    ({"data.copy_only_steps": -1, "data.name": "ptb", "data.task": {}},
+     "config.data.copy_only_steps=-1: must be an integer >= 0"),
     ({"data.retrieval_labels": "prompt"},
      "config.data.retrieval_labels='prompt': allowed values are all, answer"),
     ({"early_stop.metric": "retrieval_exact", "early_stop.target": 0.9},

@@ -65,7 +65,7 @@ class TextData:
                  path: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
                  split_seed: int = 0, bpe_vocab_size: int = 4096, tokenizer=None,
                  retrieval_fraction: float = 0.0, retrieval_labels: str = "all",
-                 copy_fraction: float = 0.0):
+                 copy_fraction: float = 0.0, copy_only_steps: int = 0):
         """
         Args:
           name: one of `CORPORA`.
@@ -84,18 +84,20 @@ class TextData:
           copy_fraction: the fraction of each training batch, round(fraction * b) rows (after
             the retrieval rows), that are random tokens of the training split's vocabulary with
             one passage written twice (`long_context.copy_training_rows`); 0: none.
+          copy_only_steps: the batches of training steps 0 .. copy_only_steps - 1 are copy rows
+            only; the fractions apply from then on (a curriculum: the copy is learned first).
 
         Raises:
           MissingDataError: the corpus is not installed; ValueError, FileNotFoundError: as
           `load_corpus`; ValueError: a retrieval_labels not in `RETRIEVAL_LABELS`, a
           retrieval_fraction or copy_fraction outside [0, 1] or the two above 1 together, a
-          retrieval_fraction above 0 with a
+          copy_only_steps not an integer >= 0, a retrieval_fraction above 0 with a
           tokenizer that cannot write the prompts exactly (PTB) or a seq_len too short for the
           prompts of the first `RETRIEVAL_CHECK_STEPS` batches (leave room: the prompts' length
           varies with their keys).
         """
         _check_batch(batch_size, seq_len)
-        check_fractions(retrieval_fraction, copy_fraction)
+        check_row_mix(retrieval_fraction, copy_fraction, copy_only_steps)
         check_choice("retrieval_labels", retrieval_labels, RETRIEVAL_LABELS)
         self.corpus = load_corpus(name, path=path, seed=split_seed, vocab_size=bpe_vocab_size,
                                   tokenizer=tokenizer)
@@ -106,14 +108,16 @@ class TextData:
         self.retrieval_labels = retrieval_labels
         # round() halves to even: 0.3 and 0.7 of 5 rows would make 2 + 4
         self.copy_rows = min(round(copy_fraction * batch_size), batch_size - self.retrieval_rows)
+        self.copy_only_steps = copy_only_steps
         # the copy rows' tokens: the training split's distinct tokens, found once (a sort of the
         # whole split at every step otherwise)
-        self._copy_vocabulary = np.unique(self.corpus.train) if self.copy_rows else None
+        self._copy_vocabulary = (np.unique(self.corpus.train)
+                                 if self.copy_rows or copy_only_steps else None)
         self._retrieval_eval = {}  # split -> (inputs, targets), built on first use
-        if self.retrieval_rows or self.copy_rows:
+        if self.retrieval_rows or self.copy_rows or copy_only_steps:
             try:  # a setting that cannot work fails here, before training starts
                 for step in range(RETRIEVAL_CHECK_STEPS):
-                    self.train_batch(step)
+                    self.train_batch(copy_only_steps + step)
             except ValueError as error:
                 raise ValueError(f"retrieval_fraction={retrieval_fraction}, copy_fraction="
                                  f"{copy_fraction} on corpus {name!r} at seq_len={seq_len}: "
@@ -123,7 +127,11 @@ class TextData:
         """(inputs, targets) int32 [b, t] of step `step`: a pure function of (step, seed). The
         first `retrieval_rows` rows are retrieval prompts (`retrieval_training_rows`), the next
         `copy_rows` copy rows (`copy_training_rows`), both seeded by (seed, step); the others
-        random windows (`lm_batch`)."""
+        random windows (`lm_batch`). Before step `copy_only_steps`, every row is a copy row."""
+        rows_seed = int(np.random.default_rng([self.seed, step, 1]).integers(2 ** 31))
+        if step < self.copy_only_steps:
+            return copy_training_rows(self._copy_vocabulary, self.seq_len, self.batch_size,
+                                      seed=rows_seed)
         inputs, targets = lm_batch(self.corpus.train, self.batch_size, self.seq_len, step,
                                    self.seed)
         n, c = self.retrieval_rows, self.copy_rows
@@ -132,7 +140,6 @@ class TextData:
         # lm_batch's inputs and targets are shifted views of one array: unlabelled targets
         # written into one would overwrite tokens of the other
         inputs, targets = inputs.copy(), targets.copy()
-        rows_seed = int(np.random.default_rng([self.seed, step, 1]).integers(2 ** 31))
         if n:
             inputs[:n], targets[:n] = retrieval_training_rows(
                 self.corpus, self.corpus.train, self.seq_len, n, seed=rows_seed,
@@ -252,10 +259,16 @@ class SyntheticData:
         return None
 
 
-def check_fractions(retrieval_fraction, copy_fraction, prefix: str = "") -> None:
+def check_row_mix(retrieval_fraction, copy_fraction, copy_only_steps=0, prefix: str = ""
+                  ) -> None:
     """ValueError naming the field and its value unless retrieval_fraction and copy_fraction
-    are numbers in [0, 1] with a sum of at most 1 (fractions of one training batch); `prefix`
-    goes before the names in the message (e.g. "config.data.")."""
+    are numbers in [0, 1] with a sum of at most 1 (fractions of one training batch) and
+    copy_only_steps an integer >= 0; `prefix` goes before the names in the message (e.g.
+    "config.data.")."""
+    if not (isinstance(copy_only_steps, (int, np.integer)) and not isinstance(copy_only_steps, bool)
+            and copy_only_steps >= 0):
+        raise ValueError(f"{prefix}copy_only_steps={copy_only_steps!r}: must be an integer >= 0 "
+                         f"(training steps).")
     for name, value in (("retrieval_fraction", retrieval_fraction),
                         ("copy_fraction", copy_fraction)):
         if not (isinstance(value, (int, float)) and not isinstance(value, bool)
@@ -292,8 +305,7 @@ def load_data(config: ml_collections.ConfigDict, tokenizer=None) -> TextData | S
     Reads config.batch_size, config.seed (training-batch order) and config.data: name, seq_len,
     seed (document split, or synthetic-set seed), path ("text_files": a directory, or a
     comma-separated list of files), bpe_vocab_size, retrieval_fraction, retrieval_labels,
-    copy_fraction, task,
-    num_train, num_eval.
+    copy_fraction, copy_only_steps, task, num_train, num_eval.
 
     Raises:
       MissingDataError: a corpus is not installed; ValueError: bad task arguments.
@@ -310,4 +322,5 @@ def load_data(config: ml_collections.ConfigDict, tokenizer=None) -> TextData | S
                     bpe_vocab_size=data.bpe_vocab_size, tokenizer=tokenizer,
                     retrieval_fraction=data.get("retrieval_fraction", 0.0),
                     retrieval_labels=data.get("retrieval_labels", "all"),
-                    copy_fraction=data.get("copy_fraction", 0.0), **common)
+                    copy_fraction=data.get("copy_fraction", 0.0),
+                    copy_only_steps=data.get("copy_only_steps", 0), **common)

@@ -19,7 +19,7 @@ from ml_collections import config_dict
 
 from bmojo_jax import data as data_lib
 from bmojo_jax import sharding as sharding_lib
-from bmojo_jax.data.pipeline import check_fractions
+from bmojo_jax.data.pipeline import check_row_mix
 from bmojo_jax.config import PRESET_PATTERNS, ModelConfig, check_choice
 from bmojo_jax.model import LanguageModel
 
@@ -69,6 +69,10 @@ def default_config(preset: str = "bmojo") -> ml_collections.ConfigDict:
         written twice at a random distance (`data.copy_training_rows`); 0.0 (default): none.
         Our choice, for the long-context suite (docs/design.md section 7d): the copy teaches
         induction, which the suite's small models do not learn from text and retrieval rows.
+      data.copy_only_steps: corpora only: the batches of the first copy_only_steps training
+        steps are copy rows only, retrieval_fraction and copy_fraction apply after them; 0
+        (default): none. Our choice (docs/design.md section 7d): a curriculum, the copy learned
+        before the mix.
       optimizer: lr (peak), schedule ("cosine" | "constant"), warmup_steps, min_lr_ratio (cosine
         end / peak), weight_decay (decoupled, AdamW), clip_norm (global gradient norm), b1, b2, eps.
       num_steps, batch_size: training steps and sequences per step.
@@ -124,7 +128,7 @@ def default_config(preset: str = "bmojo") -> ml_collections.ConfigDict:
         path=config_dict.placeholder(str), bpe_vocab_size=4096, seed=0,
         task=ml_collections.ConfigDict(), num_train=10_000, num_eval=1_000,
         packed_documents=False, retrieval_fraction=0.0, retrieval_labels="all",
-        copy_fraction=0.0))
+        copy_fraction=0.0, copy_only_steps=0))
     config.optimizer = ml_collections.ConfigDict(dict(
         lr=1e-3, schedule="cosine", warmup_steps=100, min_lr_ratio=0.1, weight_decay=0.1,
         clip_norm=1.0, b1=0.9, b2=0.95, eps=1e-8))
@@ -218,10 +222,12 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     _check_early_stop(config, synthetic)
     fraction = config.data.get("retrieval_fraction", 0.0)
     copy_fraction = config.data.get("copy_fraction", 0.0)
-    check_fractions(fraction, copy_fraction, "config.data.")
+    copy_only_steps = config.data.get("copy_only_steps", 0)
+    check_row_mix(fraction, copy_fraction, copy_only_steps, "config.data.")
     check_choice("config.data.retrieval_labels", config.data.get("retrieval_labels", "all"),
                  data_lib.RETRIEVAL_LABELS)
-    for name, value in (("retrieval_fraction", fraction), ("copy_fraction", copy_fraction)):
+    for name, value in (("retrieval_fraction", fraction), ("copy_fraction", copy_fraction),
+                        ("copy_only_steps", copy_only_steps)):
         if synthetic and value:
             raise ValueError(f"config.data.{name}={value}: corpora only; the synthetic task "
                              f"{config.data.name!r} has its own examples.")
