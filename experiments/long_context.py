@@ -6,8 +6,8 @@ text:
   `bmojo_jax.generate` (parallel prefill of the prompt, then decode steps on the fixed-size
   streaming state);
 * the copy test (Olsson et al. 2022's repeated random tokens) at every context length L: a span of
-  L / 2 random tokens written twice; the accuracy on the second copy says whether a model copies
-  from L / 2 tokens back, with no prompt format to learn;
+  L / 2 + 1 random tokens written twice (`lc.copy_test_rows`); the accuracy on the second copy
+  says whether a model copies from L / 2 + 1 tokens back, with no prompt format to learn;
 * perplexity against context length on the longest held-out documents, scoring the last
   `score_tokens` of every window so that every length is scored on the same tokens.
 

@@ -266,7 +266,8 @@ def test_text_data_mixes_retrieval_rows_into_training_batches(documents, tmp_pat
         data.TextData("text_files", retrieval_fraction=0.5, copy_fraction=0.75, **common)
     with pytest.raises(ValueError, match="copy_only_steps=-1: must be an integer >= 0"):
         data.TextData("text_files", copy_only_steps=-1, **common)
-    with pytest.raises(ValueError, match="retrieval_fraction=0.5, copy_fraction=0.0 on corpus "
+    with pytest.raises(ValueError, match="retrieval_fraction=0.5, copy_fraction=0.0, "
+                                         "copy_only_steps=0 on corpus "
                                          "'text_files' at seq_len=100: length=.* leaves no room "
                                          "for filler"):
         data.TextData("text_files", retrieval_fraction=0.5, **{**common, "seq_len": 100})

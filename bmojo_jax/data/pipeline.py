@@ -120,7 +120,8 @@ class TextData:
                     self.train_batch(copy_only_steps + step)
             except ValueError as error:
                 raise ValueError(f"retrieval_fraction={retrieval_fraction}, copy_fraction="
-                                 f"{copy_fraction} on corpus {name!r} at seq_len={seq_len}: "
+                                 f"{copy_fraction}, copy_only_steps={copy_only_steps} on corpus "
+                                 f"{name!r} at seq_len={seq_len}: "
                                  f"{error}") from None
 
     def train_batch(self, step: int):
@@ -128,10 +129,9 @@ class TextData:
         first `retrieval_rows` rows are retrieval prompts (`retrieval_training_rows`), the next
         `copy_rows` copy rows (`copy_training_rows`), both seeded by (seed, step); the others
         random windows (`lm_batch`). Before step `copy_only_steps`, every row is a copy row."""
-        rows_seed = int(np.random.default_rng([self.seed, step, 1]).integers(2 ** 31))
         if step < self.copy_only_steps:
             return copy_training_rows(self._copy_vocabulary, self.seq_len, self.batch_size,
-                                      seed=rows_seed)
+                                      seed=self._rows_seed(step))
         inputs, targets = lm_batch(self.corpus.train, self.batch_size, self.seq_len, step,
                                    self.seed)
         n, c = self.retrieval_rows, self.copy_rows
@@ -140,6 +140,7 @@ class TextData:
         # lm_batch's inputs and targets are shifted views of one array: unlabelled targets
         # written into one would overwrite tokens of the other
         inputs, targets = inputs.copy(), targets.copy()
+        rows_seed = self._rows_seed(step)
         if n:
             inputs[:n], targets[:n] = retrieval_training_rows(
                 self.corpus, self.corpus.train, self.seq_len, n, seed=rows_seed,
@@ -148,6 +149,10 @@ class TextData:
             inputs[n:n + c], targets[n:n + c] = copy_training_rows(
                 self._copy_vocabulary, self.seq_len, c, seed=rows_seed)
         return inputs, targets
+
+    def _rows_seed(self, step: int) -> int:
+        """The seed of step `step`'s retrieval and copy rows: a function of (seed, step)."""
+        return int(np.random.default_rng([self.seed, step, 1]).integers(2 ** 31))
 
     def eval_batches(self, split: str, batch_size: int, seq_len: int):
         """[(inputs, targets) int32 [b, t]] covering the whole split (`lm_eval_batches`)."""
