@@ -272,3 +272,19 @@ def test_length_config_file_trains_the_length_tables_points():
         training.validate_config(config)
         assert config == length.point_config(preset, length.budgets()["full"])
     assert config_file.get_config("bmojo").data.name == "books"
+
+
+def test_long_context_config_file_is_valid_for_every_model_of_the_suite():
+    """experiments/configs/long_context.py: a valid training config for every preset and
+    bmojo_storage (the curriculum's row mix included), the storage knobs on bmojo_storage only;
+    anything else is refused by name."""
+    import bmojo_jax as bj
+    from bmojo_jax import training
+    from experiments.configs import long_context
+    for arg in (*bj.PRESETS, "bmojo_storage"):
+        config = long_context.get_config(arg)
+        training.validate_config(config)
+        assert bool(config.model.storage_slots) == (arg == "bmojo_storage")
+        assert config.data.copy_only_steps < config.num_steps
+    with pytest.raises(ValueError, match="'bmojo_storge'"):
+        long_context.get_config("bmojo_storge")
