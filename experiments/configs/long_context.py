@@ -1,8 +1,8 @@
 """The models of the long-context suite (docs/design.md section 7d): every preset at one size,
 trained on Austen at context T = 256 tokens, then evaluated by `experiments.long_context` at 1x
-to 64x T. A curriculum: the first 2500 steps are copy rows only (`data.copy_only_steps`: random
-tokens written twice at a varying distance), the rest mix, per batch of 16, 10 passkey and
-multi-key needle prompts followed by their answers (`data.retrieval_fraction`), 2 copy rows
+to 64x T. A curriculum: the first 3500 of 5500 steps are copy rows only (`data.copy_only_steps`:
+random tokens written twice at a varying distance), the rest mix, per batch of 16, 10 passkey
+and multi-key needle prompts followed by their answers (`data.retrieval_fraction`), 2 copy rows
 (`data.copy_fraction`) and 4 rows of text.
 
     python -m experiments.train --config=experiments/configs/long_context.py:bmojo \\
@@ -13,23 +13,26 @@ The argument is a preset (transformer, swa, mamba, hybrid, bmojo_f, bmojo) or `b
 bmojo with the in-storage eidetic memory (storage_slots = 16,384, enough for every evaluated
 context; storage_topk = 32).
 
-Our choices: the retrieval rows, because a model of this size trained on text alone never
-retrieves (B'MOJO scored 0 everywhere after 400 steps of plain text, and a Transformer after 1000
-steps with half the rows retrieval prompts still wrote a fixed number); the copy rows first,
-because without them the Transformer never learned to copy from its context within 5000 steps
-(no induction: held-out answers 51% of tokens, 9% whole), and copy rows mixed in from the start
-(a half or three quarters of each batch) did not teach it either, while copy rows alone did by
-step 2000, after which it answered 81% of tokens and 45% of prompts whole; a few copy rows after
-the switch, because without them the copy of random tokens was forgotten (the suite's copy test
-measures it); 5000 steps at a peak
-learning rate of 3e-3 (with three quarters of the rows retrieval prompts, the Transformer wrote
-keys of the right form from step 1000 but, at step 2000 of 2500, predicted only 34% of a passkey's
-digits given the ones before: its copy was still being learned); T = 256, the smallest context
-that holds a needle prompt (about 200 tokens) with room for filler; 2 layers of d_model 128 and a
-window of 64, so that at T the needle is mostly beyond SWA's and B'MOJO's window. Every
-validation also scores 64 held-out retrieval prompts of the validation split teacher-forced
-(`retrieval_accuracy`, `retrieval_exact`: the fraction answered exactly), and a run stops once 95%
-are (the step cap otherwise).
+Our choices: the retrieval rows, because a model of this size trained on text alone never retrieves
+(B'MOJO scored 0 everywhere after 400 steps of plain text, and a Transformer after 1000 steps with
+half the rows retrieval prompts still wrote a fixed number); the copy rows first, because without
+them the Transformer never learned to copy from its context within 5000 steps (no induction:
+held-out answers 51% of tokens, 9% whole), and copy rows mixed in from the start (a half or three
+quarters of each batch) did not teach it either, while copy rows alone did by step 2000; 3500 of
+them, because B'MOJO's copy formed later (its loss on the copy rows began to fall at step 2250 and
+was still falling when a curriculum of 2500 steps ended; cut there, it copied 28% of a span of 128
+and 7% after 500 steps of the mix); 2000 steps of the mix after it, in which the Transformer's
+held-out retrieval rose to its plateau (0.79 of answer tokens, 39% whole, within 1000-2000 steps);
+a few copy rows in the mix, because without them the copy of random tokens was forgotten (with
+them, the Transformer still copies 96% / 87% / 60% of a span of 128 / 64 / 32 at the end; the
+suite's copy test measures it); a peak learning rate of 3e-3 (with three quarters of the rows
+retrieval prompts, the Transformer wrote keys of the right form from step 1000 but, at step 2000 of
+2500, predicted only 34% of a passkey's digits given the ones before: its copy was still being
+learned); T = 256, the smallest context that holds a needle prompt (about 200 tokens) with room for
+filler; 2 layers of d_model 128 and a window of 64, so that at T the needle is mostly beyond SWA's
+and B'MOJO's window. Every validation also scores 64 held-out retrieval prompts of the validation
+split teacher-forced (`retrieval_accuracy`, `retrieval_exact`: the fraction answered exactly), and
+a run stops once 95% are (the step cap otherwise).
 """
 
 from bmojo_jax import PRESETS
@@ -47,10 +50,10 @@ def get_config(arg: str = "bmojo"):
     config.model.update(d_model=128, n_layers=2, n_heads=4, window=64)
     if arg == "bmojo_storage":
         config.model.update(**STORAGE)
-    config.data.update(name="austen", seq_len=256, bpe_vocab_size=4096, copy_only_steps=2500,
+    config.data.update(name="austen", seq_len=256, bpe_vocab_size=4096, copy_only_steps=3500,
                        copy_fraction=0.125, retrieval_fraction=0.625)
     config.optimizer.update(lr=3e-3, warmup_steps=100, weight_decay=0.1)
-    config.update(num_steps=5000, batch_size=16, eval_every=250, eval_batches=10,
+    config.update(num_steps=5500, batch_size=16, eval_every=250, eval_batches=10,
                   checkpoint_every=500, max_to_keep=2, log_every=50)
     config.early_stop.update(metric="retrieval_exact", target=0.95)
     config.sample.update(prompt="It is a truth universally acknowledged", max_new_tokens=60)
