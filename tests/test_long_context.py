@@ -315,7 +315,8 @@ def test_answer_correct():
     assert lc.answer_correct(" 71432. Remember", "71432")
     assert lc.answer_correct("71432", "71432")
     assert lc.answer_correct("\n71432<|endoftext|>", "71432")
-    for wrong in (" 7143", " 714320", " the 71432", "", " 71433"):
+    assert lc.answer_correct(" 714320", "71432")  # what follows the answer is not judged
+    for wrong in (" 7143", " 7 1432", " the 71432", "", " 71433"):
         assert not lc.answer_correct(wrong, "71432")
 
 

@@ -409,11 +409,12 @@ def copy_test_rows(vocabulary, length: int, num_examples: int, *,
 
 
 def answer_correct(continuation: str, answer: str) -> bool:
-    """Whether a continuation writes exactly the answer's digits: after optional whitespace, the
-    run of digits it starts with equals `answer` (so "71432." and " 71432" are right, "7143",
-    "714320" and "the 71432" are wrong). Independent of how the digits were tokenized."""
-    match = re.match(r"\s*(\d+)", continuation)
-    return match is not None and match.group(1) == answer
+    """Whether a continuation starts with the answer's digits, after optional whitespace (so
+    "71432.", " 71432" and " 714320" are right, "7143", "71433" and "the 71432" are wrong).
+    What follows the answer is not judged: Mohtashami and Jaggi 2023 generate as many tokens as
+    the answer has and compare those; our training rows end with the answer, so a model never
+    learns what comes after it. Independent of how the digits were tokenized."""
+    return re.match(r"\s*" + re.escape(answer), continuation) is not None
 
 
 # --------------------------------------------------------------------------------------------------

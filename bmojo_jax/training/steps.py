@@ -283,8 +283,8 @@ def evaluate_retrieval(eval_step, params, batches) -> dict:
       {"retrieval_accuracy": `data.accuracy` of the argmax predictions (per row the fraction of
        its answer tokens predicted, then the mean over rows),
        "retrieval_exact": the fraction of rows whose every answer token is: the rows that greedy
-       decoding answers with exactly the answer's tokens (it could still write a digit after
-       them, which `data.answer_correct` counts wrong)}.
+       decoding answers with exactly the answer's tokens, as `data.answer_correct` counts
+       them}.
 
     Raises:
       ValueError: a row with no labelled target.
