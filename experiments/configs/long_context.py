@@ -42,6 +42,8 @@ STORAGE = dict(storage_slots=16_384, storage_topk=32)
 
 
 def get_config(arg: str = "bmojo"):
+    """The training config (`training.default_config` with the settings above) of one model of
+    the suite. Raises ValueError naming `arg` unless it is a preset or "bmojo_storage"."""
     if arg not in (*PRESETS, "bmojo_storage"):
         raise ValueError(f"long_context config {arg!r}: must be a preset ({', '.join(PRESETS)}) "
                          f"or bmojo_storage.")
