@@ -442,13 +442,14 @@ def plot(record: dict, path) -> None:
 
 def evaluate_cached(m: Model, settings: Settings, cache: Optional[Path]) -> dict:
     """`evaluate_model`, keeping its record in CACHE/<workdir, "/" as "+">.json (None: no cache)
-    with the settings and checkpoint step it was made with, and returning a kept record instead
-    when both are unchanged (our choice: a changed checkpoint or setting is evaluated again and
-    its file replaced)."""
+    with the settings, training config and checkpoint step it was made with, and returning a kept
+    record instead when all three are unchanged (our choice: a model trained again in the same
+    workdir, a changed checkpoint or setting is evaluated again and its file replaced)."""
     if cache is None:
         return evaluate_model(m, settings)
     path = cache / (str(m.name).strip("/").replace("/", "+") + ".json")
-    key = json.loads(json.dumps(dict(settings=dataclasses.asdict(settings), step=m.step)))
+    key = json.loads(json.dumps(dict(settings=dataclasses.asdict(settings), step=m.step,
+                                     config=m.config.to_dict())))
     if path.exists():
         kept = json.loads(path.read_text())
         if {name: kept.get(name) for name in key} == key:

@@ -286,5 +286,24 @@ def test_long_context_config_file_is_valid_for_every_model_of_the_suite():
         training.validate_config(config)
         assert bool(config.model.storage_slots) == (arg == "bmojo_storage")
         assert config.data.copy_only_steps < config.num_steps
+        model_cfg = training.model_config(config, 4096)  # a model used to 64x its context
+        assert training.unfilled_eidetic_buffer(model_cfg, config.data.seq_len) is None, arg
     with pytest.raises(ValueError, match="'bmojo_storge'"):
         long_context.get_config("bmojo_storge")
+
+
+def test_unfilled_eidetic_buffer_warns_of_slots_training_never_fills():
+    """A B'MOJO buffer that training at seq_len never fills (or score eviction) is named with
+    the numbers and the fix; a full one, or a model without eidetic memory, is not."""
+    import bmojo_jax as bj
+    from bmojo_jax import training
+    bmojo = bj.ModelConfig.preset("bmojo", window=64)  # 16 slots, 4 per chunk, lag 2
+    message = training.unfilled_eidetic_buffer(bmojo, 256)
+    assert "eidetic_slots=16" in message and "at most 8" in message
+    assert "seq_len >= 321" in message and "eidetic_slots=8" in message
+    assert training.unfilled_eidetic_buffer(bmojo, 321) is None
+    assert training.unfilled_eidetic_buffer(bmojo.replace(eidetic_slots=8), 256) is None
+    assert "seq_len >= 321" in training.unfilled_eidetic_buffer(bmojo, 128)
+    assert "'score'" in training.unfilled_eidetic_buffer(bmojo.replace(eidetic_eviction="score"), 4096)
+    for preset in ("transformer", "bmojo_f"):
+        assert training.unfilled_eidetic_buffer(bj.ModelConfig.preset(preset), 16) is None

@@ -362,7 +362,8 @@ def test_settings_errors_are_clear():
 @pytest.mark.slow
 def test_runner_end_to_end(corpus, documents, tmp_path, monkeypatch):
     """The suite on a tiny randomly initialised B'MOJO (training context 32), into a tmp dir; a
-    rerun reuses the model's kept record, and a new checkpoint step is evaluated again."""
+    rerun reuses the model's kept record, and a new checkpoint step or a model trained again
+    with another config in the same workdir is evaluated again."""
     config = training.default_config("bmojo")
     config.data.update(name="text_files", path=str(documents), seq_len=32, bpe_vocab_size=300)
     model = bmojo_jax.LanguageModel(bmojo_jax.ModelConfig.preset(
@@ -400,8 +401,11 @@ def test_runner_end_to_end(corpus, documents, tmp_path, monkeypatch):
     assert "Command: `python -m test`" in text and "| 480 | 15 |" in text
     assert "**Copy**" in text and "| 480 | 15 | 241 |" in text
 
+    evaluated = []
+
     def evaluate(m, s):
         assert m.step == 1, "the record of step 0 with the same settings must be reused"
+        evaluated.append(m.config.seed)
         return {**record["models"][0], "step": 1}
 
     monkeypatch.setattr(runner, "evaluate_model", evaluate)
@@ -409,4 +413,9 @@ def test_runner_end_to_end(corpus, documents, tmp_path, monkeypatch):
     assert again["models"] == json.loads(json.dumps(record["models"]))
     newer = runner.run(settings, [random_model._replace(step=1)], out_dir=out,
                        command="python -m test")
-    assert newer["models"][0]["step"] == 1
+    assert newer["models"][0]["step"] == 1 and evaluated == [config.seed]
+    retrained = config.copy_and_resolve_references()
+    retrained.seed = config.seed + 1
+    runner.run(settings, [random_model._replace(step=1, config=retrained)], out_dir=out,
+               command="python -m test")
+    assert evaluated == [config.seed, config.seed + 1]

@@ -17,7 +17,7 @@ from bmojo_jax.training.checkpoints import (CheckpointError, Checkpoints, DataMi
                                             load, load_checkpoint, load_model)
 from bmojo_jax.training.config import (abstract_model, context_length, default_config,
                                        document_separator, model_config, oracle_length,
-                                       validate_config)
+                                       unfilled_eidetic_buffer, validate_config)
 from bmojo_jax.training.loop import TrainingDiverged, evaluate_checkpoint, train_and_evaluate
 from bmojo_jax.training.metrics import read_records
 from bmojo_jax.training.steps import (compiler_options, context_scores, evaluate,
@@ -34,7 +34,7 @@ USER_ERRORS = (ValueError, OSError, CheckpointError, TrainingDiverged, WorkdirEr
 
 __all__ = ["USER_ERRORS", "default_config", "validate_config", "model_config", "abstract_model",
            "oracle_length", "context_length", "context_scores", "load_data", "document_separator",
-           "lm_loss", "compiler_options", "token_nll", "learning_rate_schedule",
+           "unfilled_eidetic_buffer", "lm_loss", "compiler_options", "token_nll", "learning_rate_schedule",
            "weight_decay_mask", "make_optimizer", "make_train_step", "make_eval_step", "evaluate",
            "evaluate_retrieval", "evaluate_split", "read_records", "Checkpoints", "CheckpointError",
            "train_and_evaluate",

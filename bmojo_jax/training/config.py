@@ -22,6 +22,7 @@ from bmojo_jax import sharding as sharding_lib
 from bmojo_jax.data.pipeline import check_row_mix
 from bmojo_jax.config import PRESET_PATTERNS, ModelConfig, check_choice
 from bmojo_jax.model import LanguageModel
+from bmojo_jax.ops import eidetic
 
 SCHEDULES = ("cosine", "constant")
 # What a training step whose loss, gradient norm or updated parameters are not finite does
@@ -363,6 +364,34 @@ def model_config(config: ml_collections.ConfigDict, vocab_size: int) -> ModelCon
     overrides = {k: v for k, v in config.model.items() if v is not None}
     overrides.setdefault("vocab_size", vocab_size)
     return ModelConfig.preset(config.model_preset, **overrides)
+
+
+def unfilled_eidetic_buffer(model_cfg: ModelConfig, seq_len: int) -> str | None:
+    """A warning when a model trained at `seq_len` tokens will read, past that context, eidetic
+    slots older than any it trained on, else None: its `B` layers' buffer never fills within
+    `seq_len` (`ops.eidetic.slots_filled` < eidetic_slots), or keeps tokens of any age
+    (eidetic_eviction="score"). The long-context suite measured such models' perplexity rising
+    tenfold past their training context (docs/design.md section 7d; our choice: a warning, since
+    a model used within its training context is not affected)."""
+    if "B" not in model_cfg.layer_mixers or model_cfg.eidetic_per_chunk == 0:
+        return None
+    window, per_chunk, lag = model_cfg.window, model_cfg.eidetic_per_chunk, model_cfg.eidetic_lag
+    filled = eidetic.slots_filled(seq_len, window=window, per_chunk=per_chunk,
+                                  slots=model_cfg.eidetic_slots, lag=lag)
+    if model_cfg.eidetic_eviction == "score":
+        return (f"ModelConfig.eidetic_eviction='score' keeps eidetic tokens of any age: past "
+                f"config.data.seq_len={seq_len} tokens the model reads slots older than any it "
+                f"trained on. To use it beyond its training context, prefer 'fifo' with "
+                f"eidetic_slots that a training sequence fills.")
+    if filled == model_cfg.eidetic_slots:
+        return None
+    needed = (model_cfg.eidetic_slots // per_chunk + lag - 1) * window + 1
+    fix = f"train at seq_len >= {needed}" + (f" or set eidetic_slots={filled}" if filled else "")
+    return (f"ModelConfig.eidetic_slots={model_cfg.eidetic_slots}: training at "
+            f"config.data.seq_len={seq_len} fills at most {filled} of them (window {window}, "
+            f"eidetic_per_chunk {per_chunk}, eidetic_lag {lag}), so past {seq_len} tokens the "
+            f"model reads more eidetic slots, and older ones, than it ever trained on. To use it "
+            f"beyond its training context, {fix}.")
 
 
 def document_separator(config: ml_collections.ConfigDict, data) -> int | None:

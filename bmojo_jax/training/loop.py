@@ -92,7 +92,7 @@ from bmojo_jax.model import LanguageModel, count_params
 from bmojo_jax.training.checkpoints import (Checkpoints, DataMismatchWarning, data_differences,
                                             describe_differences, load_checkpoint)
 from bmojo_jax.training.config import (EARLY_STOP_METRICS, document_separator, model_config,
-                                       oracle_length, validate_config)
+                                       oracle_length, unfilled_eidetic_buffer, validate_config)
 from bmojo_jax.training.metrics import MetricsLog, plot_metrics, write_json_atomic
 from bmojo_jax.training.steps import (compiler_options, evaluate_split, learning_rate_schedule,
                                       make_eval_step, make_optimizer, make_train_step)
@@ -150,6 +150,9 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path,
     if model_cfg.vocab_size < data.vocab_size:
         raise ValueError(f"config.model.vocab_size={model_cfg.vocab_size} is smaller than the "
                          f"data's vocabulary ({data.vocab_size}).")
+    buffer_warning = unfilled_eidetic_buffer(model_cfg, config.data.seq_len)
+    if buffer_warning is not None:
+        warnings.warn(buffer_warning, stacklevel=2)
     model = LanguageModel(model_cfg, rngs=nnx.Rngs(config.seed))
     n_params = count_params(model)
     graphdef, params = nnx.split(model, nnx.Param)

@@ -11,7 +11,11 @@ and multi-key needle prompts followed by their answers (`data.retrieval_fraction
 
 The argument is a preset (transformer, swa, mamba, hybrid, bmojo_f, bmojo) or `bmojo_storage`:
 bmojo with the in-storage eidetic memory (storage_slots = 16,384, enough for every evaluated
-context; storage_topk = 32).
+context; storage_topk = 32). B'MOJO's buffer holds 8 eidetic slots, not the preset's 16: at
+T = 256 (4 chunks of 64, lag 2, 4 selections per chunk) training fills at most 8, and a model
+trained with 16 read the other 8 only past T, with keys older than any it had seen: its
+perplexity went from 171 at 1x to 1765 at 2x, while the same model restricted to 8 slots stayed
+flat to 16x (`training.unfilled_eidetic_buffer` warns of such configs; docs/design.md section 7d).
 
 Our choices: the retrieval rows, because a model of this size trained on text alone never retrieves
 (B'MOJO scored 0 everywhere after 400 steps of plain text, and a Transformer after 1000 steps with
@@ -50,6 +54,8 @@ def get_config(arg: str = "bmojo"):
     preset = "bmojo" if arg == "bmojo_storage" else arg
     config = default_config(preset)
     config.model.update(d_model=128, n_layers=2, n_heads=4, window=64)
+    if preset == "bmojo":
+        config.model.update(eidetic_slots=8)
     if arg == "bmojo_storage":
         config.model.update(**STORAGE)
     config.data.update(name="austen", seq_len=256, bpe_vocab_size=4096, copy_only_steps=3500,

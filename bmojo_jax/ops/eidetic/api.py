@@ -104,6 +104,23 @@ def select_eidetic(scores: at.Scores, *, window: int, per_chunk: int, slots: int
     return fn(positions, values, slots, lag, eviction, starts)
 
 
+def slots_filled(length: int, *, window: int, per_chunk: int, slots: int, lag: int = 2) -> int:
+    """The most slots a sequence of `length` tokens fills (its last chunk's buffer): every chunk
+    but the last `lag` contributes `per_chunk` selections, up to `slots` (both evictions). A
+    model trained at a context that fills fewer than `slots` never sees a full buffer, nor eidetic
+    keys older than its context; past that context it reads both, unless `slots` is at most this
+    number and the eviction is "fifo" (the long-context suite measured the difference,
+    docs/design.md section 7d).
+
+    Raises:
+      ValueError: a bad knob (as `select_eidetic`) or length < 1.
+    """
+    _check_knobs(window, per_chunk, slots, lag, "fifo")
+    if length < 1:
+        raise ValueError(f"length={length}: must be >= 1 (tokens).")
+    return min(slots, per_chunk * max(0, -(-length // window) - lag))
+
+
 def document_starts(segment_ids: at.SegmentIds, window: int) -> at.ChunkStarts:
     """The first position of the document of each chunk's first token: segment_ids int [b, t]
     (a document is a run of equal ids) -> int32 [b, c], c = ceil(t / window)."""

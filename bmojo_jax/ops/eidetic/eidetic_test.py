@@ -82,6 +82,14 @@ class TestSelectEidetic:
                     assert p in selected[b, p // W]  # and really selected in its own chunk
                     assert p < T  # never padding
 
+    @pytest.mark.parametrize("slots,lag", [(6, 2), (8, 3)])
+    @pytest.mark.parametrize("length", [1, W * 2, W * 3 + 1, W * 4, T])
+    def test_slots_filled_is_the_fullest_buffer(self, slots, lag, length):
+        memory = np.asarray(ops.select_eidetic(_scores()[:, :length], window=W, per_chunk=K,
+                                               slots=slots, lag=lag, implementation="reference"))
+        assert eidetic.slots_filled(length, window=W, per_chunk=K, slots=slots, lag=lag) == (
+            (memory >= 0).sum(-1).max())
+
     def test_score_eviction_keeps_the_most_surprising(self):
         scores = _scores(seed=2, b=1)
         memory = np.asarray(ops.select_eidetic(scores, window=W, per_chunk=K, slots=4, lag=1,
@@ -110,6 +118,10 @@ class TestSelectEidetic:
         args.update(kw)
         with pytest.raises(ValueError, match=match):
             ops.select_eidetic(_scores(), **args)
+
+    def test_slots_filled_bad_length(self):
+        with pytest.raises(ValueError, match="length=0"):
+            eidetic.slots_filled(0, window=W, per_chunk=K, slots=4)
 
 
 class TestSelectWholeState:
