@@ -304,6 +304,7 @@ def test_unfilled_eidetic_buffer_warns_of_slots_training_never_fills():
     assert training.unfilled_eidetic_buffer(bmojo, 321) is None
     assert training.unfilled_eidetic_buffer(bmojo.replace(eidetic_slots=8), 256) is None
     assert "seq_len >= 321" in training.unfilled_eidetic_buffer(bmojo, 128)
-    assert "'score'" in training.unfilled_eidetic_buffer(bmojo.replace(eidetic_eviction="score"), 4096)
+    scored = bmojo.replace(eidetic_eviction="score")
+    assert "'score'" in training.unfilled_eidetic_buffer(scored, 4096)
     for preset in ("transformer", "bmojo_f"):
         assert training.unfilled_eidetic_buffer(bj.ModelConfig.preset(preset), 16) is None

@@ -34,7 +34,8 @@ USER_ERRORS = (ValueError, OSError, CheckpointError, TrainingDiverged, WorkdirEr
 
 __all__ = ["USER_ERRORS", "default_config", "validate_config", "model_config", "abstract_model",
            "oracle_length", "context_length", "context_scores", "load_data", "document_separator",
-           "unfilled_eidetic_buffer", "lm_loss", "compiler_options", "token_nll", "learning_rate_schedule",
+           "unfilled_eidetic_buffer", "lm_loss", "compiler_options", "token_nll",
+           "learning_rate_schedule",
            "weight_decay_mask", "make_optimizer", "make_train_step", "make_eval_step", "evaluate",
            "evaluate_retrieval", "evaluate_split", "read_records", "Checkpoints", "CheckpointError",
            "train_and_evaluate",
