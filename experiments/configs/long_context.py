@@ -15,7 +15,8 @@ context; storage_topk = 32). B'MOJO's buffer holds 8 eidetic slots, not the pres
 T = 256 (4 chunks of 64, lag 2, 4 selections per chunk) training fills at most 8, and a model
 trained with 16 read the other 8 only past T, with keys older than any it had seen: its
 perplexity went from 171 at 1x to 1765 at 2x, while the same model restricted to 8 slots stayed
-flat to 16x (`training.unfilled_eidetic_buffer` warns of such configs; docs/design.md section 7d).
+flat to 16x; the suite's 8-slot model stays flat to 64x (`training.unfilled_eidetic_buffer`
+warns of such configs; docs/design.md section 7d).
 
 Our choices: the retrieval rows, because a model of this size trained on text alone never retrieves
 (B'MOJO scored 0 everywhere after 400 steps of plain text, and a Transformer after 1000 steps with
