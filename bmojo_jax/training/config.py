@@ -372,17 +372,22 @@ def unfilled_eidetic_buffer(model_cfg: ModelConfig, seq_len: int) -> str | None:
     `seq_len` (`ops.eidetic.slots_filled` < eidetic_slots), or keeps tokens of any age
     (eidetic_eviction="score"). The long-context suite measured such models' perplexity rising
     tenfold past their training context (docs/design.md section 7d; our choice: a warning, since
-    a model used within its training context is not affected)."""
+    a model used within its training context is not affected).
+
+    Args:
+      model_cfg: the model (a `ModelConfig` already validated, so nothing is raised).
+      seq_len: the training context (tokens).
+    """
     if "B" not in model_cfg.layer_mixers or model_cfg.eidetic_per_chunk == 0:
         return None
-    window, per_chunk, lag = model_cfg.window, model_cfg.eidetic_per_chunk, model_cfg.eidetic_lag
-    filled = eidetic.slots_filled(seq_len, window=window, per_chunk=per_chunk,
-                                  slots=model_cfg.eidetic_slots, lag=lag)
     if model_cfg.eidetic_eviction == "score":
         return (f"ModelConfig.eidetic_eviction='score' keeps eidetic tokens of any age: past "
                 f"config.data.seq_len={seq_len} tokens the model reads slots older than any it "
                 f"trained on. To use it beyond its training context, prefer 'fifo' with "
                 f"eidetic_slots that a training sequence fills.")
+    window, per_chunk, lag = model_cfg.window, model_cfg.eidetic_per_chunk, model_cfg.eidetic_lag
+    filled = eidetic.slots_filled(seq_len, window=window, per_chunk=per_chunk,
+                                  slots=model_cfg.eidetic_slots, lag=lag)
     if filled == model_cfg.eidetic_slots:
         return None
     needed = (model_cfg.eidetic_slots // per_chunk + lag - 1) * window + 1
