@@ -6,6 +6,7 @@ randomly initialised model."""
 import json
 from pathlib import Path
 
+import ml_collections
 import numpy as np
 import pytest
 from flax import nnx
@@ -164,7 +165,7 @@ def test_copy_rows_write_one_passage_twice():
     inputs, targets = lc.copy_training_rows(filler, 63, 40, seed=3)
     assert inputs.shape == targets.shape == (40, 63) and inputs.dtype == np.int32
     np.testing.assert_array_equal(targets[:, :-1], inputs[:, 1:])
-    lengths, distances = set(), set()
+    lengths, distances, passage_lengths = set(), set(), []
     for row in np.concatenate([inputs, targets[:, -1:]], axis=1):
         values, counts = np.unique(row, return_counts=True)
         passage = values[counts == 2]
@@ -175,7 +176,23 @@ def test_copy_rows_write_one_passage_twice():
         np.testing.assert_array_equal(row[first], row[second])
         assert second[0] > first[-1]
         lengths.add(len(passage)), distances.add(int(second[0] - first[0]))
+        passage_lengths.append(len(passage))
     assert len(lengths) > 5 and len(distances) > 10
+    # labels="copy": the same rows, only the second copy after its first token labelled, each
+    # target the token after its input's earlier occurrence, so a perfect copier scores 1
+    copy_inputs, copy_targets = lc.copy_training_rows(filler, 63, 40, seed=3, labels="copy")
+    np.testing.assert_array_equal(copy_inputs, inputs)
+    labelled = copy_targets != data.IGNORE_INDEX
+    np.testing.assert_array_equal(copy_targets[labelled], targets[labelled])
+    copier = np.full_like(inputs, -1)
+    for i, row in enumerate(inputs):
+        earlier = {token: j for j, token in reversed(list(enumerate(row)))}
+        copier[i] = [row[earlier[token] + 1] if earlier[token] < j else -1
+                     for j, token in enumerate(row)]
+    assert data.accuracy(copier, copy_targets) == 1.0
+    np.testing.assert_array_equal(labelled.sum(axis=1), np.array(passage_lengths) - 1)
+    with pytest.raises(ValueError, match="labels='answer': allowed values are all, copy"):
+        lc.copy_training_rows(filler, 63, 1, labels="answer")
     tokens = np.array([5, 9, 5, 11, 9])  # the rows' tokens are the filler's distinct tokens
     assert set(np.unique(lc.copy_training_rows(tokens, 63, 4)[0])) == {5, 9, 11}
     np.testing.assert_array_equal(lc.copy_training_rows(filler, 63, 40, seed=3)[0], inputs)
@@ -295,13 +312,13 @@ def test_held_out_retrieval_rows_are_scored_teacher_forced(documents):
         predictions = np.where(targets == data.IGNORE_INDEX, 0, targets)
         predictions[0, np.flatnonzero(targets[0] != data.IGNORE_INDEX)[-1]] += 1
         return {"predictions": predictions}
-    scores = training.evaluate_retrieval(eval_step, None, batches)
+    scores = training.evaluate_held_out(eval_step, None, batches)
     assert scores["retrieval_exact"] == 1 - len(batches) / data.RETRIEVAL_EVAL_EXAMPLES
     wrong_rows = labelled[::16]  # row 0 of each batch: one of its answer tokens wrong
     assert scores["retrieval_accuracy"] == pytest.approx(
         1 - (1 / wrong_rows.sum(axis=1)).sum() / data.RETRIEVAL_EVAL_EXAMPLES)
     with pytest.raises(ValueError, match="a row has no labelled target"):
-        training.evaluate_retrieval(eval_step, None, [(inputs[:1], np.full_like(targets[:1], data.IGNORE_INDEX))])
+        training.evaluate_held_out(eval_step, None, [(inputs[:1], np.full_like(targets[:1], data.IGNORE_INDEX))])
 
     model_cfg = bmojo_jax.ModelConfig.preset("transformer", vocab_size=300, d_model=16,
                                              n_heads=2, n_layers=1, ssm_head_dim=8)
@@ -309,6 +326,61 @@ def test_held_out_retrieval_rows_are_scored_teacher_forced(documents):
     result = training.evaluate_split(training.make_eval_step(model_cfg), params, mixed, "valid",
                                      batch_size=16, seq_len=600, max_batches=1)
     assert 0 <= result["retrieval_exact"] <= result["retrieval_accuracy"] < 0.5  # untrained
+
+
+@pytest.mark.slow
+def test_copy_phase_ends_when_the_held_out_copy_is_learned(documents, tmp_path):
+    """A run with data.copy_only_until: every validation scores held-out copy rows
+    (copy_accuracy); the copy-only phase ends at the first validation that reaches the value
+    (0: the first, step 2; a "curriculum" record says so), the batches after it are the mix, and
+    early stopping counts only the validations after it (patience 1 with nothing improving: the
+    stop comes at step 6, the second validation after the phase, not at 4)."""
+    config = training.default_config("transformer")
+    config.model.update(d_model=16, n_layers=1, n_heads=2, window=16, ssm_head_dim=8)
+    config.data.update(name="text_files", path=str(documents), seq_len=32, bpe_vocab_size=300,
+                       copy_fraction=0.25, copy_only_steps=6, copy_only_until=0.0)
+    config.update(num_steps=10, batch_size=4, eval_every=2, eval_batches=1, checkpoint_every=10,
+                  log_every=2)
+    config.early_stop.update(metric="loss", patience=1, min_delta=10.0)
+    config.sample.max_new_tokens = 0
+    config.optimizer.warmup_steps = 2
+    results = training.train_and_evaluate(config, tmp_path / "run")
+    assert results["copy_phase_end"] == 2 and results["step"] == 6
+    assert results["stop_reason"] == "patience" and "up to step 6" in _record(tmp_path, "stop")
+    assert 0 <= results["valid"]["copy_accuracy"] <= 1 and "copy_exact" in results["test"]
+    assert "copy_only_until 0: the copy-only phase ends" in _record(tmp_path, "curriculum")
+    source = data.load_data(config)
+    mixed, copy_only = source.train_batch(3, copy_only=False), source.train_batch(3)
+    assert not np.array_equal(mixed[0], copy_only[0])  # step 3 < copy_only_steps: copy rows
+    np.testing.assert_array_equal(source.train_batch(3, copy_only=True)[0], copy_only[0])
+    np.testing.assert_array_equal(source.train_batch(7, copy_only=False)[0],
+                                  source.train_batch(7)[0])
+    batches = source.copy_batches("valid", 16)
+    assert [len(x) for x, _ in batches] == [16] * (data.RETRIEVAL_EVAL_EXAMPLES // 16)
+    assert (np.concatenate([y for _, y in batches]) != data.IGNORE_INDEX).any(axis=1).all()
+    assert data.TextData("text_files", batch_size=4, seq_len=32, path=documents,
+                         bpe_vocab_size=300).copy_batches("valid", 16) == []
+
+
+def _record(tmp_path, split):
+    """The message of the run's one metrics record of `split`."""
+    records = [json.loads(line) for line in
+               (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    (record,) = [r for r in records if r["split"] == split]
+    return record["message"]
+
+
+def test_copy_phase_end_is_the_first_validation_that_reaches_copy_only_until():
+    """copy_phase_end: copy_only_steps without copy_only_until; with it, the step of the first
+    validation before the cap whose copy_accuracy reaches it, else the cap."""
+    history = [{"step": 2 * (i + 1), "copy_accuracy": a} for i, a in enumerate([0.1, 0.6, 0.9])]
+    end = lambda **fields: training.copy_phase_end(ml_collections.ConfigDict(fields), history)
+    assert end() == 0 and end(copy_only_steps=8) == 8
+    assert end(copy_only_steps=8, copy_only_until=None) == 8
+    assert end(copy_only_steps=8, copy_only_until=0.5) == 4
+    assert end(copy_only_steps=8, copy_only_until=0.95) == 8  # never reached: the cap
+    assert end(copy_only_steps=4, copy_only_until=0.5) == 4  # step 4 is not before the cap
+    assert end(copy_only_steps=8, copy_only_until=0.0) == 2
 
 
 def test_answer_correct():

@@ -298,13 +298,15 @@ def retrieval_training_rows(tokenizer, filler, length: int, num_examples: int, *
     return inputs, targets
 
 
+# Which targets of a copy row are labelled (`copy_training_rows`).
+COPY_LABELS = ("all", "copy")
 # The passage of a copy row is (t + 1) // 4 to (t + 1) // 2 tokens long (our choice: the copy is
 # a large share of the row's loss, as in the induction test of Olsson et al. 2022, where it is half).
 COPY_SPAN_FRACTIONS = (4, 2)
 
 
-def copy_training_rows(filler, length: int, num_examples: int, *,
-                       seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def copy_training_rows(filler, length: int, num_examples: int, *, seed: int = 0,
+                       labels: str = "all") -> tuple[np.ndarray, np.ndarray]:
     """Training rows of random tokens in which one passage is written twice: the copy
     (induction, Olsson et al. 2022) as a training signal, every target labelled. Our choice, for
     the long-context suite (docs/design.md section 7d): the suite's small models learn no
@@ -327,18 +329,22 @@ def copy_training_rows(filler, length: int, num_examples: int, *,
       length: t, tokens per row (inputs and targets each), >= 7.
       num_examples: n >= 1.
       seed: >= 0.
+      labels: "all" (training: every target labelled) or "copy" (held-out scoring: only the
+        second copy's tokens after its first, which copying predicts and nothing else does).
 
     Returns:
-      (inputs, targets) int32 [n, t]: the row's tokens [0, t) and [1, t + 1).
+      (inputs, targets) int32 [n, t]: the row's tokens [0, t) and [1, t + 1), targets
+      `IGNORE_INDEX` where unlabelled.
 
     Raises:
-      ValueError: a bad argument.
+      ValueError: a bad argument, `labels` not in `COPY_LABELS`.
     """
     filler = _check_common(filler, length, 0.0, num_examples, seed)
+    check_choice("labels", labels, COPY_LABELS)
     total = length + 1
     shortest, longest = (total // k for k in COPY_SPAN_FRACTIONS)
     _require(shortest >= 2, f"length={length}: copy rows need at least 7 tokens.")
-    vocabulary, rows = np.unique(filler), []
+    vocabulary, rows, copied = np.unique(filler), [], np.zeros((num_examples, length), bool)
     for i in range(num_examples):
         rng = np.random.default_rng([seed, i])
         m = int(rng.integers(shortest, longest + 1))
@@ -346,8 +352,13 @@ def copy_training_rows(filler, length: int, num_examples: int, *,
         other = vocabulary[rng.integers(len(vocabulary), size=total - 2 * m)]
         p, q = np.sort(rng.integers(len(other) + 1, size=2))
         rows.append(np.concatenate([other[:p], passage, other[p:q], passage, other[q:]]))
+        # the second copy is tokens q + m .. q + 2m - 1; target j is token j + 1
+        copied[i, q + m:q + 2 * m - 1] = True
     rows = np.stack(rows).astype(np.int32)
-    return rows[:, :-1], rows[:, 1:]
+    targets = rows[:, 1:].copy()
+    if labels == "copy":
+        targets[~copied] = IGNORE_INDEX
+    return rows[:, :-1], targets
 
 
 def repeated_span(vocabulary, span: int, num_examples: int, *, seed: int = 0) -> np.ndarray:

@@ -14,6 +14,8 @@ describes the fields). Both sources offer the same interface:
     eval_batches(split, batch_size, t)     [(inputs, targets) int32 [b, t]] covering the split
     retrieval_batches(split, batch_size)   [(inputs, targets) int32 [b, t]]: held-out retrieval
                                            rows, only the answers labelled ([] without them)
+    copy_batches(split, batch_size)        the same for held-out copy rows, only the copied
+                                           tokens labelled ([] without them)
     n_bytes(split)                         UTF-8 bytes of the split, or None where unknown
 
 Exact resume: the training batch of a step is a pure function of (step, seed), so a run restarted
@@ -39,9 +41,9 @@ from bmojo_jax.data.text import SPLITS, lm_batch, lm_eval_batches, load_corpus
 # Training batches built when a TextData with retrieval rows starts, so that a seq_len too short for
 # the longer prompts (their length varies with the keys drawn) fails then, not mid-run (our choice).
 RETRIEVAL_CHECK_STEPS = 16
-# Held-out retrieval rows of every evaluation split when a TextData trains on retrieval rows
-# (`TextData.retrieval_batches`; our choice: 64 rows give the accuracy to +- 6 points), seeded
-# apart from the training rows (whose prompt seeds are drawn below 2**31).
+# Held-out retrieval rows (and copy rows) of every evaluation split when a TextData trains on them
+# (`TextData.retrieval_batches`, `TextData.copy_batches`; our choice: 64 rows give the accuracy to
+# +- 6 points), seeded apart from the training rows (whose seeds are drawn below 2**31).
 RETRIEVAL_EVAL_EXAMPLES = 64
 RETRIEVAL_EVAL_SEED = 2 ** 31
 
@@ -113,7 +115,7 @@ class TextData:
         # whole split at every step otherwise)
         self._copy_vocabulary = (np.unique(self.corpus.train)
                                  if self.copy_rows or copy_only_steps else None)
-        self._retrieval_eval = {}  # split -> (inputs, targets), built on first use
+        self._held_out = {}  # (kind, split) -> (inputs, targets), built on first use
         if self.retrieval_rows or self.copy_rows or copy_only_steps:
             try:  # a setting that cannot work fails here, before training starts
                 for step in range(RETRIEVAL_CHECK_STEPS):
@@ -124,12 +126,14 @@ class TextData:
                                  f"{name!r} at seq_len={seq_len}: "
                                  f"{error}") from None
 
-    def train_batch(self, step: int):
-        """(inputs, targets) int32 [b, t] of step `step`: a pure function of (step, seed). The
-        first `retrieval_rows` rows are retrieval prompts (`retrieval_training_rows`), the next
-        `copy_rows` copy rows (`copy_training_rows`), both seeded by (seed, step); the others
-        random windows (`lm_batch`). Before step `copy_only_steps`, every row is a copy row."""
-        if step < self.copy_only_steps:
+    def train_batch(self, step: int, copy_only: bool | None = None):
+        """(inputs, targets) int32 [b, t] of step `step`: a pure function of (step, seed,
+        copy_only). The first `retrieval_rows` rows are retrieval prompts
+        (`retrieval_training_rows`), the next `copy_rows` copy rows (`copy_training_rows`), both
+        seeded by (seed, step); the others random windows (`lm_batch`). With `copy_only` every row
+        is a copy row; None: before step `copy_only_steps` (the training loop passes the phase
+        that `data.copy_only_until` ended early, `training.copy_phase_end`)."""
+        if (step < self.copy_only_steps) if copy_only is None else copy_only:
             return copy_training_rows(self._copy_vocabulary, self.seq_len, self.batch_size,
                                       seed=self._rows_seed(step))
         inputs, targets = lm_batch(self.corpus.train, self.batch_size, self.seq_len, step,
@@ -165,11 +169,27 @@ class TextData:
         at most `batch_size` rows; [] when this source trains on no retrieval rows."""
         if not self.retrieval_rows:
             return []
-        if split not in self._retrieval_eval:
-            self._retrieval_eval[split] = retrieval_training_rows(
-                self.corpus, getattr(self.corpus, split), self.seq_len, RETRIEVAL_EVAL_EXAMPLES,
-                seed=RETRIEVAL_EVAL_SEED, labels="answer")
-        inputs, targets = self._retrieval_eval[split]
+        return self._held_out_batches("retrieval", split, batch_size, lambda text: (
+            retrieval_training_rows(self.corpus, text, self.seq_len, RETRIEVAL_EVAL_EXAMPLES,
+                                    seed=RETRIEVAL_EVAL_SEED, labels="answer")))
+
+    def copy_batches(self, split: str, batch_size: int):
+        """[(inputs, targets) int32 [b, t]]: `RETRIEVAL_EVAL_EXAMPLES` copy rows of the split's
+        distinct tokens at the training context t (`copy_training_rows`, seed
+        `RETRIEVAL_EVAL_SEED`, labels "copy": only the copied tokens labelled), in batches of at
+        most `batch_size` rows; [] when this source trains on no copy rows."""
+        if self._copy_vocabulary is None:
+            return []
+        return self._held_out_batches("copy", split, batch_size, lambda text: (
+            copy_training_rows(text, self.seq_len, RETRIEVAL_EVAL_EXAMPLES,
+                               seed=RETRIEVAL_EVAL_SEED, labels="copy")))
+
+    def _held_out_batches(self, kind: str, split: str, batch_size: int, make_rows):
+        """`make_rows(split's tokens)` -> (inputs, targets), built once per (kind, split), in
+        batches of at most `batch_size` rows."""
+        if (kind, split) not in self._held_out:
+            self._held_out[kind, split] = make_rows(getattr(self.corpus, split))
+        inputs, targets = self._held_out[kind, split]
         return [(inputs[i:i + batch_size], targets[i:i + batch_size])
                 for i in range(0, len(inputs), batch_size)]
 
@@ -241,6 +261,10 @@ class SyntheticData:
 
     def retrieval_batches(self, split: str, batch_size: int):
         """[]: a synthetic task trains on no retrieval rows."""
+        return []
+
+    def copy_batches(self, split: str, batch_size: int):
+        """[]: a synthetic task trains on no copy rows."""
         return []
 
     def eval_batches(self, split: str, batch_size: int, seq_len: int):

@@ -18,10 +18,11 @@ from bmojo_jax.training.checkpoints import (CheckpointError, Checkpoints, DataMi
 from bmojo_jax.training.config import (abstract_model, context_length, default_config,
                                        document_separator, model_config, oracle_length,
                                        unfilled_eidetic_buffer, validate_config)
-from bmojo_jax.training.loop import TrainingDiverged, evaluate_checkpoint, train_and_evaluate
+from bmojo_jax.training.loop import (TrainingDiverged, copy_phase_end, evaluate_checkpoint,
+                                     train_and_evaluate)
 from bmojo_jax.training.metrics import read_records
 from bmojo_jax.training.steps import (compiler_options, context_scores, evaluate,
-                                      evaluate_retrieval, evaluate_split, learning_rate_schedule,
+                                      evaluate_held_out, evaluate_split, learning_rate_schedule,
                                       lm_loss, make_eval_step,
                                       make_optimizer, make_train_step, token_nll,
                                       weight_decay_mask)
@@ -37,7 +38,7 @@ __all__ = ["USER_ERRORS", "default_config", "validate_config", "model_config", "
            "unfilled_eidetic_buffer", "lm_loss", "compiler_options", "token_nll",
            "learning_rate_schedule",
            "weight_decay_mask", "make_optimizer", "make_train_step", "make_eval_step", "evaluate",
-           "evaluate_retrieval", "evaluate_split", "read_records", "Checkpoints", "CheckpointError",
-           "train_and_evaluate",
+           "evaluate_held_out", "evaluate_split", "read_records", "Checkpoints", "CheckpointError",
+           "train_and_evaluate", "copy_phase_end",
            "load_checkpoint", "load_model", "evaluate_checkpoint", "TrainingDiverged",
            "load", "DataMismatchWarning", "WorkdirError", "WorkdirLocked", "WorkdirLock"]

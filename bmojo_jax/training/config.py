@@ -30,7 +30,7 @@ SCHEDULES = ("cosine", "constant")
 ON_DIVERGENCE = ("stop", "skip", "rollback")
 # Early-stopping metrics of the validation evaluations: True where higher is better.
 EARLY_STOP_METRICS = {"accuracy": True, "loss": False, "perplexity": False,
-                      "retrieval_exact": True}
+                      "retrieval_accuracy": True, "retrieval_exact": True, "copy_accuracy": True}
 DATA_NAMES = data_lib.CORPORA + tuple(data_lib.SYNTHETIC_TASKS)
 
 
@@ -73,7 +73,13 @@ def default_config(preset: str = "bmojo") -> ml_collections.ConfigDict:
       data.copy_only_steps: corpora only: the batches of the first copy_only_steps training
         steps are copy rows only, retrieval_fraction and copy_fraction apply after them; 0
         (default): none. Our choice (docs/design.md section 7d): a curriculum, the copy learned
-        before the mix.
+        before the mix. Every evaluation of a run with copy rows also reports `copy_accuracy`
+        and `copy_exact` on held-out copy rows of the split (`TextData.copy_batches`).
+      data.copy_only_until: None (default: the copy-only phase lasts copy_only_steps), or a
+        number in [0, 1]: the phase ends at the first periodic validation whose copy_accuracy
+        reaches it, copy_only_steps being then the cap (`training.copy_phase_end`; a "curriculum"
+        record in metrics.jsonl says when and why). Our choice (docs/design.md section 7d): when
+        a model learns to copy varies from run to run, so the phase lasts until it has.
       optimizer: lr (peak), schedule ("cosine" | "constant"), warmup_steps, min_lr_ratio (cosine
         end / peak), weight_decay (decoupled, AdamW), clip_norm (global gradient norm), b1, b2, eps.
       num_steps, batch_size: training steps and sequences per step.
@@ -85,9 +91,11 @@ def default_config(preset: str = "bmojo") -> ml_collections.ConfigDict:
       early_stop: stopping before num_steps on the periodic validation evaluations (our choice of
         rules; docs/design.md section 7b: train to 99% validation accuracy or a step cap).
         metric: None (off, the default), "accuracy" (synthetic tasks; higher is better),
-        "retrieval_exact" (runs with retrieval rows: the fraction of held-out retrieval prompts
-        answered exactly, teacher-forced, `training.evaluate_retrieval`; higher is better), "loss"
-        (nats) or "perplexity" (lower is better). target: stop at the first evaluation whose
+        "retrieval_exact" or "retrieval_accuracy" (runs with retrieval rows: the fraction of
+        held-out retrieval prompts answered exactly, or of their answer tokens, teacher-forced,
+        `training.evaluate_held_out`; higher is better), "copy_accuracy" (runs with copy rows,
+        likewise), "loss" (nats) or "perplexity" (lower is better). Only the evaluations after
+        the copy-only phase count (`training.copy_phase_end`). target: stop at the first evaluation whose
         metric reaches it (accuracy >= target, loss or perplexity <= target); None = off.
         patience: stop when `patience` evaluations in a row have not improved on the best one by
         more than min_delta relative (improved: accuracy > best + min_delta*|best|, loss or
@@ -129,7 +137,7 @@ def default_config(preset: str = "bmojo") -> ml_collections.ConfigDict:
         path=config_dict.placeholder(str), bpe_vocab_size=4096, seed=0,
         task=ml_collections.ConfigDict(), num_train=10_000, num_eval=1_000,
         packed_documents=False, retrieval_fraction=0.0, retrieval_labels="all",
-        copy_fraction=0.0, copy_only_steps=0))
+        copy_fraction=0.0, copy_only_steps=0, copy_only_until=None))
     config.optimizer = ml_collections.ConfigDict(dict(
         lr=1e-3, schedule="cosine", warmup_steps=100, min_lr_ratio=0.1, weight_decay=0.1,
         clip_norm=1.0, b1=0.9, b2=0.95, eps=1e-8))
@@ -227,6 +235,17 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     check_row_mix(fraction, copy_fraction, copy_only_steps, "config.data.")
     check_choice("config.data.retrieval_labels", config.data.get("retrieval_labels", "all"),
                  data_lib.RETRIEVAL_LABELS)
+    until = config.data.get("copy_only_until")
+    if until is not None:
+        if not (isinstance(until, (int, float)) and not isinstance(until, bool)
+                and 0 <= until <= 1):
+            raise ValueError(f"config.data.copy_only_until={until!r}: must be None or a number in "
+                             f"[0, 1] (the held-out copy_accuracy that ends the copy-only phase).")
+        if not copy_only_steps or config.eval_every >= copy_only_steps:
+            raise ValueError(f"config.data.copy_only_until={until} ends the copy-only phase at a "
+                             f"periodic validation within its cap config.data.copy_only_steps="
+                             f"{copy_only_steps}; it needs copy_only_steps > config.eval_every="
+                             f"{config.eval_every}.")
     for name, value in (("retrieval_fraction", fraction), ("copy_fraction", copy_fraction),
                         ("copy_only_steps", copy_only_steps)):
         if synthetic and value:
@@ -255,6 +274,13 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         raise ValueError(f"config.model (preset {config.model_preset!r}): {e}") from e
 
 
+def _has_rows(data_config, rows: str) -> bool:
+    """Whether the run trains (and so evaluates) on retrieval or copy rows."""
+    if rows == "retrieval":
+        return bool(data_config.get("retrieval_fraction", 0.0))
+    return bool(data_config.get("copy_fraction", 0.0) or data_config.get("copy_only_steps", 0))
+
+
 def _check_early_stop(config, synthetic: bool) -> None:
     """The rules of `config.early_stop` (see `default_config`)."""
     stop = config.early_stop
@@ -270,10 +296,13 @@ def _check_early_stop(config, synthetic: bool) -> None:
             raise ValueError(f"config.early_stop.metric='accuracy': only synthetic tasks report "
                              f"accuracy, config.data.name={config.data.name!r} is a corpus; use "
                              f"'loss' or 'perplexity'.")
-        if stop.metric == "retrieval_exact" and not config.data.get("retrieval_fraction", 0.0):
-            raise ValueError("config.early_stop.metric='retrieval_exact' is measured on held-out "
-                             "retrieval rows, which only a run with config.data."
-                             "retrieval_fraction > 0 evaluates; it is 0.")
+        rows = stop.metric.split("_")[0]  # the held-out rows the metric is measured on
+        if rows in ("retrieval", "copy") and not _has_rows(config.data, rows):
+            field = ("retrieval_fraction" if rows == "retrieval"
+                     else "copy_fraction or copy_only_steps")
+            raise ValueError(f"config.early_stop.metric={stop.metric!r} is measured on held-out "
+                             f"{rows} rows, which only a run with config.data.{field} > 0 "
+                             f"evaluates; it is 0.")
         if stop.target is None and stop.patience is None:
             raise ValueError(f"config.early_stop.metric={stop.metric!r}: set "
                              f"config.early_stop.target or config.early_stop.patience (or both); "
@@ -283,8 +312,7 @@ def _check_early_stop(config, synthetic: bool) -> None:
                              f"evaluations, but config.eval_every={config.eval_every} >= "
                              f"config.num_steps={config.num_steps} leaves none.")
     if stop.target is not None:
-        low, high = {"accuracy": (0, 1), "retrieval_exact": (0, 1), "loss": (0, None),
-                     "perplexity": (1, None)}[stop.metric]
+        low, high = {"loss": (0, None), "perplexity": (1, None)}.get(stop.metric, (0, 1))
         if (not isinstance(stop.target, (int, float)) or isinstance(stop.target, bool)
                 or not low <= stop.target <= (math.inf if high is None else high)
                 or stop.target == math.inf):  # also rejects NaN

@@ -42,12 +42,14 @@ the data, and a resume on other training data is refused (an evaluation warns).
 Workdir layout:
     checkpoints/<step>/  orbax items `params`, `opt_state`, `meta` (JSON: step, config, model,
                          valid_history: the periodic validation results [{"step", "loss",
-                         "perplexity", "accuracy" (synthetic)}] through that step, train_window:
+                         "perplexity", and where measured the other `EARLY_STOP_METRICS`}]
+                         through that step, train_window:
                          the step metrics [{"loss", ...}] since the last "train" record)
     metrics.jsonl        one JSON object a line: {"step", "split", ...}; split "train", "valid"
                          (periodic), "stop" (an early stop: "reason" "target" or "patience",
-                         "message"), "valid_final" (with "steps_to_0.9" on synthetic tasks),
-                         "test_final". On resume the lines after the restored step are dropped
+                         "message"), "curriculum" (the copy-only phase ended early:
+                         "copy_phase_end", "message"; `copy_phase_end`), "valid_final" (with
+                         "steps_to_0.9" on synthetic tasks), "test_final". On resume the lines after the restored step are dropped
                          (atomically), so the file matches an uninterrupted run's. Fields of a
                          "train" record: the means of the step metrics since the previous one
                          (loss, ce, aux_loss, grad_norm), lr (of its last step), tokens_per_s
@@ -114,6 +116,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir, *,
        "target" or "patience" (`early_stop_reason`), "valid": full-split `evaluate` result,
        "test": same, "steps_to_0.9" (synthetic tasks only): the first evaluated step whose
        validation accuracy is >= 0.9, periodic evaluations and the final one (None if none),
+       "copy_phase_end" (runs with a copy-only phase only): `copy_phase_end`,
        "sample": generated text (text corpora only)}.
 
     Raises:
@@ -202,10 +205,14 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path,
                             tok_s=f"{record['tokens_per_s'] or 0:,.0f}")
             tic, pending, timed, compile_s = time.perf_counter(), [], 0, None
 
+        copy_end = copy_phase_end(config.data, history)
         while stop is None:
-            # The global batch of a step is a pure function of (step, seed) on every host; each
-            # host transfers only the rows of its own devices (`sharding.global_batch`).
-            batch = [np.asarray(x)[host_rows] for x in data.train_batch(step)]
+            # The global batch of a step is a pure function of (step, seed, the copy phase's end)
+            # on every host; each host transfers only the rows of its own devices
+            # (`sharding.global_batch`).
+            batch = [np.asarray(x)[host_rows] for x in (
+                data.train_batch(step, copy_only=step < copy_end) if copy_end
+                else data.train_batch(step))]
             params, opt_state, step_metrics = train_step(
                 params, opt_state, *sharding_lib.global_batch(batch, mesh, config.batch_size),
                 guard.poison(step))
@@ -224,6 +231,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path,
                 # config.on_divergence="rollback": the last good checkpoint, a lower learning rate
                 step, params, opt_state, history, pending = _roll_back(
                     checkpoints, guard.rollback_step, params, opt_state, model_cfg, config, mesh)
+                copy_end = copy_phase_end(config.data, history)
                 train_step = _guarded_train_step(model_cfg, config, mesh, guard, separator)
                 metrics.close()
                 metrics = MetricsLog(workdir / "metrics.jsonl", keep_through_step=step)
@@ -241,6 +249,15 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path,
                 _log_eval(metrics, "valid", step, result)
                 history.append({"step": step, **{k: result[k] for k in EARLY_STOP_METRICS
                                                  if k in result}})
+                if copy_phase_end(config.data, history) != copy_end:
+                    copy_end = step
+                    metrics.write({"step": step, "split": "curriculum", "copy_phase_end": step,
+                                   "message": f"validation copy_accuracy "
+                                              f"{result['copy_accuracy']:.4g} >= copy_only_until "
+                                              f"{config.data.copy_only_until:g}: the copy-only "
+                                              f"phase ends, the mix starts"})
+                    tqdm.write(f"step {step}: the copy-only phase ends (copy_accuracy "
+                               f"{result['copy_accuracy']:.4g})")
                 tic += time.perf_counter() - eval_tic  # the evaluation is not training time
             stop = _stop(config, step, history)
             if stop is not None and stop["reason"] != "num_steps":
@@ -261,6 +278,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path,
             bar.close()
 
     results = {"step": step, "params": n_params, "stop_reason": stop["reason"]}
+    if config.data.get("copy_only_steps", 0):
+        results["copy_phase_end"] = copy_phase_end(config.data, history)
     for split in ("valid", "test"):
         results[split] = eval_split(params, split=split)
         record = results[split]
@@ -329,6 +348,20 @@ def early_stop_reason(early_stop: ml_collections.ConfigDict, history: list[dict]
     return None
 
 
+def copy_phase_end(data_config: ml_collections.ConfigDict, history: list[dict]) -> int:
+    """The step at which the copy-only phase of a text run's curriculum ends (its batches are
+    those of steps 0 .. end - 1): `data_config.copy_only_steps` (0: no such phase), or, with
+    `data_config.copy_only_until`, the first periodic validation of `history` ([{"step",
+    "copy_accuracy", ...}] in step order) before it whose copy_accuracy reaches that value. A
+    pure function of the history, which checkpoints keep, so a resumed run ends the phase where
+    an uninterrupted one did."""
+    cap, until = data_config.get("copy_only_steps", 0), data_config.get("copy_only_until")
+    if until is None:
+        return cap
+    return next((entry["step"] for entry in history
+                 if entry["step"] < cap and entry["copy_accuracy"] >= until), cap)
+
+
 def steps_to_accuracy(history: list[dict], threshold: float) -> int | None:
     """The step of the first entry of `history` ([{"step", "accuracy", ...}] in step order) whose
     accuracy is >= `threshold`, or None."""
@@ -337,8 +370,10 @@ def steps_to_accuracy(history: list[dict], threshold: float) -> int | None:
 
 def _stop(config, step: int, history: list[dict]) -> dict | None:
     """Why the run is finished at `step` after the validation results `history`: the early stop
-    (`early_stop_reason`), else {"reason": "num_steps", ...} from num_steps on, else None."""
-    stop = early_stop_reason(config.early_stop, history)
+    (`early_stop_reason` of the evaluations after the copy-only phase, `copy_phase_end`), else
+    {"reason": "num_steps", ...} from num_steps on, else None."""
+    copy_end = copy_phase_end(config.data, history)
+    stop = early_stop_reason(config.early_stop, [e for e in history if e["step"] > copy_end])
     if stop is None and step >= config.num_steps:
         stop = {"reason": "num_steps", "message": f"reached num_steps={config.num_steps}"}
     return stop

@@ -274,17 +274,18 @@ def evaluate(eval_step, params, batches, *, n_bytes=None, with_accuracy=False) -
     return result
 
 
-def evaluate_retrieval(eval_step, params, batches) -> dict:
-    """Teacher-forced retrieval answers: `batches` [(inputs, targets) int32 [b, t]] whose labelled
-    targets are the answers alone (`data.retrieval_training_rows` with labels="answer", e.g.
-    `TextData.retrieval_batches`).
+def evaluate_held_out(eval_step, params, batches, name: str = "retrieval") -> dict:
+    """Teacher-forced held-out rows whose labelled targets are what the model must retrieve:
+    `batches` [(inputs, targets) int32 [b, t]], e.g. `TextData.retrieval_batches` (the answers
+    alone labelled, `data.retrieval_training_rows` with labels="answer") or
+    `TextData.copy_batches` (the copied tokens, `data.copy_training_rows` with labels="copy").
 
     Returns:
-      {"retrieval_accuracy": `data.accuracy` of the argmax predictions (per row the fraction of
-       its answer tokens predicted, then the mean over rows),
-       "retrieval_exact": the fraction of rows whose every answer token is: the rows that greedy
-       decoding answers with exactly the answer's tokens, as `data.answer_correct` counts
-       them}.
+      {f"{name}_accuracy": `data.accuracy` of the argmax predictions (per row the fraction of
+       its labelled tokens predicted, then the mean over rows),
+       f"{name}_exact": the fraction of rows whose every labelled token is: for retrieval, the
+       rows that greedy decoding answers with exactly the answer's tokens, as
+       `data.answer_correct` counts them}.
 
     Raises:
       ValueError: a row with no labelled target.
@@ -292,12 +293,12 @@ def evaluate_retrieval(eval_step, params, batches) -> dict:
     targets = np.concatenate([np.asarray(y) for _, y in batches])
     mask = targets != data_lib.IGNORE_INDEX
     if not mask.any(axis=1).all():
-        raise ValueError("evaluate_retrieval: a row has no labelled target (its answer).")
+        raise ValueError(f"evaluate_held_out ({name}): a row has no labelled target.")
     predictions = np.concatenate(jax.device_get(
         [eval_step(params, x, y)["predictions"] for x, y in batches]))
     exact = ((predictions == targets) | ~mask).all(axis=1).mean()
-    return {"retrieval_accuracy": data_lib.accuracy(predictions, targets),
-            "retrieval_exact": float(exact)}
+    return {f"{name}_accuracy": data_lib.accuracy(predictions, targets),
+            f"{name}_exact": float(exact)}
 
 
 def evaluate_split(eval_step, params, data, split: str, batch_size: int, seq_len: int,
@@ -306,8 +307,9 @@ def evaluate_split(eval_step, params, data, split: str, batch_size: int, seq_len
     first `max_batches` batches (0: all; bits per byte only then), with a progress bar (tqdm, on
     stderr, removed when done). The bar counts finished batches: each batch is waited for before
     the next is dispatched (our choice: a true count and ETA for a small pipeline bubble). A
-    source that trains on retrieval rows adds `evaluate_retrieval` of its held-out rows
-    (`retrieval_batches`, always all of them)."""
+    source that trains on retrieval or copy rows adds `evaluate_held_out` of its held-out rows
+    (`retrieval_batches`, `copy_batches`, always all of them): retrieval_accuracy,
+    retrieval_exact, copy_accuracy, copy_exact."""
     batches = data.eval_batches(split, batch_size, seq_len)
     complete = not max_batches or max_batches >= len(batches)
     batches = batches if complete else batches[:max_batches]
@@ -320,5 +322,8 @@ def evaluate_split(eval_step, params, data, split: str, batch_size: int, seq_len
         result = evaluate(counted_step, params, batches,
                           n_bytes=data.n_bytes(split) if complete else None,
                           with_accuracy=data.with_accuracy)
-    retrieval = data.retrieval_batches(split, batch_size)
-    return {**result, **(evaluate_retrieval(eval_step, params, retrieval) if retrieval else {})}
+    for name, held_out in (("retrieval", data.retrieval_batches(split, batch_size)),
+                           ("copy", data.copy_batches(split, batch_size))):
+        if held_out:
+            result.update(evaluate_held_out(eval_step, params, held_out, name))
+    return result
