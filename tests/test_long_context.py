@@ -292,7 +292,7 @@ def test_text_data_mixes_retrieval_rows_into_training_batches(documents, tmp_pat
 
 def test_held_out_retrieval_rows_are_scored_teacher_forced(documents):
     """A source that trains on retrieval rows evaluates `RETRIEVAL_EVAL_EXAMPLES` held-out rows of
-    each split (the split's own text, only the answers labelled); `evaluate_retrieval` counts
+    each split (the split's own text, only the answers labelled); `evaluate_held_out` counts
     answer tokens and whole answers, and `evaluate_split` adds both to its result."""
     common = dict(batch_size=4, seq_len=600, path=documents, bpe_vocab_size=300)
     mixed = data.TextData("text_files", retrieval_fraction=0.5, **common)
