@@ -318,7 +318,8 @@ def test_held_out_retrieval_rows_are_scored_teacher_forced(documents):
     assert scores["retrieval_accuracy"] == pytest.approx(
         1 - (1 / wrong_rows.sum(axis=1)).sum() / data.RETRIEVAL_EVAL_EXAMPLES)
     with pytest.raises(ValueError, match="a row has no labelled target"):
-        training.evaluate_held_out(eval_step, None, [(inputs[:1], np.full_like(targets[:1], data.IGNORE_INDEX))])
+        training.evaluate_held_out(
+            eval_step, None, [(inputs[:1], np.full_like(targets[:1], data.IGNORE_INDEX))])
 
     model_cfg = bmojo_jax.ModelConfig.preset("transformer", vocab_size=300, d_model=16,
                                              n_heads=2, n_layers=1, ssm_head_dim=8)

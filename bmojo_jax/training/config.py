@@ -95,8 +95,9 @@ def default_config(preset: str = "bmojo") -> ml_collections.ConfigDict:
         held-out retrieval prompts answered exactly, or of their answer tokens, teacher-forced,
         `training.evaluate_held_out`; higher is better), "copy_accuracy" (runs with copy rows,
         likewise), "loss" (nats) or "perplexity" (lower is better). Only the evaluations after
-        the copy-only phase count (`training.copy_phase_end`). target: stop at the first evaluation whose
-        metric reaches it (accuracy >= target, loss or perplexity <= target); None = off.
+        the copy-only phase count (`training.copy_phase_end`). target: stop at the first
+        evaluation whose metric reaches it (accuracy >= target, loss or perplexity <= target);
+        None = off.
         patience: stop when `patience` evaluations in a row have not improved on the best one by
         more than min_delta relative (improved: accuracy > best + min_delta*|best|, loss or
         perplexity < best - min_delta*|best|); None = off. min_delta: >= 0. A set metric needs a

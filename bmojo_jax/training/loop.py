@@ -43,14 +43,15 @@ Workdir layout:
     checkpoints/<step>/  orbax items `params`, `opt_state`, `meta` (JSON: step, config, model,
                          valid_history: the periodic validation results [{"step", "loss",
                          "perplexity", and where measured the other `EARLY_STOP_METRICS`}]
-                         through that step, train_window:
-                         the step metrics [{"loss", ...}] since the last "train" record)
+                         through that step, train_window: the step metrics [{"loss", ...}]
+                         since the last "train" record)
     metrics.jsonl        one JSON object a line: {"step", "split", ...}; split "train", "valid"
                          (periodic), "stop" (an early stop: "reason" "target" or "patience",
                          "message"), "curriculum" (the copy-only phase ended early:
                          "copy_phase_end", "message"; `copy_phase_end`), "valid_final" (with
-                         "steps_to_0.9" on synthetic tasks), "test_final". On resume the lines after the restored step are dropped
-                         (atomically), so the file matches an uninterrupted run's. Fields of a
+                         "steps_to_0.9" on synthetic tasks), "test_final". On resume the lines
+                         after the restored step are dropped (atomically), so the file matches
+                         an uninterrupted run's. Fields of a
                          "train" record: the means of the step metrics since the previous one
                          (loss, ce, aux_loss, grad_norm), lr (of its last step), tokens_per_s
                          (None when its only step is the compiling one), compile_s (the first
