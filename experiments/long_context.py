@@ -9,7 +9,9 @@ text:
   L / 2 + 1 random tokens written twice (`lc.copy_test_rows`); the accuracy on the second copy
   says whether a model copies from L / 2 + 1 tokens back, with no prompt format to learn;
 * perplexity against context length on the longest held-out documents, scoring the last
-  `score_tokens` of every window so that every length is scored on the same tokens.
+  `score_tokens` of every window so that every length is scored on the same tokens;
+* streaming inference at every length: the decoding state's bytes, and tokens/s of the prefill
+  and of decode steps after it (one sequence, compiled first, interleaved rounds).
 
 The prompts and windows are the pure, seeded functions of `bmojo_jax.data.long_context`.
 
@@ -45,12 +47,16 @@ from bmojo_jax.data import long_context as lc
 from experiments import plotting
 
 NAME = "long_context"
-TASKS = ("passkey", "needle", "copy", "perplexity")
+TASKS = ("passkey", "needle", "copy", "perplexity", "speed")
 RETRIEVAL = {"passkey": "passkey retrieval", "needle": "multi-key needle in a haystack"}
 FILLERS = ("test", "austen", "shakespeare")
 # Tokens generated per prompt: one per character of " " + the longest answer, room for any
 # tokenization of its digits; one number for both tasks, so that they share a compiled program.
 NEW_TOKENS = 1 + max(lc.KEY_DIGITS, lc.VALUE_DIGITS)
+# The speed task: greedy decode steps per timed call, and timed rounds (our choice: enough for a
+# median and a spread on a shared machine, seconds per length for the suite's small models).
+SPEED_DECODE_STEPS = 16
+SPEED_ROUNDS = 3
 
 
 @dataclasses.dataclass(frozen=True)
@@ -248,6 +254,36 @@ def perplexity(model, corpus, lengths: Sequence[int], score_tokens: int, s: Sett
                 documents=[int(stops[d] - starts[d]) for d in used], by_length=out)
 
 
+def speed(model, lengths: Sequence[int]) -> dict:
+    """Streaming inference of one sequence at every context length L: the prefill of L tokens
+    into a fresh cache with room for L + `SPEED_DECODE_STEPS` (`decoding.compile_prefill`), and
+    `SPEED_DECODE_STEPS` greedy decode steps from that cache (`decoding.compile_decode`), each
+    compiled and run once first, then timed in `SPEED_ROUNDS` interleaved rounds
+    (`harness.interleave`). The prompt is token 0 repeated: the cost does not depend on the
+    tokens.
+
+    Returns:
+      {length: {"prefill_tokens_per_s", "decode_tokens_per_s": medians over the rounds (tokens
+      per second), "prefill_seconds", "decode_seconds": [seconds of each round]}}.
+    """
+    out = {}
+    for length in lengths:
+        prompt = np.zeros((1, length), np.int32)
+        prefill, (logits, cache) = decoding.compile_prefill(model, prompt,
+                                                            length + SPEED_DECODE_STEPS)
+        decode = decoding.compile_decode(model, logits[:, -1].argmax(-1).astype(np.int32),
+                                         cache, SPEED_DECODE_STEPS)
+        seconds = harness.interleave({"prefill": prefill, "decode": decode}, SPEED_ROUNDS).seconds
+        out[str(length)] = dict(
+            prefill_tokens_per_s=length / harness.spread(seconds["prefill"]).median,
+            decode_tokens_per_s=SPEED_DECODE_STEPS / harness.spread(seconds["decode"]).median,
+            prefill_seconds=seconds["prefill"], decode_seconds=seconds["decode"])
+        print(f"[{NAME}] speed at {length} tokens: prefill "
+              f"{out[str(length)]['prefill_tokens_per_s']:,.0f} tokens/s, decode "
+              f"{out[str(length)]['decode_tokens_per_s']:,.1f} tokens/s", flush=True)
+    return out
+
+
 def evaluate_model(m: Model, s: Settings) -> dict:
     """Every task of `s` on one model (see the module docstring): its JSON record."""
     model, config, corpus = m.model, m.config, m.corpus
@@ -280,6 +316,8 @@ def evaluate_model(m: Model, s: Settings) -> dict:
         record["copy"] = copy_test(model, corpus, lengths, s)
     if "perplexity" in s.tasks:
         record["perplexity"] = perplexity(model, corpus, lengths, score_tokens, s)
+    if "speed" in s.tasks:
+        record["speed"] = speed(model, lengths)
     return record
 
 
@@ -359,12 +397,20 @@ def markdown(record: dict) -> str:
             documents = ", ".join(f"{d:,}" for d in p["documents"])
             lines += [f"**Perplexity** on the same {p['scored_tokens']:,} test tokens at every "
                       f"length: the last {m['score_tokens']} targets of each of {p['windows']} "
-                      f"windows, from the longest held-out documents ({documents} tokens). "
-                      f"State: the decoding state of one sequence at that length.\n",
-                      *_by_length(m, ["perplexity", "loss (nats/token)", "state (MiB)"],
+                      f"windows, from the longest held-out documents ({documents} tokens).\n",
+                      *_by_length(m, ["perplexity", "loss (nats/token)"],
                                   lambda n: [f"{p['by_length'][str(n)]['perplexity']:.2f}",
-                                             f"{p['by_length'][str(n)]['loss']:.4f}",
-                                             f"{m['state_bytes'][str(n)] / 2 ** 20:.2f}"])]
+                                             f"{p['by_length'][str(n)]['loss']:.4f}"])]
+        if "speed" in m:
+            v = m["speed"]
+            lines += [f"**Streaming inference**, one sequence: the decoding state at that length, "
+                      f"and tokens/s (median of {SPEED_ROUNDS} rounds, min-max in the JSON) of "
+                      f"the prefill of L tokens and of {SPEED_DECODE_STEPS} decode steps after "
+                      f"it.\n",
+                      *_by_length(m, ["state (MiB)", "prefill tokens/s", "decode tokens/s"],
+                                  lambda n: [f"{m['state_bytes'][str(n)] / 2 ** 20:.2f}",
+                                             f"{v[str(n)]['prefill_tokens_per_s']:,.0f}",
+                                             f"{v[str(n)]['decode_tokens_per_s']:,.1f}"])]
     lines += [
         "## Method\n",
         f"Prompts (`bmojo_jax.data.long_context`; seed {s['seed']}): prefix, filler, needle(s), "
@@ -387,7 +433,9 @@ def markdown(record: dict) -> str:
         f"ending at the same positions for every L, inside one document, each run from an empty "
         f"state; only the last tokens of each window are scored, so every length is scored on "
         f"the same tokens and differences come from the context alone. RoPE positions continue "
-        f"past the training context (no interpolation). Times include compilation.",
+        f"past the training context (no interpolation). The seconds of each task in the JSON "
+        f"include compilation; the tokens/s do not, and carry the noise of a machine that may be "
+        f"shared with training runs (about 10-20%).",
         "", f"![{NAME}]({NAME}.png)", ""]
     return "\n".join(lines)
 

@@ -468,11 +468,17 @@ def test_runner_end_to_end(corpus, documents, tmp_path, monkeypatch):
     assert by_length["320"]["tokens"] == by_length["480"]["tokens"] == 3 * 16
     assert all(np.isfinite(r["perplexity"]) and r["perplexity"] > 1 for r in by_length.values())
     assert m["state_bytes"]["320"] == m["state_bytes"]["480"]  # B'MOJO: constant state
+    for r in m["speed"].values():
+        assert len(r["prefill_seconds"]) == len(r["decode_seconds"]) == runner.SPEED_ROUNDS
+        assert r["decode_tokens_per_s"] == pytest.approx(
+            runner.SPEED_DECODE_STEPS / np.median(r["decode_seconds"]))
+        assert r["prefill_tokens_per_s"] > 0
     for r in m["copy"].values():  # an untrained model of 300 tokens copies next to nothing
         assert 0 <= r["accuracy"] < 0.1 and np.isfinite(r["loss"]) and r["loss"] > 3
     text = (out / "long_context.md").read_text()
     assert "Command: `python -m test`" in text and "| 480 | 15 |" in text
     assert "**Copy**" in text and "| 480 | 15 | 241 |" in text
+    assert "**Streaming inference**" in text and "| prefill tokens/s | decode tokens/s |" in text
 
     evaluated = []
 
