@@ -83,10 +83,14 @@ def test_mqar_memory_plot_draws_every_point(tmp_path, monkeypatch):
     assert transformer.get_markerfacecolor() == "none"  # hollow: later points show inside it
     # B'MOJO's line runs over its slots in order of state size, B'MOJO-F (0 slots) first.
     assert list(bmojo.get_ydata()) == pytest.approx([25.5, 40.0, 60.0])
-    # Right: the rules at 8 slots (the default rule's row at that count first), a dot per seed.
-    assert [t.get_text() for t in right.get_xticklabels()] == ["fading", "oracle"]
+    # Right: one line per rule over its slots (the mean), a dot per seed, in the rule's colour.
+    fading, oracle = [line for line in right.get_lines() if line.get_linestyle() != "None"
+                      and line.get_label() in ("fading", "oracle")]
+    assert list(fading.get_xdata()) == [4, 8] and list(fading.get_ydata()) == [40.0, 60.0]
+    assert list(oracle.get_xdata()) == [8] and list(oracle.get_ydata()) == [99.5]
     dots = [line for line in right.get_lines() if line.get_linestyle() == "None"]
-    assert [list(d.get_ydata()) for d in dots] == [[90.0, 30.0], [100.0, 99.0]]
+    assert [list(d.get_ydata()) for d in dots] == [[50.0, 30.0], [90.0, 30.0], [100.0, 99.0]]
+    assert [d.get_color() for d in dots] == [fading.get_color()] * 2 + [oracle.get_color()]
     assert [ax.get_title() for ax in saved["axes"]] == [
-        "accuracy vs decoding-state size", "selection rules at 8 eidetic slots"]
+        "accuracy vs decoding-state size", "selection rules over the eidetic slots"]
     assert "one dot per seed" in saved["caption"]

@@ -26,6 +26,9 @@ from experiments.reproduce import runner
 NAME = "mqar_memory"
 TITLE = "MQAR accuracy vs decoding-state size at competence, and the eidetic selection rules"
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "mqar_far.py"
+# The selection rules beside the default ("fading"), each a mqar_far argument bmojo_<rule>: the
+# oracle first, then the rules, then the content-blind controls.
+RULES = ("oracle", "state", "learned", "threshold", "random", "projection")
 def budgets() -> dict:
     """{"tiny", "full"}: ConfigDicts of every setting.
 
@@ -35,6 +38,11 @@ def budgets() -> dict:
     grid, in the order tried), skip_grid_above (a row's grid stops at the first rate whose mean
     validation accuracy over the seeds reaches it), seeds (initialisation and batch order: every
     row runs each, mean +- std), seed (the data's).
+
+    The rows: every family over its memory knob (Zoology's frontier; B'MOJO's default rule over
+    4 to 64 eidetic slots, though at t = 32 with 4 selections per chunk of 4 no buffer holds more
+    than 24), then every other selection rule at 8 slots (bmojo_set), 4 and 16: the eidetic-size
+    ablation of each rule, bracketed by the oracle and the content-blind controls.
 
     The full budget is the far-query probe of results/eidetic.md (item 6, at d_model 64): t = 32,
     K = 4 pairs in [0, 8), queries from position 16, vocabulary 64, window 4, d_state 4, 20,000
@@ -57,9 +65,11 @@ def budgets() -> dict:
               ("mamba", "model.d_state=64"),
               ("bmojo_f", ""),
               ("bmojo", "model.eidetic_slots=4"), ("bmojo", "model.eidetic_slots=8"),
-              ("bmojo", "model.eidetic_slots=16"),
-              ("bmojo_oracle", ""), ("bmojo_state", ""), ("bmojo_learned", ""),
-              ("bmojo_threshold", ""), ("bmojo_random", ""), ("bmojo_projection", "")),
+              ("bmojo", "model.eidetic_slots=16"), ("bmojo", "model.eidetic_slots=32"),
+              ("bmojo", "model.eidetic_slots=64"),
+              *((f"bmojo_{rule}", slots) for slots in ("", "model.eidetic_slots=4",
+                                                       "model.eidetic_slots=16")
+                for rule in RULES)),
         lrs=(3e-3, 1e-3, 1e-2), skip_grid_above=0.99, seeds=(0, 1, 2), seed=0)
     tiny = dict(
         full, set=("model.d_model=16", "model.n_heads=2", "model.window=4", "model.chunk_size=4",
@@ -212,8 +222,9 @@ def markdown(record, s) -> str:
 
 def plot(record, s, path) -> None:
     """Left: test accuracy vs decoding-state size, one line per family (B'MOJO: its default rule
-    over the eidetic slots, B'MOJO-F at 0 slots first). Right: every selection rule at the rules'
-    slot count, one dot per seed and the mean, with full attention and B'MOJO-F as references."""
+    over the eidetic slots, B'MOJO-F at 0 slots first). Right: test accuracy vs eidetic slots,
+    one line per selection rule (the mean) with a dot per seed, full attention and B'MOJO-F as
+    references."""
     del s  # everything plotted is in the record
     plt = plotting.pyplot()
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.8))
@@ -237,21 +248,26 @@ def plot(record, s, path) -> None:
     left.set_ylim(-2, 102)
     left.grid(alpha=0.3)
     left.legend(fontsize=8)
-    rules = [r for r in runs if r["rule"] is not None and r["arg"] != "bmojo"]
-    rules = [r for r in runs if r["arg"] == "bmojo" and r["eidetic_slots"] == (
-        rules[0]["eidetic_slots"] if rules else None)] + rules
-    for i, r in enumerate(rules):
-        values = [100 * v for v in r["test_accuracy_values"]]
-        right.plot([i] * len(values), values, ls="none", marker="o", mfc="none", color="C0")
-        right.plot([i - 0.3, i + 0.3], [np.mean(values)] * 2, color="C0", lw=2)
+    by_rule = {}
+    for r in runs:
+        if r["rule"] is not None:
+            by_rule.setdefault(r["rule"], []).append(r)
+    for order, (rule, mine) in enumerate(by_rule.items()):
+        mine = sorted(mine, key=lambda r: r["eidetic_slots"])
+        xs, style = [r["eidetic_slots"] for r in mine], plotting.series_style(rule, order)
+        right.plot(xs, [100 * r["test_accuracy"] for r in mine], **style)
+        for x, r in zip(xs, mine):  # one dot per seed
+            right.plot([x] * len(r["test_accuracy_values"]),
+                       [100 * v for v in r["test_accuracy_values"]], ls="none", marker=".",
+                       color=style["color"], alpha=0.4)
     for arg, color in (("transformer", "C3"), ("bmojo_f", "C7")):
         for r in runs:
             if r["arg"] == arg:
                 right.axhline(100 * r["test_accuracy"], color=color, ls="--", lw=1,
                               label=f"{r['label']} (mean)")
-    right.set_xticks(range(len(rules)), [r["rule"] for r in rules], rotation=30)
-    right.set_title("selection rules" + (f" at {rules[0]['eidetic_slots']} eidetic slots"
-                                         if rules else ""))
+    right.set_xscale("log", base=2)
+    right.set_title("selection rules over the eidetic slots")
+    right.set_xlabel("eidetic slots (log scale)")
     right.set_ylabel("far-query MQAR test accuracy (%)")
     right.set_ylim(-2, 102)
     right.grid(alpha=0.3)
