@@ -105,7 +105,7 @@ def test_synthetic(dirs, tmp_path):
     assert fresh["rows"] == record["rows"] and not point.exists()
 
 
-@pytest.mark.slow  # ~70 s on 2 cores: six tiny trainings
+@pytest.mark.slow  # ~90 s on 2 cores: eight tiny trainings
 def test_mqar_memory(dirs):
     out_dir, work = dirs
     record = reproduce.reproduce("mqar_memory", "tiny", out_dir, ["swa", "bmojo"], work)
@@ -114,8 +114,11 @@ def test_mqar_memory(dirs):
     settings = mqar_memory.budgets()["tiny"]
     runs = {r["label"]: r for r in record["runs"]}
     assert list(runs) == ["swa (window=4)", "bmojo (eidetic_slots=4, fading)",
-                          "bmojo (eidetic_slots=4, oracle)"]
-    swa, fading, oracle = runs.values()
+                          "bmojo (eidetic_slots=4, oracle)", "bmojo (eidetic_slots=8, oracle)"]
+    swa, fading, oracle, ablation = runs.values()
+    # The size ablation runs the rule again at 8 slots, at the rate its row did best at.
+    assert ablation["eidetic_slots"] == 8 and ablation["rule"] == "oracle"
+    assert ablation["lr"] == oracle["lr"] and list(ablation["lr_grid"]) == [f"{oracle['lr']:g}"]
     # The eidetic slots and the fading state make B'MOJO's decoding state larger than the window's.
     assert fading["state_bytes"] > swa["state_bytes"] and swa["eidetic_slots"] == 0
     # Diagnostics for the B'MOJO rows only; the oracle keeps every context token (4 slots, 4 per

@@ -34,15 +34,19 @@ def budgets() -> dict:
 
     Fields: set (the "FIELD=VALUE" overrides of `experiments/configs/mqar_far.py` for every row,
     the `--set` of a sweep), bmojo_set (added for the rows of B'MOJO with eidetic slots), rows
-    ((argument of mqar_far.get_config, "FIELD=VALUE,..." swept fields or ""), ...), lrs (the
+    ((argument of mqar_far.get_config, "FIELD=VALUE,..." swept fields or ""), ...), ablation
+    ("model.eidetic_slots=N", ...: every rule of `RULES` with a row again at N slots, at the
+    learning rate that row did best at), lrs (the
     grid, in the order tried), skip_grid_above (a row's grid stops at the first rate whose mean
     validation accuracy over the seeds reaches it), seeds (initialisation and batch order: every
     row runs each, mean +- std), seed (the data's).
 
     The rows: every family over its memory knob (Zoology's frontier; B'MOJO's default rule over
     4 to 64 eidetic slots, though at t = 32 with 4 selections per chunk of 4 no buffer holds more
-    than 24), then every other selection rule at 8 slots (bmojo_set), 4 and 16: the eidetic-size
-    ablation of each rule, bracketed by the oracle and the content-blind controls.
+    than 24), then every other selection rule at 8 slots (bmojo_set), and again at 4 and 16 at
+    its best rate there (our choice, to fit the budget: a rule below 99% runs 9 points of about
+    7 minutes for its grid): the eidetic-size ablation of each rule, bracketed by the oracle and
+    the content-blind controls.
 
     The full budget is the far-query probe of results/eidetic.md (item 6, at d_model 64): t = 32,
     K = 4 pairs in [0, 8), queries from position 16, vocabulary 64, window 4, d_state 4, 20,000
@@ -67,9 +71,8 @@ def budgets() -> dict:
               ("bmojo", "model.eidetic_slots=4"), ("bmojo", "model.eidetic_slots=8"),
               ("bmojo", "model.eidetic_slots=16"), ("bmojo", "model.eidetic_slots=32"),
               ("bmojo", "model.eidetic_slots=64"),
-              *((f"bmojo_{rule}", slots) for slots in ("", "model.eidetic_slots=4",
-                                                       "model.eidetic_slots=16")
-                for rule in RULES)),
+              *((f"bmojo_{rule}", "") for rule in RULES)),
+        ablation=("model.eidetic_slots=4", "model.eidetic_slots=16"),
         lrs=(3e-3, 1e-3, 1e-2), skip_grid_above=0.99, seeds=(0, 1, 2), seed=0)
     tiny = dict(
         full, set=("model.d_model=16", "model.n_heads=2", "model.window=4", "model.chunk_size=4",
@@ -80,6 +83,7 @@ def budgets() -> dict:
                    "early_stop.target=0.5", "eval_every=2", "checkpoint_every=4", "eval_batches=1", "log_every=2"),
         bmojo_set=("model.eidetic_per_chunk=4", "model.eidetic_slots=4"),
         rows=(("swa", "model.window=4"), ("bmojo", "model.eidetic_slots=4"), ("bmojo_oracle", "")),
+        ablation=("model.eidetic_slots=8",),
         lrs=(1e-2,), seeds=(0, 1))
     return {"tiny": ml_collections.ConfigDict(tiny), "full": ml_collections.ConfigDict(full)}
 
@@ -121,14 +125,15 @@ def run(s, presets, workdir: Path, points: sweep.Points) -> dict:
     """Every row whose preset is in `presets` over `s.lrs` x `s.seeds` (`sweep.run_setting` of
     mqar_far.get_config, points in WORKDIR/<point>; the grid stops at the first rate whose mean
     validation accuracy reaches `s.skip_grid_above`), at its best rate, with the decoding-state
-    bytes and, for B'MOJO rows, the eidetic diagnostics of every best-rate seed (mean)."""
+    bytes and, for B'MOJO rows, the eidetic diagnostics of every best-rate seed (mean); then the
+    rows of `s.ablation`: every selection rule whose row ran again at each of those slot counts,
+    at the rate that row did best at."""
     get_config = load_config_module(str(CONFIG)).get_config
     rows = []
-    for arg, text in s.rows:
-        if preset_of(arg) not in presets:
-            continue
+
+    def add_row(arg, text, lrs):
         fields = fields_of(text)
-        row = sweep.run_setting(get_config, arg, s.lrs, runner.seeds_of(arg, s), workdir,
+        row = sweep.run_setting(get_config, arg, lrs, runner.seeds_of(arg, s), workdir,
                                 log=NAME, points=points, overrides=overrides(s, arg), fields=fields,
                                 stop_above=s.skip_grid_above, evaluate=sweep.point_diagnostics)
         best = row["best"]
@@ -145,6 +150,15 @@ def run(s, presets, workdir: Path, points: sweep.Points) -> dict:
             solved=[r["result"]["valid"]["accuracy"] >= config.early_stop.target for r in best],
             diagnostics=None if diags[0] is None else {
                 k: float(np.mean([d[k] for d in diags])) for k in diags[0]}))
+
+    for arg, text in s.rows:
+        if preset_of(arg) in presets:
+            add_row(arg, text, s.lrs)
+    best_lr = {r["arg"]: r["lr"] for r in rows if r["rule"] is not None and not r["fields"]}
+    for text in s.ablation:
+        for rule in RULES:
+            if f"bmojo_{rule}" in best_lr:
+                add_row(f"bmojo_{rule}", text, (best_lr[f"bmojo_{rule}"],))
     _, config = sweep.point_config(get_config, s.rows[0][0], s.lrs[0], s.seeds[0],
                                    overrides(s, s.rows[0][0]), fields_of(s.rows[0][1]))
     return dict(runs=rows, optimizer=config.optimizer.to_dict(), task=config.data.task.to_dict(),
@@ -215,7 +229,9 @@ def markdown(record, s) -> str:
         f"validation accuracy or {record['num_steps']} steps; learning rates tried in the order "
         f"{', '.join(f'{lr:g}' for lr in s.lrs)}, each row stopping at the first whose mean "
         f"validation accuracy over the seeds reaches {100 * s.skip_grid_above:.0f}% (the lr "
-        f"column: the best rate, and the mean validation accuracy at each rate tried), "
+        f"column: the best rate, and the mean validation accuracy at each rate tried; the "
+        f"size ablation's rows, a rule other than fading at another slot count, train at "
+        f"the best rate of that rule's row), "
         f"{runner.describe_optimizer(record['optimizer'], record['num_steps'])}; "
         f"{record['num_eval']} test examples.")
 
