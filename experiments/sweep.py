@@ -492,9 +492,16 @@ def summarize(records: list[dict]) -> dict:
 
 def point_diagnostics(workdir: Path):
     """The eidetic diagnostics of a finished MQAR point's final checkpoint on its first validation
-    batch, averaged over its `B` layers, and its validation accuracy with its own selection rule
-    with the oracle's scores and with no slot (`diagnostics.accuracy_by_selection`, whole split);
-    None when it has no `B` layers (or is not MQAR)."""
+    batch, and its validation accuracy with its own selection rule, with the oracle's scores and
+    with no slot (`diagnostics.accuracy_by_selection`, whole split); None when it has no `B`
+    layers (or is not MQAR).
+
+    Returns:
+      {"selection_recall", "slot_precision", "recall_ceiling", "window_mass", "fading_mass",
+       "eidetic_mass": means over the `B` layers (the masses: the queries' softmax weight on each
+       kind of key), f"layer{i}_{name}" for each of those but the ceiling: the `B` layer i's own,
+       "accuracy_own", "accuracy_oracle", "accuracy_no_slots"}: floats.
+    """
     model, config, _ = training.load_model(workdir)
     if config.data.name != "mqar" or "B" not in model.config.layer_mixers:
         return None
@@ -504,15 +511,21 @@ def point_diagnostics(workdir: Path):
     layers = diagnostics.eidetic_diagnostics(model, inputs, targets,
                                              training.context_length(config),
                                              eidetic_scores=scores)
-    mean = lambda key: float(np.mean([d[key] for d in layers.values()]))  # noqa: E731
+    per_layer = {layer: dict(selection_recall=d["selection_recall"],
+                             slot_precision=d["slot_precision"],
+                             **{f"{kind}_mass": d["attention_mass"][kind]
+                                for kind in ("window", "fading", "eidetic")})
+                 for layer, d in layers.items()}
     swapped = diagnostics.accuracy_by_selection(
         model, data.eval_batches("valid", config.batch_size, config.data.seq_len),
         training.context_length(config))
-    return dict(selection_recall=mean("selection_recall"), slot_precision=mean("slot_precision"),
-                eidetic_mass=float(np.mean([d["attention_mass"]["eidetic"]
-                                            for d in layers.values()])),
-                recall_ceiling=mean("recall_ceiling"), accuracy_own=swapped["own"],
-                accuracy_oracle=swapped["oracle"], accuracy_no_slots=swapped["no_slots"])
+    names = next(iter(per_layer.values()))
+    return dict(**{name: float(np.mean([d[name] for d in per_layer.values()])) for name in names},
+                recall_ceiling=float(np.mean([d["recall_ceiling"] for d in layers.values()])),
+                **{f"layer{layer}_{name}": float(value) for layer, d in per_layer.items()
+                   for name, value in d.items()},
+                accuracy_own=swapped["own"], accuracy_oracle=swapped["oracle"],
+                accuracy_no_slots=swapped["no_slots"])
 
 
 def markdown(summary: dict, root: Path) -> str:

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import ml_collections
+import numpy as np
 import pytest
 
 import bmojo_jax as bj
@@ -125,6 +126,14 @@ def test_mqar_memory(dirs):
     # chunk: the ceiling is 1), whatever the tiny training did.
     assert swa["diagnostics"] is None
     assert oracle["diagnostics"]["selection_recall"] == oracle["diagnostics"]["recall_ceiling"] == 1
+    # The queries' softmax mass splits over window, fading and eidetic keys, per B layer and mean.
+    d = fading["diagnostics"]
+    layers = sorted({k.split("_")[0] for k in d if k.startswith("layer")})
+    assert layers and d["eidetic_mass"] == pytest.approx(
+        np.mean([d[f"{layer}_eidetic_mass"] for layer in layers]))
+    for prefix in ["", *(f"{layer}_" for layer in layers)]:
+        assert sum(d[f"{prefix}{kind}_mass"] for kind in ("window", "fading", "eidetic")) == \
+            pytest.approx(1, abs=1e-5)
     assert f"| {oracle['label']} | " in md and "1.00 (1.00)" in md
     # Every row runs every seed: mean +- std over them, in the JSON and the table.
     assert settings["seeds"] == (0, 1) and all(r["seeds"] == [0, 1] for r in runs.values())

@@ -148,8 +148,9 @@ def run(s, presets, workdir: Path, points: sweep.Points) -> dict:
             eidetic_slots=model_cfg.eidetic_slots if preset_of(arg) == "bmojo" else 0,
             state_bytes=decoding.state_bytes(model_cfg, 1, config.data.seq_len),
             solved=[r["result"]["valid"]["accuracy"] >= config.early_stop.target for r in best],
-            diagnostics=None if diags[0] is None else {
-                k: float(np.mean([d[k] for d in diags])) for k in diags[0]}))
+            diagnostics=None if diags[0] is None else {  # points evaluated before a
+                k: float(np.mean([d[k] for d in diags]))  # field existed lack it
+                for k in diags[0] if all(k in d for d in diags)}))
 
     for arg, text in s.rows:
         if preset_of(arg) in presets:
@@ -186,16 +187,21 @@ def markdown(record, s) -> str:
         lines.append(f"| {r['label']} | {r['state_bytes'] / 1024:.1f} | {r['params']:,} | "
                      f"{_lr(r)} | {_pct(r)} | {sum(r['solved'])} of {len(r['solved'])} | "
                      f"{', '.join('-' if x is None else str(x) for x in r['steps_to_90'])} |")
-    rules = ["| B'MOJO row | test accuracy (%) | selection recall (ceiling) | slot precision | "
-             "attention on slots | valid accuracy: own rule / oracle scores / no slots |",
-             "|---|---:|---:|---:|---:|---|"]
+    rules = ["| B'MOJO row | test accuracy (%) | selection recall (ceiling) | selection recall "
+             "by layer | slot precision | attention: window / fading / slots | valid accuracy: "
+             "own rule / oracle scores / no slots |", "|---|---:|---:|---|---:|---|---|"]
     for r in record["runs"]:
         d = r["diagnostics"]
         if d is not None:
+            value = lambda key: f"{d[key]:.2f}" if key in d else "—"  # noqa: E731
+            by_layer = ", ".join(value(k) for k in sorted(d) if k.endswith("_selection_recall")
+                                 and k.startswith("layer"))
             rules.append(f"| {r['label']} | {_pct(r)} | {d['selection_recall']:.2f} "
-                         f"({d['recall_ceiling']:.2f}) | {d['slot_precision']:.2f} | "
-                         f"{d['eidetic_mass']:.2f} | {d['accuracy_own']:.3f} / "
-                         f"{d['accuracy_oracle']:.3f} / {d['accuracy_no_slots']:.3f} |")
+                         f"({d['recall_ceiling']:.2f}) | {by_layer or '—'} | "
+                         f"{d['slot_precision']:.2f} | {value('window_mass')} / "
+                         f"{value('fading_mass')} / {d['eidetic_mass']:.2f} | "
+                         f"{d['accuracy_own']:.3f} / {d['accuracy_oracle']:.3f} / "
+                         f"{d['accuracy_no_slots']:.3f} |")
     task = record["task"]
     return (
         f"Far-query MQAR (`data.mqar({runner.describe(task)}, input_seq_len="
@@ -219,7 +225,9 @@ def markdown(record, s) -> str:
         "seed (-: never).\n\n### Eidetic diagnostics (every B'MOJO row)\n\n" + "\n".join(rules) +
         "\n\nMeans over the seeds, each on its final checkpoint (`sweep.point_diagnostics`): "
         "selection recall and slot precision on one validation batch, averaged over the `B` "
-        "layers; attention on slots: the queries' softmax mass on the eidetic keys; valid "
+        "layers (recall by layer: each `B` layer's own, in layer order); attention: the "
+        "queries' softmax mass on the window, fading and eidetic keys (—: the row's points "
+        "were evaluated before those were recorded); valid "
         "accuracy with the model's own rule, with the oracle's scores instead, and with every "
         "slot empty (what the slots carry).\n\n"
         f"Every point is a point of `experiments/configs/mqar_far.py` (2 layers, 2 heads, score "
