@@ -25,6 +25,17 @@ SMALL = dict(vocab_size=VOCAB, d_model=16, n_heads=2, window=WINDOW, d_state=4, 
              chunk_size=8, eidetic_per_chunk=1, eidetic_slots=3)
 
 
+# Every eidetic selection rule but the default ("fading"), as `config("bmojo", **overrides)`
+# overrides (a threshold every score passes; fixed seeds for the controls).
+RULES = {
+    "threshold": dict(eidetic_selection="threshold", eidetic_threshold=1.0),
+    "learned": dict(eidetic_selection="learned"),
+    "state": dict(eidetic_selection="state"),
+    "random": dict(eidetic_selection="random", eidetic_seed=3),
+    "projection": dict(eidetic_selection="projection", eidetic_seed=3),
+}
+
+
 def keys(n: int, seed: int = 0):
     """n PRNG keys from `seed` (data of a test: fixed seeds keep failures reproducible)."""
     return jax.random.split(jax.random.PRNGKey(seed), n)

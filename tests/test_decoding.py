@@ -8,21 +8,16 @@ import pytest
 from flax import nnx
 
 import bmojo_jax as bj
-from tests.helpers import T, VOCAB, config, tokens
+from tests.helpers import RULES, T, VOCAB, config, tokens
 
 VARIANTS = {name: {} for name in bj.PRESETS}
 VARIANTS.update({
     "bmojo-score-lag1": dict(eidetic_eviction="score", eidetic_lag=1),
     "bmojo-lag3-mamba1-untied": dict(eidetic_lag=3, ssm_kind="mamba1", tie_fading_kv=False,
                                      innovation_predictor="identity"),
-    "bmojo-threshold": dict(eidetic_selection="threshold", eidetic_threshold=1.0),
-    "bmojo-threshold-score": dict(eidetic_selection="threshold", eidetic_threshold=1.0,
-                                  eidetic_eviction="score"),
-    "bmojo-learned": dict(eidetic_selection="learned"),
-    "bmojo-state": dict(eidetic_selection="state"),
-    "bmojo-state-score": dict(eidetic_selection="state", eidetic_eviction="score"),
-    "bmojo-random": dict(eidetic_selection="random", eidetic_seed=3),
-    "bmojo-projection": dict(eidetic_selection="projection", eidetic_seed=3),
+    **{f"bmojo-{rule}": overrides for rule, overrides in RULES.items()},
+    "bmojo-threshold-score": dict(RULES["threshold"], eidetic_eviction="score"),
+    "bmojo-state-score": dict(RULES["state"], eidetic_eviction="score"),
     "bmojo-storage": dict(storage_slots=8, storage_topk=3),
     "mamba-no-mlp": dict(d_ff=0),
     "bmojo-storage-score-no-slots": dict(storage_slots=12, storage_topk=2,

@@ -22,9 +22,12 @@ def models():
     return {name: bj.LanguageModel(config(name), rngs=nnx.Rngs(0)) for name in bj.PRESETS}
 
 
-@pytest.mark.parametrize("preset", bj.PRESETS)
+@pytest.mark.parametrize("preset", [*bj.PRESETS, *(f"bmojo-{rule}" for rule in helpers.RULES)])
 def test_shapes_and_causality(models, preset):
-    model = models[preset]
+    """Logits [b, t, vocab] float32, finite; a token changed at p changes no logit before p and
+    the one at p: every preset, and B'MOJO with every selection rule."""
+    model = models.get(preset) or bj.LanguageModel(
+        config("bmojo", **helpers.RULES[preset.split("-")[1]]), rngs=nnx.Rngs(0))
     x = tokens()
     logits = model(x)
     assert logits.shape == (2, T, VOCAB) and logits.dtype == jnp.float32
