@@ -19,11 +19,13 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
                                " --xla_force_host_platform_device_count=8").strip()
 
 import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from bmojo_jax import LanguageModel, ModelConfig, sharding, training  # noqa: E402
 from bmojo_jax.sequence_parallel import sequence_parallel_forward  # noqa: E402
+from tests import helpers  # noqa: E402
 
 TINY = dict(vocab_size=64, d_model=32, n_layers=1, n_heads=2, window=4, chunk_size=4, d_state=8,
             ssm_head_dim=16)
@@ -126,18 +128,25 @@ def check_sequence_parallel():
     mesh = jax.make_mesh((4, 2), ("seq", "batch"), devices=jax.devices(),
                          axis_types=(jax.sharding.AxisType.Auto,) * 2)
     tokens = jax.random.randint(jax.random.key(1), (2, 64), 0, TINY["vocab_size"])
+    # every selection rule that runs sharded ("state" refuses: its selection is sequential over
+    # the whole sequence), "learned" with the slots' logit bias, and the oracle's scores
+    rules = {f"bmojo-{rule}": changes for rule, changes in helpers.RULES.items()
+             if rule != "state"}
     variants = {"transformer": {}, "bmojo": dict(eidetic_eviction="score", eidetic_slots=6),
-                "bmojo-learned": dict(eidetic_selection="learned"),  # + the slots' logit bias
-                "bmojo_f": {}, "mamba": {}, "swa": {}}  # swa last: the validation below
+                **rules, "bmojo-oracle": {}, "bmojo_f": {}, "mamba": {},
+                "swa": {}}  # swa last: the validation below
+    oracle = jnp.broadcast_to((jnp.arange(tokens.shape[1]) % 24 < 5).astype(jnp.float32),
+                              tokens.shape)  # a few tokens of every shard
     for preset, changes in variants.items():
         tic = time.perf_counter()
         model = LanguageModel(_model_config(preset.split("-")[0], **changes), rngs=nnx.Rngs(0))
         graphdef, state = nnx.split(model)
-        expected, expected_aux = jax.jit(lambda s, t: nnx.merge(graphdef, s).forward(t))(
-            state, tokens)
+        scores = oracle if preset.endswith("oracle") else None
+        expected, expected_aux = jax.jit(lambda s, t: nnx.merge(graphdef, s).forward(
+            t, eidetic_scores=scores))(state, tokens)
         logits, aux = jax.jit(lambda s, t: sequence_parallel_forward(
-            nnx.merge(graphdef, s), t, mesh, "seq", batch_axis="batch", with_aux=True))(
-                state, tokens)
+            nnx.merge(graphdef, s), t, mesh, "seq", batch_axis="batch", with_aux=True,
+            eidetic_scores=scores))(state, tokens)
         assert logits.sharding.is_equivalent_to(
             jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("batch", "seq")), 3)
         _check(f"{preset} sequence-parallel logits", _max_diff(expected, logits), 1e-5)
