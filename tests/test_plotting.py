@@ -65,19 +65,20 @@ def test_length_plot_titles_units_gaps_and_caption(tmp_path, monkeypatch):
 def test_mqar_memory_plot_draws_every_point(tmp_path, monkeypatch):
     from experiments.reproduce import mqar_memory
 
-    def row(arg, rule, state_bytes, values, slots=0):
+    def row(arg, rule, state_bytes, values, slots=0, recall=None):
         return dict(arg=arg, rule=rule, label=arg, state_bytes=state_bytes, eidetic_slots=slots,
                     seeds=[0, 1], test_accuracy=float(np.mean(values)),
-                    test_accuracy_std=float(np.std(values)), test_accuracy_values=values)
+                    test_accuracy_std=float(np.std(values)), test_accuracy_values=values,
+                    diagnostics=None if recall is None else dict(selection_recall=recall))
     runs = [row("transformer", None, 65540, [0.99, 1.0]), row("swa", None, 4096, [0.02, 0.03]),
             row("bmojo_f", None, 59652, [0.25, 0.26]),
-            row("bmojo", "fading", 63412, [0.9, 0.3], slots=8),
-            row("bmojo", "fading", 61000, [0.5, 0.3], slots=4),
-            row("bmojo_oracle", "oracle", 63412, [1.0, 0.99], slots=8)]
+            row("bmojo", "fading", 63412, [0.9, 0.3], slots=8, recall=0.75),
+            row("bmojo", "fading", 61000, [0.5, 0.3], slots=4, recall=0.5),
+            row("bmojo_oracle", "oracle", 63412, [1.0, 0.99], slots=8, recall=1.0)]
     record = dict(runs=runs, seeds=dict(model_init_and_batch_order=[0, 1], data=0))
     saved = _axes_of(tmp_path / "m.png", monkeypatch,
                      lambda path: mqar_memory.plot(record, None, path))
-    left, right = saved["axes"]
+    left, right, use = saved["axes"]
     # One line per family (the error bars' caps are unmarked lines of their own).
     transformer, swa, bmojo = [line for line in left.get_lines() if line.get_label()[0] != "_"]
     assert transformer.get_markerfacecolor() == "none"  # hollow: later points show inside it
@@ -91,6 +92,11 @@ def test_mqar_memory_plot_draws_every_point(tmp_path, monkeypatch):
     dots = [line for line in right.get_lines() if line.get_linestyle() == "None"]
     assert [list(d.get_ydata()) for d in dots] == [[50.0, 30.0], [90.0, 30.0], [100.0, 99.0]]
     assert [d.get_color() for d in dots] == [fading.get_color()] * 2 + [oracle.get_color()]
-    assert [ax.get_title() for ax in saved["axes"]] == [
+    assert [ax.get_title() for ax in saved["axes"]][:2] == [
         "accuracy vs decoding-state size", "selection rules over the eidetic slots"]
-    assert "one dot per seed" in saved["caption"]
+    # Selection vs use: a marker per B'MOJO row at (its recall, its accuracy), by rule.
+    fading, oracle = [line for line in use.get_lines()
+                      if line.get_label() in ("fading", "oracle")]
+    assert list(fading.get_xdata()) == [0.75, 0.5] and list(fading.get_ydata()) == [60.0, 40.0]
+    assert list(oracle.get_xdata()) == [1.0] and list(oracle.get_ydata()) == [99.5]
+    assert "a dot per seed" in saved["caption"]

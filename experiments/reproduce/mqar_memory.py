@@ -246,12 +246,13 @@ def markdown(record, s) -> str:
 
 def plot(record, s, path) -> None:
     """Left: test accuracy vs decoding-state size, one line per family (B'MOJO: its default rule
-    over the eidetic slots, B'MOJO-F at 0 slots first). Right: test accuracy vs eidetic slots,
+    over the eidetic slots, B'MOJO-F at 0 slots first). Middle: test accuracy vs eidetic slots,
     one line per selection rule (the mean) with a dot per seed, full attention and B'MOJO-F as
-    references."""
+    references. Right: test accuracy vs selection recall, a marker per B'MOJO row (below the
+    diagonal: the slots held what the queries needed and the layer did not use it)."""
     del s  # everything plotted is in the record
     plt = plotting.pyplot()
-    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.8))
+    fig, (left, right, use) = plt.subplots(1, 3, figsize=(18, 4.8))
     runs = record["runs"]
     families = {"transformer": ("transformer",), "swa": ("swa",), "mamba": ("mamba",),
                 "bmojo": ("bmojo_f", "bmojo")}
@@ -290,6 +291,9 @@ def plot(record, s, path) -> None:
                 right.axhline(100 * r["test_accuracy"], color=color, ls="--", lw=1,
                               label=f"{r['label']} (mean)")
     right.set_xscale("log", base=2)
+    if by_rule:
+        plotting.log2_ticks(right.xaxis, [r["eidetic_slots"] for rows in by_rule.values()
+                                          for r in rows])
     right.set_title("selection rules over the eidetic slots")
     right.set_xlabel("eidetic slots (log scale)")
     right.set_ylabel("far-query MQAR test accuracy (%)")
@@ -297,11 +301,29 @@ def plot(record, s, path) -> None:
     right.grid(alpha=0.3)
     if right.get_legend_handles_labels()[0]:
         right.legend(fontsize=8)
+    for order, (rule, mine) in enumerate(by_rule.items()):  # selection against use
+        mine = [r for r in mine if r["diagnostics"] is not None]
+        style = dict(plotting.series_style(rule, order), ls="none")
+        use.plot([r["diagnostics"]["selection_recall"] for r in mine],
+                 [100 * r["test_accuracy"] for r in mine], **style)
+        for r in mine:
+            use.annotate(str(r["eidetic_slots"]), (r["diagnostics"]["selection_recall"],
+                                                   100 * r["test_accuracy"]),
+                         textcoords="offset points", xytext=(4, 3), fontsize=7)
+    use.plot([0, 1], [0, 100], color="gray", ls=":", lw=1, label="accuracy = recall")
+    use.set_title("selection vs use (B'MOJO rows; numbers: eidetic slots)")
+    use.set_xlabel("selection recall: needed key/value tokens in the visible slots")
+    use.set_ylabel("far-query MQAR test accuracy (%)")
+    use.set_xlim(-0.02, 1.02)
+    use.set_ylim(-2, 102)
+    use.grid(alpha=0.3)
+    use.legend(fontsize=8)
     seeds = record["seeds"]["model_init_and_batch_order"]
     plotting.save(fig, path, caption=(
         f"Test accuracy, mean over the model seeds {', '.join(map(str, seeds))} (data seed "
         f"{record['seeds']['data']}) at each row's best learning rate on validation; left: "
-        f"error bars (gray) +- std over the seeds; right: one dot per seed, the bar the mean."))
+        f"error bars (gray) +- std over the seeds; middle: a line through the means, a dot per "
+        f"seed; right: the diagnostics' selection recall (mean over seeds and B layers)."))
 
 
 def _error_bars(ax, xs, rows) -> None:
