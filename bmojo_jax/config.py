@@ -74,8 +74,8 @@ class ModelConfig:
         section 2; `B` only; our choices): "fading" (innovation against the fading state, the
         paper's test), "state" (innovation against the whole state: the minimum of that and the
         squared distance of X_t to the tokens the state holds verbatim, the window before it and
-        the eidetic slots, so a repeated token does not take a slot again; not under sequence
-        parallelism), "threshold" (the same score, and a token is kept only when it exceeds
+        the eidetic slots, so a repeated token does not take a slot again; under sequence
+        parallelism every shard gathers the whole sequence's tokens for it), "threshold" (the same score, and a token is kept only when it exceeds
         `eidetic_threshold` times the mean score of the tokens before it: HAM's growth rule),
         "learned" (a linear score of X_t, trained by the language-modelling loss through the
         attention logit of the slot that holds the token, + log sigmoid(score)), "random" (a

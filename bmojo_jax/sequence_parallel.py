@@ -123,29 +123,41 @@ class SequenceContext:
         _, entering = jax.lax.scan(step, jnp.zeros_like(h_last), (hs, ds))
         return entering[self.index]
 
-    def eidetic_keys(self, selection, scores, k, v, *, before: int):
+    def eidetic_keys(self, selection, scores, k, v, x, *, before: int):
         """The eidetic slots of this shard's chunks and the keys/values they need from earlier
-        shards.
+        shards. The selection runs on every shard over the whole sequence's scores (gathered:
+        [b, T], small); the "state" rule (`selection.whole_state`), whose selection also reads
+        the tokens, gathers them too ([b, T, d_model] on every shard: its selection is
+        sequential over the whole sequence).
 
         Args:
           selection: the layer's `ops.eidetic.Selection`.
           scores: [b, L] this shard's innovation scores.
           k, v: [b, L, h, e] this shard's keys (RoPE applied) and values.
+          x: [b, L, d_model] this shard's tokens (the layer's input; read by the "state" rule).
           before: P, the tokens of left context that the caller puts before this shard's keys.
 
         Returns:
-          (memory [b, cl, m] int32, remote_k, remote_v [b, R', h, e], remote_scores [b, R']): the
-          slots as indices into the keys [remote (R'); P tokens of left context; this shard's L],
-          -1 = empty, and the keys, values and scores of the remote entries; R' is R rounded up
-          to a multiple of the window, so that the prefix stays chunk-aligned.
+          (memory [b, cl, m] int32, remote_k, remote_v [b, R', h, e], remote_scores [b, R'],
+          scores [b, L]): the slots as indices into the keys [remote (R'); P tokens of left
+          context; this shard's L], -1 = empty, the keys, values and scores of the remote
+          entries (R' is R rounded up to a multiple of the window, so that the prefix stays
+          chunk-aligned), and this shard's scores as the rule leaves them (the "state" rule's
+          final ones, `select_whole_state`; the input otherwise).
         """
         w, per_chunk, lag = selection.window, selection.per_chunk, selection.lag
         b, t = scores.shape
         cl = t // w
         gathered = jax.lax.all_gather(jax.lax.stop_gradient(scores), self.axis, axis=1,
                                       tiled=True)
-        memory = selection.select(gathered)  # [b, C, m], global positions
-        candidates, _ = ops.chunk_topk(gathered, w, per_chunk)  # [b, C, k]
+        if selection.whole_state:
+            memory, gathered = selection.select_with_tokens(gathered, jax.lax.all_gather(
+                jax.lax.stop_gradient(x), self.axis, axis=1, tiled=True))
+            scores = jax.lax.dynamic_slice_in_dim(gathered, self.offset, t, axis=1)
+        else:
+            memory = selection.select(gathered)  # [b, C, m], global positions
+        # every position a chunk may select (a superset where the threshold gate drops some)
+        candidates, _ = ops.chunk_topk(selection.gate(gathered), w, per_chunk)  # [b, C, k]
         rows = jax.lax.dynamic_slice_in_dim(memory, self.index * cl, cl, axis=1)  # [b, cl, m]
 
         # Positions before shard s that its rows can name: its first chunk's memory and the
@@ -176,7 +188,7 @@ class SequenceContext:
         here = mine.shape[1] + pad + before + rows - self.offset
         index = jnp.where(rows >= self.offset, here, remote)
         return (jnp.where(rows >= 0, index, -1).astype(jnp.int32), remote_k, remote_v,
-                remote_scores)
+                remote_scores, scores)
 
 
 def check_sequence_parallel(model, seq_len: int, shards: int) -> int:

@@ -128,10 +128,9 @@ def check_sequence_parallel():
     mesh = jax.make_mesh((4, 2), ("seq", "batch"), devices=jax.devices(),
                          axis_types=(jax.sharding.AxisType.Auto,) * 2)
     tokens = jax.random.randint(jax.random.key(1), (2, 64), 0, TINY["vocab_size"])
-    # every selection rule that runs sharded ("state" refuses: its selection is sequential over
-    # the whole sequence), "learned" with the slots' logit bias, and the oracle's scores
-    rules = {f"bmojo-{rule}": changes for rule, changes in helpers.RULES.items()
-             if rule != "state"}
+    # every selection rule ("learned": with the slots' logit bias; "state": its selection reads
+    # the gathered tokens) and the oracle's scores
+    rules = {f"bmojo-{rule}": changes for rule, changes in helpers.RULES.items()}
     variants = {"transformer": {}, "bmojo": dict(eidetic_eviction="score", eidetic_slots=6),
                 **rules, "bmojo-oracle": {}, "bmojo_f": {}, "mamba": {},
                 "swa": {}}  # swa last: the validation below

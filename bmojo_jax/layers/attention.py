@@ -261,13 +261,9 @@ class MemoryAttention(nnx.Module):
                 slots, scores = selection.select_with_tokens(
                     scores, x, None if starts is None else starts[:, ::w])
                 memory = dict(memory_positions=slots, memory_bias=bias)
-            elif selection.whole_state:
-                raise ValueError("eidetic_selection='state' does not run under sequence "
-                                 "parallelism (its selection is sequential over the whole "
-                                 "sequence); use another rule or one shard.")
             else:
-                positions_, remote_k, remote_v, remote_scores = context.eidetic_keys(
-                    selection, scores, k, v, before=2 * w)
+                positions_, remote_k, remote_v, remote_scores, scores = context.eidetic_keys(
+                    selection, scores, k, v, x, before=2 * w)
                 keys = jnp.concatenate([remote_k, keys], axis=1)
                 values = jnp.concatenate([remote_v, values], axis=1)
                 fading = {name: jnp.concatenate([jnp.zeros_like(remote_k), a], axis=1)
