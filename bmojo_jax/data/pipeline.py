@@ -18,8 +18,10 @@ describes the fields). Both sources offer the same interface:
                                            tokens labelled ([] without them)
     n_bytes(split)                         UTF-8 bytes of the split, or None where unknown
 
-Exact resume: the training batch of a step is a pure function of (step, seed), so a run restarted
-from a checkpoint of step s reads the same batches as an uninterrupted one, with no iterator state.
+Exact resume: the training batch of a step is a pure function of (step, seed) (and of whether
+the step is in the copy-only phase, which the training loop decides from the validation history
+its checkpoints keep), so a run restarted from a checkpoint of step s reads the same batches as an
+uninterrupted one, with no iterator state.
 """
 
 from __future__ import annotations

@@ -15,10 +15,11 @@ nothing: it says "already finished at step N" and why, and returns the results s
 as does a start on a finished workdir without `results.json` (killed during its final evaluations).
 
 Exact resume: the batch of step s is a pure function of (s, config.seed) (`lm_batch`, or a
-per-epoch permutation for synthetic tasks; `data.load_data`), and a checkpoint holds the
-parameters, the optimizer state, the step and the periodic validation results so far, so a run
-killed at any point and restarted with the same workdir reaches the same parameters and the same
-early-stop decision as an uninterrupted one (the decision is recomputed from the checkpoint's
+per-epoch permutation for synthetic tasks; `data.load_data`) and of the copy-only phase's end
+(`copy_phase_end`, from the validation results), and a checkpoint holds the parameters, the
+optimizer state, the step and the periodic validation results so far, so a run killed at any
+point and restarted with the same workdir reaches the same parameters and the same early-stop
+decision as an uninterrupted one (the decision is recomputed from the checkpoint's
 validation results; metrics.jsonl is never read back). The checkpoint also holds the step metrics
 since the last training record, so the records after a resume are those of an uninterrupted run
 (each "train" record covers the steps since the previous one, whatever the checkpoint steps), but
