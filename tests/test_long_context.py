@@ -4,6 +4,7 @@ at every length, clear errors), and one end-to-end run of `experiments.long_cont
 randomly initialised model."""
 
 import json
+import shutil
 from pathlib import Path
 
 import ml_collections
@@ -350,6 +351,16 @@ def test_copy_phase_ends_when_the_held_out_copy_is_learned(documents, tmp_path):
     assert results["stop_reason"] == "patience" and "up to step 6" in _record(tmp_path, "stop")
     assert 0 <= results["valid"]["copy_accuracy"] <= 1 and "copy_exact" in results["test"]
     assert "copy_only_until 0: the copy-only phase ends" in _record(tmp_path, "curriculum")
+    # Killed after the step-4 checkpoint (after the switch) and restarted: the phase's end comes
+    # from the checkpoint's validation history, so the run ends as the uninterrupted one did.
+    config.checkpoint_every = 4
+    whole = training.train_and_evaluate(config, tmp_path / "whole")
+    shutil.copytree(tmp_path / "whole", tmp_path / "resumed")
+    shutil.rmtree(tmp_path / "resumed" / "checkpoints" / "6")
+    (tmp_path / "resumed" / "results.json").unlink()
+    resumed = training.train_and_evaluate(config, tmp_path / "resumed")
+    assert (resumed["step"], resumed["copy_phase_end"]) == (whole["step"], 2)
+    assert resumed["valid"] == whole["valid"]
     source = data.load_data(config)
     mixed, copy_only = source.train_batch(3, copy_only=False), source.train_batch(3)
     assert not np.array_equal(mixed[0], copy_only[0])  # step 3 < copy_only_steps: copy rows
