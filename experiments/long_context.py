@@ -345,11 +345,11 @@ def _memories(m: dict) -> str:
     return "".join(", " + w for w in words)
 
 
-def _by_length(m: dict, columns: Sequence[str], cells) -> list:
-    """A markdown table of one model with a row per context length n: "| n | n / T |" and then
-    `cells(n)` (strings) under `columns`; a blank line after it."""
+def _by_length(m: dict, title: str, columns: Sequence[str], cells) -> list:
+    """`title` (a paragraph), then a markdown table of one model with a row per context length n:
+    "| n | n / T |" and then `cells(n)` (strings) under `columns`; a blank line after it."""
     t = m["train_seq_len"]
-    return ["| length | x T | " + " | ".join(columns) + " |",
+    return [title + "\n", "| length | x T | " + " | ".join(columns) + " |",
             "|---:|---:|" + "---:|" * len(columns),
             *(f"| {n:,} | {n / t:g} | " + " | ".join(cells(n)) + " |" for n in m["lengths"]), ""]
 
@@ -374,43 +374,44 @@ def markdown(record: dict) -> str:
             if task not in m:
                 continue
             grid = dict(zip(m["lengths"], _accuracy_grid(m, task, depths)))
-            lines += [f"**{title[0].upper() + title[1:]}**: accuracy (%) of {s['examples']} "
-                      f"prompts per cell, by context length (tokens) and depth of the asked "
-                      f"needle.\n",
-                      *_by_length(m, [f"depth {d:g}" for d in depths] + ["mean"], lambda n: [
-                          *("—" if np.isnan(a) else f"{100 * a:.0f}" for a in grid[n]),
-                          "—" if np.isnan(grid[n]).all() else f"{100 * np.nanmean(grid[n]):.0f}"])]
+            lines += _by_length(
+                m, f"**{title[0].upper() + title[1:]}**: accuracy (%) of {s['examples']} prompts "
+                   f"per cell, by context length (tokens) and depth of the asked needle.",
+                [f"depth {d:g}" for d in depths] + ["mean"], lambda n: [
+                    *("—" if np.isnan(a) else f"{100 * a:.0f}" for a in grid[n]),
+                    "—" if np.isnan(grid[n]).all() else f"{100 * np.nanmean(grid[n]):.0f}"])
             reasons = sorted({c["skipped"] for c in m[task].values() if "skipped" in c})
             lines += [f"— not run: {r}" for r in reasons] + ([""] if reasons else [])
         if "copy" in m:
             copied = m["copy"]
-            lines += [f"**Copy**: the second copy of {s['examples']} spans of L / 2 + 1 random "
-                      f"tokens, each written twice (accuracy: the argmax is the copied token; "
-                      f"a model that does not copy scores about 0% and ln "
-                      f"{m['vocab_size']:,} = {np.log(m['vocab_size']):.2f} nats).\n",
-                      *_by_length(m, ["copy distance (tokens)", "accuracy (%)",
-                                      "loss (nats/token)"], lambda n: [
-                          f"{n // 2 + 1:,}", f"{100 * copied[str(n)]['accuracy']:.0f}",
-                          f"{copied[str(n)]['loss']:.2f}"])]
+            lines += _by_length(
+                m, f"**Copy**: the second copy of {s['examples']} spans of L / 2 + 1 random "
+                   f"tokens, each written twice (accuracy: the argmax is the copied token; a "
+                   f"model that does not copy scores about 0% and ln {m['vocab_size']:,} = "
+                   f"{np.log(m['vocab_size']):.2f} nats).",
+                ["copy distance (tokens)", "accuracy (%)", "loss (nats/token)"], lambda n: [
+                    f"{n // 2 + 1:,}", f"{100 * copied[str(n)]['accuracy']:.0f}",
+                    f"{copied[str(n)]['loss']:.2f}"])
         if "perplexity" in m:
             p = m["perplexity"]
             documents = ", ".join(f"{d:,}" for d in p["documents"])
-            lines += [f"**Perplexity** on the same {p['scored_tokens']:,} test tokens at every "
-                      f"length: the last {m['score_tokens']} targets of each of {p['windows']} "
-                      f"windows, from the longest held-out documents ({documents} tokens).\n",
-                      *_by_length(m, ["perplexity", "loss (nats/token)"],
-                                  lambda n: [f"{p['by_length'][str(n)]['perplexity']:.2f}",
-                                             f"{p['by_length'][str(n)]['loss']:.4f}"])]
+            lines += _by_length(
+                m, f"**Perplexity** on the same {p['scored_tokens']:,} test tokens at every "
+                   f"length: the last {m['score_tokens']} targets of each of {p['windows']} "
+                   f"windows, from the longest held-out documents ({documents} tokens).",
+                ["perplexity", "loss (nats/token)"], lambda n: [
+                    f"{p['by_length'][str(n)]['perplexity']:.2f}",
+                    f"{p['by_length'][str(n)]['loss']:.4f}"])
         if "speed" in m:
             v = m["speed"]
-            lines += [f"**Streaming inference**, one sequence: the decoding state at that length, "
-                      f"and tokens/s (median of {SPEED_ROUNDS} rounds, min-max in the JSON) of "
-                      f"the prefill of L tokens and of {SPEED_DECODE_STEPS} decode steps after "
-                      f"it.\n",
-                      *_by_length(m, ["state (MiB)", "prefill tokens/s", "decode tokens/s"],
-                                  lambda n: [f"{m['state_bytes'][str(n)] / 2 ** 20:.2f}",
-                                             f"{v[str(n)]['prefill_tokens_per_s']:,.0f}",
-                                             f"{v[str(n)]['decode_tokens_per_s']:,.1f}"])]
+            lines += _by_length(
+                m, f"**Streaming inference**, one sequence: the decoding state at that length, "
+                   f"and tokens/s (median of {SPEED_ROUNDS} rounds; every round in the JSON) of "
+                   f"the prefill of L tokens and of {SPEED_DECODE_STEPS} decode steps after it.",
+                ["state (MiB)", "prefill tokens/s", "decode tokens/s"], lambda n: [
+                    f"{m['state_bytes'][str(n)] / 2 ** 20:.2f}",
+                    f"{v[str(n)]['prefill_tokens_per_s']:,.0f}",
+                    f"{v[str(n)]['decode_tokens_per_s']:,.1f}"])
     lines += [
         "## Method\n",
         f"Prompts (`bmojo_jax.data.long_context`; seed {s['seed']}): prefix, filler, needle(s), "
