@@ -138,7 +138,7 @@ def default_config(preset: str = "bmojo") -> ml_collections.ConfigDict:
         path=config_dict.placeholder(str), bpe_vocab_size=4096, seed=0,
         task=ml_collections.ConfigDict(), num_train=10_000, num_eval=1_000,
         packed_documents=False, retrieval_fraction=0.0, retrieval_labels="all",
-        copy_fraction=0.0, copy_only_steps=0, copy_only_until=None))
+        copy_fraction=0.0, copy_only_steps=0, copy_only_until=config_dict.placeholder(float)))
     config.optimizer = ml_collections.ConfigDict(dict(
         lr=1e-3, schedule="cosine", warmup_steps=100, min_lr_ratio=0.1, weight_decay=0.1,
         clip_norm=1.0, b1=0.9, b2=0.95, eps=1e-8))
