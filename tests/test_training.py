@@ -335,6 +335,7 @@ def test_resume_with_a_different_model_fails(run, tmp_path):
     ({"early_stop.metric": "copy_accuracy", "early_stop.target": 0.9},
      "metric='copy_accuracy' is measured on held-out copy rows, which only a run with "
      "config.data.copy_fraction or copy_only_steps > 0 evaluates"),
+    ({"data.copy_only_until": 0.0}, "config.data.copy_only_until=0.0: corpora only"),
     ({"data.copy_only_until": 1.5, "data.name": "ptb", "data.task": {}},
      r"config.data.copy_only_until=1.5: must be None or a number in \[0, 1\]"),
     ({"data.copy_only_until": 0.5, "data.copy_only_steps": 6, "data.name": "ptb",

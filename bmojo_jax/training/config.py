@@ -237,6 +237,13 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     check_choice("config.data.retrieval_labels", config.data.get("retrieval_labels", "all"),
                  data_lib.RETRIEVAL_LABELS)
     until = config.data.get("copy_only_until")
+    for name, value, used in (("retrieval_fraction", fraction, bool(fraction)),
+                              ("copy_fraction", copy_fraction, bool(copy_fraction)),
+                              ("copy_only_steps", copy_only_steps, bool(copy_only_steps)),
+                              ("copy_only_until", until, until is not None)):
+        if synthetic and used:
+            raise ValueError(f"config.data.{name}={value}: corpora only; the synthetic task "
+                             f"{config.data.name!r} has its own examples.")
     if until is not None:
         if not (isinstance(until, (int, float)) and not isinstance(until, bool)
                 and 0 <= until <= 1):
@@ -247,11 +254,6 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
                              f"periodic validation within its cap config.data.copy_only_steps="
                              f"{copy_only_steps}; it needs copy_only_steps > config.eval_every="
                              f"{config.eval_every}.")
-    for name, value in (("retrieval_fraction", fraction), ("copy_fraction", copy_fraction),
-                        ("copy_only_steps", copy_only_steps)):
-        if synthetic and value:
-            raise ValueError(f"config.data.{name}={value}: corpora only; the synthetic task "
-                             f"{config.data.name!r} has its own examples.")
     if config.data.get("packed_documents", False):
         if synthetic:
             raise ValueError(f"config.data.packed_documents: the synthetic task "
