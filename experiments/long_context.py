@@ -257,27 +257,32 @@ def perplexity(model, corpus, lengths: Sequence[int], score_tokens: int, s: Sett
 def speed(model, lengths: Sequence[int]) -> dict:
     """Streaming inference of one sequence at every context length L: the prefill of L tokens
     into a fresh cache with room for L + `SPEED_DECODE_STEPS` (`decoding.compile_prefill`), and
-    `SPEED_DECODE_STEPS` greedy decode steps from that cache (`decoding.compile_decode`), each
-    compiled and run once first, then timed in `SPEED_ROUNDS` interleaved rounds
-    (`harness.interleave`). The prompt is token 0 repeated: the cost does not depend on the
-    tokens.
+    `SPEED_DECODE_STEPS` greedy decode steps from that cache (`decoding.compile_decode`), every
+    length's two programs compiled and run once first, then all timed in `SPEED_ROUNDS` rounds
+    interleaved across the lengths (`harness.interleave`), so that a machine's changing load
+    does not pass for a length's cost. The prompt is token 0 repeated: the cost does not depend
+    on the tokens.
 
     Returns:
       {length: {"prefill_tokens_per_s", "decode_tokens_per_s": medians over the rounds (tokens
       per second), "prefill_seconds", "decode_seconds": [seconds of each round]}}.
     """
-    out = {}
+    runners = {}
     for length in lengths:
         prompt = np.zeros((1, length), np.int32)
         prefill, (logits, cache) = decoding.compile_prefill(model, prompt,
                                                             length + SPEED_DECODE_STEPS)
-        decode = decoding.compile_decode(model, logits[:, -1].argmax(-1).astype(np.int32),
-                                         cache, SPEED_DECODE_STEPS)
-        seconds = harness.interleave({"prefill": prefill, "decode": decode}, SPEED_ROUNDS).seconds
+        runners["prefill", length] = prefill
+        runners["decode", length] = decoding.compile_decode(
+            model, logits[:, -1].argmax(-1).astype(np.int32), cache, SPEED_DECODE_STEPS)
+    seconds = harness.interleave(runners, SPEED_ROUNDS).seconds
+    out = {}
+    for length in lengths:
+        prefill, decode = seconds["prefill", length], seconds["decode", length]
         out[str(length)] = dict(
-            prefill_tokens_per_s=length / harness.spread(seconds["prefill"]).median,
-            decode_tokens_per_s=SPEED_DECODE_STEPS / harness.spread(seconds["decode"]).median,
-            prefill_seconds=seconds["prefill"], decode_seconds=seconds["decode"])
+            prefill_tokens_per_s=length / harness.spread(prefill).median,
+            decode_tokens_per_s=SPEED_DECODE_STEPS / harness.spread(decode).median,
+            prefill_seconds=prefill, decode_seconds=decode)
         print(f"[{NAME}] speed at {length} tokens: prefill "
               f"{out[str(length)]['prefill_tokens_per_s']:,.0f} tokens/s, decode "
               f"{out[str(length)]['decode_tokens_per_s']:,.1f} tokens/s", flush=True)
@@ -406,7 +411,8 @@ def markdown(record: dict) -> str:
             v = m["speed"]
             lines += _by_length(
                 m, f"**Streaming inference**, one sequence: the decoding state at that length, "
-                   f"and tokens/s (median of {SPEED_ROUNDS} rounds; every round in the JSON) of "
+                   f"and tokens/s (median of {SPEED_ROUNDS} rounds interleaved across the lengths; "
+                   f"every round in the JSON) of "
                    f"the prefill of L tokens and of {SPEED_DECODE_STEPS} decode steps after it.",
                 ["state (MiB)", "prefill tokens/s", "decode tokens/s"], lambda n: [
                     f"{m['state_bytes'][str(n)] / 2 ** 20:.2f}",
