@@ -300,9 +300,9 @@ def retrieval_training_rows(tokenizer, filler, length: int, num_examples: int, *
 
 # Which targets of a copy row are labelled (`copy_training_rows`).
 COPY_LABELS = ("all", "copy")
-# The passage of a copy row is (t + 1) // 4 to (t + 1) // 2 tokens long (our choice: the copy is
-# a large share of the row's loss, as in the induction test of Olsson et al. 2022, where it is half).
-COPY_SPAN_FRACTIONS = (4, 2)
+# The passage of a copy row is (t + 1) // 32 (at least 2) to (t + 1) // 4 tokens long (our choice:
+# short passages leave room for distances at every scale up to the row's length).
+COPY_SPAN_FRACTIONS = (32, 4)
 
 
 def copy_training_rows(filler, length: int, num_examples: int, *, seed: int = 0,
@@ -314,14 +314,21 @@ def copy_training_rows(filler, length: int, num_examples: int, *, seed: int = 0,
     inside text; rows of random tokens repeated, mixed into the text batches, teach them (the
     copy is then the only thing to learn in the row). Unlike Olsson's rows (a span, then the same
     span), the passage's length and the distance between its copies vary, so that a head
-    attending at a fixed distance cannot predict it.
+    attending at a fixed distance cannot predict it; both are log-uniform, so that every scale of
+    distance is trained alike: a windowed model learns the copy from the distances inside its
+    window and can copy from farther only through its memory (at t = 256 and a window of 64,
+    about 30% of the copied tokens lie inside the window and a quarter of the rows place their
+    copies more than 128 tokens apart). Our choice: rows whose copies all lay beyond the window
+    (the suite's previous rule, passages of (t + 1) / 4 to (t + 1) / 2 tokens) taught B'MOJO and
+    SWA no copy in 3500-6000 steps (docs/design.md section 7d).
 
     Row i (t + 1 tokens) draws from `np.random.default_rng([seed, i])`, in this order: the
-    passage's length m (uniform in [(t + 1) // 4, (t + 1) // 2]), its m tokens, t + 1 - 2m other
-    tokens (all independent uniform draws from the distinct tokens of the filler, so every token
-    is one the model embeds and a copy's source is unique), and the places of the two copies:
-    the first after p of the other tokens, the second after q >= p (uniform pairs, sorted). The
-    row is other[:p] + passage + other[p:q] + passage + other[q:].
+    passage's length m (log-uniform integer in [max(2, (t + 1) // 32), (t + 1) // 4]), the
+    distance d from the first copy's start to the second's (log-uniform integer in
+    [m, t + 1 - m]), the first copy's start p (uniform in [0, t + 1 - m - d]), the m tokens of
+    the passage and t + 1 - 2m other tokens (all independent uniform draws from the distinct
+    tokens of the filler, so every token is one the model embeds and a copy's source is unique).
+    With q = p + d - m, the row is other[:p] + passage + other[p:q] + passage + other[q:].
 
     Args:
       filler: int [N] token stream (e.g. the training split): its distinct tokens are the
@@ -342,15 +349,17 @@ def copy_training_rows(filler, length: int, num_examples: int, *, seed: int = 0,
     filler = _check_common(filler, length, 0.0, num_examples, seed)
     check_choice("labels", labels, COPY_LABELS)
     total = length + 1
-    shortest, longest = (total // k for k in COPY_SPAN_FRACTIONS)
-    _require(shortest >= 2, f"length={length}: copy rows need at least 7 tokens.")
+    shortest, longest = max(2, total // COPY_SPAN_FRACTIONS[0]), total // COPY_SPAN_FRACTIONS[1]
+    _require(longest >= 2, f"length={length}: copy rows need at least 7 tokens.")
     vocabulary, rows, copied = np.unique(filler), [], np.zeros((num_examples, length), bool)
     for i in range(num_examples):
         rng = np.random.default_rng([seed, i])
-        m = int(rng.integers(shortest, longest + 1))
+        m = _log_uniform(rng, shortest, longest)
+        d = _log_uniform(rng, m, total - m)
+        p = int(rng.integers(total - m - d + 1))
         passage = vocabulary[rng.integers(len(vocabulary), size=m)]
         other = vocabulary[rng.integers(len(vocabulary), size=total - 2 * m)]
-        p, q = np.sort(rng.integers(len(other) + 1, size=2))
+        q = p + d - m
         rows.append(np.concatenate([other[:p], passage, other[p:q], passage, other[q:]]))
         # the second copy is tokens q + m .. q + 2m - 1; target j is token j + 1
         copied[i, q + m:q + 2 * m - 1] = True
@@ -359,6 +368,11 @@ def copy_training_rows(filler, length: int, num_examples: int, *, seed: int = 0,
     if labels == "copy":
         targets[~copied] = IGNORE_INDEX
     return rows[:, :-1], targets
+
+
+def _log_uniform(rng: np.random.Generator, low: int, high: int) -> int:
+    """An integer in [low, high] whose logarithm is uniform (floor of exp of a uniform draw)."""
+    return min(high, int(np.exp(rng.uniform(np.log(low), np.log(high + 1)))))
 
 
 def repeated_span(vocabulary, span: int, num_examples: int, *, seed: int = 0) -> np.ndarray:

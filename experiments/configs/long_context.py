@@ -1,7 +1,8 @@
 """The models of the long-context suite (docs/design.md section 7d): every preset at one size,
 trained on Austen at context T = 256 tokens, then evaluated by `experiments.long_context` at 1x
 to 64x T. A curriculum, each phase trained until learned: copy rows only (random tokens written
-twice at a varying distance) until half of the held-out copy rows' copied tokens are predicted
+twice, the distance between the copies log-uniform from 8 to 249 tokens, so that about 30% of
+the copied tokens lie inside a window of 64 and the rest beyond it) until half of the held-out copy rows' copied tokens are predicted
 (`data.copy_only_until=0.5`, validation every 250 steps), at most 6000 steps
 (`data.copy_only_steps`); then the mix, per batch of 16, 10 passkey and multi-key needle prompts
 followed by their answers (`data.retrieval_fraction`), 2 copy rows (`data.copy_fraction`) and 4
@@ -36,6 +37,9 @@ whole), and copy rows mixed in from the start (a half or three quarters of each 
 teach it either, while copy rows alone did by step 2000; until half the copied tokens are right,
 because a copy cut mid-formation is lost in the mix (a B'MOJO cut at 2500 steps copied 28% of a
 span of 128, and 7% after 500 steps of the mix); a cap of 6000, above the latest formation seen;
+copies at every distance, because rows whose copies all lay beyond the window (passages of 64 to
+128 tokens, the previous rows) taught the windowed models no copy: SWA in 3500 steps, B'MOJO
+(8 slots) in 3500 and in 6000, while the Transformer learned it by ~2000;
 a few copy rows in the mix, because without them the copy of random tokens was forgotten (with
 them, the Transformer still copies 96% / 87% / 60% of a span of 128 / 64 / 32 at the end; the
 suite's copy test measures it); the mix until retrieval stops improving, where the Transformer's
