@@ -276,11 +276,13 @@ def test_length_config_file_trains_the_length_tables_points():
 
 def test_long_context_config_file_is_valid_for_every_model_of_the_suite():
     """experiments/configs/long_context.py: a valid training config for every preset and
-    bmojo_storage (the curriculum's row mix included), the storage knobs on bmojo_storage only;
-    anything else is refused by name."""
+    bmojo_storage (the curriculum's row mix included), the storage knobs on bmojo_storage only,
+    every model within 1% of the Transformer's non-embedding parameter count; anything else is
+    refused by name."""
     import bmojo_jax as bj
     from bmojo_jax import training
     from experiments.configs import long_context
+    counts = {}
     for arg in (*bj.PRESETS, "bmojo_storage"):
         config = long_context.get_config(arg)
         training.validate_config(config)
@@ -288,6 +290,9 @@ def test_long_context_config_file_is_valid_for_every_model_of_the_suite():
         assert config.data.copy_only_steps < config.num_steps
         model_cfg = training.model_config(config, 4096)  # a model used to 64x its context
         assert training.unfilled_eidetic_buffer(model_cfg, config.data.seq_len) is None, arg
+        counts[arg] = bj.param_count(model_cfg, embedding=False)
+    assert max(counts.values()) < 1.01 * counts["transformer"], counts
+    assert min(counts.values()) > 0.99 * counts["transformer"], counts
     with pytest.raises(ValueError, match="'bmojo_storge'"):
         long_context.get_config("bmojo_storge")
 

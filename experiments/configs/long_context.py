@@ -1,10 +1,12 @@
-"""The models of the long-context suite (docs/design.md section 7d): every preset at one size,
-trained on Austen at context T = 256 tokens, then evaluated by `experiments.long_context` at 1x
-to 64x T. A curriculum, each phase trained until learned: copy rows only (random tokens written
-twice, the distance between the copies log-uniform from 8 to 249 tokens, so that about 30% of
-the copied tokens lie inside a window of 64 and the rest beyond it) until half of the held-out copy rows' copied tokens are predicted
-(`data.copy_only_until=0.5`, validation every 250 steps), at most 6000 steps
-(`data.copy_only_steps`); then the mix, per batch of 16, 10 passkey and multi-key needle prompts
+"""The models of the long-context suite (docs/design.md section 7d): every preset at one shape
+(2 layers, d_model 128, 4 heads, window 64) and one non-embedding parameter count (the
+Transformer's, about 396k: each model's SwiGLU width d_ff is matched, `matched_d_ff`), trained on
+Austen at context T = 256 tokens, then evaluated by `experiments.long_context` at 1x to 64x T. A
+curriculum, each phase trained until learned: copy rows only (random tokens written twice, the
+distance between the copies log-uniform from 8 to 249 tokens, so that about 30% of the copied
+tokens lie inside a window of 64 and the rest beyond it) until half of the held-out copy rows'
+copied tokens are predicted (`data.copy_only_until=0.5`, validation every 250 steps), at most
+6000 steps (`data.copy_only_steps`); then the mix, per batch of 16, 10 passkey and multi-key needle prompts
 followed by their answers (`data.retrieval_fraction`), 2 copy rows (`data.copy_fraction`) and 4
 rows of text, until the held-out retrieval answers stop improving (`retrieval_accuracy`: less
 than 2% relative over 4 validations, 1000 steps) or 95% of their tokens are right, at most
@@ -54,10 +56,11 @@ validation scores 64 held-out retrieval prompts of the validation split teacher-
 rows (`copy_accuracy`).
 """
 
-from bmojo_jax import PRESETS
-from bmojo_jax.training import default_config
+from bmojo_jax import PRESETS, ModelConfig, match_d_ff, param_count
+from bmojo_jax.training import default_config, model_config
 
 STORAGE = dict(storage_slots=16_384, storage_topk=32)
+BPE_VOCAB_SIZE = 4096
 
 
 def get_config(arg: str = "bmojo"):
@@ -73,8 +76,10 @@ def get_config(arg: str = "bmojo"):
         config.model.update(eidetic_slots=8)
     if arg == "bmojo_storage":
         config.model.update(**STORAGE)
-    config.data.update(name="austen", seq_len=256, bpe_vocab_size=4096, copy_only_steps=6000,
-                       copy_only_until=0.5, copy_fraction=0.125, retrieval_fraction=0.625)
+    config.model.d_ff = matched_d_ff(config)
+    config.data.update(name="austen", seq_len=256, bpe_vocab_size=BPE_VOCAB_SIZE,
+                       copy_only_steps=6000, copy_only_until=0.5, copy_fraction=0.125,
+                       retrieval_fraction=0.625)
     config.optimizer.update(lr=3e-3, schedule="constant", warmup_steps=100, weight_decay=0.1)
     config.update(num_steps=12000, batch_size=16, eval_every=250, eval_batches=10,
                   checkpoint_every=500, max_to_keep=2, log_every=50)
@@ -82,3 +87,13 @@ def get_config(arg: str = "bmojo"):
                              min_delta=0.02)
     config.sample.update(prompt="It is a truth universally acknowledged", max_new_tokens=60)
     return config
+
+
+def matched_d_ff(config) -> int:
+    """The SwiGLU width d_ff at which the model of `config` has the Transformer's non-embedding
+    parameter count at the suite's shape (`bmojo_jax.match_d_ff`): the suite compares its models
+    at one parameter count."""
+    shape = {key: config.model[key] for key in ("d_model", "n_layers", "n_heads", "window")}
+    target = param_count(ModelConfig.preset("transformer", **shape, vocab_size=BPE_VOCAB_SIZE),
+                         embedding=False)
+    return match_d_ff(model_config(config, BPE_VOCAB_SIZE), target).d_ff
