@@ -23,6 +23,7 @@ SSM_KINDS = ("mamba2", "mamba1")
 IMPLEMENTATIONS = (None, "reference", "xla", "pallas")
 SCAN_IMPLEMENTATIONS = IMPLEMENTATIONS + ("associative",)
 EVICTIONS = ("fifo", "score")
+STORAGE_ENTRIES = ("window", "evicted")
 PREDICTORS = ("identity", "linear")
 SELECTIONS = ("fading", "state", "threshold", "learned", "random", "projection")
 DTYPES = ("float32", "bfloat16")
@@ -87,8 +88,11 @@ class ModelConfig:
       eidetic_seed: the seed of the "random" and "projection" rules.
       storage_slots: the in-storage eidetic memory of `B` layers (docs/design.md section 7c; our
         design, the paper gives none): capacity S in tokens of a per-sequence store of the keys
-        and values of past tokens; 0 = off. A token enters when it is 2 chunks old and stays for
-        the next S tokens (fifo).
+        and values of past tokens; 0 = off. What enters is `storage_entry`.
+      storage_entry: "window" (every token, once it is 2 chunks old, for the next S tokens: the
+        store is the last S tokens before the window) or "evicted" (only the eidetic selections
+        the slots' buffer evicts, from the chunk after their eviction; the store keeps the S
+        latest of them, so it reaches back S w / k tokens or more; needs eidetic_slots > 0).
       storage_topk: r, stored tokens each query chunk retrieves (the top r by the dot product of
         their keys with the previous chunk's mean query, summed over heads), read in the same
         softmax as the window, fading and eidetic keys; 1 <= r <= storage_slots when storage is
@@ -145,6 +149,7 @@ class ModelConfig:
     eidetic_seed: int = 0
     storage_slots: int = 0
     storage_topk: int = 0
+    storage_entry: str = "window"
     innovation_predictor: str = "linear"
     innovation_loss_weight: float = 0.01
     tie_embeddings: bool = True
@@ -192,6 +197,7 @@ class ModelConfig:
                      SCAN_IMPLEMENTATIONS)
         check_choice("ModelConfig.eidetic_eviction", self.eidetic_eviction, EVICTIONS)
         check_choice("ModelConfig.eidetic_selection", self.eidetic_selection, SELECTIONS)
+        check_choice("ModelConfig.storage_entry", self.storage_entry, STORAGE_ENTRIES)
         if not self.eidetic_threshold > 0 or self.eidetic_threshold == float("inf"):
             raise ValueError(f"ModelConfig.eidetic_threshold={self.eidetic_threshold!r}: must be a "
                              f"finite number > 0.")
@@ -225,6 +231,9 @@ class ModelConfig:
         if self.storage_slots and "B" not in self.pattern:
             raise ValueError(f"ModelConfig.storage_slots={self.storage_slots}: the store belongs "
                              f"to `B` layers; pattern {self.pattern!r} has none.")
+        if self.storage_slots and self.storage_entry == "evicted" and not self.eidetic_slots:
+            raise ValueError("ModelConfig.storage_entry='evicted' stores the tokens the eidetic "
+                             "slots evict: it needs eidetic_slots > 0 (or storage_entry='window').")
         if self.storage_slots and self.eidetic_selection == "learned":
             raise ValueError("ModelConfig.storage_slots: not with eidetic_selection='learned' "
                              "(its slot bias would also reach stored keys); use another rule.")

@@ -19,6 +19,11 @@ VARIANTS.update({
     "bmojo-threshold-score": dict(RULES["threshold"], eidetic_eviction="score"),
     "bmojo-state-score": dict(RULES["state"], eidetic_eviction="score"),
     "bmojo-storage": dict(storage_slots=8, storage_topk=3),
+    "bmojo-storage-evicted": dict(storage_slots=3, storage_topk=2, storage_entry="evicted",
+                                  eidetic_slots=2),
+    "bmojo-storage-evicted-score": dict(storage_slots=4, storage_topk=3,
+                                        storage_entry="evicted", eidetic_eviction="score",
+                                        eidetic_slots=2),
     "mamba-no-mlp": dict(d_ff=0),
     "bmojo-storage-score-no-slots": dict(storage_slots=12, storage_topk=2,
                                          eidetic_eviction="score", eidetic_per_chunk=0,
@@ -148,7 +153,8 @@ def test_oracle_scores_decode_equals_forward():
 
 
 # every mixer letter (hybrid: M and A), both evictions, the store, the position-keyed rule
-PACKED = ("swa", "hybrid", "bmojo_f", "bmojo-score-lag1", "bmojo-random", "bmojo-storage")
+PACKED = ("swa", "hybrid", "bmojo_f", "bmojo-score-lag1", "bmojo-random", "bmojo-storage",
+          "bmojo-storage-evicted")
 STARTS = (8, 12)  # three packed documents in T tokens, starting at multiples of the window
 
 
@@ -186,7 +192,8 @@ def test_packed_documents_refuse_what_does_not_restart():
         _model("swa")(x, segment_ids=segment_ids[:, :-1])
 
 
-@pytest.mark.parametrize("name", ["bmojo", "bmojo-score-lag1", "bmojo-storage-score-no-slots"])
+@pytest.mark.parametrize("name", ["bmojo", "bmojo-score-lag1", "bmojo-storage-score-no-slots",
+                                  "bmojo-storage-evicted-score"])
 def test_decoding_after_a_packed_prefill_reproduces_the_packed_forward(name):
     """Documents that start inside chunks, at other positions in each row: prefill the first
     PREFILL tokens packed, decode the rest (the last document goes on), and get the packed

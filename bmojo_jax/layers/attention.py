@@ -116,8 +116,8 @@ class MemoryAttention(nnx.Module):
             whole_state=config.eidetic_selection == "state") if letter == "B" and config.eidetic_per_chunk > 0 else None
         self.rule = config.eidetic_selection
         self.seed = config.eidetic_seed
-        # (capacity S, tokens retrieved per chunk r) of the in-storage memory, or None
-        self.storage = (config.storage_slots, config.storage_topk) if (
+        # (capacity S, tokens retrieved per chunk r, what enters) of the in-storage memory, or None
+        self.storage = (config.storage_slots, config.storage_topk, config.storage_entry) if (
             letter == "B" and config.storage_slots) else None
 
         def linear(rngs=rngs):
@@ -276,16 +276,16 @@ class MemoryAttention(nnx.Module):
                 selection, scores, k, v, f[:, -1], x, None if starts is None else state.start))
         if self.storage is not None:  # the retrieved tokens join the chunk's eidetic slots
             slots = memory.get("memory_positions")
-            capacity, topk = self.storage
+            capacity, topk, entry = self.storage
             stored = storage.retrieve(q, k, window=w, capacity=capacity, topk=topk,
-                                      exclude=slots,
+                                      exclude=slots, entry=entry,
                                       starts=None if starts is None else starts[:, ::w])
             memory = dict(memory, memory_positions=stored if slots is None else
                           jnp.concatenate([slots, stored], axis=-1))
             state = state.replace(storage=storage.state_after(
                 q, k, v, stored, window=w, capacity=capacity,
                 exclude=None if state.eidetic is None else state.eidetic.memory.positions,
-                start=None if starts is None else state.start))
+                start=None if starts is None else state.start, entry=entry, slots=slots))
         trace = self.selection is not None and context is None  # unless captured, unused: XLA
         with_mass = trace and implementation != "pallas"  # removes it under jit
         # At most one window of tokens: every key is in every query's window, the fading band
@@ -348,7 +348,7 @@ class MemoryAttention(nnx.Module):
         if self.storage is not None:
             state = state.replace(storage=storage.init_state(
                 batch_size, self.n_heads, e, window=self.window, capacity=self.storage[0],
-                topk=self.storage[1]))
+                topk=self.storage[1], entry=self.storage[2]))
         return state
 
     def step(self, x: at.StepFeatures, state: AttentionState, position: at.IntScalar,
@@ -391,6 +391,7 @@ class MemoryAttention(nnx.Module):
         y = ops.attend_one(q[:, 0], jnp.concatenate(keys, 1), jnp.concatenate(values, 1),
                            jnp.concatenate(masks, 1), bias=bias)
         if self.selection is not None:
+            held = state.eidetic.memory  # the slots before this token
             score = self._scores(x[:, None], state.eidetic.previous_f[:, None],
                                  (position - state.start)[:, None])[:, 0]
             if eidetic_scores is not None:
@@ -399,11 +400,17 @@ class MemoryAttention(nnx.Module):
                 self._selection(eidetic_scores is not None), state.eidetic, score, f, position,
                 state.k, state.v, x))
         if self.storage is not None:
+            evicted = None
+            if self.storage[2] == "evicted":  # the slots this token's chunk end evicted
+                now = state.eidetic.memory.positions
+                gone = (held.positions >= 0) & ~jnp.any(
+                    held.positions[:, :, None] == now[:, None, :], axis=-1)
+                evicted = (jnp.where(gone, held.positions, -1), held.k, held.v)
             state = state.replace(storage=storage.update(
                 state.storage, q[:, 0], k[:, 0], v[:, 0], position, window=self.window,
                 capacity=self.storage[0],
                 exclude=None if state.eidetic is None else state.eidetic.memory.positions,
-                start=state.start))
+                start=state.start, evicted=evicted))
         return self.wo(y.reshape(b, d).astype(x.dtype)), state
 
 

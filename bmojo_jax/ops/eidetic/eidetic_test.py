@@ -161,12 +161,14 @@ class TestSelectWholeState:
 
 class TestStorage:
     """`storage.retrieve` against a brute-force loop: per query chunk, the r stored tokens
-    (2 chunks old or more, the last S of them, of the chunk's document, not its eidetic slots)
-    with the largest key . (previous chunk's mean query); no token is retrievable before it is
-    stored."""
+    (entry "window": 2 chunks old or more, the last S of them; "evicted": held in the slots of
+    a chunk <= c - 2 and not in those of chunk c - 1, the S latest; of the chunk's document,
+    not its eidetic slots) with the largest key . (previous chunk's mean query); no token is
+    retrievable before it is stored."""
 
-    @pytest.mark.parametrize("packed", [False, True])
-    def test_matches_brute_force(self, packed):
+    @pytest.mark.parametrize("packed,entry", [(False, "window"), (True, "window"),
+                                              (False, "evicted"), (True, "evicted")])
+    def test_matches_brute_force(self, packed, entry):
         from bmojo_jax.ops.eidetic import storage
         b, h, e, capacity, topk = 2, 2, 4, 12, 3
         keys = jax.random.split(jax.random.PRNGKey(5), 2)
@@ -175,13 +177,20 @@ class TestStorage:
         segments = np.searchsorted([23, 40], np.arange(T), side="right")[None].repeat(b, 0)
         starts = eidetic.document_starts(jnp.asarray(segments), W) if packed else None
         got = np.asarray(storage.retrieve(q, k, window=W, capacity=capacity, topk=topk,
-                                          exclude=exclude, starts=starts))
+                                          exclude=exclude, starts=starts, entry=entry))
         q, k, exclude = np.asarray(q), np.asarray(k), np.asarray(exclude)
+        used = 0
         for row in range(b):
             for chunk in range(-(-T // W)):
                 end = (chunk - 1) * W  # the store holds positions < end
-                first = max(end - capacity, 0 if starts is None else int(starts[row, chunk]))
-                candidates = [p for p in range(first, end) if p not in exclude[row, chunk]]
+                if entry == "window":
+                    stored = list(range(max(end - capacity, 0), end))
+                else:
+                    stored = [p for p in range(T) if p not in exclude[row, chunk - 1] and any(
+                        p in exclude[row, j] for j in range(chunk - 1))][-capacity:]
+                first = 0 if starts is None else int(starts[row, chunk])
+                candidates = [p for p in stored if p >= first and p not in exclude[row, chunk]]
+                used += len(candidates) > 0
                 if chunk:
                     mean = q[row, (chunk - 1) * W:chunk * W].mean(0)
                     score = {p: float(np.sum(mean * k[row, p])) for p in candidates}
@@ -191,3 +200,6 @@ class TestStorage:
                 assert sorted(got[row, chunk][got[row, chunk] >= 0]) == sorted(expected), \
                     (row, chunk)
                 assert all(p < end for p in got[row, chunk] if p >= 0)  # stored before read
+        # the store served several chunks (but packed "evicted": these slots, not restarted per
+        # document, evict no token of the later documents in time)
+        assert used > b or (packed and entry == "evicted")
