@@ -93,6 +93,9 @@ class ModelConfig:
         store is the last S tokens before the window) or "evicted" (only the eidetic selections
         the slots' buffer evicts, from the chunk after their eviction; the store keeps the S
         latest of them, so it reaches back S w / k tokens or more; needs eidetic_slots > 0).
+      storage_recall: 1.0 (default), the retrieval's exact top r (`lax.top_k`); in (0, 1), the
+        recall target of `lax.approx_max_k`, which is approximate (and faster on large stores)
+        on TPU only: there decoding may then retrieve other tokens than the parallel forward.
       storage_topk: r, stored tokens each query chunk retrieves (the top r by the dot product of
         their keys with the previous chunk's mean query, summed over heads), read in the same
         softmax as the window, fading and eidetic keys; 1 <= r <= storage_slots when storage is
@@ -150,6 +153,7 @@ class ModelConfig:
     storage_slots: int = 0
     storage_topk: int = 0
     storage_entry: str = "window"
+    storage_recall: float = 1.0
     innovation_predictor: str = "linear"
     innovation_loss_weight: float = 0.01
     tie_embeddings: bool = True
@@ -231,6 +235,11 @@ class ModelConfig:
         if self.storage_slots and "B" not in self.pattern:
             raise ValueError(f"ModelConfig.storage_slots={self.storage_slots}: the store belongs "
                              f"to `B` layers; pattern {self.pattern!r} has none.")
+        recall = self.storage_recall
+        if not isinstance(recall, (int, float)) or isinstance(recall, bool) or \
+                not 0.0 < recall <= 1.0:
+            raise ValueError(f"ModelConfig.storage_recall={recall!r}: must be a number in (0, 1] "
+                             f"(1: exact top-k; below 1: lax.approx_max_k's recall target).")
         if self.storage_slots and self.storage_entry == "evicted" and not self.eidetic_slots:
             raise ValueError("ModelConfig.storage_entry='evicted' stores the tokens the eidetic "
                              "slots evict: it needs eidetic_slots > 0 (or storage_entry='window').")

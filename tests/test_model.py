@@ -72,6 +72,9 @@ def test_storage_knobs_refuse_bad_values():
                eidetic_slots=0, eidetic_per_chunk=0)
     with pytest.raises(ValueError, match="storage_entry='all'"):
         config("bmojo", storage_slots=8, storage_topk=2, storage_entry="all")
+    for recall in (0.0, 1.5, "0.9"):
+        with pytest.raises(ValueError, match=rf"storage_recall={recall!r}: must be a number in"):
+            config("bmojo", storage_slots=8, storage_topk=2, storage_recall=recall)
 
 
 def test_eidetic_memory_changes_the_output(models):

@@ -116,9 +116,10 @@ class MemoryAttention(nnx.Module):
             whole_state=config.eidetic_selection == "state") if letter == "B" and config.eidetic_per_chunk > 0 else None
         self.rule = config.eidetic_selection
         self.seed = config.eidetic_seed
-        # (capacity S, tokens retrieved per chunk r, what enters) of the in-storage memory, or None
-        self.storage = (config.storage_slots, config.storage_topk, config.storage_entry) if (
-            letter == "B" and config.storage_slots) else None
+        # (capacity S, tokens retrieved per chunk r, what enters, recall) of the in-storage
+        # memory, or None
+        self.storage = (config.storage_slots, config.storage_topk, config.storage_entry,
+                        config.storage_recall) if letter == "B" and config.storage_slots else None
 
         def linear(rngs=rngs):
             return nnx.Linear(d, d, use_bias=False, dtype=dtype, rngs=rngs)
@@ -276,16 +277,17 @@ class MemoryAttention(nnx.Module):
                 selection, scores, k, v, f[:, -1], x, None if starts is None else state.start))
         if self.storage is not None:  # the retrieved tokens join the chunk's eidetic slots
             slots = memory.get("memory_positions")
-            capacity, topk, entry = self.storage
+            capacity, topk, entry, recall = self.storage
             stored = storage.retrieve(q, k, window=w, capacity=capacity, topk=topk,
-                                      exclude=slots, entry=entry,
+                                      exclude=slots, entry=entry, recall=recall,
                                       starts=None if starts is None else starts[:, ::w])
             memory = dict(memory, memory_positions=stored if slots is None else
                           jnp.concatenate([slots, stored], axis=-1))
             state = state.replace(storage=storage.state_after(
                 q, k, v, stored, window=w, capacity=capacity,
                 exclude=None if state.eidetic is None else state.eidetic.memory.positions,
-                start=None if starts is None else state.start, entry=entry, slots=slots))
+                start=None if starts is None else state.start, entry=entry, slots=slots,
+                recall=recall))
         trace = self.selection is not None and context is None  # unless captured, unused: XLA
         with_mass = trace and implementation != "pallas"  # removes it under jit
         # At most one window of tokens: every key is in every query's window, the fading band
@@ -410,7 +412,7 @@ class MemoryAttention(nnx.Module):
                 state.storage, q[:, 0], k[:, 0], v[:, 0], position, window=self.window,
                 capacity=self.storage[0],
                 exclude=None if state.eidetic is None else state.eidetic.memory.positions,
-                start=state.start, evicted=evicted))
+                start=state.start, evicted=evicted, recall=self.storage[3]))
         return self.wo(y.reshape(b, d).astype(x.dtype)), state
 
 

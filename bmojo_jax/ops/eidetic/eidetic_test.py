@@ -178,6 +178,10 @@ class TestStorage:
         starts = eidetic.document_starts(jnp.asarray(segments), W) if packed else None
         got = np.asarray(storage.retrieve(q, k, window=W, capacity=capacity, topk=topk,
                                           exclude=exclude, starts=starts, entry=entry))
+        approximate = storage.retrieve(q, k, window=W, capacity=capacity, topk=topk,
+                                       exclude=exclude, starts=starts, entry=entry, recall=0.5)
+        if jax.default_backend() != "tpu":  # lax.approx_max_k is exact off TPU
+            np.testing.assert_array_equal(approximate, got)
         q, k, exclude = np.asarray(q), np.asarray(k), np.asarray(exclude)
         used = 0
         for row in range(b):

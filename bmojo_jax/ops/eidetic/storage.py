@@ -59,8 +59,8 @@ def chunk_queries(q: at.QKV, window: int) -> jax.Array:
 
 def retrieve(q: at.QKV, k: at.QKV, *, window: int, capacity: int, topk: int,
              exclude: Optional[at.MemoryPositions] = None,
-             starts: Optional[at.ChunkStarts] = None, entry: str = "window"
-             ) -> at.MemoryPositions:
+             starts: Optional[at.ChunkStarts] = None, entry: str = "window",
+             recall: float = 1.0) -> at.MemoryPositions:
     """The stored positions each query chunk reads (see module docstring): dense scores, masked
     to the chunk's store, top r. No gradient flows (retrieval is discrete).
 
@@ -74,6 +74,7 @@ def retrieve(q: at.QKV, k: at.QKV, *, window: int, capacity: int, topk: int,
       starts: int [b, c], the first position of each chunk's document (packed documents), or
         None.
       entry: what enters the store, one of `ENTRIES`.
+      recall: 1.0, the exact top r; below 1, `lax.approx_max_k`'s recall target (`top_r`).
 
     Returns:
       int32 [b, c, r], retrieved positions, -1 where the store has fewer than r tokens.
@@ -96,8 +97,18 @@ def retrieve(q: at.QKV, k: at.QKV, *, window: int, capacity: int, topk: int,
     scores = jnp.where(stored, scores, -jnp.inf)
     if t < topk:  # fewer tokens than r: the extra columns stay empty
         scores = jnp.pad(scores, [(0, 0), (0, 0), (0, topk - t)], constant_values=-jnp.inf)
-    values, index = jax.lax.top_k(scores, topk)
+    values, index = top_r(scores, topk, recall)
     return jnp.where(values > -jnp.inf, index, -1).astype(jnp.int32)
+
+
+def top_r(scores: jax.Array, r: int, recall: float) -> tuple[jax.Array, jax.Array]:
+    """(values, indices) of the r largest scores along the last axis: `lax.top_k` (exact) when
+    recall is 1, else `lax.approx_max_k` with that recall target, which serves large stores on
+    TPU (Chern et al. 2022; approximate there only: XLA's version on CPU and GPU is exact, so
+    decode == forward is guaranteed off TPU only)."""
+    if recall >= 1.0:
+        return jax.lax.top_k(scores, r)
+    return jax.lax.approx_max_k(scores, r, recall_target=recall)
 
 
 def held(slots: at.MemoryPositions, t: int) -> jax.Array:
@@ -163,7 +174,8 @@ def init_state(batch_size: int, heads: int, head_dim: int, *, window: int, capac
 def state_after(q: at.QKV, k: at.QKV, v: at.QKV, retrieved: at.MemoryPositions, *, window: int,
                 capacity: int, exclude: Optional[jax.Array] = None,
                 start: Optional[at.BatchPositions] = None, entry: str = "window",
-                slots: Optional[at.MemoryPositions] = None) -> StorageState:
+                slots: Optional[at.MemoryPositions] = None, recall: float = 1.0
+                ) -> StorageState:
     """The store after a parallel pass over t tokens, so that `update` continues it exactly.
 
     Args:
@@ -177,13 +189,14 @@ def state_after(q: at.QKV, k: at.QKV, v: at.QKV, retrieved: at.MemoryPositions, 
       entry: what enters the store (`ENTRIES`).
       slots: int [b, c, m], every chunk's eidetic slots in the pass (entry "evicted"; with
         `exclude`, the next chunk's, required then).
+      recall: as in `retrieve`.
 
     Returns:
       The `StorageState` before token t.
     """
     if entry == "evicted":
         return _evicted_state_after(q, k, v, retrieved, slots, exclude, window=window,
-                                    capacity=capacity, start=start)
+                                    capacity=capacity, start=start, recall=recall)
     b, t, h, e = k.shape
     size = capacity + window
     ring = jnp.arange(t - size, t)  # positions of the ring's slots, some maybe < 0
@@ -197,7 +210,7 @@ def state_after(q: at.QKV, k: at.QKV, v: at.QKV, retrieved: at.MemoryPositions, 
     if done == t:  # the next token starts a chunk: retrieve for it now, as `update` would
         chunk_q = q[:, t - window:].astype(jnp.float32).mean(axis=1)
         rows = _from_ring(chunk_q, take(k), take(v), jnp.where(keep, ring, -1), t, window,
-                          capacity, retrieved.shape[-1], exclude, start)
+                          capacity, retrieved.shape[-1], exclude, start, recall)
     else:  # the current chunk's, less what an earlier document retrieved
         rows = retrieved[:, current]
         rows = _gather(rows if start is None else jnp.where(rows >= start[:, None], rows, -1),
@@ -213,13 +226,14 @@ def update(state: StorageState, q: at.QueryStep, k: at.QueryStep, v: at.QuerySte
            position: at.IntScalar, *, window: int, capacity: int,
            exclude: Optional[jax.Array] = None,
            start: Optional[at.BatchPositions] = None,
-           evicted: Optional[tuple[jax.Array, jax.Array, jax.Array]] = None) -> StorageState:
+           evicted: Optional[tuple[jax.Array, jax.Array, jax.Array]] = None,
+           recall: float = 1.0) -> StorageState:
     """One decoded token (q, k, v [b, h, e] at `position`, an int32 scalar) enters the chunk's
     query sum, and the ring (entry "window", `evicted` None); after the last token of a chunk the
     next chunk's tokens are retrieved (`exclude` int [b, m]: the positions it reads as eidetic
     slots; `start` int [b]: its document's first position), then (entry "evicted") the
     selections the slots' buffer has just evicted, `evicted` = (positions int [b, m], -1 =
-    none; keys, values [b, m, h, e]), enter the store. Returns the next `StorageState`; under
+    none; keys, values [b, m, h, e]), enter the store; `recall` as in `retrieve`. Returns the next `StorageState`; under
     jit, one `lax.cond` per token (the retrieval runs at chunk ends only)."""
     state = state.replace(q_sum=state.q_sum + q.astype(jnp.float32))
     if evicted is None:
@@ -231,7 +245,7 @@ def update(state: StorageState, q: at.QueryStep, k: at.QueryStep, v: at.QuerySte
     def end_chunk(st):
         rows = _from_ring(st.q_sum / window, st.k, st.v, st.positions, position + 1, window,
                           capacity if evicted is None else None, st.retrieved.shape[-1],
-                          exclude, start)
+                          exclude, start, recall)
         st = st.replace(q_sum=jnp.zeros_like(st.q_sum), retrieved=rows[0],
                         retrieved_k=rows[1], retrieved_v=rows[2])
         return st if evicted is None else _enter(st, *evicted)
@@ -249,7 +263,8 @@ def _enter(state: StorageState, positions, k, v) -> StorageState:
     return state.replace(positions=latest, k=take(state.k, k), v=take(state.v, v))
 
 
-def _evicted_state_after(q, k, v, retrieved, slots, upcoming, *, window, capacity, start):
+def _evicted_state_after(q, k, v, retrieved, slots, upcoming, *, window, capacity, start,
+                         recall):
     """`state_after` for entry "evicted": the store of the chunk after the current one (the
     evictions up to the current chunk's start have entered), built from every chunk's `slots`
     [b, c, m] and the current chunk's `upcoming` [b, m]; the current chunk's retrieval as
@@ -271,7 +286,7 @@ def _evicted_state_after(q, k, v, retrieved, slots, upcoming, *, window, capacit
         chunk_q = q[:, t - window:].astype(jnp.float32).mean(axis=1)
         ring = as_ring(store[:, current])  # before this chunk's evictions enter
         rows = _from_ring(chunk_q, ring[1], ring[2], ring[0], t, window, None,
-                          retrieved.shape[-1], upcoming, start)
+                          retrieved.shape[-1], upcoming, start, recall)
     else:  # the current chunk's, less what an earlier document retrieved
         rows = retrieved[:, current]
         rows = _gather(rows if start is None else jnp.where(rows >= start[:, None], rows, -1),
@@ -280,7 +295,8 @@ def _evicted_state_after(q, k, v, retrieved, slots, upcoming, *, window, capacit
                         retrieved_k=rows[1], retrieved_v=rows[2])
 
 
-def _from_ring(chunk_q, k, v, positions, chunk_start, window, capacity, topk, exclude, start):
+def _from_ring(chunk_q, k, v, positions, chunk_start, window, capacity, topk, exclude, start,
+               recall):
     """Retrieval for the chunk that starts at `chunk_start` from ring entries (keys k, values v
     [b, s, h, e], positions [b, s], -1 = empty) with the chunk query chunk_q [b, h, e]:
     (positions [b, r], keys, values [b, r, h, e]). Candidates in position order, as in
@@ -298,7 +314,7 @@ def _from_ring(chunk_q, k, v, positions, chunk_start, window, capacity, topk, ex
     if exclude is not None:
         stored = stored & ~jnp.any(positions[:, :, None] == exclude[:, None, :], axis=2)
     scores = jnp.einsum("bhe,bshe->bs", chunk_q, k)
-    values, index = jax.lax.top_k(jnp.where(stored, scores, -jnp.inf), topk)
+    values, index = top_r(jnp.where(stored, scores, -jnp.inf), topk, recall)
     rows = jnp.where(values > -jnp.inf, jnp.take_along_axis(positions, index, axis=1), -1)
     empty = (rows < 0)[..., None, None]
     pick = lambda x: jnp.where(  # noqa: E731
