@@ -63,7 +63,7 @@ SPEED_ROUNDS = 3
 class Settings:
     """What the suite runs (the flags of the same names).
 
-    lengths: context lengths in tokens (None: T x 1, 2, 4, ..., 64 for the models' training
+    lengths: context lengths in tokens (None: T x 1, 2, 4, ..., 128 for the models' training
       context T). depths: needle depths in [0, 1]. examples: prompts per (length, depth) cell.
     tasks: a subset of TASKS. num_needles: needles per multi-key prompt (one asked).
     filler: "test" (the held-out test split of the model's corpus) or "austen" / "shakespeare"
@@ -293,7 +293,7 @@ def evaluate_model(m: Model, s: Settings) -> dict:
     """Every task of `s` on one model (see the module docstring): its JSON record."""
     model, config, corpus = m.model, m.config, m.corpus
     t = int(config.data.seq_len)
-    lengths = list(s.lengths or [t * 2 ** i for i in range(7)])
+    lengths = list(s.lengths or [t * 2 ** i for i in range(8)])
     score_tokens = s.score_tokens or max(1, t // 2)
     if score_tokens > min(lengths):
         raise ValueError(f"--score_tokens={score_tokens}: must be at most the shortest length "
@@ -570,7 +570,7 @@ def define_flags() -> None:
     flags.DEFINE_list("workdir", None, "Training workdirs (comma-separated) of models "
         "trained on a text corpus.")
     flags.DEFINE_list("lengths", None, "Context lengths in tokens (default: T x 1, 2, 4, "
-        "..., 64 for the training context T).")
+        "..., 128 for the training context T: 32,768 tokens at T = 256).")
     flags.DEFINE_list("depths", ["0", "0.25", "0.5", "0.75", "1"], "Needle depths in [0, 1] "
         "(the fraction of the filler before the asked needle).")
     flags.DEFINE_integer("examples", 8, "Prompts per (length, depth) cell.")

@@ -252,7 +252,7 @@ def test_text_data_mixes_retrieval_rows_into_training_batches(documents, tmp_pat
     np.testing.assert_array_equal(cx[:2], mx[:2])  # the retrieval rows first, unchanged
     np.testing.assert_array_equal(cx[3:], x[3:])  # then one copy row, then the plain window
     row = np.append(cx[2], cy[2, -1])
-    span = len(row) // 8  # the shortest passage, written twice
+    span = max(2, len(row) // lc.COPY_SPAN_FRACTIONS[0])  # the shortest passage, twice
     grams = [tuple(row[j:j + span]) for j in range(len(row) - span + 1)]
     assert len(set(grams)) < len(grams) and not np.array_equal(cx[2], x[2])
     assert set(np.unique(cx[2])) <= set(np.unique(copying.corpus.train))

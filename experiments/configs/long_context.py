@@ -1,17 +1,17 @@
 """The models of the long-context suite (docs/design.md section 7d): every preset at one shape
 (2 layers, d_model 128, 4 heads, window 64) and one non-embedding parameter count (the
 Transformer's, about 396k: each model's SwiGLU width d_ff is matched, `matched_d_ff`), trained on
-Austen at context T = 256 tokens, then evaluated by `experiments.long_context` at 1x to 64x T. A
+Austen at context T = 256 tokens, then evaluated by `experiments.long_context` at 1x to 128x T. A
 curriculum, each phase trained until learned: copy rows only (random tokens written twice, the
 distance between the copies log-uniform from 8 to 249 tokens, so that about 30% of the copied
 tokens lie inside a window of 64 and the rest beyond it) until half of the held-out copy rows'
 copied tokens are predicted (`data.copy_only_until=0.5`, validation every 250 steps), at most
-6000 steps (`data.copy_only_steps`); then the mix, per batch of 16, 10 passkey and multi-key needle prompts
-followed by their answers (`data.retrieval_fraction`), 2 copy rows (`data.copy_fraction`) and 4
-rows of text, until the held-out retrieval answers stop improving (`retrieval_accuracy`: less
-than 2% relative over 4 validations, 1000 steps) or 95% of their tokens are right, at most
-12000 steps in all; a constant learning rate after the warmup, so that the mix trains at the same
-rate whenever it starts.
+6000 steps (`data.copy_only_steps`); then the mix, per batch of 16, 10 passkey and multi-key
+needle prompts followed by their answers (`data.retrieval_fraction`), 2 copy rows
+(`data.copy_fraction`) and 4 rows of text, until the held-out retrieval answers stop improving
+(`retrieval_accuracy`: less than 2% relative over 4 validations, 1000 steps) or 95% of their
+tokens are right, at most 12000 steps in all; a constant learning rate after the warmup, so
+that the mix trains at the same rate whenever it starts.
 
     python -m experiments.train --config=experiments/configs/long_context.py:bmojo \\
         --workdir=workdir/long_context/bmojo

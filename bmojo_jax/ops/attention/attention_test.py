@@ -267,6 +267,31 @@ class TestMemoryAttention:
         assert (not fading or float(mass[..., 1].max()) > 0) and (
             memory or float(np.abs(mass[..., 2]).max()) == 0)
 
+    def test_full_attention_by_query_blocks(self, monkeypatch):
+        """Full attention over more than `xla.FULL_BLOCK` queries runs block by block (checked by
+        counting): = reference, outputs and gradients, with packed documents and a key prefix,
+        and the attention mass."""
+        from bmojo_jax.ops.attention import xla
+        monkeypatch.setattr(xla, "FULL_BLOCK", 8)
+        calls = []
+        blocks = xla._full_by_blocks
+        monkeypatch.setattr(xla, "_full_by_blocks", lambda *a: calls.append(1) or blocks(*a))
+        t, prefix = 37, 8
+        q, k, v, _, _ = _inputs(t)
+        segments = jnp.asarray(np.searchsorted([5, 17, 18, 30], np.arange(t), side="right")
+                               [None].repeat(B, 0))
+
+        def op(implementation, return_mass=False):
+            return lambda q, k, v: ops.memory_attention(
+                q[:, prefix:], k, v, segment_ids=segments, q_start=prefix,
+                return_mass=return_mass, implementation=implementation)
+
+        helpers.assert_vjp_matches(op("xla"), op("reference"), (q, k, v),
+                                   _closeness(jnp.float32, t))
+        for got, expected in zip(op("xla", True)(q, k, v), op("reference", True)(q, k, v)):
+            helpers.assert_allclose(got, expected, FWD_TOL)
+        assert calls
+
     def test_memory_bias_matches_reference(self):
         """The eidetic slots' logit bias (the "learned" selection): xla = reference, outputs and
         the gradients of q, k, v and the bias; the bias changes the output."""

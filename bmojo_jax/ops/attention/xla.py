@@ -16,6 +16,11 @@ import numpy as np
 from bmojo_jax.ops.attention import reference
 from pallas_kernels.config import MASKED_LOGIT  # loads no Pallas module
 
+# Full causal attention over more queries than this runs one block of FULL_BLOCK queries at a
+# time (our choice): its logits then take [b, h, FULL_BLOCK, P + t] floats, not [b, h, t, P + t]
+# (4 heads at t = 32k: 1 GiB against 16 GiB), so long contexts fit a CPU's memory.
+FULL_BLOCK = 2048
+
 
 def _gather_slots(k, positions):
     """k [b, P + t, h, e], positions [b, ..., m] (key indices, -1 = empty) -> [b, ..., m, h, e]."""
@@ -29,6 +34,22 @@ def _chunk_range(x, start: int, count: int, axis: int = 2):
         x = jnp.pad(x, [(0, 0)] * axis + [(-start, 0)] + [(0, 0)] * (x.ndim - axis - 1))
         start = 0
     return jax.lax.slice_in_dim(x, start, start + count, axis=axis)
+
+
+def _full_by_blocks(q, k, v, segment_ids, q_start, return_mass):
+    """Full causal attention (no fading keys, no slots: an `A` layer) block by block of queries
+    (see `memory_attention`)."""
+    t, prefix = q.shape[1], k.shape[1] - q.shape[1]
+    blocks = []
+    for start in range(0, t, FULL_BLOCK):
+        end = min(start + FULL_BLOCK, t)  # the block's keys: the prefix and tokens < end
+        blocks.append(memory_attention(
+            q[:, start:end], k[:, :prefix + end], v[:, :prefix + end], None, None, None, None,
+            None if segment_ids is None else segment_ids[:, :prefix + end], None,
+            q_start + start, return_mass))
+    if not return_mass:
+        return jnp.concatenate(blocks, axis=1)
+    return tuple(jnp.concatenate(parts, axis=1) for parts in zip(*blocks))
 
 
 def memory_attention(q, k, v, kf, vf, memory_positions, memory_bias, segment_ids, window,
@@ -47,7 +68,12 @@ def memory_attention(q, k, v, kf, vf, memory_positions, memory_bias, segment_ids
 
     Packed documents (segment_ids): the segment ids of the keys are laid out like the keys (same
     chunks and groups, the slots gathered), and a key is visible only where its id equals the
-    query's."""
+    query's.
+
+    Full attention over t > FULL_BLOCK queries: the blocks of FULL_BLOCK queries, each over the
+    keys up to its last query (the prefix P included), concatenated."""
+    if window is None and q.shape[1] > FULL_BLOCK:
+        return _full_by_blocks(q, k, v, segment_ids, q_start, return_mass)
     b, t, h, e = q.shape
     f32 = jnp.float32
     prefix = k.shape[1] - t
