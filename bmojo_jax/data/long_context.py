@@ -300,35 +300,37 @@ def retrieval_training_rows(tokenizer, filler, length: int, num_examples: int, *
 
 # Which targets of a copy row are labelled (`copy_training_rows`).
 COPY_LABELS = ("all", "copy")
-# The passage of a copy row is (t + 1) // 32 (at least 2) to (t + 1) // 4 tokens long (our choice:
-# short passages leave room for distances at every scale up to the row's length).
+# A copy row's passages are (t + 1) // 32 (at least 2) to (t + 1) // 4 tokens long, each copied
+# at most COPY_MAX_DISTANCE times its length after its start (our choice: short passages close
+# together make a quarter of the row's targets copies, at distances of every scale).
 COPY_SPAN_FRACTIONS = (32, 4)
+COPY_MAX_DISTANCE = 4
 
 
 def copy_training_rows(filler, length: int, num_examples: int, *, seed: int = 0,
                        labels: str = "all") -> tuple[np.ndarray, np.ndarray]:
-    """Training rows of random tokens in which one passage is written twice: the copy
-    (induction, Olsson et al. 2022) as a training signal, every target labelled. Our choice, for
-    the long-context suite (docs/design.md section 7d): the suite's small models learn no
-    induction heads from text and retrieval rows in their budget, nor from passages repeated
-    inside text; rows of random tokens repeated, mixed into the text batches, teach them (the
-    copy is then the only thing to learn in the row). Unlike Olsson's rows (a span, then the same
-    span), the passage's length and the distance between its copies vary, so that a head
-    attending at a fixed distance cannot predict it; both are log-uniform, so that every scale of
-    distance is trained alike: a windowed model learns the copy from the distances inside its
-    window and can copy from farther only through its memory (at t = 256 and a window of 64,
-    about 30% of the copied tokens lie inside the window and a quarter of the rows place their
-    copies more than 128 tokens apart). Our choice: rows whose copies all lay beyond the window
-    (the suite's previous rule, passages of (t + 1) / 4 to (t + 1) / 2 tokens) taught B'MOJO and
-    SWA no copy in 3500-6000 steps (docs/design.md section 7d).
+    """Training rows of random tokens in which passages are written twice: the copy (induction,
+    Olsson et al. 2022) as a training signal, every target labelled. Our choice, for the
+    long-context suite (docs/design.md section 7d): the suite's small models learn no induction
+    heads from text and retrieval rows in their budget, nor from passages repeated inside text;
+    rows of random tokens repeated, mixed into the text batches, teach them (the copy is then the
+    only thing to learn in the row). Unlike Olsson's rows (a span, then the same span), the
+    passages' lengths and the distances between their copies vary, so that a head attending at
+    a fixed distance cannot predict them; both are log-uniform, so that every scale of distance
+    is trained: a windowed model learns the copy from the distances inside its window and can
+    copy from farther only through its memory. At t = 256 about 27% of a row's targets are copied
+    tokens, 56% of them from at most 64 tokens back and 9% from more than 128. Our choice, after
+    two designs that taught B'MOJO and SWA no copy: one passage of (t + 1) / 4 to (t + 1) / 2
+    tokens (every copy beyond a window of 64), and one passage of 8 to 64 tokens at a
+    log-uniform distance (10% of the targets copied, 3% of them inside that window).
 
-    Row i (t + 1 tokens) draws from `np.random.default_rng([seed, i])`, in this order: the
-    passage's length m (log-uniform integer in [max(2, (t + 1) // 32), (t + 1) // 4]), the
-    distance d from the first copy's start to the second's (log-uniform integer in
-    [m, t + 1 - m]), the first copy's start p (uniform in [0, t + 1 - m - d]), the m tokens of
-    the passage and t + 1 - 2m other tokens (all independent uniform draws from the distinct
-    tokens of the filler, so every token is one the model embeds and a copy's source is unique).
-    With q = p + d - m, the row is other[:p] + passage + other[p:q] + passage + other[q:].
+    Row i (t + 1 tokens) draws from `np.random.default_rng([seed, i])` units, one after another
+    until the row is full (the last one cut at its end): a unit draws a passage length m
+    (log-uniform integer in [max(2, (t + 1) // 32), (t + 1) // 4]), a distance d from its first
+    copy's start to its second's (log-uniform integer in [m, min(4 m, t + 1 - m)]), then its m
+    passage tokens and d - m other tokens (all independent uniform draws from the distinct
+    tokens of the filler, so every token is one the model embeds); the unit is passage + other +
+    passage, d + m tokens.
 
     Args:
       filler: int [N] token stream (e.g. the training split): its distinct tokens are the
@@ -336,7 +338,7 @@ def copy_training_rows(filler, length: int, num_examples: int, *, seed: int = 0,
       length: t, tokens per row (inputs and targets each), >= 7.
       num_examples: n >= 1.
       seed: >= 0.
-      labels: "all" (training: every target labelled) or "copy" (held-out scoring: only the
+      labels: "all" (training: every target labelled) or "copy" (held-out scoring: only each
         second copy's tokens after its first, which copying predicts and nothing else does).
 
     Returns:
@@ -351,22 +353,23 @@ def copy_training_rows(filler, length: int, num_examples: int, *, seed: int = 0,
     total = length + 1
     shortest, longest = max(2, total // COPY_SPAN_FRACTIONS[0]), total // COPY_SPAN_FRACTIONS[1]
     _require(longest >= 2, f"length={length}: copy rows need at least 7 tokens.")
-    vocabulary, rows, copied = np.unique(filler), [], np.zeros((num_examples, length), bool)
+    vocabulary = np.unique(filler)
+    rows = np.zeros((num_examples, total), np.int32)
+    copied = np.zeros((num_examples, total), bool)  # tokens of a second copy after its first
     for i in range(num_examples):
-        rng = np.random.default_rng([seed, i])
-        m = _log_uniform(rng, shortest, longest)
-        d = _log_uniform(rng, m, total - m)
-        p = int(rng.integers(total - m - d + 1))
-        passage = vocabulary[rng.integers(len(vocabulary), size=m)]
-        other = vocabulary[rng.integers(len(vocabulary), size=total - 2 * m)]
-        q = p + d - m
-        rows.append(np.concatenate([other[:p], passage, other[p:q], passage, other[q:]]))
-        # the second copy is tokens q + m .. q + 2m - 1; target j is token j + 1
-        copied[i, q + m:q + 2 * m - 1] = True
-    rows = np.stack(rows).astype(np.int32)
+        rng, start = np.random.default_rng([seed, i]), 0
+        while start < total:
+            m = _log_uniform(rng, shortest, longest)
+            d = _log_uniform(rng, m, min(COPY_MAX_DISTANCE * m, total - m))
+            passage = vocabulary[rng.integers(len(vocabulary), size=m)]
+            other = vocabulary[rng.integers(len(vocabulary), size=d - m)]
+            unit = np.concatenate([passage, other, passage])[:total - start]
+            rows[i, start:start + len(unit)] = unit
+            copied[i, start + d + 1:start + len(unit)] = True
+            start += len(unit)
     targets = rows[:, 1:].copy()
     if labels == "copy":
-        targets[~copied] = IGNORE_INDEX
+        targets[~copied[:, 1:]] = IGNORE_INDEX
     return rows[:, :-1], targets
 
 

@@ -2,10 +2,10 @@
 (2 layers, d_model 128, 4 heads, window 64) and one non-embedding parameter count (the
 Transformer's, about 396k: each model's SwiGLU width d_ff is matched, `matched_d_ff`), trained on
 Austen at context T = 256 tokens, then evaluated by `experiments.long_context` at 1x to 128x T. A
-curriculum, each phase trained until learned: copy rows only (random tokens written twice, the
-distance between the copies log-uniform from 8 to 249 tokens, so that about 30% of the copied
-tokens lie inside a window of 64 and the rest beyond it) until half of the held-out copy rows'
-copied tokens are predicted (`data.copy_only_until=0.5`, validation every 250 steps), at most
+curriculum, each phase trained until learned: copy rows only (random passages of 8 to 64 tokens,
+each written twice 8 to 256 tokens apart, log-uniform: 27% of the targets are copied tokens, 56%
+of them inside a window of 64, 9% more than 128 tokens back) until half of the held-out copy
+rows' copied tokens are predicted (`data.copy_only_until=0.5`, validation every 250 steps), at most
 6000 steps (`data.copy_only_steps`); then the mix, per batch of 16, 10 passkey and multi-key
 needle prompts followed by their answers (`data.retrieval_fraction`), 2 copy rows
 (`data.copy_fraction`) and 4 rows of text, until the held-out retrieval answers stop improving
@@ -40,8 +40,10 @@ teach it either, while copy rows alone did by step 2000; until half the copied t
 because a copy cut mid-formation is lost in the mix (a B'MOJO cut at 2500 steps copied 28% of a
 span of 128, and 7% after 500 steps of the mix); a cap of 6000, above the latest formation seen;
 copies at every distance, because rows whose copies all lay beyond the window (passages of 64 to
-128 tokens, the previous rows) taught the windowed models no copy: SWA in 3500 steps, B'MOJO
-(8 slots) in 3500 and in 6000, while the Transformer learned it by ~2000;
+128 tokens, the first rows) taught the windowed models no copy: SWA in 3500 steps, B'MOJO
+(8 slots) in 3500 and in 6000, while the Transformer learned it by ~2000; several short
+passages per row, because one per row (10% of the targets copied, 3% inside the window) taught
+B'MOJO no copy in 3000 steps either;
 a few copy rows in the mix, because without them the copy of random tokens was forgotten (with
 them, the Transformer still copies 96% / 87% / 60% of a span of 128 / 64 / 32 at the end; the
 suite's copy test measures it); the mix until retrieval stops improving, where the Transformer's
