@@ -28,9 +28,10 @@ t^2 / w per row) from one einsum, O(t^2 d / w) work, then a top-r per chunk; at 
 b = 1 that is 16M scores (64 MB); "evicted" adds [b, c, t] masks of the same size. Decoding
 (`StorageState`) keeps the store as a ring of S + w keys and values ("window"; S for "evicted":
 the S latest entered, replaced by position) and scores it once per chunk, O((S + w) d) work per
-chunk; the ring is allocated at its capacity (the store fills with the context up to it). The ring is an ordinary array of the decoding cache:
-for long decoding it can be placed in host memory (`jax.device_put(cache, memory_kind=
-"pinned_host")` where the backend has one) and brought to the device once per chunk.
+chunk; the ring is allocated at its capacity (the store fills with the context up to it). The
+ring is an ordinary array of the decoding cache: for long decoding it can be placed in host
+memory (`jax.device_put(cache, memory_kind="pinned_host")` where the backend has one) and brought
+to the device once per chunk.
 """
 
 from __future__ import annotations
@@ -111,7 +112,7 @@ def top_r(scores: jax.Array, r: int, recall: float) -> tuple[jax.Array, jax.Arra
     return jax.lax.approx_max_k(scores, r, recall_target=recall)
 
 
-def held(slots: at.MemoryPositions, t: int) -> jax.Array:
+def _held(slots: at.MemoryPositions, t: int) -> jax.Array:
     """bool [b, c, t]: whether each position is in each chunk's slots (int [b, c, m], -1 =
     empty)."""
     b, c, _ = slots.shape
@@ -124,7 +125,7 @@ def evicted_store(slots: at.MemoryPositions, t: int, capacity: int) -> jax.Array
     """bool [b, c, t]: each chunk's store of evicted selections (module docstring): positions
     in the slots (int [b, c, m]) of a chunk <= c - 2 and not in those of chunk c - 1, the
     `capacity` latest of them."""
-    inside = held(slots, t)
+    inside = _held(slots, t)
     ever = jnp.cumsum(inside.astype(jnp.int32), axis=1) > 0  # held by chunk c or before
     shift = lambda a, n: jnp.pad(a, [(0, 0), (n, 0), (0, 0)])[:, :a.shape[1]]  # noqa: E731
     stored = shift(ever, LAG) & ~shift(inside, LAG - 1)
@@ -233,8 +234,9 @@ def update(state: StorageState, q: at.QueryStep, k: at.QueryStep, v: at.QuerySte
     next chunk's tokens are retrieved (`exclude` int [b, m]: the positions it reads as eidetic
     slots; `start` int [b]: its document's first position), then (entry "evicted") the
     selections the slots' buffer has just evicted, `evicted` = (positions int [b, m], -1 =
-    none; keys, values [b, m, h, e]), enter the store; `recall` as in `retrieve`. Returns the next `StorageState`; under
-    jit, one `lax.cond` per token (the retrieval runs at chunk ends only)."""
+    none; keys, values [b, m, h, e]), enter the store; `recall` as in `retrieve`. Returns the
+    next `StorageState`; under jit, one `lax.cond` per token (the retrieval runs at chunk ends
+    only)."""
     state = state.replace(q_sum=state.q_sum + q.astype(jnp.float32))
     if evicted is None:
         slot = position % state.k.shape[1]
