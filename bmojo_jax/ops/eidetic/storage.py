@@ -4,7 +4,7 @@ asynchronously updated memory", and gives no recipe: every choice here is ours).
 Notation as in `api` (b batch, t time, w window = chunk, c chunks, h heads, e head_dim), S the
 store's capacity (tokens), r the tokens retrieved per query chunk.
 
-    store      what enters is `entry` (`ENTRIES`):
+    store      what enters is `entry` (`config.STORAGE_ENTRIES`, `ModelConfig.storage_entry`):
                "window": every token, when it is 2 chunks old (positions < (c - 1) w are in the
                store of query chunk c: none is then in the query's window, so no key is read
                twice), for the next S tokens (fifo): chunk c's store is the positions
@@ -45,7 +45,6 @@ from flax import struct
 from bmojo_jax import array_typing as at
 
 LAG = 2  # chunks between a token's own chunk and the first chunk that may retrieve it
-ENTRIES = ("window", "evicted")  # what enters the store (module docstring)
 
 
 def chunk_queries(q: at.QKV, window: int) -> jax.Array:
@@ -74,7 +73,7 @@ def retrieve(q: at.QKV, k: at.QKV, *, window: int, capacity: int, topk: int,
         never retrieved; or None. With entry="evicted" the store is made of them (required).
       starts: int [b, c], the first position of each chunk's document (packed documents), or
         None.
-      entry: what enters the store, one of `ENTRIES`.
+      entry: what enters the store, one of `config.STORAGE_ENTRIES`.
       recall: 1.0, the exact top r; below 1, `lax.approx_max_k`'s recall target (`top_r`).
 
     Returns:
@@ -187,7 +186,7 @@ def state_after(q: at.QKV, k: at.QKV, v: at.QKV, retrieved: at.MemoryPositions, 
         chunk then retrieves now, from the last chunk's queries, as `update` would), or None.
       start: int [b], the first position of the last document (packed documents: nothing before
         it is kept), or None.
-      entry: what enters the store (`ENTRIES`).
+      entry: what enters the store, one of `config.STORAGE_ENTRIES`.
       slots: int [b, c, m], every chunk's eidetic slots in the pass (entry "evicted"; with
         `exclude`, the next chunk's, required then).
       recall: as in `retrieve`.
