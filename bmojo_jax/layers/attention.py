@@ -116,10 +116,10 @@ class MemoryAttention(nnx.Module):
             whole_state=config.eidetic_selection == "state") if letter == "B" and config.eidetic_per_chunk > 0 else None
         self.rule = config.eidetic_selection
         self.seed = config.eidetic_seed
-        # (capacity S, tokens retrieved per chunk r, what enters, recall) of the in-storage
-        # memory, or None
-        self.storage = (config.storage_slots, config.storage_topk, config.storage_entry,
-                        config.storage_recall) if letter == "B" and config.storage_slots else None
+        # the in-storage memory's knobs, or None
+        self.storage = storage.Knobs(config.storage_slots, config.storage_topk,
+                                     config.storage_entry, config.storage_recall) if (
+            letter == "B" and config.storage_slots) else None
 
         def linear(rngs=rngs):
             return nnx.Linear(d, d, use_bias=False, dtype=dtype, rngs=rngs)
@@ -349,8 +349,8 @@ class MemoryAttention(nnx.Module):
                                                              self.n_heads, e, d))
         if self.storage is not None:
             state = state.replace(storage=storage.init_state(
-                batch_size, self.n_heads, e, window=self.window, capacity=self.storage[0],
-                topk=self.storage[1], entry=self.storage[2]))
+                batch_size, self.n_heads, e, window=self.window, capacity=self.storage.capacity,
+                topk=self.storage.topk, entry=self.storage.entry))
         return state
 
     def step(self, x: at.StepFeatures, state: AttentionState, position: at.IntScalar,
@@ -403,16 +403,16 @@ class MemoryAttention(nnx.Module):
                 state.k, state.v, x))
         if self.storage is not None:
             evicted = None
-            if self.storage[2] == "evicted":  # the slots this token's chunk end evicted
+            if self.storage.entry == "evicted":  # the slots this token's chunk end evicted
                 now = state.eidetic.memory.positions
                 gone = (held.positions >= 0) & ~jnp.any(
                     held.positions[:, :, None] == now[:, None, :], axis=-1)
                 evicted = (jnp.where(gone, held.positions, -1), held.k, held.v)
             state = state.replace(storage=storage.update(
                 state.storage, q[:, 0], k[:, 0], v[:, 0], position, window=self.window,
-                capacity=self.storage[0],
+                capacity=self.storage.capacity,
                 exclude=None if state.eidetic is None else state.eidetic.memory.positions,
-                start=state.start, evicted=evicted, recall=self.storage[3]))
+                start=state.start, evicted=evicted, recall=self.storage.recall))
         return self.wo(y.reshape(b, d).astype(x.dtype)), state
 
 

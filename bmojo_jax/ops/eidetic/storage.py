@@ -36,7 +36,7 @@ to the device once per chunk.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -45,6 +45,16 @@ from flax import struct
 from bmojo_jax import array_typing as at
 
 LAG = 2  # chunks between a token's own chunk and the first chunk that may retrieve it
+
+
+class Knobs(NamedTuple):
+    """A layer's store: capacity S (tokens), topk r (tokens retrieved per chunk), entry (what
+    enters, `config.STORAGE_ENTRIES`) and recall (1: exact top-k; below 1, `top_r`)."""
+
+    capacity: int
+    topk: int
+    entry: str
+    recall: float
 
 
 def chunk_queries(q: at.QKV, window: int) -> jax.Array:
