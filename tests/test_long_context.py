@@ -181,6 +181,17 @@ def test_copy_rows_write_passages_twice():
     assert np.all(copier[~labelled] != targets[~labelled])  # ... and every copy is
     assert labelled.any(axis=1).all() and 0.15 < labelled.mean() < 0.4
     assert min(distances) <= 4 and max(distances) >= 32  # log-uniform: every scale
+    # max_distance=1: each passage repeated at once, so a copy is one passage length back (at
+    # most (t + 1) // 4 = 16 tokens) and more of the targets are copies
+    near = lc.copy_training_rows(filler, 63, 40, seed=5, labels="copy", max_distance=1)
+    near_labelled = np.flatnonzero(near[1] != data.IGNORE_INDEX)
+    rows, columns = np.divmod(near_labelled, 63)
+    sources = np.array([np.flatnonzero(near[0][i] == near[0][i, j])[0]
+                        for i, j in zip(rows, columns)])
+    assert np.all(sources < columns) and max(columns - sources) <= 16
+    assert len(near_labelled) > labelled.sum()
+    with pytest.raises(ValueError, match="max_distance=0: must be an integer >= 1"):
+        lc.copy_training_rows(filler, 63, 1, max_distance=0)
     with pytest.raises(ValueError, match="labels='answer': allowed values are all, copy"):
         lc.copy_training_rows(filler, 63, 1, labels="answer")
     tokens = np.array([5, 9, 5, 11, 9])  # the rows' tokens are the filler's distinct tokens
@@ -273,6 +284,8 @@ def test_text_data_mixes_retrieval_rows_into_training_batches(documents, tmp_pat
         data.TextData("text_files", retrieval_fraction=0.5, copy_fraction=0.75, **common)
     with pytest.raises(ValueError, match="copy_only_steps=-1: must be an integer >= 0"):
         data.TextData("text_files", copy_only_steps=-1, **common)
+    with pytest.raises(ValueError, match="copy_max_distance=0.5: must be an integer >= 1"):
+        data.TextData("text_files", copy_max_distance=0.5, **common)
     with pytest.raises(ValueError, match="retrieval_fraction=0.5, copy_fraction=0.0, "
                                          "copy_only_steps=0 on corpus "
                                          "'text_files' at seq_len=100: length=.* leaves no room "

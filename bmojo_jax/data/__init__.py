@@ -2,9 +2,10 @@
 training loop's data sources built from a training config (`pipeline`), and long-context
 evaluation prompts and windows (`long_context`)."""
 
-from bmojo_jax.data.long_context import (RETRIEVAL_LABELS, RETRIEVAL_TASKS, RetrievalBatch,
-                                         answer_correct, copy_test_rows, copy_training_rows,
-                                         multikey_needle, passkey, repeated_span,
+from bmojo_jax.data.long_context import (COPY_MAX_DISTANCE, RETRIEVAL_LABELS, RETRIEVAL_TASKS,
+                                         RetrievalBatch, answer_correct, copy_test_rows,
+                                         copy_training_rows, multikey_needle, passkey,
+                                         repeated_span,
                                          retrieval_training_rows, scored_windows, scoring_ends)
 from bmojo_jax.data.pipeline import (RETRIEVAL_EVAL_EXAMPLES, SEQ_LEN_ARGUMENTS, SyntheticData,
                                      TextData, load_data)
@@ -28,5 +29,5 @@ __all__ = [
     "TOKENIZER_FILES", "save_tokenizer", "load_tokenizer", "tokenizer_path", "text_fingerprint",
     "end_of_text_id", "document_segments", "RetrievalBatch", "passkey", "multikey_needle", "answer_correct", "scoring_ends",
     "scored_windows", "RETRIEVAL_LABELS", "RETRIEVAL_TASKS", "retrieval_training_rows",
-    "RETRIEVAL_EVAL_EXAMPLES", "copy_training_rows", "repeated_span", "copy_test_rows",
+    "RETRIEVAL_EVAL_EXAMPLES", "COPY_MAX_DISTANCE", "copy_training_rows", "repeated_span", "copy_test_rows",
 ]

@@ -301,14 +301,16 @@ def retrieval_training_rows(tokenizer, filler, length: int, num_examples: int, *
 # Which targets of a copy row are labelled (`copy_training_rows`).
 COPY_LABELS = ("all", "copy")
 # A copy row's passages are (t + 1) // 32 (at least 2) to (t + 1) // 4 tokens long, each copied
-# at most COPY_MAX_DISTANCE times its length after its start (our choice: short passages close
-# together make a quarter of the row's targets copies, at distances of every scale).
+# at most `max_distance` times its length after its start, COPY_MAX_DISTANCE by default (our
+# choice: short passages close together make a quarter of the row's targets copies, at distances
+# of every scale).
 COPY_SPAN_FRACTIONS = (32, 4)
 COPY_MAX_DISTANCE = 4
 
 
 def copy_training_rows(filler, length: int, num_examples: int, *, seed: int = 0,
-                       labels: str = "all") -> tuple[np.ndarray, np.ndarray]:
+                       labels: str = "all", max_distance: int = COPY_MAX_DISTANCE
+                       ) -> tuple[np.ndarray, np.ndarray]:
     """Training rows of random tokens in which passages are written twice: the copy (induction,
     Olsson et al. 2022) as a training signal, every target labelled. Our choice, for the
     long-context suite (docs/design.md section 7d): the suite's small models learn no induction
@@ -327,7 +329,8 @@ def copy_training_rows(filler, length: int, num_examples: int, *, seed: int = 0,
     Row i (t + 1 tokens) draws from `np.random.default_rng([seed, i])` units, one after another
     until the row is full (the last one cut at its end): a unit draws a passage length m
     (log-uniform integer in [max(2, (t + 1) // 32), (t + 1) // 4]), a distance d from its first
-    copy's start to its second's (log-uniform integer in [m, min(4 m, t + 1 - m)]), then its m
+    copy's start to its second's (log-uniform integer in [m, min(max_distance m, t + 1 - m)]: d
+    = m, the passage repeated at once, when max_distance is 1), then its m
     passage tokens and d - m other tokens (all independent uniform draws from the distinct
     tokens of the filler, so every token is one the model embeds); the unit is passage + other +
     passage, d + m tokens.
@@ -340,6 +343,10 @@ def copy_training_rows(filler, length: int, num_examples: int, *, seed: int = 0,
       seed: >= 0.
       labels: "all" (training: every target labelled) or "copy" (held-out scoring: only each
         second copy's tokens after its first, which copying predicts and nothing else does).
+      max_distance: an integer >= 1, the largest distance between a passage's copies in units
+        of its length. At t = 256, 1 makes 45% of the targets copied tokens, all from at most 64
+        tokens back; 2 makes 35%, 73% of them from at most 64 back and none from more than 128;
+        4 (the default) makes 27%, 57% and 10%.
 
     Returns:
       (inputs, targets) int32 [n, t]: the row's tokens [0, t) and [1, t + 1), targets
@@ -350,6 +357,8 @@ def copy_training_rows(filler, length: int, num_examples: int, *, seed: int = 0,
     """
     filler = _check_common(filler, length, 0.0, num_examples, seed)
     check_choice("labels", labels, COPY_LABELS)
+    _require(_is_int(max_distance) and max_distance >= 1,
+             f"max_distance={max_distance!r}: must be an integer >= 1 (passage lengths).")
     total = length + 1
     shortest, longest = max(2, total // COPY_SPAN_FRACTIONS[0]), total // COPY_SPAN_FRACTIONS[1]
     _require(longest >= 2, f"length={length}: copy rows need at least 7 tokens.")
@@ -360,7 +369,7 @@ def copy_training_rows(filler, length: int, num_examples: int, *, seed: int = 0,
         rng, start = np.random.default_rng([seed, i]), 0
         while start < total:
             m = _log_uniform(rng, shortest, longest)
-            d = _log_uniform(rng, m, min(COPY_MAX_DISTANCE * m, total - m))
+            d = _log_uniform(rng, m, min(max_distance * m, total - m))
             passage = vocabulary[rng.integers(len(vocabulary), size=m)]
             other = vocabulary[rng.integers(len(vocabulary), size=d - m)]
             unit = np.concatenate([passage, other, passage])[:total - start]

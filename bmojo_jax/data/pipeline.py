@@ -35,8 +35,8 @@ import ml_collections
 import numpy as np
 
 from bmojo_jax.config import check_choice
-from bmojo_jax.data.long_context import (RETRIEVAL_LABELS, copy_training_rows,
-                                         retrieval_training_rows)
+from bmojo_jax.data.long_context import (COPY_MAX_DISTANCE, RETRIEVAL_LABELS,
+                                         copy_training_rows, retrieval_training_rows)
 from bmojo_jax.data.synthetic import IGNORE_INDEX, SYNTHETIC_TASKS
 from bmojo_jax.data.text import SPLITS, lm_batch, lm_eval_batches, load_corpus
 
@@ -69,7 +69,8 @@ class TextData:
                  path: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
                  split_seed: int = 0, bpe_vocab_size: int = 4096, tokenizer=None,
                  retrieval_fraction: float = 0.0, retrieval_labels: str = "all",
-                 copy_fraction: float = 0.0, copy_only_steps: int = 0):
+                 copy_fraction: float = 0.0, copy_only_steps: int = 0,
+                 copy_max_distance: int = COPY_MAX_DISTANCE):
         """
         Args:
           name: one of `CORPORA`.
@@ -90,18 +91,22 @@ class TextData:
             one passage written twice (`long_context.copy_training_rows`); 0: none.
           copy_only_steps: the batches of training steps 0 .. copy_only_steps - 1 are copy rows
             only; the fractions apply from then on (a curriculum: the copy is learned first).
+          copy_max_distance: the copy rows' largest distance between a passage's copies, in
+            passage lengths (`long_context.copy_training_rows`' max_distance), in training and
+            in the held-out copy rows alike.
 
         Raises:
           MissingDataError: the corpus is not installed; ValueError, FileNotFoundError: as
           `load_corpus`; ValueError: a retrieval_labels not in `RETRIEVAL_LABELS`, a
           retrieval_fraction or copy_fraction outside [0, 1] or the two above 1 together, a
-          copy_only_steps not an integer >= 0, a retrieval_fraction above 0 with a
+          copy_only_steps not an integer >= 0, a copy_max_distance not an integer >= 1, a
+          retrieval_fraction above 0 with a
           tokenizer that cannot write the prompts exactly (PTB) or a seq_len too short for the
           prompts of the first `RETRIEVAL_CHECK_STEPS` batches (leave room: the prompts' length
           varies with their keys).
         """
         _check_batch(batch_size, seq_len)
-        check_row_mix(retrieval_fraction, copy_fraction, copy_only_steps)
+        check_row_mix(retrieval_fraction, copy_fraction, copy_only_steps, copy_max_distance)
         check_choice("retrieval_labels", retrieval_labels, RETRIEVAL_LABELS)
         self.corpus = load_corpus(name, path=path, seed=split_seed, vocab_size=bpe_vocab_size,
                                   tokenizer=tokenizer)
@@ -113,6 +118,7 @@ class TextData:
         # round() halves to even: 0.3 and 0.7 of 5 rows would make 2 + 4
         self.copy_rows = min(round(copy_fraction * batch_size), batch_size - self.retrieval_rows)
         self.copy_only_steps = copy_only_steps
+        self.copy_max_distance = copy_max_distance
         # the copy rows' tokens: the training split's distinct tokens, found once (a sort of the
         # whole split at every step otherwise)
         self._copy_vocabulary = (np.unique(self.corpus.train)
@@ -137,7 +143,8 @@ class TextData:
         that `data.copy_only_until` ended early, `training.copy_phase_end`)."""
         if (step < self.copy_only_steps) if copy_only is None else copy_only:
             return copy_training_rows(self._copy_vocabulary, self.seq_len, self.batch_size,
-                                      seed=self._rows_seed(step))
+                                      seed=self._rows_seed(step),
+                                      max_distance=self.copy_max_distance)
         inputs, targets = lm_batch(self.corpus.train, self.batch_size, self.seq_len, step,
                                    self.seed)
         n, c = self.retrieval_rows, self.copy_rows
@@ -153,7 +160,8 @@ class TextData:
                 labels=self.retrieval_labels)
         if c:
             inputs[n:n + c], targets[n:n + c] = copy_training_rows(
-                self._copy_vocabulary, self.seq_len, c, seed=rows_seed)
+                self._copy_vocabulary, self.seq_len, c, seed=rows_seed,
+                max_distance=self.copy_max_distance)
         return inputs, targets
 
     def _rows_seed(self, step: int) -> int:
@@ -184,7 +192,8 @@ class TextData:
             return []
         return self._held_out_batches("copy", split, batch_size, lambda text: (
             copy_training_rows(text, self.seq_len, RETRIEVAL_EVAL_EXAMPLES,
-                               seed=RETRIEVAL_EVAL_SEED, labels="copy")))
+                               seed=RETRIEVAL_EVAL_SEED, labels="copy",
+                               max_distance=self.copy_max_distance)))
 
     def _held_out_batches(self, kind: str, split: str, batch_size: int, make_rows):
         """`make_rows(split's tokens)` -> (inputs, targets), built once per (kind, split), in
@@ -290,16 +299,18 @@ class SyntheticData:
         return None
 
 
-def check_row_mix(retrieval_fraction, copy_fraction, copy_only_steps=0, prefix: str = ""
-                  ) -> None:
+def check_row_mix(retrieval_fraction, copy_fraction, copy_only_steps=0,
+                  copy_max_distance=COPY_MAX_DISTANCE, prefix: str = "") -> None:
     """ValueError naming the field and its value unless retrieval_fraction and copy_fraction
-    are numbers in [0, 1] with a sum of at most 1 (fractions of one training batch) and
-    copy_only_steps an integer >= 0; `prefix` goes before the names in the message (e.g.
-    "config.data.")."""
-    if not (isinstance(copy_only_steps, (int, np.integer)) and not isinstance(copy_only_steps, bool)
-            and copy_only_steps >= 0):
-        raise ValueError(f"{prefix}copy_only_steps={copy_only_steps!r}: must be an integer >= 0 "
-                         f"(training steps).")
+    are numbers in [0, 1] with a sum of at most 1 (fractions of one training batch),
+    copy_only_steps an integer >= 0 and copy_max_distance an integer >= 1; `prefix` goes before
+    the names in the message (e.g. "config.data.")."""
+    for name, value, low, unit in (("copy_only_steps", copy_only_steps, 0, "training steps"),
+                                   ("copy_max_distance", copy_max_distance, 1,
+                                    "passage lengths")):
+        if not (isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+                and value >= low):
+            raise ValueError(f"{prefix}{name}={value!r}: must be an integer >= {low} ({unit}).")
     for name, value in (("retrieval_fraction", retrieval_fraction),
                         ("copy_fraction", copy_fraction)):
         if not (isinstance(value, (int, float)) and not isinstance(value, bool)
@@ -336,7 +347,7 @@ def load_data(config: ml_collections.ConfigDict, tokenizer=None) -> TextData | S
     Reads config.batch_size, config.seed (training-batch order) and config.data: name, seq_len,
     seed (document split, or synthetic-set seed), path ("text_files": a directory, or a
     comma-separated list of files), bpe_vocab_size, retrieval_fraction, retrieval_labels,
-    copy_fraction, copy_only_steps, task, num_train, num_eval.
+    copy_fraction, copy_only_steps, copy_max_distance, task, num_train, num_eval.
 
     Raises:
       MissingDataError: a corpus is not installed; ValueError: bad task arguments.
@@ -354,4 +365,5 @@ def load_data(config: ml_collections.ConfigDict, tokenizer=None) -> TextData | S
                     retrieval_fraction=data.get("retrieval_fraction", 0.0),
                     retrieval_labels=data.get("retrieval_labels", "all"),
                     copy_fraction=data.get("copy_fraction", 0.0),
-                    copy_only_steps=data.get("copy_only_steps", 0), **common)
+                    copy_only_steps=data.get("copy_only_steps", 0),
+                    copy_max_distance=data.get("copy_max_distance", COPY_MAX_DISTANCE), **common)

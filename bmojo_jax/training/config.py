@@ -80,6 +80,10 @@ def default_config(preset: str = "bmojo") -> ml_collections.ConfigDict:
         reaches it, copy_only_steps being then the cap (`training.copy_phase_end`; a "curriculum"
         record in metrics.jsonl says when and why). Our choice (docs/design.md section 7d): when
         a model learns to copy varies from run to run, so the phase lasts until it has.
+      data.copy_max_distance: the copy rows' largest distance between a passage's two copies, in
+        passage lengths (`data.copy_training_rows`' max_distance; training and held-out rows):
+        4 (default: 10% of the copies more than 128 tokens back at t = 256), 2 or 1 (every copy
+        nearer, more of the targets copies; 1 repeats each passage at once).
       optimizer: lr (peak), schedule ("cosine" | "constant"), warmup_steps, min_lr_ratio (cosine
         end / peak), weight_decay (decoupled, AdamW), clip_norm (global gradient norm), b1, b2, eps.
       num_steps, batch_size: training steps and sequences per step.
@@ -138,7 +142,8 @@ def default_config(preset: str = "bmojo") -> ml_collections.ConfigDict:
         path=config_dict.placeholder(str), bpe_vocab_size=4096, seed=0,
         task=ml_collections.ConfigDict(), num_train=10_000, num_eval=1_000,
         packed_documents=False, retrieval_fraction=0.0, retrieval_labels="all",
-        copy_fraction=0.0, copy_only_steps=0, copy_only_until=config_dict.placeholder(float)))
+        copy_fraction=0.0, copy_only_steps=0, copy_only_until=config_dict.placeholder(float),
+        copy_max_distance=data_lib.COPY_MAX_DISTANCE))
     config.optimizer = ml_collections.ConfigDict(dict(
         lr=1e-3, schedule="cosine", warmup_steps=100, min_lr_ratio=0.1, weight_decay=0.1,
         clip_norm=1.0, b1=0.9, b2=0.95, eps=1e-8))
@@ -233,7 +238,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     fraction = config.data.get("retrieval_fraction", 0.0)
     copy_fraction = config.data.get("copy_fraction", 0.0)
     copy_only_steps = config.data.get("copy_only_steps", 0)
-    check_row_mix(fraction, copy_fraction, copy_only_steps, "config.data.")
+    check_row_mix(fraction, copy_fraction, copy_only_steps,
+                  config.data.get("copy_max_distance", data_lib.COPY_MAX_DISTANCE), "config.data.")
     check_choice("config.data.retrieval_labels", config.data.get("retrieval_labels", "all"),
                  data_lib.RETRIEVAL_LABELS)
     until = config.data.get("copy_only_until")
