@@ -18,6 +18,10 @@ The prompts and windows are the pure, seeded functions of `bmojo_jax.data.long_c
     python -m experiments.long_context --workdir=workdir/austen_bmojo
     python -m experiments.long_context --workdir=workdir/austen_bmojo,workdir/austen_transformer \\
         --lengths=256,1024,4096,16384 --depths=0,0.5,1 --examples=8 --out_dir=results
+    python -m experiments.long_context --workdir=workdir/austen_bmojo --memory_off=eidetic
+
+(`--memory_off=eidetic,storage`: each model that has the memory is evaluated again with it turned
+off at inference, the trained weights unchanged: what it reads from that memory.)
 
 Writes OUT/long_context.md (tables, method, command, commit, machine), .json (every number, every
 continuation the models wrote) and .png (accuracy heatmaps, length x depth; perplexity against
@@ -29,6 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -50,6 +55,9 @@ NAME = "long_context"
 TASKS = ("passkey", "needle", "copy", "perplexity", "speed")
 RETRIEVAL = {"passkey": "passkey retrieval", "needle": "multi-key needle in a haystack"}
 FILLERS = ("test", "austen", "shakespeare")
+# The memories `--memory_off` can turn off at inference: the ModelConfig overrides that do it.
+MEMORY_OFF = {"eidetic": dict(eidetic_slots=0, eidetic_per_chunk=0),
+              "storage": dict(storage_slots=0, storage_topk=0)}
 # Tokens generated per prompt: one per character of " " + the longest answer, room for any
 # tokenization of its digits; one number for both tasks, so that they share a compiled program.
 NEW_TOKENS = 1 + max(lc.KEY_DIGITS, lc.VALUE_DIGITS)
@@ -148,6 +156,25 @@ def load(workdir) -> Model:
                          f"{config.data.name!r}; the long-context suite needs a text corpus.")
     return Model(str(workdir), model, tokenizer, config, int(step),
                  data_lib.load_data(config).corpus)
+
+
+def has_memory(m: Model, memory: str) -> bool:
+    """Whether the model reads the memory (a key of `MEMORY_OFF`): eidetic slots or a store in
+    its `B` layers."""
+    cfg = m.model.config
+    slots = cfg.eidetic_slots if memory == "eidetic" else cfg.storage_slots
+    return "B" in cfg.layer_mixers and slots > 0
+
+
+def memory_off(m: Model, memory: str) -> Model:
+    """The model with one memory (a key of `MEMORY_OFF`) turned off at inference, the trained
+    weights unchanged (`training.with_overrides`), named "<name>, <memory> memory off": what
+    that memory contributes is the difference between the two records. Our choice, the suite's
+    ablation: the model was trained with the memory and its other memories were not trained to
+    do without it, so this measures what the trained model reads from it, not what a model
+    trained without it would do."""
+    return m._replace(name=f"{m.name}, {memory} memory off",
+                      model=training.with_overrides(m.model, MEMORY_OFF[memory]))
 
 
 def filler_stream(m: Model, filler: str) -> np.ndarray:
@@ -502,7 +529,9 @@ def evaluate_cached(m: Model, settings: Settings, cache: Optional[Path]) -> dict
     workdir, a changed checkpoint or setting is evaluated again and its file replaced)."""
     if cache is None:
         return evaluate_model(m, settings)
-    path = cache / (str(m.name).strip("/").replace("/", "+") + ".json")
+    # "workdir/a/b, eidetic memory off" -> "workdir+a+b_eidetic_memory_off.json"
+    path = cache / (re.sub(r"[^A-Za-z0-9._+-]+", "_", str(m.name).strip("/").replace("/", "+"))
+                    + ".json")
     key = json.loads(json.dumps(dict(settings=dataclasses.asdict(settings), step=m.step,
                                      config=m.config.to_dict())))
     if path.exists():
@@ -519,8 +548,8 @@ def evaluate_cached(m: Model, settings: Settings, cache: Optional[Path]) -> dict
     return record
 
 
-def run(settings: Settings, models: Sequence, out_dir=None, command: Optional[str] = None
-        ) -> dict:
+def run(settings: Settings, models: Sequence, out_dir=None, command: Optional[str] = None,
+        memories_off: Sequence[str] = ()) -> dict:
     """Evaluates every model and writes OUT/long_context.{md,json,png}. With an explicit
     `out_dir`, each model's record is also kept in OUT/long_context_models/ as it finishes, and a
     rerun with the same settings reuses the record of a model whose checkpoint step is unchanged
@@ -533,22 +562,32 @@ def run(settings: Settings, models: Sequence, out_dir=None, command: Optional[st
       out_dir: where the files go (created); None: a new runs/long_context-<timestamp>/.
       command: the command line to record (None: this process's `python -m
         experiments.long_context` command).
+      memories_off: keys of `MEMORY_OFF`: each model that has such a memory is evaluated again
+        with it turned off at inference (`memory_off`), right after itself.
 
     Returns:
       The JSON object written.
 
     Raises:
-      ValueError: bad settings or a workdir not trained on text; FileNotFoundError,
-        training.CheckpointError: unreadable workdirs.
+      ValueError: bad settings or memories_off, a workdir not trained on text;
+        FileNotFoundError, training.CheckpointError: unreadable workdirs.
     """
     check_settings(settings)
     if not models:
         raise ValueError("--workdir: give at least one training workdir.")
+    unknown = sorted(set(memories_off) - set(MEMORY_OFF))
+    if unknown:
+        raise ValueError(f"--memory_off={','.join(memories_off)}: {', '.join(unknown)} not "
+                         f"allowed; allowed values are {', '.join(MEMORY_OFF)}.")
     meta = harness.provenance(command or harness.command_line(f"experiments.{NAME}"))
     tic = time.perf_counter()
     cache = Path(out_dir) / f"{NAME}_models" if out_dir else None
-    records = [evaluate_cached(m if isinstance(m, Model) else load(m), settings, cache)
-               for m in models]
+    records = []
+    for m in models:
+        m = m if isinstance(m, Model) else load(m)
+        records.append(evaluate_cached(m, settings, cache))
+        records += [evaluate_cached(memory_off(m, memory), settings, cache)
+                    for memory in memories_off if has_memory(m, memory)]
     record = dict(**meta, settings=dataclasses.asdict(settings), models=records,
                   wall_seconds=time.perf_counter() - tic)
     prefix = harness.output_prefix(NAME, out_dir=out_dir)  # created once there is a result
@@ -583,6 +622,8 @@ def define_flags() -> None:
     flags.DEFINE_integer("windows", 16, "Perplexity windows.")
     flags.DEFINE_integer("batch_size", 4, "Sequences per compiled call.")
     flags.DEFINE_integer("seed", 0, "Seed of the prompts.")
+    flags.DEFINE_list("memory_off", [], f"Memories ({', '.join(MEMORY_OFF)}) to turn off at "
+        "inference: each model that has one is evaluated again without it.")
     flags.DEFINE_string("out_dir", None, harness.OUT_DIR_HELP)
     flags.mark_flag_as_required("workdir")
 
@@ -606,7 +647,7 @@ def main(argv):
         score_tokens=FLAGS.score_tokens, windows=FLAGS.windows, batch_size=FLAGS.batch_size,
         seed=FLAGS.seed)
     try:
-        run(settings, FLAGS.workdir, FLAGS.out_dir)
+        run(settings, FLAGS.workdir, FLAGS.out_dir, memories_off=FLAGS.memory_off)
     except (ValueError, FileNotFoundError, training.CheckpointError) as e:  # no traceback
         sys.exit(f"error: {e}")
 

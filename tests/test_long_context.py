@@ -445,6 +445,40 @@ def test_settings_errors_are_clear():
         runner.check_settings(runner.Settings(examples=0))
 
 
+def test_runner_evaluates_each_model_again_with_a_memory_off(corpus, documents, tmp_path,
+                                                             monkeypatch):
+    """--memory_off: a model that has the memory is evaluated again right after itself, with it
+    turned off at inference (the trained weights unchanged; its own record file); a model
+    without it is not; an unknown memory is a clear error."""
+    config = training.default_config("bmojo")
+    config.data.update(name="text_files", path=str(documents), seq_len=32, bpe_vocab_size=300)
+    shape = dict(vocab_size=corpus.vocab_size, d_model=16, n_layers=1, n_heads=2, window=16,
+                 chunk_size=16, d_state=4, ssm_head_dim=8)
+    bmojo = runner.Model("workdir/bmojo", bmojo_jax.LanguageModel(bmojo_jax.ModelConfig.preset(
+        "bmojo", eidetic_per_chunk=2, eidetic_slots=4, **shape), rngs=nnx.Rngs(0)),
+        corpus.tokenizer, config, 0, corpus)
+    swa = bmojo._replace(name="workdir/swa", model=bmojo_jax.LanguageModel(
+        bmojo_jax.ModelConfig.preset("swa", **shape), rngs=nnx.Rngs(0)))
+    seen = []
+    monkeypatch.setattr(runner, "evaluate_model", lambda m, s: seen.append(m) or dict(
+        name=m.name))
+    monkeypatch.setattr(runner, "plot", lambda record, path: None)
+    monkeypatch.setattr(runner, "markdown", lambda record: "")
+    record = runner.run(runner.Settings(), [bmojo, swa], out_dir=tmp_path, command="test",
+                        memories_off=["eidetic", "storage"])
+    assert [m["name"] for m in record["models"]] == [
+        "workdir/bmojo", "workdir/bmojo, eidetic memory off", "workdir/swa"]
+    assert sorted(p.name for p in (tmp_path / "long_context_models").iterdir()) == [
+        "workdir+bmojo.json", "workdir+bmojo_eidetic_memory_off.json", "workdir+swa.json"]
+    off = seen[1].model
+    assert off.config.eidetic_slots == off.config.eidetic_per_chunk == 0
+    assert bmojo.model.config.eidetic_slots == 4  # the model itself unchanged
+    assert off.embed.embedding.get_value() is bmojo.model.embed.embedding.get_value()
+    with pytest.raises(ValueError, match="--memory_off=eidetic,fading: fading not allowed; "
+                                         "allowed values are eidetic, storage"):
+        runner.run(runner.Settings(), [bmojo], memories_off=["eidetic", "fading"])
+
+
 @pytest.mark.slow
 def test_runner_end_to_end(corpus, documents, tmp_path, monkeypatch):
     """The suite on a tiny randomly initialised B'MOJO (training context 32), into a tmp dir; a

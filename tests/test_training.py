@@ -241,6 +241,14 @@ def test_model_overrides_run_the_trained_weights_with_another_memory(run):
     tokens = np.arange(64, dtype=np.int32)[None] % 64  # 4 chunks: lag-2 slots are read
     np.testing.assert_array_equal(model(tokens), reference(tokens))
     assert not np.allclose(model(tokens), trained(tokens), atol=1e-4)
+    # the same on a model in memory (the model itself unchanged), and through `load`
+    in_memory = training.with_overrides(trained, off)
+    np.testing.assert_array_equal(in_memory(tokens), reference(tokens))
+    assert trained.config.eidetic_slots > 0 and in_memory.config.eidetic_slots == 0
+    np.testing.assert_array_equal(training.load(run[0], model_overrides=off).model(tokens),
+                                  reference(tokens))
+    with pytest.raises(ValueError, match="change the parameters"):
+        training.with_overrides(trained, {"d_model": 64})
     base = training.evaluate_checkpoint(run[0], "test", seq_len=48)
     same = training.evaluate_checkpoint(run[0], "test", seq_len=48, model_overrides=dict(
         eidetic_selection=trained.config.eidetic_selection))

@@ -4,7 +4,7 @@
                  `abstract_model`
     steps        loss, optimizer, XLA options, jitted train and eval steps, evaluation
     checkpoints  orbax checkpoints (`Checkpoints`, `CheckpointError`, checked on restore) and
-                 their readers (`load_checkpoint`, `load_model`, `load`)
+                 their readers (`load_checkpoint`, `load_model`, `load`; `with_overrides`)
     workdir      the workdir's lock (`WorkdirLock`) and errors (`WorkdirError`, `WorkdirLocked`)
     metrics      the JSON-lines metrics file (`MetricsLog`)
     loop         the training job (`train_and_evaluate`) and `evaluate_checkpoint`
@@ -14,7 +14,7 @@ The data sources live in `bmojo_jax.data` (`load_data`, re-exported here).
 
 from bmojo_jax.data import load_data
 from bmojo_jax.training.checkpoints import (CheckpointError, Checkpoints, DataMismatchWarning,
-                                            load, load_checkpoint, load_model)
+                                            load, load_checkpoint, load_model, with_overrides)
 from bmojo_jax.training.config import (abstract_model, context_length, default_config,
                                        document_separator, model_config, oracle_length,
                                        unfilled_eidetic_buffer, validate_config)
@@ -40,5 +40,5 @@ __all__ = ["USER_ERRORS", "default_config", "validate_config", "model_config", "
            "weight_decay_mask", "make_optimizer", "make_train_step", "make_eval_step", "evaluate",
            "evaluate_held_out", "evaluate_split", "read_records", "Checkpoints", "CheckpointError",
            "train_and_evaluate", "copy_phase_end",
-           "load_checkpoint", "load_model", "evaluate_checkpoint", "TrainingDiverged",
+           "load_checkpoint", "load_model", "with_overrides", "evaluate_checkpoint", "TrainingDiverged",
            "load", "DataMismatchWarning", "WorkdirError", "WorkdirLocked", "WorkdirLock"]

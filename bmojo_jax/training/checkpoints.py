@@ -436,6 +436,20 @@ def load_model(workdir, step: int | None = None, model_overrides: dict | None = 
     return nnx.merge(graphdef, params), ml_collections.ConfigDict(meta["config"]), meta["step"]
 
 
+def with_overrides(model: LanguageModel, model_overrides: dict) -> LanguageModel:
+    """The same trained model with `model_overrides` ({ModelConfig field: value}) applied, as
+    `load_checkpoint` applies them (e.g. dict(eidetic_slots=0, eidetic_per_chunk=0): the
+    eidetic memory turned off at inference); `model` itself is unchanged and shares its
+    parameter arrays with the result.
+
+    Raises:
+      ValueError: as `load_checkpoint`'s model_overrides.
+    """
+    model_cfg, graphdef, params = _overridden(model.config, nnx.state(model, nnx.Param),
+                                              model_overrides)
+    return nnx.merge(graphdef, params)
+
+
 def _read(workdir, step, model_overrides=None):
     """(meta, model_cfg, graphdef, params) of a checkpoint; see `load_checkpoint`."""
     directory = Path(workdir) / "checkpoints"
@@ -531,7 +545,7 @@ class LoadedRun(NamedTuple):
     step: int
 
 
-def load(workdir, step: int | None = None) -> LoadedRun:
+def load(workdir, step: int | None = None, model_overrides: dict | None = None) -> LoadedRun:
     """A trained run, ready for generation in a notebook: the model of a checkpoint, the run's own
     tokenizer and its config (reads the workdir, never writes).
 
@@ -543,6 +557,7 @@ def load(workdir, step: int | None = None) -> LoadedRun:
     Args:
       workdir: a training workdir.
       step: the checkpoint's step (None: the latest; an earlier one when the latest is damaged).
+      model_overrides: as in `load_checkpoint` (e.g. a memory turned off at inference).
 
     Returns:
       `LoadedRun(model, tokenizer, config, step)`:
@@ -562,9 +577,10 @@ def load(workdir, step: int | None = None) -> LoadedRun:
     Raises:
       FileNotFoundError: no checkpoint (the message names the path).
       CheckpointError: the checkpoint is unreadable or damaged (the message offers earlier steps).
-      ValueError: the saved tokenizer is damaged (the message names it).
+      ValueError: the saved tokenizer is damaged (the message names it); a bad override (as
+        `load_checkpoint`).
     """
-    meta, _, graphdef, params = _read(workdir, step)
+    meta, _, graphdef, params = _read(workdir, step, model_overrides)
     config = ml_collections.ConfigDict(meta["config"])
     model = nnx.merge(graphdef, params)
     if config.data.name in data_lib.SYNTHETIC_TASKS:
