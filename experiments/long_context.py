@@ -127,7 +127,8 @@ def check_settings(s: Settings) -> None:
 class Model(NamedTuple):
     """A model to evaluate.
 
-    name: what the report calls it (its workdir, for `load`); model: the `LanguageModel`;
+    name: what the report calls it and its record file's name (its workdir, for `load`; with
+    ", <memory> memory off" after it for `memory_off`); model: the `LanguageModel`;
     tokenizer: the run's tokenizer (`encode`, `decode`); config: its training config
     (`ml_collections.ConfigDict`; read: model_preset, data.name, data.seq_len = the training
     context T); step: its checkpoint's step; corpus: the `data.Corpus` it was trained on (its

@@ -157,6 +157,15 @@ def test_mqar_memory(dirs):
         runner.redraw(length, out_dir / "nowhere")
 
 
+def test_mqar_memory_plots_a_series_per_rule_and_setting():
+    """The size ablation's rows of one rule share a line over the slot count; a row that changes
+    another knob of the rule (the threshold factor) is a series of its own."""
+    rows = [dict(rule="fading", fields={}), dict(rule="fading", fields={"model.eidetic_slots": 4}),
+            dict(rule="threshold", fields={"model.eidetic_threshold": 1.0})]
+    assert [mqar_memory.series(r) for r in rows] == [
+        "fading", "fading", "threshold, eidetic_threshold=1.0"]
+
+
 def test_inference(dirs):
     out_dir, work = dirs
     record = reproduce.reproduce("inference", "tiny", out_dir, ["swa"], work)

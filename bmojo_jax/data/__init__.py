@@ -29,5 +29,6 @@ __all__ = [
     "TOKENIZER_FILES", "save_tokenizer", "load_tokenizer", "tokenizer_path", "text_fingerprint",
     "end_of_text_id", "document_segments", "RetrievalBatch", "passkey", "multikey_needle", "answer_correct", "scoring_ends",
     "scored_windows", "RETRIEVAL_LABELS", "RETRIEVAL_TASKS", "retrieval_training_rows",
-    "RETRIEVAL_EVAL_EXAMPLES", "COPY_MAX_DISTANCE", "copy_training_rows", "repeated_span", "copy_test_rows",
+    "RETRIEVAL_EVAL_EXAMPLES", "COPY_MAX_DISTANCE", "copy_training_rows", "repeated_span",
+    "copy_test_rows",
 ]

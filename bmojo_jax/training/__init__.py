@@ -40,5 +40,6 @@ __all__ = ["USER_ERRORS", "default_config", "validate_config", "model_config", "
            "weight_decay_mask", "make_optimizer", "make_train_step", "make_eval_step", "evaluate",
            "evaluate_held_out", "evaluate_split", "read_records", "Checkpoints", "CheckpointError",
            "train_and_evaluate", "copy_phase_end",
-           "load_checkpoint", "load_model", "with_overrides", "evaluate_checkpoint", "TrainingDiverged",
+           "load_checkpoint", "load_model", "with_overrides", "evaluate_checkpoint",
+           "TrainingDiverged",
            "load", "DataMismatchWarning", "WorkdirError", "WorkdirLocked", "WorkdirLock"]

@@ -445,8 +445,7 @@ def with_overrides(model: LanguageModel, model_overrides: dict) -> LanguageModel
     Raises:
       ValueError: as `load_checkpoint`'s model_overrides.
     """
-    model_cfg, graphdef, params = _overridden(model.config, nnx.state(model, nnx.Param),
-                                              model_overrides)
+    _, graphdef, params = _overridden(model.config, nnx.state(model, nnx.Param), model_overrides)
     return nnx.merge(graphdef, params)
 
 

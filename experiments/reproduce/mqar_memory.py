@@ -171,6 +171,14 @@ def run(s, presets, workdir: Path, points: sweep.Points) -> dict:
                 batch_size=config.batch_size, n_layers=config.model.n_layers)
 
 
+def series(row) -> str:
+    """The plotted series of a B'MOJO row: its rule, then any field other than eidetic_slots
+    (the x axis), e.g. "threshold" or "threshold, eidetic_threshold=1"."""
+    return ", ".join([row["rule"], *(f"{k.removeprefix('model.')}={v}"
+                                     for k, v in row["fields"].items()
+                                     if k != "model.eidetic_slots")])
+
+
 def _lr(row) -> str:
     """The best learning rate, and the mean validation accuracy at each rate of a grid."""
     grid = row["lr_grid"]
@@ -276,10 +284,10 @@ def plot(record, s, path) -> None:
     left.set_ylim(-2, 102)
     left.grid(alpha=0.3)
     left.legend(fontsize=8)
-    by_rule = {}
+    by_rule = {}  # a series per rule and setting other than the slot count
     for r in runs:
         if r["rule"] is not None:
-            by_rule.setdefault(r["rule"], []).append(r)
+            by_rule.setdefault(series(r), []).append(r)
     for order, (rule, mine) in enumerate(by_rule.items()):
         mine = sorted(mine, key=lambda r: r["eidetic_slots"])
         xs, style = [r["eidetic_slots"] for r in mine], plotting.series_style(rule, order)
