@@ -67,7 +67,7 @@ def test_mqar_memory_plot_draws_every_point(tmp_path, monkeypatch):
 
     def row(arg, rule, state_bytes, values, slots=0, recall=None):
         return dict(arg=arg, rule=rule, label=arg, state_bytes=state_bytes, eidetic_slots=slots,
-                    seeds=[0, 1], test_accuracy=float(np.mean(values)),
+                    fields={}, seeds=[0, 1], test_accuracy=float(np.mean(values)),
                     test_accuracy_std=float(np.std(values)), test_accuracy_values=values,
                     diagnostics=None if recall is None else dict(selection_recall=recall))
     runs = [row("transformer", None, 65540, [0.99, 1.0]), row("swa", None, 4096, [0.02, 0.03]),
