@@ -33,7 +33,10 @@ falls far below the first's), one without does not. Every retrieval task (MQAR o
 needles) needs this copy.
 
 `mqar_needs` describes an MQAR batch (`data.mqar`: the key/value context at [0, 2 K passes), each
-query needs the key and the value of its pair, at their last occurrence in the context).
+query needs the key and the value of its pair, at their last occurrence in the context);
+`retrieval_needs` a long-context passkey or needle prompt (its last position needs the asked
+needle's tokens), and `retrieval_diagnostics` adds the store of a `B` layer that has one (are the
+needle's tokens among the stored tokens its chunk retrieved?).
 Everything here runs on the host (numpy) on concrete arrays.
 """
 
@@ -173,6 +176,86 @@ def eidetic_diagnostics(model, inputs, targets, context_length: int, *,
                         recall_ceiling=ceiling) for layer, entry in trace.items()}
 
 
+def retrieval_needs(inputs, needle_spans):
+    """What the question of each long-context retrieval prompt needs
+    (`data.long_context.RetrievalBatch`: passkey or multi-key needle).
+
+    Args:
+      inputs: int [n, t] prompts; needle_spans: int [n, k, 2], the [start, stop) token span of
+        each needle, needle 0 the one asked for.
+
+    Returns:
+      (queries bool [n, t]: the prompt's last position, which predicts the answer's first token;
+      needed int32 [n, t, s]: at that position, every position of the asked needle's span (s the
+      longest such span, -1 pad); context bool [n, t]: the positions of every needle), the
+      arguments of `layer_diagnostics`: its selection recall is then the fraction of the asked
+      needle's tokens in the memory visible when the question ends, its precision the fraction
+      of that memory's occupied entries holding needle tokens rather than filler. Our choice.
+
+    Raises:
+      ValueError: shapes that do not match, or a span outside [0, t).
+    """
+    inputs, spans = np.asarray(inputs), np.asarray(needle_spans)
+    if inputs.ndim != 2 or spans.ndim != 3 or spans.shape[::2] != (len(inputs), 2):
+        raise ValueError(f"inputs {inputs.shape} must be [n, t] and needle_spans {spans.shape} "
+                         f"[n, k, 2].")
+    n, t = inputs.shape
+    if (spans < 0).any() or (spans > t).any() or (spans[..., 1] <= spans[..., 0]).any():
+        raise ValueError(f"needle_spans must be non-empty [start, stop) spans within [0, {t}].")
+    queries = np.zeros((n, t), bool)
+    queries[:, -1] = True
+    asked = spans[:, 0]
+    needed = np.full((n, t, int((asked[:, 1] - asked[:, 0]).max())), -1, np.int32)
+    context = np.zeros((n, t), bool)
+    for row in range(n):
+        start, stop = asked[row]
+        needed[row, -1, :stop - start] = np.arange(start, stop)
+        for start, stop in spans[row]:
+            context[row, start:stop] = True
+    return queries, needed, context
+
+
+def retrieval_diagnostics(model, inputs, needle_spans, *, eidetic_scores=None,
+                          batch_size: int | None = None) -> dict:
+    """The memory diagnostics of every `B` layer of `model` on retrieval prompts: are the asked
+    needle's tokens in the eidetic slots (and, with a store, among the stored tokens retrieved)
+    when the question ends, and where does the question's last position look?
+
+    Args:
+      model: a `LanguageModel`.
+      inputs, needle_spans: as in `retrieval_needs`.
+      eidetic_scores: optional oracle scores [n, t], as in `LanguageModel.forward`.
+      batch_size: rows traced at a time (the traces are concatenated; None: all n at once), to
+        bound the memory of long prompts.
+
+    Returns:
+      {layer index: `layer_diagnostics` of the eidetic slots (keys absent without slots), and
+      for a layer with a store "storage_recall", "storage_precision": the same two measures on
+      the positions the question's chunk retrieved}; empty without `B` layers.
+    """
+    queries, needed, context = retrieval_needs(inputs, needle_spans)
+    inputs = np.asarray(inputs)
+    step = batch_size or len(inputs)
+    blocks = [model.eidetic_trace(inputs[i:i + step], eidetic_scores=(
+        None if eidetic_scores is None else eidetic_scores[i:i + step]))
+        for i in range(0, len(inputs), step)]
+    trace = {layer: {name: np.concatenate([np.asarray(b[layer][name]) for b in blocks])
+                     for name, value in entry.items() if value is not None}
+             for layer, entry in blocks[0].items()}
+    window = model.config.window
+    out = {}
+    for layer, entry in trace.items():
+        result = (layer_diagnostics(entry, queries, needed, context, window)
+                  if "memory_positions" in entry else {})
+        if "storage_positions" in entry:
+            stored = layer_diagnostics({"memory_positions": entry["storage_positions"]}, queries,
+                                       needed, context, window)
+            result.update(storage_recall=stored["selection_recall"],
+                          storage_precision=stored["slot_precision"])
+        out[layer] = result
+    return out
+
+
 def context_scores(inputs, length):
     """Oracle eidetic scores for an MQAR batch: float32 [b, t], 1 at positions < length (the
     key/value context), 0 after; None when length is None (the model's own rule). Our choice: the
@@ -299,4 +382,5 @@ def induction_test(model, low: int, high: int, *, span: int = 64, batch_size: in
 
 
 __all__ = ["mqar_needs", "recall_ceiling", "layer_diagnostics", "eidetic_diagnostics",
-           "context_scores", "accuracy_by_selection", "answer_breakdown", "induction_test"]
+           "retrieval_needs", "retrieval_diagnostics", "context_scores", "accuracy_by_selection",
+           "answer_breakdown", "induction_test"]

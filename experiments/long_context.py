@@ -47,7 +47,7 @@ from flax import nnx
 import bmojo_jax
 from benchmarks import decoding, harness
 from bmojo_jax import data as data_lib
-from bmojo_jax import training
+from bmojo_jax import diagnostics, training
 from bmojo_jax.data import long_context as lc
 from experiments import plotting
 
@@ -202,8 +202,11 @@ def retrieval(model, tokenizer, task: str, length: int, filler: np.ndarray, s: S
     Returns:
       {"accuracy": {depth: fraction of `s.examples` rows answered exactly}, "continuations" and
       "answers": {depth: [per row: the decoded continuation, the expected digits]}, "seconds"}
-      (prefill + decoding, compilation included), or {"skipped": reason} when the prompts cannot
-      be built (the length leaves no room for filler, or the tokenizer cannot write the prompt).
+      (prefill + decoding, compilation included), and for a model with `B` layers "memory":
+      {depth: {layer: `diagnostics.retrieval_diagnostics`}} (is the asked needle in the eidetic
+      slots, or among the stored tokens retrieved, when the question ends; where the question's
+      last position looks); or {"skipped": reason} when the prompts cannot be built (the length
+      leaves no room for filler, or the tokenizer cannot write the prompt).
     """
     try:
         batches = [lc.passkey(tokenizer, filler, length, d, s.examples, seed=s.seed)
@@ -222,11 +225,16 @@ def retrieval(model, tokenizer, task: str, length: int, filler: np.ndarray, s: S
     texts = [tokenizer.decode(g) for g in generated]
     correct = [lc.answer_correct(t, a) for t, a in zip(texts, answers)]
     n = s.examples
-    return {"accuracy": {str(d): float(np.mean(correct[i * n:(i + 1) * n]))
+    cell = {"accuracy": {str(d): float(np.mean(correct[i * n:(i + 1) * n]))
                          for i, d in enumerate(s.depths)},
             "continuations": {str(d): texts[i * n:(i + 1) * n] for i, d in enumerate(s.depths)},
             "answers": {str(d): answers[i * n:(i + 1) * n] for i, d in enumerate(s.depths)},
             "seconds": seconds}
+    if "B" in model.config.layer_mixers:
+        cell["memory"] = {str(d): {str(layer): v for layer, v in diagnostics.retrieval_diagnostics(
+            model, b.inputs, b.needle_spans, batch_size=s.batch_size).items()}
+            for d, b in zip(s.depths, batches)}
+    return cell
 
 
 def copy_test(model, corpus, lengths: Sequence[int], s: Settings) -> dict:
@@ -393,6 +401,42 @@ def _by_length(m: dict, title: str, columns: Sequence[str], cells) -> list:
             *(f"| {n:,} | {n / t:g} | " + " | ".join(cells(n)) + " |" for n in m["lengths"]), ""]
 
 
+def _memory_table(m: dict, task: str, depths) -> list:
+    """The lines of the table of where the asked needle is when the question ends (the cells'
+    "memory": `diagnostics.retrieval_diagnostics`), per layer; [] for a model without traced
+    memory (no `B` layer, or its slots and store off, or a record made before the diagnostics)."""
+    memory = {n: m[task][str(n)].get("memory", {}) for n in m["lengths"]}
+    layers = sorted({layer for cell in memory.values() for by_layer in cell.values()
+                     for layer in by_layer}, key=int)
+    if not layers:
+        return []
+    keys = [(key, label) for key, label in (("selection_recall", "slots"),
+                                            ("storage_recall", "store"))
+            if any(key in v for cell in memory.values() for by_layer in cell.values()
+                   for v in by_layer.values())]
+
+    def per_layer(n, d, read):
+        values = [read(memory[n].get(str(d), {}).get(layer, {})) for layer in layers]
+        return " / ".join("—" if v is None or np.isnan(v) else f"{100 * v:.0f}" for v in values)
+
+    def cells(n):
+        row = [" · ".join(f"{label} {per_layer(n, d, lambda v: v.get(key))}"
+                          for key, label in keys) for d in depths]
+        eidetic = [[v["attention_mass"]["eidetic"] for by_layer in memory[n].values()
+                    for layer_, v in by_layer.items() if layer_ == layer and "attention_mass" in v]
+                   for layer in layers]
+        return row + [" / ".join(f"{100 * np.mean(e):.0f}" if e else "—" for e in eidetic)]
+
+    return _by_length(
+        m, f"*Where the asked needle is when the question ends* (`retrieval_diagnostics`), "
+           f"layer {' / '.join(layers)}: the % of its tokens in the eidetic slots "
+           + ("(slots) and among the stored tokens its chunk retrieved (store) " if len(keys) > 1
+              else "") + "visible to the question's last position, and the % of that position's "
+           "attention on eidetic keys, slots and retrieved stored tokens (the mean over depths; "
+           "the rest is on the window and the fading keys).",
+        [f"depth {d:g}" for d in depths] + ["eidetic attention"], cells)
+
+
 def markdown(record: dict) -> str:
     """The tables of every model and the method, from the record."""
     s = record["settings"]
@@ -419,6 +463,7 @@ def markdown(record: dict) -> str:
                 [f"depth {d:g}" for d in depths] + ["mean"], lambda n: [
                     *("—" if np.isnan(a) else f"{100 * a:.0f}" for a in grid[n]),
                     "—" if np.isnan(grid[n]).all() else f"{100 * np.nanmean(grid[n]):.0f}"])
+            lines += _memory_table(m, task, depths)
             reasons = sorted({c["skipped"] for c in m[task].values() if "skipped" in c})
             lines += [f"— not run: {r}" for r in reasons] + ([""] if reasons else [])
         if "copy" in m:

@@ -145,3 +145,42 @@ def test_induction_test_separates_a_copier_from_a_model_that_cannot_copy():
     assert uniform["copy_accuracy"] == 0.0  # the argmax of equal logits is token 0, never drawn
     with pytest.raises(ValueError, match=r"span=1 must be >= 2"):
         diagnostics.induction_test(copier, 1, vocab, span=1)
+
+
+def test_retrieval_needs_ask_for_the_asked_needle_at_the_last_position():
+    inputs = np.zeros((2, 12), np.int32)
+    spans = np.array([[[2, 4], [6, 9]], [[7, 10], [1, 2]]])  # needle 0 is the asked one
+    queries, needed, context = diagnostics.retrieval_needs(inputs, spans)
+    assert queries[:, -1].all() and queries.sum() == 2
+    np.testing.assert_array_equal(needed[0, -1], [2, 3, -1])
+    np.testing.assert_array_equal(needed[1, -1], [7, 8, 9])
+    assert (needed[:, :-1] == -1).all()
+    np.testing.assert_array_equal(np.flatnonzero(context[0]), [2, 3, 6, 7, 8])
+    np.testing.assert_array_equal(np.flatnonzero(context[1]), [1, 7, 8, 9])
+    with pytest.raises(ValueError, match="within"):
+        diagnostics.retrieval_needs(inputs, np.array([[[2, 13]], [[1, 2]]]))
+
+
+def test_retrieval_diagnostics_find_an_oracle_needle_in_the_slots_and_in_the_store():
+    """The needle [4, 8) given the oracle's scores (score eviction keeps it) sits in the slots
+    when the question ends (recall 1, and the slots hold nothing else); a store holding every
+    token before the lag never retrieves a position the slots hold; by blocks of rows, the same
+    numbers; with the model's own rule each needle token is in the slots or retrieved."""
+    model = _model(eidetic_per_chunk=W, eidetic_slots=W, eidetic_eviction="score",
+                   storage_slots=T, storage_topk=T)
+    inputs = np.asarray(jax.random.randint(jax.random.key(0), (2, T), 0, 64))
+    spans = np.array([[[4, 8]], [[4, 8]]])
+    oracle = jnp.asarray(np.broadcast_to((np.arange(T) >= 4) & (np.arange(T) < 8), (2, T)),
+                         jnp.float32)
+    result = diagnostics.retrieval_diagnostics(model, inputs, spans, eidetic_scores=oracle)[0]
+    assert result["selection_recall"] == 1.0 and result["slot_precision"] == 1.0
+    assert result["storage_recall"] == 0.0  # the slots' positions are never retrieved again
+    assert 0 < result["attention_mass"]["eidetic"] < 1
+    by_rows = diagnostics.retrieval_diagnostics(model, inputs, spans, eidetic_scores=oracle,
+                                                batch_size=1)[0]
+    assert by_rows["selection_recall"] == 1.0
+    np.testing.assert_allclose(by_rows["attention_mass"]["eidetic"],
+                               result["attention_mass"]["eidetic"], rtol=1e-5)
+    own = diagnostics.retrieval_diagnostics(model, inputs, spans)[0]
+    # the store retrieves every stored token (topk >= all): each needle token is in one or the other
+    assert own["selection_recall"] + own["storage_recall"] == 1.0

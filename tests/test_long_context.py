@@ -510,6 +510,11 @@ def test_runner_end_to_end(corpus, documents, tmp_path, monkeypatch):
                 right = [lc.answer_correct(t, a) for t, a in zip(cell["continuations"][depth],
                                                                  cell["answers"][depth])]
                 assert len(right) == 2 and accuracy == np.mean(right)
+            for by_layer in cell["memory"].values():  # where the needle is, per depth and layer
+                (layer,) = by_layer.values()
+                assert 0 <= layer["selection_recall"] <= 1
+                assert sum(layer["attention_mass"].values()) == pytest.approx(1, abs=1e-5)
+            assert set(cell["memory"]) == {"0.0", "1.0"}
     by_length = m["perplexity"]["by_length"]
     assert m["perplexity"]["windows"] == 3
     assert by_length["320"]["tokens"] == by_length["480"]["tokens"] == 3 * 16
@@ -525,6 +530,7 @@ def test_runner_end_to_end(corpus, documents, tmp_path, monkeypatch):
     text = (out / "long_context.md").read_text()
     assert "Command: `python -m test`" in text and "| 480 | 15 |" in text
     assert "**Copy**" in text and "| 480 | 15 | 241 |" in text
+    assert text.count("*Where the asked needle is when the question ends*") == 2  # both tasks
     assert "**Streaming inference**" in text and "| prefill tokens/s | decode tokens/s |" in text
 
     evaluated = []
