@@ -9,7 +9,8 @@ capacity (0: no store, the reference row) and `storage_topk` = --topk. For each 
 capacity): `prefill` of a random prompt of that many tokens into a fresh cache (the parallel
 form: the retrieval's [b, c, t] scores are part of it), and --steps greedy `decode_step`s after
 the empty cache (per token; the ring of capacity + window keys is scored once per chunk). The
-variants are compiled once and timed interleaved in rounds (`benchmarks.harness`); we report the
+variants are compiled once and timed interleaved in rounds, the decodes in rounds of their own
+and then the prefills (`benchmarks.harness.interleave_apart`); we report the
 median and the (min, max) over rounds, the ratio to the capacity-0 row of the same context, and
 the decoding state in bytes. Writes OUT.json and OUT.md (default OUT: runs/storage-<timestamp>/
 storage).
@@ -69,7 +70,8 @@ def main(argv):
             prompt = jax.random.randint(jax.random.PRNGKey(0), (1, context), 0, VOCAB_SIZE)
             runners["prefill", capacity, context] = decoding.compile_prefill(model, prompt,
                                                                              context)[0]
-    seconds = harness.interleave(runners, f.rounds, label="storage").seconds
+    seconds = harness.interleave_apart(runners, f.rounds, group=lambda key: key[0],
+                                       label="storage").seconds  # decodes, then prefills
     rows = []
     for (kind, capacity, context), values in seconds.items():
         scale = 1e3 / (f.steps if kind == "decode" else 1)

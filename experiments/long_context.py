@@ -295,32 +295,30 @@ def speed(model, lengths: Sequence[int]) -> dict:
     into a fresh cache with room for L + `SPEED_DECODE_STEPS` (`decoding.compile_prefill`), and
     `SPEED_DECODE_STEPS` greedy decode steps from that cache (`decoding.compile_decode`), every
     length's two programs compiled and run once first, then timed in `SPEED_ROUNDS` rounds
-    interleaved across the lengths (`harness.interleave`), so that a machine's changing load
-    does not pass for a length's cost: the prefills in rounds of their own, then the decodes in
-    theirs. Our choice, because a decode timed right after a long prefill pays for the prefill's
-    freed memory ([L, vocab] logits: 0.5 GiB at 32k tokens): on CPU, 16 decode steps of the
-    suite's B'MOJO took 8.8-16.1 ms right after a prefill of 8,192 tokens against 3.1-9.2 ms
-    alone, and the suite once reported its decode falling from 3,136 tokens/s at 256 tokens to
-    180 at 32,768, on a state of constant size. The prompt is token 0 repeated: the cost does
+    interleaved across the lengths, so that a machine's changing load does not pass for a
+    length's cost: the prefills in rounds of their own, then the decodes in theirs
+    (`harness.interleave_apart`). Our choice, because a decode timed right after a long prefill
+    pays for the prefill's freed memory ([L, vocab] logits: 0.5 GiB at 32k tokens): the suite
+    once reported the B'MOJO decode falling from 3,136 tokens/s at 256 tokens to 180 at 32,768,
+    on a state of constant size. The prompt is token 0 repeated: the cost does
     not depend on the tokens.
 
     Returns:
       {length: {"prefill_tokens_per_s", "decode_tokens_per_s": medians over the rounds (tokens
       per second), "prefill_seconds", "decode_seconds": [seconds of each round]}}.
     """
-    prefills, decodes = {}, {}
+    runners = {}
     for length in lengths:
         prompt = np.zeros((1, length), np.int32)
-        prefills[length], (logits, cache) = decoding.compile_prefill(
+        runners["prefill", length], (logits, cache) = decoding.compile_prefill(
             model, prompt, length + SPEED_DECODE_STEPS)
-        decodes[length] = decoding.compile_decode(
+        runners["decode", length] = decoding.compile_decode(
             model, logits[:, -1].argmax(-1).astype(np.int32), cache, SPEED_DECODE_STEPS)
         del logits  # [1, L, vocab]: not kept while the others are timed
-    prefill_seconds = harness.interleave(prefills, SPEED_ROUNDS).seconds
-    decode_seconds = harness.interleave(decodes, SPEED_ROUNDS).seconds
+    seconds = harness.interleave_apart(runners, SPEED_ROUNDS, group=lambda key: key[0]).seconds
     out = {}
     for length in lengths:
-        prefill, decode = prefill_seconds[length], decode_seconds[length]
+        prefill, decode = seconds["prefill", length], seconds["decode", length]
         out[str(length)] = dict(
             prefill_tokens_per_s=length / harness.spread(prefill).median,
             decode_tokens_per_s=SPEED_DECODE_STEPS / harness.spread(decode).median,

@@ -1,13 +1,14 @@
 """The benchmarks' variant names (`PRESET[/FIELD=VALUE]...`) read as the configs they name; the
 op-by-op profile attributes a step's time to the code that emitted it; the kernel benchmark's
-check against the reference tells a right result from a wrong one."""
+check against the reference tells a right result from a wrong one; `interleave_apart` never times
+two groups' variants one right after the other."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from benchmarks import op_profile
+from benchmarks import harness, op_profile
 from benchmarks.train_step import variant_config
 
 
@@ -74,3 +75,25 @@ def test_kernels_check_measures_the_error_against_the_reference():
     run, fields = kernels.check_variant(call, args, "triton", True, expected, tolerance)
     assert run is None and not fields["within_tolerance"], fields
     assert "triton" in fields["failure"], fields  # names the implementation the op lacks
+
+
+def test_interleave_apart_times_each_group_in_rounds_of_its_own():
+    """Every variant of a group is timed once per round before any variant of the next group
+    runs; warmup calls included; the timings and failures of every group are merged."""
+    calls = []
+
+    def runner(key):
+        def run():
+            calls.append(key)
+            if key == ("decode", 2):
+                raise RuntimeError("no decode at 2")
+        return run
+
+    keys = [("prefill", 1), ("decode", 1), ("prefill", 2), ("decode", 2)]
+    timings = harness.interleave_apart({k: runner(k) for k in keys}, 2, group=lambda k: k[0],
+                                       catch=(RuntimeError,))
+    prefills, decodes = [("prefill", 1), ("prefill", 2)], [("decode", 1), ("decode", 2)]
+    assert calls == prefills * 3 + decodes + [("decode", 1)] * 2  # warmup + 2 rounds each
+    assert {k: len(v) for k, v in timings.seconds.items()} == {
+        ("prefill", 1): 2, ("prefill", 2): 2, ("decode", 1): 2, ("decode", 2): 0}
+    assert timings.failures == {("decode", 2): "RuntimeError: no decode at 2"}

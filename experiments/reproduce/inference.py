@@ -53,15 +53,17 @@ def runners(preset: str, s) -> dict:
 
 
 def run(s, presets, workdir: Path, points) -> dict:
-    """Prefill and decode of every preset, interleaved in `s.rounds` rounds."""
+    """Prefill and decode of every preset, interleaved in `s.rounds` rounds: the prefills in
+    rounds of their own, then the decodes (`harness.interleave_apart`)."""
     del workdir, points  # nothing is trained
     compiled = {}
     for preset in presets:
         tic = time.perf_counter()
         compiled[preset] = runners(preset, s)
         print(f"[inference] {preset}: compiled in {time.perf_counter() - tic:.0f} s", flush=True)
-    seconds = harness.interleave({(p, part): compiled[p][part] for p in presets
-                                  for part in ("prefill", "decode")}, s.rounds).seconds
+    seconds = harness.interleave_apart({(p, part): compiled[p][part] for p in presets
+                                        for part in ("prefill", "decode")}, s.rounds,
+                                       group=lambda key: key[1]).seconds
     runs = []
     for p in presets:
         prefill = harness.spread(1e3 * np.asarray(seconds[p, "prefill"]))
@@ -100,7 +102,9 @@ def markdown(record, s) -> str:
             f"jit-compiled `model.prefill` of a {s.context}-token prompt into a fresh cache "
             f"(parallel form). Decode: {s.decode_steps} jit-compiled `model.decode_step`s in one "
             f"`lax.scan`, greedy, continuing from the prefilled cache, per token. Compiled once "
-            f"and warmed up; the presets are interleaved in {s.rounds} rounds and the median "
+            f"and warmed up; the presets are interleaved in {s.rounds} rounds, the prefills' "
+            f"rounds first and then the decodes' (a decode timed right after a prefill pays for "
+            f"its freed memory), and the median "
             f"[min, max] over rounds is shown. The full transformer's KV cache is preallocated to "
             f"{s.context} + {s.decode_steps} tokens; the other states do not grow with the "
             f"context. The machine is shared: compare ratios within this table only.")
