@@ -256,6 +256,47 @@ def retrieval_diagnostics(model, inputs, needle_spans, *, eidetic_scores=None,
     return out
 
 
+def retrieval_selection(model, tokenizer, batch, *, oracle_model=None,
+                        batch_size: int | None = None) -> dict:
+    """Selection against use on long-context retrieval prompts (`data.long_context.RetrievalBatch`),
+    as `accuracy_by_selection` for MQAR: the prompts followed by their answers
+    (`data.long_context.answered_rows`) scored teacher-forced with the model's own selection rule,
+    with the oracle's scores (1 at the asked needle's tokens of the answer, 0 elsewhere) and with
+    every eidetic slot empty (every score -inf). Our diagnostic: a model whose accuracy rises
+    under the oracle is held back by what its rule keeps; one that does not rise cannot use the
+    needle even when it is kept.
+
+    Args:
+      model: a `LanguageModel` with `B` layers; tokenizer: the one that wrote the prompts.
+      batch: a `RetrievalBatch`.
+      oracle_model: the model that reads the oracle's scores (None: `model`); e.g. the same
+        weights with `eidetic_eviction="score"` (`training.with_overrides`), so that the needle
+        stays in the slots after later chunks' selections.
+      batch_size: rows per compiled call (None: all n).
+
+    Returns:
+      {"own", "oracle", "no_slots": the fraction of the answers' tokens that are the argmax,
+      "own_exact", "oracle_exact", "no_slots_exact": the fraction of answers right in full}.
+    """
+    inputs, targets, in_needle = data_lib.answered_rows(tokenizer, batch)
+    oracle = np.zeros(inputs.shape, np.float32)
+    oracle[:, :in_needle.shape[1]] = in_needle
+    runs = {"own": (model, None), "oracle": (oracle_model or model, oracle),
+            "no_slots": (model, np.full(inputs.shape, -np.inf, np.float32))}
+    labelled = targets >= 0
+    step = batch_size or len(inputs)
+    out = {}
+    for name, (m, scores) in runs.items():
+        predicted = np.concatenate([np.asarray(_predictions(
+            m, jnp.asarray(inputs[i:i + step]),
+            None if scores is None else jnp.asarray(scores[i:i + step])))
+            for i in range(0, len(inputs), step)])
+        right = (predicted == targets) & labelled
+        out[name] = float(right.sum() / labelled.sum())
+        out[f"{name}_exact"] = float((right.sum(1) == labelled.sum(1)).mean())
+    return out
+
+
 def context_scores(inputs, length):
     """Oracle eidetic scores for an MQAR batch: float32 [b, t], 1 at positions < length (the
     key/value context), 0 after; None when length is None (the model's own rule). Our choice: the
@@ -382,5 +423,6 @@ def induction_test(model, low: int, high: int, *, span: int = 64, batch_size: in
 
 
 __all__ = ["mqar_needs", "recall_ceiling", "layer_diagnostics", "eidetic_diagnostics",
-           "retrieval_needs", "retrieval_diagnostics", "context_scores", "accuracy_by_selection",
+           "retrieval_needs", "retrieval_diagnostics", "retrieval_selection", "context_scores",
+           "accuracy_by_selection",
            "answer_breakdown", "induction_test"]

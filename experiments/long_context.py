@@ -58,9 +58,6 @@ FILLERS = ("test", "austen", "shakespeare")
 # The memories `--memory_off` can turn off at inference: the ModelConfig overrides that do it.
 MEMORY_OFF = {"eidetic": dict(eidetic_slots=0, eidetic_per_chunk=0),
               "storage": dict(storage_slots=0, storage_topk=0)}
-# Tokens generated per prompt: one per character of " " + the longest answer, room for any
-# tokenization of its digits; one number for both tasks, so that they share a compiled program.
-NEW_TOKENS = 1 + max(lc.KEY_DIGITS, lc.VALUE_DIGITS)
 # The speed task: greedy decode steps per timed call, and timed rounds (our choice: enough for a
 # median and a spread on a shared machine, seconds per length for the suite's small models).
 SPEED_DECODE_STEPS = 16
@@ -205,8 +202,11 @@ def retrieval(model, tokenizer, task: str, length: int, filler: np.ndarray, s: S
       (prefill + decoding, compilation included), and for a model with `B` layers "memory":
       {depth: {layer: `diagnostics.retrieval_diagnostics`}} (is the asked needle in the eidetic
       slots, or among the stored tokens retrieved, when the question ends; where the question's
-      last position looks); or {"skipped": reason} when the prompts cannot be built (the length
-      leaves no room for filler, or the tokenizer cannot write the prompt).
+      last position looks) and, with eidetic slots, "selection": {depth:
+      `diagnostics.retrieval_selection`} (teacher-forced answers with the model's own selection,
+      with the oracle's kept by score eviction, and with no slots); or {"skipped": reason} when
+      the prompts cannot be built (the length leaves no room for filler, or the tokenizer cannot
+      write the prompt).
     """
     try:
         batches = [lc.passkey(tokenizer, filler, length, d, s.examples, seed=s.seed)
@@ -218,8 +218,8 @@ def retrieval(model, tokenizer, task: str, length: int, filler: np.ndarray, s: S
     inputs = np.concatenate([b.inputs for b in batches])
     answers = [a for b in batches for a in b.answers]
     tic = time.perf_counter()
-    generated = np.concatenate([
-        bmojo_jax.generate(model, rows, NEW_TOKENS, temperature=0)
+    generated = np.concatenate([  # room for any tokenization of the digits, one program
+        bmojo_jax.generate(model, rows, lc.ANSWER_TOKENS, temperature=0)
         for rows in _batches(inputs, s.batch_size, 0)])[:len(inputs)]
     seconds = time.perf_counter() - tic
     texts = [tokenizer.decode(g) for g in generated]
@@ -233,6 +233,11 @@ def retrieval(model, tokenizer, task: str, length: int, filler: np.ndarray, s: S
     if "B" in model.config.layer_mixers:
         cell["memory"] = {str(d): {str(layer): v for layer, v in diagnostics.retrieval_diagnostics(
             model, b.inputs, b.needle_spans, batch_size=s.batch_size).items()}
+            for d, b in zip(s.depths, batches)}
+    if "B" in model.config.layer_mixers and model.config.eidetic_slots:
+        kept = training.with_overrides(model, {"eidetic_eviction": "score"})  # the oracle's stay
+        cell["selection"] = {str(d): diagnostics.retrieval_selection(
+            model, tokenizer, b, oracle_model=kept, batch_size=s.batch_size)
             for d, b in zip(s.depths, batches)}
     return cell
 
@@ -435,6 +440,23 @@ def _memory_table(m: dict, task: str, depths) -> list:
         [f"depth {d:g}" for d in depths] + ["eidetic attention"], cells)
 
 
+def _selection_table(m: dict, task: str, depths) -> list:
+    """The lines of the table of selection against use (the cells' "selection":
+    `diagnostics.retrieval_selection`); [] for a model without eidetic slots or a record made
+    before the diagnostic."""
+    selection = {n: m[task][str(n)].get("selection") for n in m["lengths"]}
+    if not any(selection.values()):
+        return []
+    return _by_length(
+        m, "*Selection against use* (`retrieval_selection`): the % of the answers' tokens right, "
+           "teacher-forced, with the model's own selection / with the oracle's (the asked "
+           "needle's answer tokens, kept by score eviction) / with no eidetic slot.",
+        [f"depth {d:g}" for d in depths], lambda n: [
+            "—" if not selection[n] else " / ".join(
+                f"{100 * selection[n][str(d)][key]:.0f}" for key in ("own", "oracle", "no_slots"))
+            for d in depths])
+
+
 def markdown(record: dict) -> str:
     """The tables of every model and the method, from the record."""
     s = record["settings"]
@@ -461,7 +483,7 @@ def markdown(record: dict) -> str:
                 [f"depth {d:g}" for d in depths] + ["mean"], lambda n: [
                     *("—" if np.isnan(a) else f"{100 * a:.0f}" for a in grid[n]),
                     "—" if np.isnan(grid[n]).all() else f"{100 * np.nanmean(grid[n]):.0f}"])
-            lines += _memory_table(m, task, depths)
+            lines += _memory_table(m, task, depths) + _selection_table(m, task, depths)
             reasons = sorted({c["skipped"] for c in m[task].values() if "skipped" in c})
             lines += [f"— not run: {r}" for r in reasons] + ([""] if reasons else [])
         if "copy" in m:

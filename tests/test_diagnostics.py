@@ -184,3 +184,41 @@ def test_retrieval_diagnostics_find_an_oracle_needle_in_the_slots_and_in_the_sto
     own = diagnostics.retrieval_diagnostics(model, inputs, spans)[0]
     # the store retrieves every stored token (topk >= all): each needle token is in one or the other
     assert own["selection_recall"] + own["storage_recall"] == 1.0
+
+
+def test_retrieval_selection_scores_the_answer_with_each_selection():
+    """Own selection: the model's argmax on the answered rows; no slots: the same weights with
+    every score -inf, which equals handing in -inf scores; the oracle: its scores mark the
+    needle's answer tokens (1 there, 0 elsewhere)."""
+    model = _model(eidetic_per_chunk=W, eidetic_slots=2 * W, eidetic_eviction="score")
+    tokenizer = _DigitTokenizer()
+    n, t = 2, T
+    inputs = np.array(jax.random.randint(jax.random.key(1), (n, t), 10, 63), np.int32)
+    inputs[:, 4:9] = [1, 2, 3, 4, 5]  # the needle's answer digits
+    batch = bj.data.RetrievalBatch(inputs, ("12345", "12345"), np.array([[[4, 9]]] * n),
+                                   np.zeros((n, 1)), 0.0)
+    result = diagnostics.retrieval_selection(model, tokenizer, batch, batch_size=1)
+    rows, targets, in_needle = bj.data.answered_rows(tokenizer, batch)
+    np.testing.assert_array_equal(np.flatnonzero(in_needle[0]), [4, 5, 6, 7, 8])
+    labelled = targets >= 0
+    own = np.asarray(model(rows).argmax(-1))
+    assert result["own"] == pytest.approx(((own == targets) & labelled).sum() / labelled.sum())
+    empty = np.asarray(model(rows, eidetic_scores=np.full(rows.shape, -np.inf,
+                                                            np.float32)).argmax(-1))
+    assert result["no_slots"] == pytest.approx(
+        ((empty == targets) & labelled).sum() / labelled.sum())
+    oracle = np.zeros(rows.shape, np.float32)
+    oracle[:, 4:9] = 1
+    kept = np.asarray(model(rows, eidetic_scores=oracle).argmax(-1))
+    assert result["oracle"] == pytest.approx(((kept == targets) & labelled).sum() / labelled.sum())
+    assert all(0 <= v <= 1 for v in result.values())
+
+
+class _DigitTokenizer:
+    """Token ids 0-9 are the digits, 63 is " " (enough for `answered_rows`)."""
+
+    def encode(self, text):
+        return [63 if c == " " else int(c) for c in text]
+
+    def decode(self, ids):
+        return "".join(" " if i == 63 else str(i) for i in ids)

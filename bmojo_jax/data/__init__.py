@@ -2,8 +2,9 @@
 training loop's data sources built from a training config (`pipeline`), and long-context
 evaluation prompts and windows (`long_context`)."""
 
-from bmojo_jax.data.long_context import (COPY_MAX_DISTANCE, RETRIEVAL_LABELS, RETRIEVAL_TASKS,
-                                         RetrievalBatch, answer_correct, copy_test_rows,
+from bmojo_jax.data.long_context import (ANSWER_TOKENS, COPY_MAX_DISTANCE, RETRIEVAL_LABELS,
+                                         RETRIEVAL_TASKS, RetrievalBatch, answer_correct,
+                                         answered_rows, copy_test_rows,
                                          copy_training_rows, multikey_needle, passkey,
                                          repeated_span,
                                          retrieval_training_rows, scored_windows, scoring_ends)
@@ -27,8 +28,8 @@ __all__ = [
     "WordTokenizer", "BPETokenizer", "cached_bpe_tokenizer", "check_token_ids", "lm_batch",
     "lm_eval_batches", "TextData", "SyntheticData", "SEQ_LEN_ARGUMENTS", "load_data",
     "TOKENIZER_FILES", "save_tokenizer", "load_tokenizer", "tokenizer_path", "text_fingerprint",
-    "end_of_text_id", "document_segments", "RetrievalBatch", "passkey", "multikey_needle", "answer_correct", "scoring_ends",
-    "scored_windows", "RETRIEVAL_LABELS", "RETRIEVAL_TASKS", "retrieval_training_rows",
-    "RETRIEVAL_EVAL_EXAMPLES", "COPY_MAX_DISTANCE", "copy_training_rows", "repeated_span",
-    "copy_test_rows",
+    "end_of_text_id", "document_segments", "RetrievalBatch", "passkey", "multikey_needle",
+    "answer_correct", "ANSWER_TOKENS", "answered_rows", "scoring_ends", "scored_windows",
+    "RETRIEVAL_LABELS", "RETRIEVAL_TASKS", "retrieval_training_rows", "RETRIEVAL_EVAL_EXAMPLES",
+    "COPY_MAX_DISTANCE", "copy_training_rows", "repeated_span", "copy_test_rows",
 ]

@@ -298,6 +298,43 @@ def retrieval_training_rows(tokenizer, filler, length: int, num_examples: int, *
     return inputs, targets
 
 
+# Answer tokens a teacher-forced evaluation row has room for (`answered_rows`): one per character
+# of " " + the longest answer, so that every row of either task has one shape per length.
+ANSWER_TOKENS = 1 + max(KEY_DIGITS, VALUE_DIGITS)
+
+
+def answered_rows(tokenizer, batch: RetrievalBatch) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Evaluation prompts followed by their answers, for teacher-forced scoring: row i is
+    `batch.inputs[i]` (t tokens), then " " + its answer, then padding (token 0) to t +
+    `ANSWER_TOKENS`; only the answer's tokens are labelled. Our choice (the held-out retrieval
+    metric of training scores its rows the same way).
+
+    Returns:
+      (inputs int32 [n, t + ANSWER_TOKENS - 1], targets int32 [n, t + ANSWER_TOKENS - 1]:
+      the answer's tokens as the targets of positions t - 1 onwards, `IGNORE_INDEX` elsewhere,
+      answer_positions bool [n, t]: the prompt's positions holding a token of the answer inside
+      the asked needle (the answer as the needle writes it)).
+
+    Raises:
+      ValueError: an answer the tokenizer cannot write exactly, or longer than ANSWER_TOKENS.
+    """
+    n, t = batch.inputs.shape
+    rows = np.zeros((n, t + ANSWER_TOKENS), np.int32)
+    rows[:, :t] = batch.inputs
+    labelled = np.zeros_like(rows, bool)
+    in_needle = np.zeros((n, t), bool)
+    for i, answer in enumerate(batch.answers):
+        ids = _encode_exact(tokenizer, " " + answer)
+        _require(len(ids) <= ANSWER_TOKENS, f"the answer {answer!r} takes {len(ids)} tokens, more "
+                 f"than ANSWER_TOKENS={ANSWER_TOKENS}.")
+        rows[i, t:t + len(ids)] = ids
+        labelled[i, t:t + len(ids)] = True
+        start, stop = batch.needle_spans[i, 0]
+        in_needle[i, start:stop] = np.isin(batch.inputs[i, start:stop], ids)
+    targets = np.where(labelled[:, 1:], rows[:, 1:], IGNORE_INDEX).astype(np.int32)
+    return rows[:, :-1], targets, in_needle
+
+
 # Which targets of a copy row are labelled (`copy_training_rows`).
 COPY_LABELS = ("all", "copy")
 # A copy row's passages are (t + 1) // 32 (at least 2) to (t + 1) // 4 tokens long, each copied
