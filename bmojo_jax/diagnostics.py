@@ -261,8 +261,8 @@ def retrieval_selection(model, tokenizer, batch, *, oracle_model=None,
     """Selection against use on long-context retrieval prompts (`data.long_context.RetrievalBatch`),
     as `accuracy_by_selection` for MQAR: the prompts followed by their answers
     (`data.long_context.answered_rows`) scored teacher-forced with the model's own selection rule,
-    with the oracle's scores (1 at the asked needle's tokens of the answer, 0 elsewhere) and with
-    every eidetic slot empty (every score -inf). Our diagnostic: a model whose accuracy rises
+    with the oracle's scores (1 at the asked needle's tokens of the answer, -inf elsewhere: the
+    slots hold the needle and nothing else) and with every eidetic slot empty (every score -inf). Our diagnostic: a model whose accuracy rises
     under the oracle is held back by what its rule keeps; one that does not rise cannot use the
     needle even when it is kept.
 
@@ -271,7 +271,8 @@ def retrieval_selection(model, tokenizer, batch, *, oracle_model=None,
       batch: a `RetrievalBatch`.
       oracle_model: the model that reads the oracle's scores (None: `model`); e.g. the same
         weights with `eidetic_eviction="score"` (`training.with_overrides`), so that the needle
-        stays in the slots after later chunks' selections.
+        stays in the slots: "fifo" shows only the selections of the last slots / per_chunk
+        chunks before the lag, whatever their scores.
       batch_size: rows per compiled call (None: all n).
 
     Returns:
@@ -279,8 +280,8 @@ def retrieval_selection(model, tokenizer, batch, *, oracle_model=None,
       "own_exact", "oracle_exact", "no_slots_exact": the fraction of answers right in full}.
     """
     inputs, targets, in_needle = data_lib.answered_rows(tokenizer, batch)
-    oracle = np.zeros(inputs.shape, np.float32)
-    oracle[:, :in_needle.shape[1]] = in_needle
+    oracle = np.full(inputs.shape, -np.inf, np.float32)
+    oracle[:, :in_needle.shape[1]][in_needle] = 1.0
     runs = {"own": (model, None), "oracle": (oracle_model or model, oracle),
             "no_slots": (model, np.full(inputs.shape, -np.inf, np.float32))}
     labelled = targets >= 0

@@ -450,7 +450,8 @@ def _selection_table(m: dict, task: str, depths) -> list:
     return _by_length(
         m, "*Selection against use* (`retrieval_selection`): the % of the answers' tokens right, "
            "teacher-forced, with the model's own selection / with the oracle's (the asked "
-           "needle's answer tokens, kept by score eviction) / with no eidetic slot.",
+           "needle's answer tokens and nothing else, kept by score eviction) / with no eidetic "
+           "slot.",
         [f"depth {d:g}" for d in depths], lambda n: [
             "—" if not selection[n] else " / ".join(
                 f"{100 * selection[n][str(d)][key]:.0f}" for key in ("own", "oracle", "no_slots"))

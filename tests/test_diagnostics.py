@@ -189,7 +189,7 @@ def test_retrieval_diagnostics_find_an_oracle_needle_in_the_slots_and_in_the_sto
 def test_retrieval_selection_scores_the_answer_with_each_selection():
     """Own selection: the model's argmax on the answered rows; no slots: the same weights with
     every score -inf, which equals handing in -inf scores; the oracle: its scores mark the
-    needle's answer tokens (1 there, 0 elsewhere)."""
+    needle's answer tokens (1 there, -inf elsewhere: nothing else is kept)."""
     model = _model(eidetic_per_chunk=W, eidetic_slots=2 * W, eidetic_eviction="score")
     tokenizer = _DigitTokenizer()
     n, t = 2, T
@@ -207,7 +207,7 @@ def test_retrieval_selection_scores_the_answer_with_each_selection():
                                                             np.float32)).argmax(-1))
     assert result["no_slots"] == pytest.approx(
         ((empty == targets) & labelled).sum() / labelled.sum())
-    oracle = np.zeros(rows.shape, np.float32)
+    oracle = np.full(rows.shape, -np.inf, np.float32)
     oracle[:, 4:9] = 1
     kept = np.asarray(model(rows, eidetic_scores=oracle).argmax(-1))
     assert result["oracle"] == pytest.approx(((kept == targets) & labelled).sum() / labelled.sum())
