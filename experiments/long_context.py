@@ -62,6 +62,10 @@ MEMORY_OFF = {"eidetic": dict(eidetic_slots=0, eidetic_per_chunk=0),
 # median and a spread on a shared machine, seconds per length for the suite's small models).
 SPEED_DECODE_STEPS = 16
 SPEED_ROUNDS = 3
+# What a kept record holds (`evaluate_cached`): raised whenever `evaluate_model` records more or
+# measures differently, so that records made before are evaluated again. 2: the retrieval cells'
+# memory diagnostics ("memory", "selection") and the speed task's prefills and decodes timed apart.
+RECORD_FORMAT = 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -597,16 +601,17 @@ def plot(record: dict, path) -> None:
 
 def evaluate_cached(m: Model, settings: Settings, cache: Optional[Path]) -> dict:
     """`evaluate_model`, keeping its record in CACHE/<workdir, "/" as "+">.json (None: no cache)
-    with the settings, training config and checkpoint step it was made with, and returning a kept
-    record instead when all three are unchanged (our choice: a model trained again in the same
-    workdir, a changed checkpoint or setting is evaluated again and its file replaced)."""
+    with the settings, training config, checkpoint step and `RECORD_FORMAT` it was made with, and
+    returning a kept record instead when all four are unchanged (our choice: a model trained
+    again in the same workdir, a changed checkpoint or setting, or a record of an older format is
+    evaluated again and its file replaced)."""
     if cache is None:
         return evaluate_model(m, settings)
     # "workdir/a/b, eidetic memory off" -> "workdir+a+b_eidetic_memory_off.json"
     path = cache / (re.sub(r"[^A-Za-z0-9._+-]+", "_", str(m.name).strip("/").replace("/", "+"))
                     + ".json")
     key = json.loads(json.dumps(dict(settings=dataclasses.asdict(settings), step=m.step,
-                                     config=m.config.to_dict())))
+                                     config=m.config.to_dict(), format=RECORD_FORMAT)))
     if path.exists():
         kept = json.loads(path.read_text())
         if {name: kept.get(name) for name in key} == key:

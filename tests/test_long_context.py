@@ -502,8 +502,9 @@ def test_runner_evaluates_each_model_again_with_a_memory_off(corpus, documents, 
 @pytest.mark.slow
 def test_runner_end_to_end(corpus, documents, tmp_path, monkeypatch):
     """The suite on a tiny randomly initialised B'MOJO (training context 32), into a tmp dir; a
-    rerun reuses the model's kept record, and a new checkpoint step or a model trained again
-    with another config in the same workdir is evaluated again."""
+    rerun reuses the model's kept record, and a new checkpoint step, a model trained again
+    with another config in the same workdir, or a record of an older format is evaluated
+    again."""
     config = training.default_config("bmojo")
     config.data.update(name="text_files", path=str(documents), seq_len=32, bpe_vocab_size=300)
     model = bmojo_jax.LanguageModel(bmojo_jax.ModelConfig.preset(
@@ -576,3 +577,7 @@ def test_runner_end_to_end(corpus, documents, tmp_path, monkeypatch):
     runner.run(settings, [random_model._replace(step=1, config=retrained)], out_dir=out,
                command="python -m test")
     assert evaluated == [config.seed, config.seed + 1]
+    monkeypatch.setattr(runner, "RECORD_FORMAT", runner.RECORD_FORMAT + 1)  # a newer format
+    runner.run(settings, [random_model._replace(step=1, config=retrained)], out_dir=out,
+               command="python -m test")
+    assert evaluated == [config.seed, config.seed + 1, config.seed + 1]
