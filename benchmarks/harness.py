@@ -156,11 +156,24 @@ def interleave_apart(runners: Mapping[Hashable, Callable], rounds: int, *,
                      group: Callable[[Hashable], Hashable], **kwargs) -> Timings:
     """`interleave` of each group of variants (`group(variant)`, groups in the order of their
     first variant) in rounds of its own, one group after the other; the `Timings` merged.
-    Variants of different groups are never timed one right after the other: for work whose cost
-    leaks into the next call's, as a decode timed right after a long prefill pays for the
-    prefill's freed [L, vocab] logits (on CPU, 16 decode steps of a small B'MOJO took 8.8-16.1 ms
-    right after a prefill of 8,192 tokens against 3.1-9.2 ms alone; the long-context suite of
-    docs/design.md section 7d measured it). Other arguments as `interleave`."""
+    With warmup >= 1, a variant is never timed right after a variant of another group: for work
+    whose cost leaks into the next call's, as a decode timed right after a long prefill pays for
+    the prefill's freed [L, vocab] logits (on CPU, 16 decode steps of a small B'MOJO took
+    8.8-16.1 ms right after a prefill of 8,192 tokens against 3.1-9.2 ms alone; the long-context
+    suite of docs/design.md section 7d measured it).
+
+    Args:
+      runners, rounds: as `interleave`.
+      group: variant -> its group (any hashable).
+      **kwargs: `interleave`'s other arguments, for every group (a `label` prints each group's
+        rounds in turn).
+
+    Returns:
+      `Timings` of every variant.
+
+    Raises:
+      ValueError: as `interleave`.
+    """
     groups = {}
     for key, run in runners.items():
         groups.setdefault(group(key), {})[key] = run

@@ -34,9 +34,10 @@ needles) needs this copy.
 
 `mqar_needs` describes an MQAR batch (`data.mqar`: the key/value context at [0, 2 K passes), each
 query needs the key and the value of its pair, at their last occurrence in the context);
-`retrieval_needs` a long-context passkey or needle prompt (its last position needs the asked
-needle's tokens), and `retrieval_diagnostics` adds the store of a `B` layer that has one (are the
-needle's tokens among the stored tokens its chunk retrieved?).
+`retrieval_needs` a long-context passkey or needle prompt followed by its answer (the positions
+that write the answer's digits need the needle's tokens of the answer), and
+`retrieval_diagnostics` adds the store of a `B` layer that has one (are those tokens among the
+stored tokens its chunk retrieved?).
 Everything here runs on the host (numpy) on concrete arrays.
 """
 
@@ -167,82 +168,100 @@ def eidetic_diagnostics(model, inputs, targets, context_length: int, *,
       eidetic_scores: optional oracle scores [b, t], as in `LanguageModel.forward`.
 
     Returns:
-      {layer index: `layer_diagnostics` + "recall_ceiling"}; empty without `B` layers.
+      {layer index: `layer_diagnostics` + "recall_ceiling"} for every `B` layer with eidetic
+      slots; empty without.
     """
     queries, needed, context = mqar_needs(inputs, targets, context_length)
     trace = model.eidetic_trace(np.asarray(inputs), eidetic_scores=eidetic_scores)
     ceiling = recall_ceiling(model.config, context_length)
     return {layer: dict(layer_diagnostics(entry, queries, needed, context, model.config.window),
-                        recall_ceiling=ceiling) for layer, entry in trace.items()}
+                        recall_ceiling=ceiling) for layer, entry in trace.items()
+            if "memory_positions" in entry}  # (a layer with a store but no slots: nothing)
 
 
-def retrieval_needs(inputs, needle_spans):
-    """What the question of each long-context retrieval prompt needs
-    (`data.long_context.RetrievalBatch`: passkey or multi-key needle).
+def retrieval_needs(targets, in_needle, needle_spans):
+    """What the answer to each long-context retrieval prompt needs, on its answered rows
+    (`data.answered_rows` of a `data.RetrievalBatch`: passkey or multi-key needle).
 
     Args:
-      inputs: int [n, t] prompts; needle_spans: int [n, k, 2], the [start, stop) token span of
-        each needle, needle 0 the one asked for.
+      targets: int [n, t'] the answered rows' targets (negative where unlabelled: the labelled
+        ones are the answer's digits).
+      in_needle: bool [n, t] (t <= t'), the asked needle's positions that write the answer's
+        digits; needle_spans: int [n, k, 2], the [start, stop) token span of each needle in the
+        prompt, needle 0 the one asked for.
 
     Returns:
-      (queries bool [n, t]: the prompt's last position, which predicts the answer's first token;
-      needed int32 [n, t, s]: at that position, every position of the asked needle's span (s the
-      longest such span, -1 pad); context bool [n, t]: the positions of every needle), the
-      arguments of `layer_diagnostics`: its selection recall is then the fraction of the asked
-      needle's tokens in the memory visible when the question ends, its precision the fraction
-      of that memory's occupied entries holding needle tokens rather than filler. Our choice.
+      (queries bool [n, t']: the positions that predict the answer's digits; needed int32
+      [n, t', r]: at each query, every position of `in_needle` in its row (r the most in a row,
+      -1 pad); context bool [n, t']: the positions of every needle), the arguments of
+      `layer_diagnostics`: its selection recall is then the fraction of the needle's answer
+      tokens in the memory visible while the answer is written, its precision the fraction of
+      that memory's occupied entries holding needle tokens rather than filler. Our choice.
 
     Raises:
-      ValueError: shapes that do not match, or a span outside [0, t).
+      ValueError: shapes that do not match, a row with no query or no needed position, or a
+        span outside [0, t).
     """
-    inputs, spans = np.asarray(inputs), np.asarray(needle_spans)
-    if inputs.ndim != 2 or spans.ndim != 3 or spans.shape[::2] != (len(inputs), 2):
-        raise ValueError(f"inputs {inputs.shape} must be [n, t] and needle_spans {spans.shape} "
-                         f"[n, k, 2].")
-    n, t = inputs.shape
+    targets, in_needle = np.asarray(targets), np.asarray(in_needle, bool)
+    spans = np.asarray(needle_spans)
+    n, t = in_needle.shape
+    if (targets.ndim != 2 or len(targets) != n or targets.shape[1] < t or spans.ndim != 3
+            or len(spans) != n or spans.shape[2] != 2):
+        raise ValueError(f"targets {targets.shape} must be [n, t' >= t], in_needle "
+                         f"{in_needle.shape} [n, t] and needle_spans {spans.shape} [n, k, 2].")
+    queries = targets >= 0
+    if n == 0 or not queries.any(1).all() or not in_needle.any(1).all():
+        raise ValueError("every row needs a labelled target and a needed position.")
     if (spans < 0).any() or (spans > t).any() or (spans[..., 1] <= spans[..., 0]).any():
         raise ValueError(f"needle_spans must be non-empty [start, stop) spans within [0, {t}].")
-    queries = np.zeros((n, t), bool)
-    queries[:, -1] = True
-    asked = spans[:, 0]
-    needed = np.full((n, t, int((asked[:, 1] - asked[:, 0]).max())), -1, np.int32)
-    context = np.zeros((n, t), bool)
+    needed = np.full((n, targets.shape[1], int(in_needle.sum(1).max())), -1, np.int32)
+    context = np.zeros(targets.shape, bool)
     for row in range(n):
-        start, stop = asked[row]
-        needed[row, -1, :stop - start] = np.arange(start, stop)
+        positions = np.flatnonzero(in_needle[row])
+        needed[row, queries[row], :len(positions)] = positions
         for start, stop in spans[row]:
             context[row, start:stop] = True
     return queries, needed, context
 
 
-def retrieval_diagnostics(model, inputs, needle_spans, *, eidetic_scores=None,
+def retrieval_diagnostics(model, tokenizer, batch, *, eidetic_scores=None,
                           batch_size: int | None = None) -> dict:
-    """The memory diagnostics of every `B` layer of `model` on retrieval prompts: are the asked
-    needle's tokens in the eidetic slots (and, with a store, among the stored tokens retrieved)
-    when the question ends, and where does the question's last position look?
+    """The memory diagnostics of every `B` layer of `model` on long-context retrieval prompts
+    (`retrieval_needs`): are the needle's answer tokens in the eidetic slots (and, with a store,
+    among the stored tokens retrieved) while the answer is written, and where do those positions
+    look?
 
     Args:
-      model: a `LanguageModel`.
-      inputs, needle_spans: as in `retrieval_needs`.
-      eidetic_scores: optional oracle scores [n, t], as in `LanguageModel.forward`.
+      model: a `LanguageModel`; tokenizer: the one that wrote the prompts.
+      batch: a `data.RetrievalBatch`.
+      eidetic_scores: optional oracle scores float [n, t'] of the answered rows
+        (`data.answered_rows`), as in `LanguageModel.forward`.
       batch_size: rows traced at a time (the traces are concatenated; None: all n at once), to
         bound the memory of long prompts.
 
     Returns:
-      {layer index: `layer_diagnostics` of the eidetic slots (keys absent without slots), and
-      for a layer with a store "storage_recall", "storage_precision": the same two measures on
-      the positions the question's chunk retrieved}; empty without `B` layers.
+      {layer index: `layer_diagnostics` of the eidetic slots (absent for a layer without
+      slots), "storage_recall" and "storage_precision" for a layer with a store (the same two
+      measures on the positions the chunk retrieved), and "reachable": the fraction of the
+      needed positions old enough to be kept (at least `eidetic_lag` chunks before the query's
+      chunk; a younger one is in the window or not yet selected, so the memory cannot hold it)};
+      empty without `B` layers.
+
+    Raises:
+      ValueError: as `data.answered_rows`, `retrieval_needs`.
     """
-    queries, needed, context = retrieval_needs(inputs, needle_spans)
-    inputs = np.asarray(inputs)
+    inputs, targets, in_needle = data_lib.answered_rows(tokenizer, batch)
+    queries, needed, context = retrieval_needs(targets, in_needle, batch.needle_spans)
     step = batch_size or len(inputs)
     blocks = [model.eidetic_trace(inputs[i:i + step], eidetic_scores=(
         None if eidetic_scores is None else eidetic_scores[i:i + step]))
         for i in range(0, len(inputs), step)]
-    trace = {layer: {name: np.concatenate([np.asarray(b[layer][name]) for b in blocks])
-                     for name, value in entry.items() if value is not None}
-             for layer, entry in blocks[0].items()}
-    window = model.config.window
+    trace = {layer: {name: np.concatenate([np.asarray(block[layer][name]) for block in blocks])
+                     for name in entry} for layer, entry in blocks[0].items()}
+    window, lag = model.config.window, model.config.eidetic_lag
+    rows, cols = np.nonzero(queries)
+    wanted = needed[rows, cols]  # [q, r]
+    old = wanted // window <= (cols // window - lag)[:, None]
     out = {}
     for layer, entry in trace.items():
         result = (layer_diagnostics(entry, queries, needed, context, window)
@@ -252,50 +271,51 @@ def retrieval_diagnostics(model, inputs, needle_spans, *, eidetic_scores=None,
                                        needed, context, window)
             result.update(storage_recall=stored["selection_recall"],
                           storage_precision=stored["slot_precision"])
-        out[layer] = result
+        if "attention_mass" in entry and "attention_mass" not in result:
+            result["attention_mass"] = attention_mass(entry, queries)
+        out[layer] = dict(result, reachable=float(old[wanted >= 0].mean()))
     return out
 
 
 def retrieval_selection(model, tokenizer, batch, *, oracle_model=None,
                         batch_size: int | None = None) -> dict:
-    """Selection against use on long-context retrieval prompts (`data.long_context.RetrievalBatch`),
-    as `accuracy_by_selection` for MQAR: the prompts followed by their answers
-    (`data.long_context.answered_rows`) scored teacher-forced with the model's own selection rule,
-    with the oracle's scores (1 at the asked needle's tokens of the answer, -inf elsewhere: the
-    slots hold the needle and nothing else) and with every eidetic slot empty (every score -inf). Our diagnostic: a model whose accuracy rises
-    under the oracle is held back by what its rule keeps; one that does not rise cannot use the
-    needle even when it is kept.
+    """Selection against use on long-context retrieval prompts (a `data.RetrievalBatch`),
+    `accuracy_by_selection` on their answered rows (`data.answered_rows`): the answer's digits
+    scored teacher-forced with the model's own selection rule, with the oracle's scores (1 at
+    the asked needle's answer tokens, -inf elsewhere: nothing else is kept) and with every
+    eidetic slot empty. Our diagnostic: a model whose accuracy rises under the oracle is held
+    back by what its rule keeps; one that does not rise cannot use the needle even when it is
+    kept.
 
     Args:
-      model: a `LanguageModel` with `B` layers; tokenizer: the one that wrote the prompts.
-      batch: a `RetrievalBatch`.
+      model: a `LanguageModel` with eidetic slots; tokenizer: the one that wrote the prompts.
+      batch: a `data.RetrievalBatch`.
       oracle_model: the model that reads the oracle's scores (None: `model`); e.g. the same
-        weights with `eidetic_eviction="score"` (`training.with_overrides`), so that the needle
-        stays in the slots: "fifo" shows only the selections of the last slots / per_chunk
-        chunks before the lag, whatever their scores.
+        weights with `eidetic_eviction="score"` and `eidetic_per_chunk=eidetic_slots`
+        (`training.with_overrides`), so that the needle stays in the slots ("fifo" shows only
+        the selections of the last slots / per_chunk chunks before the lag, whatever their
+        scores) and is not cut to `eidetic_per_chunk` tokens per chunk.
       batch_size: rows per compiled call (None: all n).
 
     Returns:
-      {"own", "oracle", "no_slots": the fraction of the answers' tokens that are the argmax,
-      "own_exact", "oracle_exact", "no_slots_exact": the fraction of answers right in full}.
+      `accuracy_by_selection`'s {"own", "oracle", "no_slots"} and their "_exact", and
+      "oracle_recall": {layer: the oracle's `selection_recall` (`retrieval_diagnostics`): how
+      much of the needle the oracle's slots hold, at most slots / needle's answer tokens}.
+
+    Raises:
+      ValueError: as `data.answered_rows`.
     """
     inputs, targets, in_needle = data_lib.answered_rows(tokenizer, batch)
     oracle = np.full(inputs.shape, -np.inf, np.float32)
     oracle[:, :in_needle.shape[1]][in_needle] = 1.0
-    runs = {"own": (model, None), "oracle": (oracle_model or model, oracle),
-            "no_slots": (model, np.full(inputs.shape, -np.inf, np.float32))}
-    labelled = targets >= 0
     step = batch_size or len(inputs)
-    out = {}
-    for name, (m, scores) in runs.items():
-        predicted = np.concatenate([np.asarray(_predictions(
-            m, jnp.asarray(inputs[i:i + step]),
-            None if scores is None else jnp.asarray(scores[i:i + step])))
-            for i in range(0, len(inputs), step)])
-        right = (predicted == targets) & labelled
-        out[name] = float(right.sum() / labelled.sum())
-        out[f"{name}_exact"] = float((right.sum(1) == labelled.sum(1)).mean())
-    return out
+    result = accuracy_by_selection(
+        model, [(inputs[i:i + step], targets[i:i + step], oracle[i:i + step])
+                for i in range(0, len(inputs), step)], oracle_model=oracle_model)
+    kept = retrieval_diagnostics(oracle_model or model, tokenizer, batch, eidetic_scores=oracle,
+                                 batch_size=batch_size)
+    return dict(result, oracle_recall={layer: d["selection_recall"] for layer, d in kept.items()
+                                       if "selection_recall" in d})
 
 
 def context_scores(inputs, length):
@@ -315,33 +335,50 @@ def _predictions(model, inputs, scores):
     return jnp.argmax(model(inputs, eidetic_scores=scores), axis=-1)
 
 
-def accuracy_by_selection(model, batches, context_length: int) -> dict:
+def accuracy_by_selection(model, batches, context_length: int | None = None, *,
+                          oracle_model=None) -> dict:
     """Accuracy of `model` on MQAR batches with its own selection rule, with the oracle's, and
     with no eidetic slot at all (every score -inf): selection vs use, and how much of the
     accuracy the slots carry.
 
     Args:
       model: a `LanguageModel` with `B` layers.
-      batches: [(inputs, targets)], int [b, t] each, targets negative where unlabelled.
-      context_length: C: the oracle scores are 1 at positions < C, 0 after (as in
-        `context_scores`).
+      batches: [(inputs, targets)], int [b, t] each, targets negative where unlabelled; or
+        [(inputs, targets, oracle_scores float [b, t])], the oracle's scores given with each
+        batch.
+      context_length: C, for two-item batches: the oracle scores are 1 at positions < C, 0 after
+        (as in `context_scores`).
+      oracle_model: the model that reads the oracle's scores (None: `model`), e.g. the same
+        weights with another eviction (`training.with_overrides`).
 
     Returns:
-      {"own": accuracy with the model's `eidetic_selection`, "oracle": accuracy with the oracle
-      scores handed in, "no_slots": accuracy with every slot empty}: fractions of the labelled
-      positions whose argmax is the target.
+      {"own" with the model's `eidetic_selection`, "oracle" with the oracle scores handed in,
+      "no_slots" with every slot empty: the fraction of the labelled positions whose argmax is
+      the target (pooled over rows); "own_exact", "oracle_exact", "no_slots_exact": the fraction
+      of the rows with a labelled position whose every labelled position is right}.
+
+    Raises:
+      ValueError: two-item batches without a context_length.
     """
     hits = {"own": 0, "oracle": 0, "no_slots": 0}
-    labelled = 0
-    for inputs, targets in batches:
+    exact = dict.fromkeys(hits, 0)
+    labelled = rows = 0
+    for inputs, targets, *given in batches:
         inputs, targets = np.asarray(inputs), np.asarray(targets)
+        if not given and context_length is None:
+            raise ValueError("accuracy_by_selection: give each batch its oracle scores, or a "
+                             "context_length.")
         mask = targets >= 0
         labelled += int(mask.sum())
-        for name, scores in (("own", None), ("oracle", context_scores(inputs, context_length)),
-                             ("no_slots", np.full(inputs.shape, -np.inf, np.float32))):
-            predicted = np.asarray(_predictions(model, jnp.asarray(inputs), scores))
-            hits[name] += int(((predicted == targets) & mask).sum())
-    return {name: hit / max(labelled, 1) for name, hit in hits.items()}
+        rows += int(mask.any(1).sum())
+        oracle = given[0] if given else context_scores(inputs, context_length)
+        for name, m, scores in (("own", model, None), ("oracle", oracle_model or model, oracle),
+                                ("no_slots", model, np.full(inputs.shape, -np.inf, np.float32))):
+            right = (np.asarray(_predictions(m, jnp.asarray(inputs), scores)) == targets) & mask
+            hits[name] += int(right.sum())
+            exact[name] += int(((right.sum(1) == mask.sum(1)) & mask.any(1)).sum())
+    return {**{name: hit / max(labelled, 1) for name, hit in hits.items()},
+            **{f"{name}_exact": count / max(rows, 1) for name, count in exact.items()}}
 
 
 def answer_breakdown(model, batches, context_length: int, *, oracle: bool = False) -> dict:

@@ -170,10 +170,12 @@ class LanguageModel(nnx.Module):
     def eidetic_trace(self, tokens: at.Tokens, *, eidetic_scores: at.Scores | None = None,
                       segment_ids: at.SegmentIds | None = None
                       ) -> dict[int, dict[str, jax.Array]]:
-        """What every `B` layer's eidetic memory did on `tokens` (a plain parallel forward):
-        {layer index: {"scores" [b, t], "memory_positions" [b, c, m] int32, "attention_mass"
-        [b, t, 3] (window, fading, eidetic)}} (see `layers.attention.EideticTrace`; the input of
-        `bmojo_jax.diagnostics`). Arguments as in `forward`."""
+        """What every `B` layer's eidetic memory and store did on `tokens` (a plain parallel
+        forward): {layer index: {"scores" [b, t], "memory_positions" [b, c, m] int32 (with eidetic
+        slots), "storage_positions" [b, c, r] int32 (with a store), "attention_mass" [b, t, 3]
+        (window, fading, eidetic)}} for every `B` layer with slots or a store (see
+        `layers.attention.EideticTrace`; the input of `bmojo_jax.diagnostics`). Arguments as in
+        `forward`."""
         _, _, trace = nnx.capture(self._prefill, nnx.Intermediate, EideticTrace)(
             tokens, None, None, eidetic_scores, None, segment_ids)
         blocks = trace["blocks"] if "blocks" in trace else {}

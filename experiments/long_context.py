@@ -11,7 +11,13 @@ text:
 * perplexity against context length on the longest held-out documents, scoring the last
   `score_tokens` of every window so that every length is scored on the same tokens;
 * streaming inference at every length: the decoding state's bytes, and tokens/s of the prefill
-  and of decode steps after it (one sequence, compiled first, interleaved rounds).
+  and of decode steps after it (one sequence, compiled first, interleaved rounds);
+* for a model with `B` layers, the memory diagnostics of every retrieval cell
+  (`diagnostics.retrieval_diagnostics`: are the needle's answer tokens in the eidetic slots or
+  among the stored tokens retrieved while the answer is written; and, with eidetic slots,
+  `diagnostics.retrieval_selection`: the answers teacher-forced with the model's own selection,
+  the oracle's and none). They cost an eager traced forward per depth and four teacher-forced
+  forwards (own, oracle, no slots, the oracle traced), one more compiled model (the oracle's).
 
 The prompts and windows are the pure, seeded functions of `bmojo_jax.data.long_context`.
 
@@ -64,8 +70,9 @@ SPEED_DECODE_STEPS = 16
 SPEED_ROUNDS = 3
 # What a kept record holds (`evaluate_cached`): raised whenever `evaluate_model` records more or
 # measures differently, so that records made before are evaluated again. 2: the retrieval cells'
-# memory diagnostics ("memory", "selection") and the speed task's prefills and decodes timed apart.
-RECORD_FORMAT = 2
+# memory diagnostics ("memory", "selection") and the speed task's prefills and decodes timed apart;
+# 3: those diagnostics measured where the answer's digits are written, the oracle unclipped.
+RECORD_FORMAT = 3
 
 
 @dataclasses.dataclass(frozen=True)
@@ -179,6 +186,15 @@ def memory_off(m: Model, memory: str) -> Model:
                       model=training.with_overrides(m.model, MEMORY_OFF[memory]))
 
 
+def oracle_keeps(config) -> dict:
+    """The `ModelConfig` overrides under which the oracle of `diagnostics.retrieval_selection`
+    reads the slots: score eviction (fifo would drop the needle two chunks later, whatever its
+    score) and as many selections per chunk as slots (at most the window), so that a needle
+    inside one chunk is not cut to `eidetic_per_chunk` tokens. Our choice."""
+    return dict(eidetic_eviction="score",
+                eidetic_per_chunk=min(config.eidetic_slots, config.window))
+
+
 def filler_stream(m: Model, filler: str) -> np.ndarray:
     """int32 [N]: the model's held-out test split ("test"), or every document of the Austen or
     Shakespeare corpus (sorted by name) in the model's tokenizer."""
@@ -236,10 +252,10 @@ def retrieval(model, tokenizer, task: str, length: int, filler: np.ndarray, s: S
             "seconds": seconds}
     if "B" in model.config.layer_mixers:
         cell["memory"] = {str(d): {str(layer): v for layer, v in diagnostics.retrieval_diagnostics(
-            model, b.inputs, b.needle_spans, batch_size=s.batch_size).items()}
+            model, tokenizer, b, batch_size=s.batch_size).items()}
             for d, b in zip(s.depths, batches)}
     if "B" in model.config.layer_mixers and model.config.eidetic_slots:
-        kept = training.with_overrides(model, {"eidetic_eviction": "score"})  # the oracle's stay
+        kept = training.with_overrides(model, oracle_keeps(model.config))
         cell["selection"] = {str(d): diagnostics.retrieval_selection(
             model, tokenizer, b, oracle_model=kept, batch_size=s.batch_size)
             for d, b in zip(s.depths, batches)}
@@ -409,57 +425,67 @@ def _by_length(m: dict, title: str, columns: Sequence[str], cells) -> list:
 
 
 def _memory_table(m: dict, task: str, depths) -> list:
-    """The lines of the table of where the asked needle is when the question ends (the cells'
-    "memory": `diagnostics.retrieval_diagnostics`), per layer; [] for a model without traced
-    memory (no `B` layer, or its slots and store off, or a record made before the diagnostics)."""
+    """The lines of the table of where the needle's answer tokens are while the answer is written
+    (the cells' "memory": `diagnostics.retrieval_diagnostics`), per layer; [] for a model without
+    traced memory (no `B` layer, or its slots and store off)."""
     memory = {n: m[task][str(n)].get("memory", {}) for n in m["lengths"]}
     layers = sorted({layer for cell in memory.values() for by_layer in cell.values()
                      for layer in by_layer}, key=int)
     if not layers:
         return []
-    keys = [(key, label) for key, label in (("selection_recall", "slots"),
-                                            ("storage_recall", "store"))
-            if any(key in v for cell in memory.values() for by_layer in cell.values()
-                   for v in by_layer.values())]
+    kinds = [(key, label) for key, label in (("selection_recall", "slots"),
+                                             ("storage_recall", "store"))
+             if any(key in memory[n][str(d)][layer] for n in memory if memory[n]
+                    for d in depths for layer in layers)]
 
-    def per_layer(n, d, read):
-        values = [read(memory[n].get(str(d), {}).get(layer, {})) for layer in layers]
-        return " / ".join("—" if v is None or np.isnan(v) else f"{100 * v:.0f}" for v in values)
+    def cell(n, d):
+        by_layer = memory[n].get(str(d))
+        if not by_layer:
+            return "—"
+        if all(by_layer[layer]["reachable"] == 0 for layer in layers):
+            return "recent"  # inside the window or not yet selectable: no memory can hold it
+        return " · ".join(f"{label} " + " / ".join(f"{100 * by_layer[layer][key]:.0f}"
+                                                   for layer in layers) for key, label in kinds)
 
-    def cells(n):
-        row = [" · ".join(f"{label} {per_layer(n, d, lambda v: v.get(key))}"
-                          for key, label in keys) for d in depths]
-        eidetic = [[v["attention_mass"]["eidetic"] for by_layer in memory[n].values()
-                    for layer_, v in by_layer.items() if layer_ == layer and "attention_mass" in v]
-                   for layer in layers]
-        return row + [" / ".join(f"{100 * np.mean(e):.0f}" if e else "—" for e in eidetic)]
+    def eidetic_attention(n):
+        per_layer = [[memory[n][str(d)][layer]["attention_mass"]["eidetic"] for d in depths
+                      if "attention_mass" in memory[n].get(str(d), {}).get(layer, {})]
+                     for layer in layers]
+        return " / ".join(f"{100 * np.mean(v):.0f}" if v else "—" for v in per_layer)
 
     return _by_length(
-        m, f"*Where the asked needle is when the question ends* (`retrieval_diagnostics`), "
-           f"layer {' / '.join(layers)}: the % of its tokens in the eidetic slots "
-           + ("(slots) and among the stored tokens its chunk retrieved (store) " if len(keys) > 1
-              else "") + "visible to the question's last position, and the % of that position's "
-           "attention on eidetic keys, slots and retrieved stored tokens (the mean over depths; "
-           "the rest is on the window and the fading keys).",
-        [f"depth {d:g}" for d in depths] + ["eidetic attention"], cells)
+        m, f"*Where the needle's answer tokens are while the answer is written* "
+           f"(`retrieval_diagnostics`), layer {' / '.join(layers)}: the % of them in the eidetic "
+           + ("slots (slots) and among the stored tokens retrieved (store) " if len(kinds) > 1
+              else "slots ") + "visible to the positions that write the answer's digits "
+           "(\"recent\": the needle is too recent for any memory, inside the window or not yet "
+           "selectable), and the % of those positions' attention on eidetic keys (slots and "
+           "retrieved stored tokens; the mean over depths; the rest is on the window and the "
+           "fading keys).", [f"depth {d:g}" for d in depths] + ["eidetic attention"],
+        lambda n: [cell(n, d) for d in depths] + [eidetic_attention(n)])
 
 
 def _selection_table(m: dict, task: str, depths) -> list:
     """The lines of the table of selection against use (the cells' "selection":
-    `diagnostics.retrieval_selection`); [] for a model without eidetic slots or a record made
-    before the diagnostic."""
+    `diagnostics.retrieval_selection`); [] for a model without eidetic slots."""
     selection = {n: m[task][str(n)].get("selection") for n in m["lengths"]}
     if not any(selection.values()):
         return []
+
+    def cell(n, d):
+        if not selection[n]:
+            return "—"
+        r = selection[n][str(d)]
+        held = min(r["oracle_recall"].values(), default=float("nan"))
+        return (f"{100 * r['own']:.0f} / {100 * r['oracle']:.0f} ({100 * held:.0f}) / "
+                f"{100 * r['no_slots']:.0f}")
+
     return _by_length(
-        m, "*Selection against use* (`retrieval_selection`): the % of the answers' tokens right, "
-           "teacher-forced, with the model's own selection / with the oracle's (the asked "
-           "needle's answer tokens and nothing else, kept by score eviction) / with no eidetic "
-           "slot.",
-        [f"depth {d:g}" for d in depths], lambda n: [
-            "—" if not selection[n] else " / ".join(
-                f"{100 * selection[n][str(d)][key]:.0f}" for key in ("own", "oracle", "no_slots"))
-            for d in depths])
+        m, "*Selection against use* (`retrieval_selection`): the % of the answers' digit tokens "
+           "right, teacher-forced, with the model's own selection / with the oracle's (the "
+           "needle's answer tokens and nothing else, kept by score eviction; in brackets the % of "
+           "them its slots hold, the least over layers) / with no eidetic slot.",
+        [f"depth {d:g}" for d in depths], lambda n: [cell(n, d) for d in depths])
 
 
 def markdown(record: dict) -> str:

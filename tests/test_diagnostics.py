@@ -76,9 +76,12 @@ def test_accuracy_by_selection_scores_both_selections():
     model = _model(eidetic_per_chunk=W, eidetic_slots=2 * K, eidetic_eviction="score",
                    eidetic_selection="random")
     result = diagnostics.accuracy_by_selection(model, [(inputs, targets)], 2 * K)
-    assert set(result) == {"own", "oracle", "no_slots"}
-    for value in result.values():
-        assert 0 <= value <= 1 and (value * 2 * 2 * K).is_integer()
+    assert set(result) == {f"{name}{kind}" for name in ("own", "oracle", "no_slots")
+                           for kind in ("", "_exact")}
+    for name in ("own", "oracle", "no_slots"):  # of 2 K queries in each of 2 rows
+        assert 0 <= result[name] <= 1 and (result[name] * 2 * 2 * K).is_integer()
+        assert (result[f"{name}_exact"] * 2).is_integer()
+        assert result[f"{name}_exact"] <= result[name]
     trace = model.eidetic_trace(np.asarray(inputs))[0]["memory_positions"]
     oracle = jnp.asarray(np.broadcast_to(np.arange(T) < 2 * K, (2, T)), jnp.float32)
     assert not np.array_equal(trace, model.eidetic_trace(np.asarray(inputs),
@@ -147,78 +150,96 @@ def test_induction_test_separates_a_copier_from_a_model_that_cannot_copy():
         diagnostics.induction_test(copier, 1, vocab, span=1)
 
 
-def test_retrieval_needs_ask_for_the_asked_needle_at_the_last_position():
-    inputs = np.zeros((2, 12), np.int32)
-    spans = np.array([[[2, 4], [6, 9]], [[7, 10], [1, 2]]])  # needle 0 is the asked one
-    queries, needed, context = diagnostics.retrieval_needs(inputs, spans)
-    assert queries[:, -1].all() and queries.sum() == 2
-    np.testing.assert_array_equal(needed[0, -1], [2, 3, -1])
-    np.testing.assert_array_equal(needed[1, -1], [7, 8, 9])
-    assert (needed[:, :-1] == -1).all()
+def test_retrieval_needs_ask_for_the_needle_where_the_answer_is_written():
+    targets = np.full((2, 14), -100)
+    targets[:, 12:14] = 7  # the answer's digits, predicted at positions 12 and 13
+    in_needle = np.zeros((2, 12), bool)
+    in_needle[0, [2, 3]] = in_needle[1, [8, 9, 10]] = True
+    spans = np.array([[[2, 4], [6, 9]], [[7, 11], [1, 2]]])  # needle 0 is the asked one
+    queries, needed, context = diagnostics.retrieval_needs(targets, in_needle, spans)
+    np.testing.assert_array_equal(np.argwhere(queries), [[0, 12], [0, 13], [1, 12], [1, 13]])
+    np.testing.assert_array_equal(needed[0, 12], [2, 3, -1])
+    np.testing.assert_array_equal(needed[1, 13], [8, 9, 10])
+    assert (needed[:, :12] == -1).all()
     np.testing.assert_array_equal(np.flatnonzero(context[0]), [2, 3, 6, 7, 8])
-    np.testing.assert_array_equal(np.flatnonzero(context[1]), [1, 7, 8, 9])
+    np.testing.assert_array_equal(np.flatnonzero(context[1]), [1, 7, 8, 9, 10])
     with pytest.raises(ValueError, match="within"):
-        diagnostics.retrieval_needs(inputs, np.array([[[2, 13]], [[1, 2]]]))
-
-
-def test_retrieval_diagnostics_find_an_oracle_needle_in_the_slots_and_in_the_store():
-    """The needle [4, 8) given the oracle's scores (score eviction keeps it) sits in the slots
-    when the question ends (recall 1, and the slots hold nothing else); a store holding every
-    token before the lag never retrieves a position the slots hold; by blocks of rows, the same
-    numbers; with the model's own rule each needle token is in the slots or retrieved."""
-    model = _model(eidetic_per_chunk=W, eidetic_slots=W, eidetic_eviction="score",
-                   storage_slots=T, storage_topk=T)
-    inputs = np.asarray(jax.random.randint(jax.random.key(0), (2, T), 0, 64))
-    spans = np.array([[[4, 8]], [[4, 8]]])
-    oracle = jnp.asarray(np.broadcast_to((np.arange(T) >= 4) & (np.arange(T) < 8), (2, T)),
-                         jnp.float32)
-    result = diagnostics.retrieval_diagnostics(model, inputs, spans, eidetic_scores=oracle)[0]
-    assert result["selection_recall"] == 1.0 and result["slot_precision"] == 1.0
-    assert result["storage_recall"] == 0.0  # the slots' positions are never retrieved again
-    assert 0 < result["attention_mass"]["eidetic"] < 1
-    by_rows = diagnostics.retrieval_diagnostics(model, inputs, spans, eidetic_scores=oracle,
-                                                batch_size=1)[0]
-    assert by_rows["selection_recall"] == 1.0
-    np.testing.assert_allclose(by_rows["attention_mass"]["eidetic"],
-                               result["attention_mass"]["eidetic"], rtol=1e-5)
-    own = diagnostics.retrieval_diagnostics(model, inputs, spans)[0]
-    # the store retrieves every stored token (topk >= all): each needle token is in one or the other
-    assert own["selection_recall"] + own["storage_recall"] == 1.0
-
-
-def test_retrieval_selection_scores_the_answer_with_each_selection():
-    """Own selection: the model's argmax on the answered rows; no slots: the same weights with
-    every score -inf, which equals handing in -inf scores; the oracle: its scores mark the
-    needle's answer tokens (1 there, -inf elsewhere: nothing else is kept)."""
-    model = _model(eidetic_per_chunk=W, eidetic_slots=2 * W, eidetic_eviction="score")
-    tokenizer = _DigitTokenizer()
-    n, t = 2, T
-    inputs = np.array(jax.random.randint(jax.random.key(1), (n, t), 10, 63), np.int32)
-    inputs[:, 4:9] = [1, 2, 3, 4, 5]  # the needle's answer digits
-    batch = bj.data.RetrievalBatch(inputs, ("12345", "12345"), np.array([[[4, 9]]] * n),
-                                   np.zeros((n, 1)), 0.0)
-    result = diagnostics.retrieval_selection(model, tokenizer, batch, batch_size=1)
-    rows, targets, in_needle = bj.data.answered_rows(tokenizer, batch)
-    np.testing.assert_array_equal(np.flatnonzero(in_needle[0]), [4, 5, 6, 7, 8])
-    labelled = targets >= 0
-    own = np.asarray(model(rows).argmax(-1))
-    assert result["own"] == pytest.approx(((own == targets) & labelled).sum() / labelled.sum())
-    empty = np.asarray(model(rows, eidetic_scores=np.full(rows.shape, -np.inf,
-                                                            np.float32)).argmax(-1))
-    assert result["no_slots"] == pytest.approx(
-        ((empty == targets) & labelled).sum() / labelled.sum())
-    oracle = np.full(rows.shape, -np.inf, np.float32)
-    oracle[:, 4:9] = 1
-    kept = np.asarray(model(rows, eidetic_scores=oracle).argmax(-1))
-    assert result["oracle"] == pytest.approx(((kept == targets) & labelled).sum() / labelled.sum())
-    assert all(0 <= v <= 1 for v in result.values())
+        diagnostics.retrieval_needs(targets, in_needle, np.array([[[2, 13]], [[1, 2]]]))
+    with pytest.raises(ValueError, match="every row needs"):
+        diagnostics.retrieval_needs(np.full((2, 14), -100), in_needle, spans)
 
 
 class _DigitTokenizer:
-    """Token ids 0-9 are the digits, 63 is " " (enough for `answered_rows`)."""
+    """Token ids 0-9 are the digits, 63 is " " (enough for `data.answered_rows`)."""
 
     def encode(self, text):
         return [63 if c == " " else int(c) for c in text]
 
     def decode(self, ids):
         return "".join(" " if i == 63 else str(i) for i in ids)
+
+
+def _needle_batch(n=2):
+    """Random prompts of T tokens (ids 10-62) with the needle [4, 10) = " 12345" (answer
+    "12345", its digits at [5, 10))."""
+    inputs = np.array(jax.random.randint(jax.random.key(1), (n, T), 10, 63), np.int32)
+    inputs[:, 4:10] = [63, 1, 2, 3, 4, 5]
+    return bj.data.RetrievalBatch(inputs, ("12345",) * n, np.array([[[4, 10]]] * n),
+                                  np.zeros((n, 1)), 0.0)
+
+
+def test_retrieval_diagnostics_find_an_oracle_needle_in_the_slots_and_in_the_store():
+    """The needle's digits [5, 10) given the oracle's scores (score eviction keeps them) sit in
+    the slots while the answer is written (recall 1, and the slots hold nothing else); a store
+    holding every token before the lag never retrieves a position the slots hold; by blocks of
+    rows, the same numbers; with the model's own rule each needle token is in the slots or
+    retrieved. A layer with a store and no slots is traced too."""
+    model = _model(eidetic_per_chunk=W, eidetic_slots=2 * W, eidetic_eviction="score",
+                   storage_slots=2 * T, storage_topk=2 * T)
+    batch, tokenizer = _needle_batch(), _DigitTokenizer()
+    rows, _, in_needle = bj.data.answered_rows(tokenizer, batch)
+    np.testing.assert_array_equal(np.flatnonzero(in_needle[0]), [5, 6, 7, 8, 9])
+    oracle = np.full(rows.shape, -np.inf, np.float32)
+    oracle[:, 5:10] = 1
+    result = diagnostics.retrieval_diagnostics(model, tokenizer, batch,
+                                               eidetic_scores=oracle)[0]
+    assert result["selection_recall"] == 1.0 and result["slot_precision"] == 1.0
+    assert result["storage_recall"] == 0.0 and result["reachable"] == 1.0
+    assert 0 < result["attention_mass"]["eidetic"] < 1
+    by_rows = diagnostics.retrieval_diagnostics(model, tokenizer, batch, eidetic_scores=oracle,
+                                                batch_size=1)[0]
+    assert by_rows["selection_recall"] == 1.0
+    np.testing.assert_allclose(by_rows["attention_mass"]["eidetic"],
+                               result["attention_mass"]["eidetic"], rtol=1e-5)
+    own = diagnostics.retrieval_diagnostics(model, tokenizer, batch)[0]
+    # the store retrieves every stored token (topk >= all): each needle token is in one or the other
+    assert own["selection_recall"] + own["storage_recall"] == 1.0
+    store_only = diagnostics.retrieval_diagnostics(
+        _model(eidetic_per_chunk=0, eidetic_slots=0, storage_slots=2 * T, storage_topk=2 * T),
+        tokenizer, batch)[0]
+    assert store_only["storage_recall"] == 1.0 and "selection_recall" not in store_only
+
+
+def test_retrieval_selection_hands_each_run_its_model_and_scores(monkeypatch):
+    """Own: the model, its own scores; oracle: the oracle model, 1 exactly at the needle's
+    answer tokens and -inf elsewhere; no slots: the model, -inf everywhere. A stub that answers
+    right where the scores are the oracle's scores 1 and 1 exact; wrong elsewhere, 0."""
+    model, kept = _model(eidetic_per_chunk=W, eidetic_slots=W), _model(
+        eidetic_per_chunk=W, eidetic_slots=W, eidetic_eviction="score")
+    batch, tokenizer = _needle_batch(), _DigitTokenizer()
+    rows, targets, in_needle = bj.data.answered_rows(tokenizer, batch)
+    calls = []
+
+    def predictions(m, inputs, scores):
+        calls.append((m, None if scores is None else np.asarray(scores)))
+        oracle = scores is not None and np.isfinite(np.asarray(scores)).any()
+        return np.where(targets >= 0, targets, 0) if oracle else np.zeros_like(targets)
+
+    monkeypatch.setattr(diagnostics, "_predictions", predictions)
+    result = diagnostics.retrieval_selection(model, tokenizer, batch, oracle_model=kept)
+    (own, own_scores), (oracle_model, oracle), (empty, none) = calls
+    assert own is model and own_scores is None and oracle_model is kept and empty is model
+    np.testing.assert_array_equal(oracle[:, :T] == 1, in_needle)
+    assert (oracle[oracle != 1] == -np.inf).all() and (none == -np.inf).all()
+    assert result["oracle"] == result["oracle_exact"] == 1.0
+    assert result["own"] == result["no_slots"] == result["own_exact"] == 0.0

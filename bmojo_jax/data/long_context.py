@@ -306,17 +306,20 @@ ANSWER_TOKENS = 1 + max(KEY_DIGITS, VALUE_DIGITS)
 def answered_rows(tokenizer, batch: RetrievalBatch) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Evaluation prompts followed by their answers, for teacher-forced scoring: row i is
     `batch.inputs[i]` (t tokens), then " " + its answer, then padding (token 0) to t +
-    `ANSWER_TOKENS`; only the answer's tokens are labelled. Our choice (the held-out retrieval
-    metric of training scores its rows the same way).
+    `ANSWER_TOKENS`. Only the answer's tokens that write digits are labelled: a token of
+    whitespace alone (the byte-level BPE writes " 86556" as " ", "8", "6", ...) is predictable
+    from the question and says nothing about retrieval. Our choice.
 
     Returns:
-      (inputs int32 [n, t + ANSWER_TOKENS - 1], targets int32 [n, t + ANSWER_TOKENS - 1]:
-      the answer's tokens as the targets of positions t - 1 onwards, `IGNORE_INDEX` elsewhere,
-      answer_positions bool [n, t]: the prompt's positions holding a token of the answer inside
-      the asked needle (the answer as the needle writes it)).
+      (inputs int32 [n, t + ANSWER_TOKENS - 1]; targets int32 [n, t + ANSWER_TOKENS - 1]: the
+      answer's digit tokens as the targets of the positions that predict them, `IGNORE_INDEX`
+      elsewhere; in_needle bool [n, t]: the positions of the asked needle where those tokens
+      are written as a run, every such run (the passkey needle writes its key twice), or, when
+      the needle tokenizes the answer otherwise, every needle token equal to one of them).
 
     Raises:
-      ValueError: an answer the tokenizer cannot write exactly, or longer than ANSWER_TOKENS.
+      ValueError: an answer the tokenizer cannot write exactly, longer than ANSWER_TOKENS, or
+        without a digit.
     """
     n, t = batch.inputs.shape
     rows = np.zeros((n, t + ANSWER_TOKENS), np.int32)
@@ -327,10 +330,17 @@ def answered_rows(tokenizer, batch: RetrievalBatch) -> tuple[np.ndarray, np.ndar
         ids = _encode_exact(tokenizer, " " + answer)
         _require(len(ids) <= ANSWER_TOKENS, f"the answer {answer!r} takes {len(ids)} tokens, more "
                  f"than ANSWER_TOKENS={ANSWER_TOKENS}.")
+        digits = np.array([any(c.isdigit() for c in tokenizer.decode([j])) for j in ids])
+        _require(digits.any(), f"the answer {answer!r} has no digit.")
         rows[i, t:t + len(ids)] = ids
-        labelled[i, t:t + len(ids)] = True
+        labelled[i, t:t + len(ids)] = digits
         start, stop = batch.needle_spans[i, 0]
-        in_needle[i, start:stop] = np.isin(batch.inputs[i, start:stop], ids)
+        needle, run = batch.inputs[i, start:stop], ids[digits]
+        for j in range(len(needle) - len(run) + 1):
+            if np.array_equal(needle[j:j + len(run)], run):
+                in_needle[i, start + j:start + j + len(run)] = True
+        if not in_needle[i].any():
+            in_needle[i, start:stop] = np.isin(needle, run)
     targets = np.where(labelled[:, 1:], rows[:, 1:], IGNORE_INDEX).astype(np.int32)
     return rows[:, :-1], targets, in_needle
 

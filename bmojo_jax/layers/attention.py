@@ -67,10 +67,11 @@ INNOVATION_RULES = ("fading", "state", "threshold")  # the rules whose scores re
 
 class EideticTrace(nnx.Variable):
     """What a `B` layer records of its eidetic memory in a plain parallel forward, for
-    `LanguageModel.eidetic_trace` (sown as this variable type, captured only there):
-    "scores" [b, t] float32, "memory_positions" [b, c, m] int32 and (not with the pallas
-    implementation) "attention_mass" [b, t, 3] float32 (window, fading, eidetic; see
-    `ops.memory_attention`)."""
+    `LanguageModel.eidetic_trace` (sown as this variable type, captured only there): with
+    eidetic slots "scores" [b, t] float32 and "memory_positions" [b, c, m] int32, with a store
+    "storage_positions" [b, c, r] int32 (what each chunk retrieved), and (not with the pallas
+    implementation) "attention_mass" [b, t, 3] float32 (window, fading, eidetic: the slots and
+    the retrieved tokens; see `ops.memory_attention`)."""
 
 
 @struct.dataclass
@@ -288,7 +289,8 @@ class MemoryAttention(nnx.Module):
                 exclude=None if state.eidetic is None else state.eidetic.memory.positions,
                 start=None if starts is None else state.start, entry=entry, slots=slots,
                 recall=recall))
-        trace = self.selection is not None and context is None  # unless captured, unused: XLA
+        trace = (self.selection is not None or self.storage is not None) and context is None
+        # (unless captured, the trace is unused: XLA removes it under jit)
         with_mass = trace and implementation != "pallas"  # removes it under jit
         # At most one window of tokens: every key is in every query's window, the fading band
         # (w back) and the slots (lag >= 1 chunk back) are empty, so the op runs full causal
@@ -300,9 +302,9 @@ class MemoryAttention(nnx.Module):
         if with_mass:
             y, mass = y
             self.sow(EideticTrace, "attention_mass", mass)
-        if trace:
-            if self.storage is not None:
-                self.sow(EideticTrace, "storage_positions", stored)
+        if trace and self.storage is not None:
+            self.sow(EideticTrace, "storage_positions", stored)
+        if trace and self.selection is not None:
             self.sow(EideticTrace, "scores", scores)
             self.sow(EideticTrace, "memory_positions", slots)
         return self._output(y, x.dtype, dropout_key), state
