@@ -172,7 +172,7 @@ def eidetic_diagnostics(model, inputs, targets, context_length: int, *,
       slots; empty without.
     """
     queries, needed, context = mqar_needs(inputs, targets, context_length)
-    trace = model.eidetic_trace(np.asarray(inputs), eidetic_scores=eidetic_scores)
+    trace = _trace(model, jnp.asarray(inputs), eidetic_scores)
     ceiling = recall_ceiling(model.config, context_length)
     return {layer: dict(layer_diagnostics(entry, queries, needed, context, model.config.window),
                         recall_ceiling=ceiling) for layer, entry in trace.items()
@@ -253,9 +253,9 @@ def retrieval_diagnostics(model, tokenizer, batch, *, eidetic_scores=None,
     inputs, targets, in_needle = data_lib.answered_rows(tokenizer, batch)
     queries, needed, context = retrieval_needs(targets, in_needle, batch.needle_spans)
     step = batch_size or len(inputs)
-    blocks = [model.eidetic_trace(inputs[i:i + step], eidetic_scores=(
-        None if eidetic_scores is None else eidetic_scores[i:i + step]))
-        for i in range(0, len(inputs), step)]
+    blocks = [_trace(model, jnp.asarray(inputs[i:i + step]),
+                     None if eidetic_scores is None else eidetic_scores[i:i + step])
+              for i in range(0, len(inputs), step)]
     trace = {layer: {name: np.concatenate([np.asarray(block[layer][name]) for block in blocks])
                      for name in entry} for layer, entry in blocks[0].items()}
     window, lag = model.config.window, model.config.eidetic_lag
@@ -326,6 +326,15 @@ def context_scores(inputs, length):
         return None
     return jnp.broadcast_to((jnp.arange(inputs.shape[1]) < length).astype(jnp.float32),
                             inputs.shape)
+
+
+@nnx.jit
+def _trace(model, inputs, scores):
+    """`model.eidetic_trace(inputs, eidetic_scores=scores)`, compiled once per model structure
+    and shape: traced eagerly, every op of every shape compiles a program of its own, and at the
+    long-context suite's lengths their mapped code outgrew Linux's default limit of 65,530 memory
+    maps per process (an LLVM "Cannot allocate memory" abort)."""
+    return model.eidetic_trace(inputs, eidetic_scores=scores)
 
 
 @nnx.jit
