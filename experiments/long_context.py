@@ -16,8 +16,8 @@ text:
   (`diagnostics.retrieval_diagnostics`: are the needle's answer tokens in the eidetic slots or
   among the stored tokens retrieved while the answer is written; and, with eidetic slots,
   `diagnostics.retrieval_selection`: the answers teacher-forced with the model's own selection,
-  the oracle's and none). They cost an eager traced forward per depth and four teacher-forced
-  forwards (own, oracle, no slots, the oracle traced), one more compiled model (the oracle's).
+  the oracle's and none). They cost, per depth, a compiled traced forward and four more
+  (own, oracle, no slots, the oracle traced), and one more compiled model (the oracle's).
 
 The prompts and windows are the pure, seeded functions of `bmojo_jax.data.long_context`.
 
@@ -220,13 +220,13 @@ def retrieval(model, tokenizer, task: str, length: int, filler: np.ndarray, s: S
       {"accuracy": {depth: fraction of `s.examples` rows answered exactly}, "continuations" and
       "answers": {depth: [per row: the decoded continuation, the expected digits]}, "seconds"}
       (prefill + decoding, compilation included), and for a model with `B` layers "memory":
-      {depth: {layer: `diagnostics.retrieval_diagnostics`}} (is the asked needle in the eidetic
-      slots, or among the stored tokens retrieved, when the question ends; where the question's
-      last position looks) and, with eidetic slots, "selection": {depth:
-      `diagnostics.retrieval_selection`} (teacher-forced answers with the model's own selection,
-      with the oracle's kept by score eviction, and with no slots); or {"skipped": reason} when
-      the prompts cannot be built (the length leaves no room for filler, or the tokenizer cannot
-      write the prompt).
+      {depth: {layer: its entry of `diagnostics.retrieval_diagnostics`}} (are the needle's
+      answer tokens in the eidetic slots, or among the stored tokens retrieved, while the answer's
+      digits are written; where those positions look) and, with eidetic slots, "selection":
+      {depth: `diagnostics.retrieval_selection`} (teacher-forced digits with the model's own
+      selection, with the oracle's under `oracle_keeps`, and with no slots); or {"skipped":
+      reason} when the prompts cannot be built (the length leaves no room for filler, or the
+      tokenizer cannot write the prompt).
     """
     try:
         batches = [lc.passkey(tokenizer, filler, length, d, s.examples, seed=s.seed)
