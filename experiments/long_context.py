@@ -625,6 +625,27 @@ def plot(record: dict, path) -> None:
     plotting.save(fig, path)
 
 
+def _record_path(cache: Path, name: str) -> Path:
+    """CACHE/<name, "/" as "+">.json: "workdir/a/b, eidetic memory off" ->
+    "workdir+a+b_eidetic_memory_off.json"."""
+    return cache / (re.sub(r"[^A-Za-z0-9._+-]+", "_", str(name).strip("/").replace("/", "+"))
+                    + ".json")
+
+
+def _kept(path: Path, key: dict) -> Optional[dict]:
+    """The kept record file at `path` (settings, step, config, format, record) when every entry
+    of `key` is the same in it; None when there is no such file or one differs."""
+    if not path.exists():
+        return None
+    kept = json.loads(path.read_text())
+    return kept if {name: kept.get(name) for name in key} == key else None
+
+
+def _settings_key(settings: Settings) -> dict:
+    return json.loads(json.dumps(dict(settings=dataclasses.asdict(settings),
+                                      format=RECORD_FORMAT)))
+
+
 def evaluate_cached(m: Model, settings: Settings, cache: Optional[Path]) -> dict:
     """`evaluate_model`, keeping its record in CACHE/<workdir, "/" as "+">.json (None: no cache)
     with the settings, training config, checkpoint step and `RECORD_FORMAT` it was made with, and
@@ -633,17 +654,14 @@ def evaluate_cached(m: Model, settings: Settings, cache: Optional[Path]) -> dict
     evaluated again and its file replaced)."""
     if cache is None:
         return evaluate_model(m, settings)
-    # "workdir/a/b, eidetic memory off" -> "workdir+a+b_eidetic_memory_off.json"
-    path = cache / (re.sub(r"[^A-Za-z0-9._+-]+", "_", str(m.name).strip("/").replace("/", "+"))
-                    + ".json")
-    key = json.loads(json.dumps(dict(settings=dataclasses.asdict(settings), step=m.step,
-                                     config=m.config.to_dict(), format=RECORD_FORMAT)))
-    if path.exists():
-        kept = json.loads(path.read_text())
-        if {name: kept.get(name) for name in key} == key:
-            print(f"{m.name}: the record of step {m.step} with these settings is in {path}; "
-                  f"reused", flush=True)
-            return kept["record"]
+    path = _record_path(cache, m.name)
+    key = {**_settings_key(settings),
+           **json.loads(json.dumps(dict(step=m.step, config=m.config.to_dict())))}
+    kept = _kept(path, key)
+    if kept is not None:
+        print(f"{m.name}: the record of step {m.step} with these settings is in {path}; "
+              f"reused", flush=True)
+        return kept["record"]
     record = evaluate_model(m, settings)
     cache.mkdir(parents=True, exist_ok=True)
     partial = path.with_suffix(".json.partial")
@@ -652,17 +670,41 @@ def evaluate_cached(m: Model, settings: Settings, cache: Optional[Path]) -> dict
     return record
 
 
+def records_without_checkpoint(workdir, settings: Settings, cache: Optional[Path],
+                               memories_off: Sequence[str] = ()) -> Optional[list]:
+    """The kept records (`evaluate_cached`) of a workdir that is not on this machine (trained on
+    another one, or deleted since): its own record, made with these settings and this
+    `RECORD_FORMAT`, and each record of it with a memory of `memories_off` turned off made from
+    the same checkpoint step and training config. None (the workdir is loaded and evaluated)
+    when the workdir exists, there is no cache or no such record of the model itself. Our
+    choice: the tables of committed checkpoints regenerate, and gain a model, on a machine that
+    holds only their records; the report names each record's step."""
+    if cache is None or Path(workdir).exists():
+        return None
+    own_path = _record_path(cache, workdir)
+    own = _kept(own_path, _settings_key(settings))
+    if own is None:
+        return None
+    print(f"{workdir}: no such directory; its record of step {own['step']} with these settings "
+          f"is in {own_path}; reused", flush=True)
+    same = dict(_settings_key(settings), step=own["step"], config=own["config"])
+    offs = (_kept(_record_path(cache, f"{workdir}, {memory} memory off"), same)
+            for memory in memories_off)
+    return [own["record"], *(off["record"] for off in offs if off is not None)]
+
+
 def run(settings: Settings, models: Sequence, out_dir=None, command: Optional[str] = None,
         memories_off: Sequence[str] = ()) -> dict:
     """Evaluates every model and writes OUT/long_context.{md,json,png}. With an explicit
     `out_dir`, each model's record is also kept in OUT/long_context_models/ as it finishes, and a
     rerun with the same settings reuses the record of a model whose checkpoint step is unchanged
-    (`evaluate_cached`), so a long run resumes where it stopped.
+    (`evaluate_cached`), so a long run resumes where it stopped, and the record of a workdir
+    that is not on this machine (`records_without_checkpoint`).
 
     Args:
       settings: a `Settings`.
       models: each a training workdir of a model trained on a text corpus (read with `load`, one
-        at a time) or a `Model`.
+        at a time; or its kept record, where the workdir is not here) or a `Model`.
       out_dir: where the files go (created); None: a new runs/long_context-<timestamp>/.
       command: the command line to record (None: this process's `python -m
         experiments.long_context` command).
@@ -688,6 +730,11 @@ def run(settings: Settings, models: Sequence, out_dir=None, command: Optional[st
     cache = Path(out_dir) / f"{NAME}_models" if out_dir else None
     records = []
     for m in models:
+        kept = None if isinstance(m, Model) else records_without_checkpoint(
+            m, settings, cache, memories_off)
+        if kept is not None:
+            records += kept
+            continue
         m = m if isinstance(m, Model) else load(m)
         records.append(evaluate_cached(m, settings, cache))
         records += [evaluate_cached(memory_off(m, memory), settings, cache)

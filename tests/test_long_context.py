@@ -502,6 +502,37 @@ def test_runner_evaluates_each_model_again_with_a_memory_off(corpus, documents, 
         runner.run(runner.Settings(), [bmojo], memories_off=["eidetic", "fading"])
 
 
+def test_runner_reuses_the_records_of_a_workdir_that_is_not_here(corpus, tmp_path, monkeypatch):
+    """A workdir that is not on this machine is reported from its kept records (its own and its
+    memory-off ones of the same step) when they were made with these settings; otherwise it is
+    loaded, and its absence is the loader's clear error."""
+    config = training.default_config("bmojo")
+    model = bmojo_jax.LanguageModel(bmojo_jax.ModelConfig.preset(
+        "bmojo", vocab_size=corpus.vocab_size, d_model=16, n_layers=1, n_heads=2, window=16,
+        chunk_size=16, d_state=4, ssm_head_dim=8, eidetic_per_chunk=2, eidetic_slots=4),
+        rngs=nnx.Rngs(0))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(runner, "evaluate_model", lambda m, s: dict(name=m.name, step=m.step))
+    monkeypatch.setattr(runner, "plot", lambda record, path: None)
+    monkeypatch.setattr(runner, "markdown", lambda record: "")
+    trained = runner.Model("gone/bmojo", model, corpus.tokenizer, config, 7, corpus)
+    runner.run(runner.Settings(), [trained], out_dir="out", command="test",
+               memories_off=["eidetic"])
+    runner.run(runner.Settings(), [trained._replace(name="gone/other", step=8)], out_dir="out",
+               command="test", memories_off=["eidetic"])
+    monkeypatch.setattr(runner, "evaluate_model", None)  # nothing is evaluated again
+    record = runner.run(runner.Settings(), ["gone/bmojo", "gone/other"], out_dir="out",
+                        command="test", memories_off=["eidetic"])
+    assert record["models"] == [dict(name="gone/bmojo", step=7),
+                                dict(name="gone/bmojo, eidetic memory off", step=7),
+                                dict(name="gone/other", step=8),
+                                dict(name="gone/other, eidetic memory off", step=8)]
+    only_own = runner.run(runner.Settings(), ["gone/bmojo"], out_dir="out", command="test")
+    assert [m["name"] for m in only_own["models"]] == ["gone/bmojo"]
+    with pytest.raises(FileNotFoundError, match="gone/bmojo"):  # other settings: not reused
+        runner.run(runner.Settings(examples=2), ["gone/bmojo"], out_dir="out", command="test")
+
+
 @pytest.mark.slow
 def test_runner_end_to_end(corpus, documents, tmp_path, monkeypatch):
     """The suite on a tiny randomly initialised B'MOJO (training context 32), into a tmp dir; a
