@@ -25,7 +25,7 @@ SCAN_IMPLEMENTATIONS = IMPLEMENTATIONS + ("associative",)
 EVICTIONS = ("fifo", "score")
 STORAGE_ENTRIES = ("window", "evicted")
 PREDICTORS = ("identity", "linear")
-SELECTIONS = ("fading", "state", "threshold", "learned", "random", "projection")
+SELECTIONS = ("fading", "state", "threshold", "quantile", "learned", "random", "projection")
 DTYPES = ("float32", "bfloat16")
 REMATS = ("none", "block", "dots")
 DROPOUTS = ("embedding_dropout", "residual_dropout", "attention_dropout")
@@ -78,6 +78,10 @@ class ModelConfig:
         the eidetic slots, so a repeated token does not take a slot again; under sequence
         parallelism every shard gathers the whole sequence's tokens for it), "threshold" (the same score, and a token is kept only when it exceeds
         `eidetic_threshold` times the mean score of the tokens before it: HAM's growth rule),
+        "quantile" (the same score, and a token is kept only when it exceeds the
+        `eidetic_quantile`-quantile of the scores of the `window` tokens before it: a running
+        quantile, so that about 1 - eidetic_quantile of the tokens pass whatever the scores'
+        scale),
         "learned" (a linear score of X_t, trained by the language-modelling loss through the
         attention logit of the slot that holds the token, + log sigmoid(score)), "random" (a
         control: uniform scores, a function of `eidetic_seed` and the position in the document),
@@ -85,6 +89,7 @@ class ModelConfig:
         projected on a fixed random direction drawn from `eidetic_seed`, no gradient).
         Any rule is overridden by `eidetic_scores` handed to the model (an oracle).
       eidetic_threshold: the factor of the "threshold" rule (> 0).
+      eidetic_quantile: q of the "quantile" rule, in (0, 1).
       eidetic_seed: the seed of the "random" and "projection" rules.
       storage_slots: the in-storage eidetic memory of `B` layers (docs/design.md section 7c; our
         design, the paper gives none): capacity S in tokens of a per-sequence store of the keys
@@ -149,6 +154,7 @@ class ModelConfig:
     eidetic_eviction: str = "fifo"
     eidetic_selection: str = "fading"
     eidetic_threshold: float = 2.0
+    eidetic_quantile: float = 0.5
     eidetic_seed: int = 0
     storage_slots: int = 0
     storage_topk: int = 0
@@ -205,6 +211,9 @@ class ModelConfig:
         if not self.eidetic_threshold > 0 or self.eidetic_threshold == float("inf"):
             raise ValueError(f"ModelConfig.eidetic_threshold={self.eidetic_threshold!r}: must be a "
                              f"finite number > 0.")
+        if not 0 < self.eidetic_quantile < 1:  # also rejects NaN
+            raise ValueError(f"ModelConfig.eidetic_quantile={self.eidetic_quantile!r}: must be a "
+                             f"number in (0, 1).")
         check_choice("ModelConfig.innovation_predictor", self.innovation_predictor, PREDICTORS)
         check_choice("ModelConfig.dtype", self.dtype, DTYPES)
         check_choice("ModelConfig.remat", self.remat, REMATS)

@@ -161,7 +161,7 @@ class LanguageModel(nnx.Module):
             fading keys and SSM, conv, eidetic slots; `layers.attention`), so each document's
             logits are those it gets alone (up to float rounding: RoPE sits at the packed
             positions; for `B` layers exactly so when documents start at multiples of the
-            window). Not with `context`, nor with the "state" and "threshold" rules.
+            window). Not with `context`, nor with the "state", "threshold" and "quantile" rules.
         """
         (logits, _), sown, _ = nnx.capture(self._prefill, nnx.Intermediate, EideticTrace)(
             tokens, None, context, eidetic_scores, dropout_key, segment_ids)

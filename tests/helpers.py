@@ -29,6 +29,7 @@ SMALL = dict(vocab_size=VOCAB, d_model=16, n_heads=2, window=WINDOW, d_state=4, 
 # overrides (a threshold every score passes; fixed seeds for the controls).
 RULES = {
     "threshold": dict(eidetic_selection="threshold", eidetic_threshold=1.0),
+    "quantile": dict(eidetic_selection="quantile", eidetic_quantile=0.25),
     "learned": dict(eidetic_selection="learned"),
     "state": dict(eidetic_selection="state"),
     "random": dict(eidetic_selection="random", eidetic_seed=3),

@@ -24,6 +24,8 @@ from bmojo_jax import ModelConfig
     (dict(rope_base=-5.0), "rope_base=-5.0"),
     (dict(eidetic_selection="oracle"), "eidetic_selection='oracle'"),
     (dict(eidetic_threshold=0.0), "eidetic_threshold=0.0"),
+    (dict(eidetic_quantile=1.0), r"eidetic_quantile=1.0: must be a number in \(0, 1\)"),
+    (dict(eidetic_quantile=float("nan")), "eidetic_quantile=nan"),
     (dict(eidetic_per_chunk=4, eidetic_slots=0), "eidetic_slots=0 must be a positive multiple"),
     (dict(n_layers=0), "n_layers=0"),
     (dict(embedding_dropout=1.0), r"embedding_dropout=1.0: must be a rate in \[0, 1\)"),

@@ -185,7 +185,8 @@ def test_packed_documents_refuse_what_does_not_restart():
     x = tokens()
     segment_ids = jnp.zeros(x.shape, jnp.int32)
     for name, match in (("bmojo-state", "'state' takes no segment_ids"),
-                        ("bmojo-threshold", "'threshold' takes no segment_ids")):
+                        ("bmojo-threshold", "'threshold' takes no segment_ids"),
+                        ("bmojo-quantile", "'quantile' takes no segment_ids")):
         with pytest.raises(ValueError, match=match):
             _model(name)(x, segment_ids=segment_ids)
     with pytest.raises(ValueError, match=r"segment_ids must be integer \[2, 29\]"):

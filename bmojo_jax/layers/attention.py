@@ -34,7 +34,7 @@ document's eidetic buffer takes no selection from before its start (`ops.select_
 same slots as alone when documents start at chunk boundaries), and a chunk never selects the
 tokens of a document that ends inside it (no later chunk of that document could read them). The
 returned state is the last document's (`AttentionState.start`), so decoding continues it as if it had run alone. The pallas
-kernels take no segment_ids (the `xla` attention runs); the "state" and "threshold" rules read
+kernels take no segment_ids (the `xla` attention runs); the "state", "threshold" and "quantile" rules read
 across documents and refuse them.
 
 Sequence parallelism (`prefill(x, context=...)` with a `SequenceContext`, x one shard of a longer
@@ -62,7 +62,7 @@ from bmojo_jax.ops import eidetic
 from bmojo_jax.ops.eidetic import storage
 
 
-INNOVATION_RULES = ("fading", "state", "threshold")  # the rules whose scores read the predictor
+INNOVATION_RULES = ("fading", "state", "threshold", "quantile")  # the rules whose scores read the predictor
 
 
 class EideticTrace(nnx.Variable):
@@ -114,6 +114,7 @@ class MemoryAttention(nnx.Module):
             lag=config.eidetic_lag, eviction=config.eidetic_eviction,
             implementation=config.implementation,
             threshold=config.eidetic_threshold if config.eidetic_selection == "threshold" else None,
+            quantile=config.eidetic_quantile if config.eidetic_selection == "quantile" else None,
             whole_state=config.eidetic_selection == "state") if letter == "B" and config.eidetic_per_chunk > 0 else None
         self.rule = config.eidetic_selection
         self.seed = config.eidetic_seed
@@ -177,9 +178,10 @@ class MemoryAttention(nnx.Module):
         return self._innovation(x, previous_f)
 
     def _selection(self, oracle: bool):
-        """The selection knobs; oracle scores are taken as they are (no threshold gate, no
-        whole-state minimum)."""
-        return dataclasses.replace(self.selection, threshold=None, whole_state=False) if (
+        """The selection knobs; oracle scores are taken as they are (no threshold or quantile
+        gate, no whole-state minimum)."""
+        return dataclasses.replace(self.selection, threshold=None, quantile=None,
+                                   whole_state=False) if (
             oracle) else self.selection
 
     def _slot_bias(self, scores, oracle: bool):
@@ -206,16 +208,17 @@ class MemoryAttention(nnx.Module):
         module docstring), or None.
 
         Raises:
-          ValueError: `segment_ids` with `context`, or with the "state" or "threshold" rule.
+          ValueError: `segment_ids` with `context`, or with the "state", "threshold" or
+            "quantile" rule.
         """
         t = x.shape[1]
         if context is not None and self.storage is not None:
             raise ValueError("storage_slots (the in-storage memory) does not run under sequence "
                              "parallelism; use one shard.")
-        if segment_ids is not None and self.selection is not None and self.rule == "threshold":
-            raise ValueError("eidetic_selection='threshold' takes no segment_ids (packed "
-                             "documents; its running mean reads across documents); use another "
-                             "rule.")
+        if segment_ids is not None and self.selection is not None and self.selection.gated:
+            raise ValueError(f"eidetic_selection={self.rule!r} takes no segment_ids (packed "
+                             f"documents; its gate reads the scores of the tokens before, across "
+                             f"documents); use another rule.")
         # [b, t]: the first position of each token's document
         starts = None if segment_ids is None else eidetic.document_starts(segment_ids, 1)
         # static positions in a plain forward: RoPE tables become constants (ops.rope)

@@ -266,7 +266,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
                              f"{config.data.name!r} has no documents to pack (each example is "
                              f"one); set it to False.")
         rule = config.model.eidetic_selection
-        if rule in ("state", "threshold"):
+        if rule in ("state", "threshold", "quantile"):
             raise ValueError(f"config.data.packed_documents: eidetic_selection={rule!r} reads "
                              f"across documents and takes no segment_ids; use another rule.")
         if len(config.mesh_shape) == 4 and config.mesh_shape[3] != 1:

@@ -7,7 +7,7 @@ a fading state or the eidetic memory can answer.
 
 The argument is a preset (transformer, swa, mamba, hybrid, bmojo_f, bmojo) or a B'MOJO variant
 `bmojo_<rule>` with rule one of the `ModelConfig.eidetic_selection` rules (fading, state, threshold,
-learned, random, projection) or `oracle` (`config.eidetic_oracle='context'`).
+quantile, learned, random, projection) or `oracle` (`config.eidetic_oracle='context'`).
 
 Sizes (our choice: the smallest at which the families separate and 2 CPU cores train a point in
 minutes): t = 64 tokens, K = 4 pairs (context [0, 8)), vocabulary 128, queries from position 24 =
@@ -21,7 +21,8 @@ do not find the retrieval solution memorise the training set instead.
 
 from bmojo_jax.training import default_config
 
-RULES = ("fading", "state", "threshold", "learned", "random", "projection", "oracle")
+RULES = ("fading", "state", "threshold", "quantile", "learned", "random", "projection",
+         "oracle")
 
 
 def get_config(arg: str = "bmojo"):

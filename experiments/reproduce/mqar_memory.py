@@ -28,7 +28,7 @@ TITLE = "MQAR accuracy vs decoding-state size at competence, and the eidetic sel
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "mqar_far.py"
 # The selection rules beside the default ("fading"), each a mqar_far argument bmojo_<rule>: the
 # oracle first, then the rules, then the content-blind controls.
-RULES = ("oracle", "state", "learned", "threshold", "random", "projection")
+RULES = ("oracle", "state", "learned", "threshold", "quantile", "random", "projection")
 def budgets() -> dict:
     """{"tiny", "full"}: ConfigDicts of every setting.
 

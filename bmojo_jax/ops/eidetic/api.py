@@ -172,6 +172,16 @@ def select_whole_state(innovation: at.Scores, x: at.Activations, *, window: int,
     return fn(innovation, x, window, per_chunk, slots, lag, eviction)
 
 
+def window_quantile(before: jax.Array, q: float) -> jax.Array:
+    """The "quantile" gate's threshold: [..., w] float32 scores of the tokens before a token
+    (NaN where there is none) -> [...] their q-quantile (`jnp.nanquantile`, linear
+    interpolation), -inf where there is none (the token passes). One function for the parallel
+    forward and decoding, so that both gate alike (the quantile does not depend on the order)."""
+    some = jnp.any(~jnp.isnan(before), axis=-1)
+    safe = jnp.where(some[..., None], before, 0.0)  # nanquantile of all-NaN rows warns
+    return jnp.where(some, jnp.nanquantile(safe, q, axis=-1), -jnp.inf)
+
+
 @dataclasses.dataclass(frozen=True)
 class Selection:
     """The knobs of the selection (see module docstring): window w (= chunk, tokens), per_chunk k,
@@ -179,6 +189,9 @@ class Selection:
     threshold: None, or a factor c > 0: a token is a candidate only when its score exceeds c times
     the mean score of all tokens before it (a causal running mean, the first token's being 0; HAM's
     rule of growing the memory on a large prediction error, our choice of normalisation);
+    quantile: None, or q in (0, 1): a token is a candidate only when its score exceeds the
+    q-quantile of the scores of the w tokens before it (`window_quantile`; every token is one
+    while none precede it; our choice of a running quantile with a state of w scores);
     whole_state: the "state" rule (`select_whole_state`): the scores also read the tokens the
     state holds, so the selection needs the tokens (`select_with_tokens`)."""
 
@@ -189,17 +202,29 @@ class Selection:
     eviction: str = "fifo"
     implementation: Optional[str] = None
     threshold: Optional[float] = None
+    quantile: Optional[float] = None
     whole_state: bool = False
 
+    @property
+    def gated(self) -> bool:
+        """Whether a gate (`threshold` or `quantile`) may reject tokens."""
+        return self.threshold is not None or self.quantile is not None
+
     def gate(self, scores: at.Scores) -> at.Scores:
-        """Candidates' scores: [b, t] -> [b, t] float32, -inf where the threshold rejects."""
+        """Candidates' scores: [b, t] -> [b, t] float32, -inf where the gate rejects."""
         scores = scores.astype(jnp.float32)
-        if self.threshold is None:
-            return scores
-        t = scores.shape[1]
-        before = jnp.cumsum(scores, axis=1) - scores  # sum of the scores before each token
-        mean = before / jnp.maximum(jnp.arange(t), 1)
-        return jnp.where(scores > self.threshold * mean, scores, -jnp.inf)
+        if self.threshold is not None:
+            t = scores.shape[1]
+            before = jnp.cumsum(scores, axis=1) - scores  # sum of the scores before each token
+            mean = before / jnp.maximum(jnp.arange(t), 1)
+            return jnp.where(scores > self.threshold * mean, scores, -jnp.inf)
+        if self.quantile is not None:
+            b, t = scores.shape
+            padded = jnp.pad(scores, [(0, 0), (self.window, 0)], constant_values=jnp.nan)
+            # [b, t, w]: the scores of the w tokens before each token, NaN before the first
+            before = jnp.stack([padded[:, i:i + t] for i in range(self.window)], axis=-1)
+            return jnp.where(scores > window_quantile(before, self.quantile), scores, -jnp.inf)
+        return scores
 
     def select(self, scores: at.Scores, starts: Optional[at.ChunkStarts] = None
                ) -> at.MemoryPositions:

@@ -100,6 +100,25 @@ class TestSelectEidetic:
         best = candidates[np.argsort(-np.asarray(values)[0, :last].ravel())[:4]]
         np.testing.assert_array_equal(np.sort(memory[0, last]), np.sort(best))
 
+    @pytest.mark.parametrize("gate", [dict(threshold=1.5), dict(quantile=0.25),
+                                      dict(quantile=0.75)])
+    def test_gate_matches_brute_force(self, gate):
+        """The gates of `Selection`: a token is a candidate when its score exceeds c times the
+        mean of all scores before it, or the q-quantile of the W scores before it (every token
+        while none precede it); the others are -inf."""
+        scores = np.asarray(jnp.abs(_scores(seed=4)))
+        got = np.asarray(eidetic.Selection(window=W, per_chunk=K, slots=4, **gate).gate(scores))
+        for row, t in np.ndindex(scores.shape):
+            before = scores[row, :t] if "threshold" in gate else scores[row, max(t - W, 0):t]
+            if not len(before):
+                passes = True
+            elif "threshold" in gate:
+                passes = scores[row, t] > gate["threshold"] * before.mean()
+            else:
+                passes = scores[row, t] > np.quantile(before, gate["quantile"])
+            assert got[row, t] == (scores[row, t] if passes else -np.inf), (row, t)
+        assert 0 < np.isinf(got).mean() < 1  # the gate rejects some tokens, not all
+
     def test_padding_is_never_selected(self):
         positions, values = ops.chunk_topk(_scores()[:, :7], window=5, k=3)
         assert np.all(np.asarray(positions)[:, 1, 2] == -1)  # the last chunk has 2 real tokens

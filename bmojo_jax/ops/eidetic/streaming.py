@@ -18,7 +18,7 @@ import numpy as np
 from flax import struct
 
 from bmojo_jax import array_typing as at
-from bmojo_jax.ops.eidetic.api import Selection, chunk_topk
+from bmojo_jax.ops.eidetic.api import Selection, chunk_topk, window_quantile
 
 
 @struct.dataclass
@@ -64,6 +64,8 @@ class EideticState:
     chunk_scores: float32 [b, w], candidates' scores of the current chunk's tokens so far (slot
       = position % w; -inf where not yet seen or rejected by the threshold).
     score_sum: float32 [b], the sum of all scores so far (the threshold's running mean).
+    score_ring: float32 [b, w], the scores of the last w tokens (slot = position % w; NaN before
+      the first): the quantile gate's.
     previous_f: float32 [b, d_model], the last fading token (the next score's prediction input).
     x_ring: float32 [b, w, d] the last w tokens (slot = position % w) for the "state" rule
       ([b, w, 0] otherwise).
@@ -73,6 +75,7 @@ class EideticState:
     pending: Slots
     chunk_scores: jax.Array
     score_sum: jax.Array
+    score_ring: jax.Array
     previous_f: jax.Array
     x_ring: jax.Array
 
@@ -92,6 +95,7 @@ def init_state(selection: Selection, batch_size: int, heads: int, head_dim: int,
         pending=Slots.empty((batch_size, s.lag - 1, s.per_chunk), heads, head_dim, x_dim),
         chunk_scores=jnp.full((batch_size, s.window), -jnp.inf, jnp.float32),
         score_sum=jnp.zeros((batch_size,), jnp.float32),
+        score_ring=jnp.full((batch_size, s.window), jnp.nan, jnp.float32),
         previous_f=jnp.zeros((batch_size, d_model), jnp.float32),
         x_ring=jnp.zeros((batch_size, s.window, x_dim), jnp.float32))
 
@@ -131,23 +135,27 @@ def state_after(selection: Selection, scores: at.Scores, k: at.QKV, v: at.QKV,
         memory = chunks(current - s.lag - s.slots // s.per_chunk + 1, current - s.lag)
         memory = memory.reshape(b, s.slots)
     else:
-        memory = dataclasses.replace(s, threshold=None).select(padded)[:, current]  # [b, m]
+        memory = dataclasses.replace(s, threshold=None, quantile=None).select(padded)[
+            :, current]  # [b, m]
     pending = chunks(current - s.lag + 1, current - 1)  # selected, not yet visible
     x = x[..., :_x_dim(s, x.shape[-1])].astype(jnp.float32)
     ring = np.arange(t - s.window, t)  # the last w positions, slot = position % w
     x_ring = jnp.zeros((b, s.window, x.shape[-1]), jnp.float32).at[:, ring % s.window].set(
         jnp.where((ring >= 0)[None, :, None], x[:, np.maximum(ring, 0)], 0.0))
+    score_ring = jnp.full((b, s.window), jnp.nan, jnp.float32).at[:, ring % s.window].set(
+        jnp.where((ring >= 0)[None], scores[:, np.maximum(ring, 0)].astype(jnp.float32), jnp.nan))
     return EideticState(memory=Slots.gather(memory, gated, k, v, x),
                         pending=Slots.gather(pending, gated, k, v, x),
                         chunk_scores=padded[:, current * s.window:],
                         score_sum=jnp.sum(scores.astype(jnp.float32), axis=1),
+                        score_ring=score_ring,
                         previous_f=previous_f.astype(jnp.float32), x_ring=x_ring)
 
 
 def update(selection: Selection, state: EideticState, score: at.StepScores, f: at.StepFeatures,
            position: at.IntScalar, k_ring: at.RingBuffer, v_ring: at.RingBuffer, x
            ) -> EideticState:
-    """One decoded token: records its score (gated by the threshold; for the "state" rule the
+    """One decoded token: records its score (gated by the threshold or quantile; for the "state" rule the
     minimum with its distance to the tokens the state holds, as `select_whole_state`); at the last
     token of a chunk selects the chunk's top-k, queues them `lag` chunks and evicts.
 
@@ -179,10 +187,16 @@ def update(selection: Selection, state: EideticState, score: at.StepScores, f: a
     if s.threshold is not None:
         mean = state.score_sum / jnp.maximum(position, 1).astype(jnp.float32)
         candidate = jnp.where(score > s.threshold * mean, score, -jnp.inf)
+    elif s.quantile is not None:
+        candidate = jnp.where(score > window_quantile(state.score_ring, s.quantile), score,
+                              -jnp.inf)
     else:
         candidate = score
-    state = state.replace(chunk_scores=state.chunk_scores.at[:, position % s.window].set(candidate),
-                          score_sum=state.score_sum + score, previous_f=f.astype(jnp.float32))
+    slot = position % s.window
+    state = state.replace(chunk_scores=state.chunk_scores.at[:, slot].set(candidate),
+                          score_sum=state.score_sum + score,
+                          score_ring=state.score_ring.at[:, slot].set(score),
+                          previous_f=f.astype(jnp.float32))
     return jax.lax.cond((position + 1) % s.window == 0,
                         lambda st: _end_chunk(s, st, position, k_ring, v_ring), lambda st: st,
                         state)
