@@ -156,7 +156,8 @@ class SequenceContext:
             scores = jax.lax.dynamic_slice_in_dim(gathered, self.offset, t, axis=1)
         else:
             memory = selection.select(gathered)  # [b, C, m], global positions
-        # every position a chunk may select (a superset where the threshold gate drops some)
+        # every position a chunk may select (a superset where a threshold or quantile gate
+        # drops some)
         candidates, _ = ops.chunk_topk(selection.gate(gathered), w, per_chunk)  # [b, C, k]
         rows = jax.lax.dynamic_slice_in_dim(memory, self.index * cl, cl, axis=1)  # [b, cl, m]
 

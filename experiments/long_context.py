@@ -167,12 +167,12 @@ def load(workdir) -> Model:
                  data_lib.load_data(config).corpus)
 
 
-def has_memory(m: Model, memory: str) -> bool:
-    """Whether the model reads the memory (a key of `MEMORY_OFF`): eidetic slots or a store in
-    its `B` layers."""
-    cfg = m.model.config
-    slots = cfg.eidetic_slots if memory == "eidetic" else cfg.storage_slots
-    return "B" in cfg.layer_mixers and slots > 0
+def has_memory(m, memory: str) -> bool:
+    """Whether a model (a `Model`, or a record of `evaluate_model`) reads the memory (a key of
+    `MEMORY_OFF`): eidetic slots or a store in its `B` layers."""
+    get = (lambda name: getattr(m.model.config, name)) if isinstance(m, Model) else m.get
+    slots = get("eidetic_slots" if memory == "eidetic" else "storage_slots")
+    return "B" in get("layer_mixers") and slots > 0
 
 
 def memory_off(m: Model, memory: str) -> Model:
@@ -670,27 +670,30 @@ def evaluate_cached(m: Model, settings: Settings, cache: Optional[Path]) -> dict
     return record
 
 
-def records_without_checkpoint(workdir, settings: Settings, cache: Optional[Path],
-                               memories_off: Sequence[str] = ()) -> Optional[list]:
+def records_of_absent_workdir(workdir, settings: Settings, cache: Optional[Path],
+                              memories_off: Sequence[str] = ()) -> Optional[list]:
     """The kept records (`evaluate_cached`) of a workdir that is not on this machine (trained on
     another one, or deleted since): its own record, made with these settings and this
-    `RECORD_FORMAT`, and each record of it with a memory of `memories_off` turned off made from
-    the same checkpoint step and training config. None (the workdir is loaded and evaluated)
-    when the workdir exists, there is no cache or no such record of the model itself. Our
-    choice: the tables of committed checkpoints regenerate, and gain a model, on a machine that
-    holds only their records; the report names each record's step."""
+    `RECORD_FORMAT`, and, for each memory of `memories_off` it has, its record with that memory
+    turned off, made from the same checkpoint step and training config. None (the workdir is
+    then loaded, and its absence is the loader's error) when the workdir exists, there is no
+    cache, or one of those records is missing or was made otherwise. Our choice: the tables of
+    committed checkpoints regenerate, and gain a model, on a machine that holds only their
+    records; the report names each record's step."""
     if cache is None or Path(workdir).exists():
         return None
     own_path = _record_path(cache, workdir)
     own = _kept(own_path, _settings_key(settings))
-    if own is None:
+    if own is None or own["record"]["name"] != str(workdir):
         return None
-    print(f"{workdir}: no such directory; its record of step {own['step']} with these settings "
-          f"is in {own_path}; reused", flush=True)
     same = dict(_settings_key(settings), step=own["step"], config=own["config"])
-    offs = (_kept(_record_path(cache, f"{workdir}, {memory} memory off"), same)
-            for memory in memories_off)
-    return [own["record"], *(off["record"] for off in offs if off is not None)]
+    offs = [_kept(_record_path(cache, f"{workdir}, {memory} memory off"), same)
+            for memory in memories_off if has_memory(own["record"], memory)]
+    if None in offs:
+        return None
+    print(f"{workdir}: no such directory; its records of step {own['step']} with these "
+          f"settings are in {cache}; reused", flush=True)
+    return [own["record"], *(off["record"] for off in offs)]
 
 
 def run(settings: Settings, models: Sequence, out_dir=None, command: Optional[str] = None,
@@ -699,7 +702,7 @@ def run(settings: Settings, models: Sequence, out_dir=None, command: Optional[st
     `out_dir`, each model's record is also kept in OUT/long_context_models/ as it finishes, and a
     rerun with the same settings reuses the record of a model whose checkpoint step is unchanged
     (`evaluate_cached`), so a long run resumes where it stopped, and the record of a workdir
-    that is not on this machine (`records_without_checkpoint`).
+    that is not on this machine (`records_of_absent_workdir`).
 
     Args:
       settings: a `Settings`.
@@ -730,7 +733,7 @@ def run(settings: Settings, models: Sequence, out_dir=None, command: Optional[st
     cache = Path(out_dir) / f"{NAME}_models" if out_dir else None
     records = []
     for m in models:
-        kept = None if isinstance(m, Model) else records_without_checkpoint(
+        kept = None if isinstance(m, Model) else records_of_absent_workdir(
             m, settings, cache, memories_off)
         if kept is not None:
             records += kept

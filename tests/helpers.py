@@ -26,10 +26,12 @@ SMALL = dict(vocab_size=VOCAB, d_model=16, n_heads=2, window=WINDOW, d_state=4, 
 
 
 # Every eidetic selection rule but the default ("fading"), as `config("bmojo", **overrides)`
-# overrides (a threshold every score passes; fixed seeds for the controls).
+# overrides (fixed seeds for the controls; a quantile gate that rejects tokens the ungated rule
+# keeps, tests/test_decoding.py).
 RULES = {
     "threshold": dict(eidetic_selection="threshold", eidetic_threshold=1.0),
-    "quantile": dict(eidetic_selection="quantile", eidetic_quantile=0.25),
+    "quantile": dict(eidetic_selection="quantile", eidetic_quantile=0.75, eidetic_per_chunk=2,
+                     eidetic_slots=4),
     "learned": dict(eidetic_selection="learned"),
     "state": dict(eidetic_selection="state"),
     "random": dict(eidetic_selection="random", eidetic_seed=3),

@@ -18,6 +18,7 @@ VARIANTS.update({
     **{f"bmojo-{rule}": overrides for rule, overrides in RULES.items()},
     "bmojo-threshold-score": dict(RULES["threshold"], eidetic_eviction="score"),
     "bmojo-state-score": dict(RULES["state"], eidetic_eviction="score"),
+    "bmojo-quantile-score": dict(RULES["quantile"], eidetic_eviction="score"),
     "bmojo-storage": dict(storage_slots=8, storage_topk=3),
     "bmojo-storage-evicted": dict(storage_slots=3, storage_topk=2, storage_entry="evicted",
                                   eidetic_slots=2),
@@ -179,6 +180,17 @@ def test_packed_documents_are_the_documents_one_by_one(name):
         got, cache = model.decode_step(token, cache)
         expected, alone = model.decode_step(token, alone)
         np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_the_quantile_variant_gates_tokens_the_ungated_rule_keeps():
+    """The "bmojo-quantile" variant's slots differ from the same rule without the gate (the same
+    weights: both rules have the predictor), so the decode == forward test checks the decoding
+    gate, not only slots that both would hold."""
+    x = tokens()
+    ungated = bj.LanguageModel(config("bmojo", **dict(RULES["quantile"],
+                                                      eidetic_selection="fading")),
+                               rngs=nnx.Rngs(0))
+    assert not np.allclose(_model("bmojo-quantile")(x), ungated(x), atol=1e-3)
 
 
 def test_packed_documents_refuse_what_does_not_restart():

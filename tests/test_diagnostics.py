@@ -38,12 +38,13 @@ def test_mqar_needs_points_at_the_pair():
         diagnostics.mqar_needs(inputs, targets, 1)
 
 
-@pytest.mark.parametrize("rule", ["fading", "threshold"])
+@pytest.mark.parametrize("rule", ["fading", "threshold", "quantile"])
 def test_oracle_keeps_the_context_and_the_layer_reads_it(rule):
-    """Also under the threshold rule: oracle scores are taken as they are (no gate)."""
+    """Also under the threshold and quantile rules: oracle scores are taken as they are (no
+    gate; these gates would reject most of the context)."""
     inputs, targets = _batch()
     model = _model(eidetic_per_chunk=W, eidetic_slots=2 * K, eidetic_eviction="score",
-                   eidetic_selection=rule, eidetic_threshold=4.0)
+                   eidetic_selection=rule, eidetic_threshold=4.0, eidetic_quantile=0.9)
     oracle = jnp.asarray(np.broadcast_to(np.arange(T) < 2 * K, (2, T)), jnp.float32)
     result = diagnostics.eidetic_diagnostics(model, inputs, targets, 2 * K,
                                              eidetic_scores=oracle)[0]

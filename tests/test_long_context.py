@@ -504,15 +504,18 @@ def test_runner_evaluates_each_model_again_with_a_memory_off(corpus, documents, 
 
 def test_runner_reuses_the_records_of_a_workdir_that_is_not_here(corpus, tmp_path, monkeypatch):
     """A workdir that is not on this machine is reported from its kept records (its own and its
-    memory-off ones of the same step) when they were made with these settings; otherwise it is
-    loaded, and its absence is the loader's clear error."""
+    memory-off ones of the same step) when they were made with these settings; otherwise (other
+    settings, or a memory-off record missing) it is loaded, and its absence is the loader's clear
+    error."""
     config = training.default_config("bmojo")
     model = bmojo_jax.LanguageModel(bmojo_jax.ModelConfig.preset(
         "bmojo", vocab_size=corpus.vocab_size, d_model=16, n_layers=1, n_heads=2, window=16,
         chunk_size=16, d_state=4, ssm_head_dim=8, eidetic_per_chunk=2, eidetic_slots=4),
         rngs=nnx.Rngs(0))
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(runner, "evaluate_model", lambda m, s: dict(name=m.name, step=m.step))
+    monkeypatch.setattr(runner, "evaluate_model", lambda m, s: dict(
+        name=m.name, step=m.step, layer_mixers=m.model.config.layer_mixers,
+        eidetic_slots=m.model.config.eidetic_slots, storage_slots=m.model.config.storage_slots))
     monkeypatch.setattr(runner, "plot", lambda record, path: None)
     monkeypatch.setattr(runner, "markdown", lambda record: "")
     trained = runner.Model("gone/bmojo", model, corpus.tokenizer, config, 7, corpus)
@@ -523,14 +526,17 @@ def test_runner_reuses_the_records_of_a_workdir_that_is_not_here(corpus, tmp_pat
     monkeypatch.setattr(runner, "evaluate_model", None)  # nothing is evaluated again
     record = runner.run(runner.Settings(), ["gone/bmojo", "gone/other"], out_dir="out",
                         command="test", memories_off=["eidetic"])
-    assert record["models"] == [dict(name="gone/bmojo", step=7),
-                                dict(name="gone/bmojo, eidetic memory off", step=7),
-                                dict(name="gone/other", step=8),
-                                dict(name="gone/other, eidetic memory off", step=8)]
+    assert [(m["name"], m["step"]) for m in record["models"]] == [
+        ("gone/bmojo", 7), ("gone/bmojo, eidetic memory off", 7), ("gone/other", 8),
+        ("gone/other, eidetic memory off", 8)]
     only_own = runner.run(runner.Settings(), ["gone/bmojo"], out_dir="out", command="test")
     assert [m["name"] for m in only_own["models"]] == ["gone/bmojo"]
     with pytest.raises(FileNotFoundError, match="gone/bmojo"):  # other settings: not reused
         runner.run(runner.Settings(examples=2), ["gone/bmojo"], out_dir="out", command="test")
+    (tmp_path / "out/long_context_models/gone+other_eidetic_memory_off.json").unlink()
+    with pytest.raises(FileNotFoundError, match="gone/other"):  # a memory-off record missing
+        runner.run(runner.Settings(), ["gone/other"], out_dir="out", command="test",
+                   memories_off=["eidetic"])
 
 
 @pytest.mark.slow

@@ -33,9 +33,9 @@ visible only to queries of its document (`ops.memory_attention`), the fading SSM
 document's eidetic buffer takes no selection from before its start (`ops.select_eidetic`; the
 same slots as alone when documents start at chunk boundaries), and a chunk never selects the
 tokens of a document that ends inside it (no later chunk of that document could read them). The
-returned state is the last document's (`AttentionState.start`), so decoding continues it as if it had run alone. The pallas
-kernels take no segment_ids (the `xla` attention runs); the "state", "threshold" and "quantile" rules read
-across documents and refuse them.
+returned state is the last document's (`AttentionState.start`), so decoding continues it as if it
+had run alone. The pallas kernels take no segment_ids (the `xla` attention runs); the "state",
+"threshold" and "quantile" rules read across documents and refuse them.
 
 Sequence parallelism (`prefill(x, context=...)` with a `SequenceContext`, x one shard of a longer
 sequence): RoPE at the global positions; the window and fading keys of the shard's first chunks
@@ -62,7 +62,8 @@ from bmojo_jax.ops import eidetic
 from bmojo_jax.ops.eidetic import storage
 
 
-INNOVATION_RULES = ("fading", "state", "threshold", "quantile")  # the rules whose scores read the predictor
+# the rules whose scores read the predictor
+INNOVATION_RULES = ("fading", "state", "threshold", "quantile")
 
 
 class EideticTrace(nnx.Variable):

@@ -39,6 +39,7 @@ from typing import Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from bmojo_jax import array_typing as at
 from bmojo_jax.ops import registry
@@ -205,6 +206,12 @@ class Selection:
     quantile: Optional[float] = None
     whole_state: bool = False
 
+    def __post_init__(self):
+        if self.threshold is not None and self.quantile is not None:
+            raise ValueError("Selection: threshold and quantile are two gates; set at most one.")
+        if self.quantile is not None and not 0 < self.quantile < 1:
+            raise ValueError(f"Selection.quantile={self.quantile!r}: must be in (0, 1).")
+
     @property
     def gated(self) -> bool:
         """Whether a gate (`threshold` or `quantile`) may reject tokens."""
@@ -219,10 +226,10 @@ class Selection:
             mean = before / jnp.maximum(jnp.arange(t), 1)
             return jnp.where(scores > self.threshold * mean, scores, -jnp.inf)
         if self.quantile is not None:
-            b, t = scores.shape
+            t = scores.shape[1]
             padded = jnp.pad(scores, [(0, 0), (self.window, 0)], constant_values=jnp.nan)
             # [b, t, w]: the scores of the w tokens before each token, NaN before the first
-            before = jnp.stack([padded[:, i:i + t] for i in range(self.window)], axis=-1)
+            before = padded[:, np.arange(t)[:, None] + np.arange(self.window)]
             return jnp.where(scores > window_quantile(before, self.quantile), scores, -jnp.inf)
         return scores
 

@@ -62,10 +62,10 @@ class EideticState:
     pending: `Slots` [b, L - 1, k], selections of the last L - 1 chunks, not yet visible (oldest
       first).
     chunk_scores: float32 [b, w], candidates' scores of the current chunk's tokens so far (slot
-      = position % w; -inf where not yet seen or rejected by the threshold).
+      = position % w; -inf where not yet seen or rejected by the gate).
     score_sum: float32 [b], the sum of all scores so far (the threshold's running mean).
     score_ring: float32 [b, w], the scores of the last w tokens (slot = position % w; NaN before
-      the first): the quantile gate's.
+      the first) for the quantile gate ([b, 0] otherwise).
     previous_f: float32 [b, d_model], the last fading token (the next score's prediction input).
     x_ring: float32 [b, w, d] the last w tokens (slot = position % w) for the "state" rule
       ([b, w, 0] otherwise).
@@ -84,6 +84,11 @@ def _x_dim(selection: Selection, d_model: int) -> int:
     return d_model if selection.whole_state else 0
 
 
+def _ring_width(selection: Selection) -> int:
+    """The width of `score_ring`: w for the quantile gate, else 0."""
+    return selection.window if selection.quantile is not None else 0
+
+
 def init_state(selection: Selection, batch_size: int, heads: int, head_dim: int,
                d_model: int) -> EideticState:
     """The empty state before the first token (float32 keys and values of `heads` x `head_dim`,
@@ -95,7 +100,7 @@ def init_state(selection: Selection, batch_size: int, heads: int, head_dim: int,
         pending=Slots.empty((batch_size, s.lag - 1, s.per_chunk), heads, head_dim, x_dim),
         chunk_scores=jnp.full((batch_size, s.window), -jnp.inf, jnp.float32),
         score_sum=jnp.zeros((batch_size,), jnp.float32),
-        score_ring=jnp.full((batch_size, s.window), jnp.nan, jnp.float32),
+        score_ring=jnp.full((batch_size, _ring_width(s)), jnp.nan, jnp.float32),
         previous_f=jnp.zeros((batch_size, d_model), jnp.float32),
         x_ring=jnp.zeros((batch_size, s.window, x_dim), jnp.float32))
 
@@ -142,8 +147,8 @@ def state_after(selection: Selection, scores: at.Scores, k: at.QKV, v: at.QKV,
     ring = np.arange(t - s.window, t)  # the last w positions, slot = position % w
     x_ring = jnp.zeros((b, s.window, x.shape[-1]), jnp.float32).at[:, ring % s.window].set(
         jnp.where((ring >= 0)[None, :, None], x[:, np.maximum(ring, 0)], 0.0))
-    score_ring = jnp.full((b, s.window), jnp.nan, jnp.float32).at[:, ring % s.window].set(
-        jnp.where((ring >= 0)[None], scores[:, np.maximum(ring, 0)].astype(jnp.float32), jnp.nan))
+    score_ring = jnp.where((ring >= 0)[None], scores[:, np.maximum(ring, 0)].astype(jnp.float32),
+                           jnp.nan)[:, np.argsort(ring % s.window)][:, :_ring_width(s)]
     return EideticState(memory=Slots.gather(memory, gated, k, v, x),
                         pending=Slots.gather(pending, gated, k, v, x),
                         chunk_scores=padded[:, current * s.window:],
@@ -155,9 +160,10 @@ def state_after(selection: Selection, scores: at.Scores, k: at.QKV, v: at.QKV,
 def update(selection: Selection, state: EideticState, score: at.StepScores, f: at.StepFeatures,
            position: at.IntScalar, k_ring: at.RingBuffer, v_ring: at.RingBuffer, x
            ) -> EideticState:
-    """One decoded token: records its score (gated by the threshold or quantile; for the "state" rule the
-    minimum with its distance to the tokens the state holds, as `select_whole_state`); at the last
-    token of a chunk selects the chunk's top-k, queues them `lag` chunks and evicts.
+    """One decoded token: records its score (gated by the threshold or quantile gate; for the
+    "state" rule the minimum with its distance to the tokens the state holds, as
+    `select_whole_state`); at the last token of a chunk selects the chunk's top-k, queues them
+    `lag` chunks and evicts.
 
     Args:
       selection: the knobs.
@@ -190,13 +196,11 @@ def update(selection: Selection, state: EideticState, score: at.StepScores, f: a
     elif s.quantile is not None:
         candidate = jnp.where(score > window_quantile(state.score_ring, s.quantile), score,
                               -jnp.inf)
+        state = state.replace(score_ring=state.score_ring.at[:, position % s.window].set(score))
     else:
         candidate = score
-    slot = position % s.window
-    state = state.replace(chunk_scores=state.chunk_scores.at[:, slot].set(candidate),
-                          score_sum=state.score_sum + score,
-                          score_ring=state.score_ring.at[:, slot].set(score),
-                          previous_f=f.astype(jnp.float32))
+    state = state.replace(chunk_scores=state.chunk_scores.at[:, position % s.window].set(candidate),
+                          score_sum=state.score_sum + score, previous_f=f.astype(jnp.float32))
     return jax.lax.cond((position + 1) % s.window == 0,
                         lambda st: _end_chunk(s, st, position, k_ring, v_ring), lambda st: st,
                         state)
