@@ -26,6 +26,9 @@ EVICTIONS = ("fifo", "score")
 STORAGE_ENTRIES = ("window", "evicted")
 PREDICTORS = ("identity", "linear")
 SELECTIONS = ("fading", "state", "threshold", "quantile", "learned", "random", "projection")
+# The rules whose scores read the tokens before a token across documents (the "state" rule's
+# distances, the gates' running mean and window of scores): they take no packed documents.
+CROSS_DOCUMENT_SELECTIONS = ("state", "threshold", "quantile")
 DTYPES = ("float32", "bfloat16")
 REMATS = ("none", "block", "dots")
 DROPOUTS = ("embedding_dropout", "residual_dropout", "attention_dropout")

@@ -56,7 +56,7 @@ from flax import nnx, struct
 
 from bmojo_jax import array_typing as at
 from bmojo_jax import ops
-from bmojo_jax.config import ModelConfig
+from bmojo_jax.config import CROSS_DOCUMENT_SELECTIONS, ModelConfig
 from bmojo_jax.layers.ssm import SSM, SSMState
 from bmojo_jax.ops import eidetic
 from bmojo_jax.ops.eidetic import storage
@@ -216,10 +216,11 @@ class MemoryAttention(nnx.Module):
         if context is not None and self.storage is not None:
             raise ValueError("storage_slots (the in-storage memory) does not run under sequence "
                              "parallelism; use one shard.")
-        if segment_ids is not None and self.selection is not None and self.selection.gated:
+        if (segment_ids is not None and self.selection is not None
+                and self.rule in CROSS_DOCUMENT_SELECTIONS):
             raise ValueError(f"eidetic_selection={self.rule!r} takes no segment_ids (packed "
-                             f"documents; its gate reads the scores of the tokens before, across "
-                             f"documents); use another rule.")
+                             f"documents; its scores read the tokens before, across documents); "
+                             f"use another rule.")
         # [b, t]: the first position of each token's document
         starts = None if segment_ids is None else eidetic.document_starts(segment_ids, 1)
         # static positions in a plain forward: RoPE tables become constants (ops.rope)

@@ -20,7 +20,7 @@ from ml_collections import config_dict
 from bmojo_jax import data as data_lib
 from bmojo_jax import sharding as sharding_lib
 from bmojo_jax.data.pipeline import check_row_mix
-from bmojo_jax.config import PRESET_PATTERNS, ModelConfig, check_choice
+from bmojo_jax.config import CROSS_DOCUMENT_SELECTIONS, PRESET_PATTERNS, ModelConfig, check_choice
 from bmojo_jax.model import LanguageModel
 from bmojo_jax.ops import eidetic
 
@@ -266,7 +266,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
                              f"{config.data.name!r} has no documents to pack (each example is "
                              f"one); set it to False.")
         rule = config.model.eidetic_selection
-        if rule in ("state", "threshold", "quantile"):
+        if rule in CROSS_DOCUMENT_SELECTIONS:
             raise ValueError(f"config.data.packed_documents: eidetic_selection={rule!r} reads "
                              f"across documents and takes no segment_ids; use another rule.")
         if len(config.mesh_shape) == 4 and config.mesh_shape[3] != 1:

@@ -212,11 +212,6 @@ class Selection:
         if self.quantile is not None and not 0 < self.quantile < 1:
             raise ValueError(f"Selection.quantile={self.quantile!r}: must be in (0, 1).")
 
-    @property
-    def gated(self) -> bool:
-        """Whether a gate (`threshold` or `quantile`) may reject tokens."""
-        return self.threshold is not None or self.quantile is not None
-
     def gate(self, scores: at.Scores) -> at.Scores:
         """Candidates' scores: [b, t] -> [b, t] float32, -inf where the gate rejects."""
         scores = scores.astype(jnp.float32)
