@@ -194,7 +194,11 @@ class Selection:
     q-quantile of the scores of the w tokens before it (`window_quantile`; every token is one
     while none precede it; our choice of a running quantile with a state of w scores);
     whole_state: the "state" rule (`select_whole_state`): the scores also read the tokens the
-    state holds, so the selection needs the tokens (`select_with_tokens`)."""
+    state holds, so the selection needs the tokens (`select_with_tokens`).
+
+    Raises:
+      ValueError: both gates set, or a quantile outside (0, 1).
+    """
 
     window: int
     per_chunk: int
