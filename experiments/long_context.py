@@ -43,7 +43,7 @@ import re
 import sys
 import time
 from pathlib import Path
-from typing import NamedTuple, Optional, Sequence
+from typing import Mapping, NamedTuple, Optional, Sequence
 
 import ml_collections
 import numpy as np
@@ -167,12 +167,13 @@ def load(workdir) -> Model:
                  data_lib.load_data(config).corpus)
 
 
-def has_memory(m, memory: str) -> bool:
-    """Whether a model (a `Model`, or a record of `evaluate_model`) reads the memory (a key of
-    `MEMORY_OFF`): eidetic slots or a store in its `B` layers."""
-    get = (lambda name: getattr(m.model.config, name)) if isinstance(m, Model) else m.get
-    slots = get("eidetic_slots" if memory == "eidetic" else "storage_slots")
-    return "B" in get("layer_mixers") and slots > 0
+def has_memory(config: Mapping, memory: str) -> bool:
+    """Whether a model reads the memory (a key of `MEMORY_OFF`): eidetic slots or a store in its
+    `B` layers. `config`: the fields of its `ModelConfig` (`dataclasses.asdict`) or its record of
+    `evaluate_model`, which carries the same fields (records written before the store have no
+    "storage_slots": no store)."""
+    slots = config.get("eidetic_slots" if memory == "eidetic" else "storage_slots", 0)
+    return "B" in config["layer_mixers"] and slots > 0
 
 
 def memory_off(m: Model, memory: str) -> Model:
@@ -741,7 +742,8 @@ def run(settings: Settings, models: Sequence, out_dir=None, command: Optional[st
         m = m if isinstance(m, Model) else load(m)
         records.append(evaluate_cached(m, settings, cache))
         records += [evaluate_cached(memory_off(m, memory), settings, cache)
-                    for memory in memories_off if has_memory(m, memory)]
+                    for memory in memories_off
+                    if has_memory(dataclasses.asdict(m.model.config), memory)]
     record = dict(**meta, settings=dataclasses.asdict(settings), models=records,
                   wall_seconds=time.perf_counter() - tic)
     prefix = harness.output_prefix(NAME, out_dir=out_dir)  # created once there is a result
