@@ -167,13 +167,19 @@ def load(workdir) -> Model:
                  data_lib.load_data(config).corpus)
 
 
-def has_memory(config: Mapping, memory: str) -> bool:
+def memory_fields(config: bmojo_jax.ModelConfig) -> dict:
+    """The fields of a `ModelConfig` that say which memories a model has (`has_memory`), as its
+    record of `evaluate_model` carries them."""
+    return dict(layer_mixers=config.layer_mixers, eidetic_slots=config.eidetic_slots,
+                storage_slots=config.storage_slots)
+
+
+def has_memory(fields: Mapping, memory: str) -> bool:
     """Whether a model reads the memory (a key of `MEMORY_OFF`): eidetic slots or a store in its
-    `B` layers. `config`: the fields of its `ModelConfig` (`dataclasses.asdict`) or its record of
-    `evaluate_model`, which carries the same fields (records written before the store have no
-    "storage_slots": no store)."""
-    slots = config.get("eidetic_slots" if memory == "eidetic" else "storage_slots", 0)
-    return "B" in config["layer_mixers"] and slots > 0
+    `B` layers. `fields`: its `memory_fields`, or its record of `evaluate_model`, which carries
+    them (records written before the store have no "storage_slots": no store)."""
+    slots = fields.get("eidetic_slots" if memory == "eidetic" else "storage_slots", 0)
+    return "B" in fields["layer_mixers"] and slots > 0
 
 
 def memory_off(m: Model, memory: str) -> Model:
@@ -365,9 +371,8 @@ def evaluate_model(m: Model, s: Settings) -> dict:
         raise ValueError(f"--score_tokens={score_tokens}: must be at most the shortest length "
                          f"{min(lengths)} (default: half the training context {t}).")
     record = dict(name=m.name, preset=config.model_preset,
-                  layer_mixers=model.config.layer_mixers, window=model.config.window,
-                  eidetic_slots=model.config.eidetic_slots,
-                  storage_slots=model.config.storage_slots, params=bmojo_jax.count_params(model),
+                  **memory_fields(model.config), window=model.config.window,
+                  params=bmojo_jax.count_params(model),
                   step=m.step, train_seq_len=t, batch_size=int(config.batch_size),
                   lr=float(config.optimizer.lr), config=config.to_dict(), corpus=config.data.name,
                   vocab_size=model.config.vocab_size, lengths=lengths, score_tokens=score_tokens,
@@ -743,7 +748,7 @@ def run(settings: Settings, models: Sequence, out_dir=None, command: Optional[st
         records.append(evaluate_cached(m, settings, cache))
         records += [evaluate_cached(memory_off(m, memory), settings, cache)
                     for memory in memories_off
-                    if has_memory(dataclasses.asdict(m.model.config), memory)]
+                    if has_memory(memory_fields(m.model.config), memory)]
     record = dict(**meta, settings=dataclasses.asdict(settings), models=records,
                   wall_seconds=time.perf_counter() - tic)
     prefix = harness.output_prefix(NAME, out_dir=out_dir)  # created once there is a result
